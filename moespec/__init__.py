@@ -1,0 +1,8 @@
+"""moespec: inference for Mixture-of-Experts models whose experts do not fit on the device."""
+
+from .api import LLM
+from .decode.generate import Completion
+from .errors import MoespecError
+
+__all__ = ["LLM", "Completion", "MoespecError"]
+__version__ = "0.1.0"

@@ -1,0 +1,134 @@
+"""Reading Hugging Face safetensors checkpoints, one tensor (or one expert) at a time.
+
+Dense weights are read once into the model. Expert weights are read per (layer, expert) on
+request, through safetensors' memory-mapped `safe_open`, so a caller that wants one expert never
+reads the rest of the file. The per-architecture key names live here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from .errors import MoespecError
+from .spec import ModelSpec
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+
+
+def moe_prefix(spec: ModelSpec) -> str:
+    """The module name of the MoE block inside a decoder layer."""
+    return "block_sparse_moe" if spec.model_type == "mixtral" else "mlp"
+
+
+def expert_proj_names(spec: ModelSpec) -> tuple[str, str, str]:
+    """On-disk names of an expert's (gate, up, down) projections."""
+    return ("w1", "w3", "w2") if spec.model_type == "mixtral" else ("gate_proj", "up_proj", "down_proj")
+
+
+def model_name(checkpoint_name: str) -> str:
+    """The parameter name in moespec's Transformer for a checkpoint tensor name."""
+    return checkpoint_name.removeprefix("model.").replace(".block_sparse_moe.", ".mlp.")
+
+
+def dense_tensor_names(spec: ModelSpec) -> list[str]:
+    """Every non-expert tensor the forward pass needs, by its name in the checkpoint."""
+    names = ["model.embed_tokens.weight", "model.norm.weight"]
+    if not spec.tie_word_embeddings:
+        names.append("lm_head.weight")
+    for i, is_moe in enumerate(spec.moe_layers):
+        p = f"model.layers.{i}."
+        names += [p + "input_layernorm.weight", p + "post_attention_layernorm.weight"]
+        names += [p + f"self_attn.{x}_proj.weight" for x in "qkvo"]
+        if spec.attention_bias:
+            names += [p + f"self_attn.{x}_proj.bias" for x in "qkv"]
+        if spec.qk_norm != "none":
+            names += [p + "self_attn.q_norm.weight", p + "self_attn.k_norm.weight"]
+        if is_moe:
+            names.append(p + f"{moe_prefix(spec)}.gate.weight")
+            if spec.shared_expert_intermediate_size:
+                names += [p + f"mlp.shared_expert.{x}_proj.weight" for x in ("gate", "up", "down")]
+            if spec.shared_expert_gate:
+                names.append(p + "mlp.shared_expert_gate.weight")
+        else:
+            names += [p + f"mlp.{x}_proj.weight" for x in ("gate", "up", "down")]
+    return names
+
+
+class Checkpoint:
+    """A checkpoint directory: which file holds which tensor, and typed reads of single tensors."""
+
+    def __init__(self, model_dir: str | Path, spec: ModelSpec):
+        self.dir = Path(model_dir)
+        self.spec = spec
+        self._file_of = self._index()
+        self._handles: dict[Path, object] = {}
+        # transformers >= 5 can also store a layer's experts fused into [E, ...] tensors
+        self._fused = any(f"model.layers.{i}.mlp.experts.gate_up_proj" in self._file_of for i in spec.moe_layer_ids)
+        self._check_complete()
+
+    def _index(self) -> dict[str, Path]:
+        index = self.dir / INDEX_FILE
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError) as e:
+                raise MoespecError(f"{index} is not a valid safetensors index: {e}") from None
+            files = {name: self.dir / fname for name, fname in weight_map.items()}
+            for path in sorted(set(files.values())):
+                if not path.is_file():
+                    raise MoespecError(f"checkpoint shard listed in {INDEX_FILE} not found: {path}")
+            return files
+        paths = [self.dir / SINGLE_FILE] if (self.dir / SINGLE_FILE).is_file() else sorted(self.dir.glob("*.safetensors"))
+        if not paths:
+            raise MoespecError(f"no safetensors weights in {self.dir} (expected {SINGLE_FILE} or {INDEX_FILE})")
+        files: dict[str, Path] = {}
+        for path in paths:
+            with safe_open(path, framework="pt") as f:
+                files.update({name: path for name in f.keys()})
+        return files
+
+    def _expert_names(self, layer: int, expert: int) -> list[str]:
+        p = f"model.layers.{layer}.{moe_prefix(self.spec)}.experts."
+        if self._fused:
+            return [p + "gate_up_proj", p + "down_proj"]
+        return [f"{p}{expert}.{proj}.weight" for proj in expert_proj_names(self.spec)]
+
+    def _check_complete(self) -> None:
+        needed = dense_tensor_names(self.spec) + [
+            n for layer in self.spec.moe_layer_ids for e in range(self.spec.num_experts)
+            for n in self._expert_names(layer, e)
+        ]
+        missing = [n for n in dict.fromkeys(needed) if n not in self._file_of]
+        if missing:
+            raise MoespecError(
+                f"checkpoint {self.dir} is missing {len(missing)} tensor(s), first: {missing[0]}"
+            )
+
+    def _handle(self, path: Path):
+        if path not in self._handles:
+            self._handles[path] = safe_open(path, framework="pt")
+        return self._handles[path]
+
+    def tensor(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+        """Read one tensor by its checkpoint name, converted to `dtype`, on the CPU."""
+        return self._handle(self._file_of[name]).get_tensor(name).to(dtype)
+
+    def expert(self, layer: int, expert: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One routed expert's (gate [I, H], up [I, H], down [H, I]) weights, read alone."""
+        if self._fused:
+            gate_up_name, down_name = self._expert_names(layer, expert)
+            gate_up = self._handle(self._file_of[gate_up_name]).get_slice(gate_up_name)[expert].to(dtype)
+            down = self._handle(self._file_of[down_name]).get_slice(down_name)[expert].to(dtype)
+            gate, up = gate_up.chunk(2, dim=0)
+            return gate.contiguous(), up.contiguous(), down
+        gate, up, down = (self.tensor(n, dtype) for n in self._expert_names(layer, expert))
+        return gate, up, down
+
+    def dense_state(self, dtype: torch.dtype, device: torch.device | str) -> dict[str, torch.Tensor]:
+        """All non-expert tensors on `device`, keyed by the model's parameter names."""
+        return {model_name(name): self.tensor(name, dtype).to(device) for name in dense_tensor_names(self.spec)}

@@ -1,0 +1,158 @@
+"""Batched generation: prefill every prompt at once, then decode one token per row per step.
+
+Rows keep their own lengths in the KV cache, so prompts of different lengths need no left
+padding and no position tricks: a prompt is right-padded, its padding marked invalid, and each
+row continues from its own length.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from tokenizers import Tokenizer
+
+from ..errors import MoespecError
+from ..experts.base import ExpertProvider
+from ..model.kv_cache import KVCache
+from ..model.transformer import Transformer
+from .sampling import SamplingParams, sample
+
+# on_text(row, new_text): called as text of a row becomes final (streaming)
+TextCallback = Callable[[int, str], None]
+
+
+@dataclass
+class Completion:
+    token_ids: list[int]
+    text: str
+    prompt_token_ids: list[int]
+    finish_reason: str  # "stop" (EOS or a stop string) | "length"
+
+
+@dataclass
+class DecodeStats:
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    decode_steps: int = 0
+
+    def as_dict(self) -> dict[str, float]:
+        d = dict(self.__dict__)
+        d["decode_seconds_per_token"] = self.decode_seconds / max(self.decode_steps, 1)
+        return d
+
+
+class TextStream:
+    """Incremental detokenisation of one row, with stop strings.
+
+    Text is released only when it can no longer change: not ending inside a multi-byte character
+    and not possibly the start of a stop string.
+    """
+
+    def __init__(self, tokenizer: Tokenizer | None, stop: tuple[str, ...]):
+        self.tokenizer, self.stop = tokenizer, stop
+        self.holdback = max((len(s) for s in stop), default=1) - 1
+        self.text = ""
+        self.released = 0
+
+    def update(self, token_ids: list[int]) -> bool:
+        """Re-decode the row; return True when a stop string has appeared (text is cut before it)."""
+        if self.tokenizer is None:
+            return False
+        self.text = self.tokenizer.decode(token_ids, skip_special_tokens=True)
+        hits = [i for i in (self.text.find(s) for s in self.stop) if i >= 0]
+        if hits:
+            self.text = self.text[: min(hits)]
+            return True
+        return False
+
+    def release(self, final: bool) -> str:
+        """The not-yet-released text that is now final."""
+        end = len(self.text) if final else len(self.text) - self.holdback
+        if not final and self.text.endswith("\ufffd"):
+            end = min(end, len(self.text) - 1)
+        if end <= self.released:
+            return ""
+        out, self.released = self.text[self.released:end], end
+        return out
+
+
+class Generator:
+    """Generates for a batch of token-id prompts with one model and one expert provider."""
+
+    def __init__(self, model: Transformer, experts: ExpertProvider, tokenizer: Tokenizer | None,
+                 context_length: int, device: torch.device):
+        self.model, self.experts, self.tokenizer = model, experts, tokenizer
+        self.context_length, self.device = context_length, device
+        self.stats = DecodeStats()
+        spec = model.spec
+        self.eos_ids = set(spec.eos_token_ids)
+
+    def new_cache(self, rows: int, max_len: int) -> KVCache:
+        s = self.model.spec
+        return KVCache(s.num_layers, rows, max_len, s.num_kv_heads, s.head_dim,
+                       self.model.embed_tokens.weight.dtype, self.device)
+
+    def check_prompt(self, prompt: list[int]) -> None:
+        if not prompt:
+            raise MoespecError("empty prompt: at least one token is needed")
+        if len(prompt) >= self.context_length:
+            raise MoespecError(
+                f"prompt has {len(prompt)} tokens but the context window is {self.context_length} "
+                "(it must leave room for at least one new token)"
+            )
+        vocab = self.model.spec.vocab_size
+        if max(prompt) >= vocab or min(prompt) < 0:
+            raise MoespecError(f"prompt token ids must be in [0, {vocab})")
+
+    @torch.inference_mode()
+    def generate(self, prompts: list[list[int]], params: SamplingParams,
+                 on_text: TextCallback | None = None) -> list[Completion]:
+        for p in prompts:
+            self.check_prompt(p)
+        B = len(prompts)
+        lengths = torch.tensor([len(p) for p in prompts], device=self.device)
+        budget = [min(params.max_new_tokens, self.context_length - len(p)) for p in prompts]
+        cache = self.new_cache(B, max(len(p) + n for p, n in zip(prompts, budget)))
+        tokens = torch.zeros(B, int(lengths.max()), dtype=torch.long, device=self.device)
+        for i, p in enumerate(prompts):
+            tokens[i, : len(p)] = torch.tensor(p)
+        valid = torch.arange(tokens.shape[1], device=self.device)[None] < lengths[:, None]
+        generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
+
+        t0 = time.perf_counter()
+        hidden = self.model(tokens, cache, self.experts, valid=valid)
+        next_ids = sample(self.model.logits(hidden[torch.arange(B), lengths - 1]), params, generator)
+        self.stats.prefill_seconds += time.perf_counter() - t0
+        self.stats.prompt_tokens += int(lengths.sum())
+
+        out_ids: list[list[int]] = [[] for _ in range(B)]
+        streams = [TextStream(self.tokenizer, params.stop) for _ in range(B)]
+        finish: list[str | None] = [None] * B
+        t0 = time.perf_counter()
+        while True:
+            for i, tok in enumerate(next_ids.tolist()):
+                if finish[i] is not None:
+                    continue
+                out_ids[i].append(tok)
+                is_eos = tok in self.eos_ids and not params.ignore_eos
+                stopped = streams[i].update(out_ids[i][:-1] if is_eos else out_ids[i])
+                if is_eos or stopped:
+                    finish[i] = "stop"
+                elif len(out_ids[i]) >= budget[i]:
+                    finish[i] = "length"
+                if on_text is not None and (delta := streams[i].release(final=finish[i] is not None)):
+                    on_text(i, delta)
+            if all(f is not None for f in finish):
+                break
+            running = torch.tensor([f is None for f in finish], device=self.device)
+            hidden = self.model(next_ids[:, None], cache, self.experts, valid=running[:, None])
+            next_ids = sample(self.model.logits(hidden[:, 0]), params, generator)
+            self.stats.decode_steps += 1
+        self.stats.decode_seconds += time.perf_counter() - t0
+        self.stats.generated_tokens += sum(len(o) for o in out_ids)
+        return [Completion(ids, s.text, p, f) for ids, s, p, f in zip(out_ids, streams, prompts, finish)]

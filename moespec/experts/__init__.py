@@ -1,0 +1,1 @@
+"""Where routed expert weights live: the host store, the device cache and the copies between them."""

@@ -1,0 +1,1 @@
+"""The forward pass: attention, routing, MoE blocks and the transformer that stacks them."""

@@ -1,0 +1,95 @@
+"""Grouped-query attention with rotary embeddings, optional q/k norms, over the KV cache."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..spec import ModelSpec
+from .kv_cache import KVCache
+
+
+class RMSNorm(nn.Module):
+    """RMS norm computed in float32 (as the reference does), result cast back to the input dtype."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class Rotary(nn.Module):
+    """Default RoPE: cos/sin tables computed per call from absolute positions [B, T].
+
+    No buffers, so a model built on the meta device needs nothing recomputed after loading.
+    """
+
+    def __init__(self, head_dim: int, theta: float):
+        super().__init__()
+        self.head_dim, self.theta = head_dim, theta
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        exponents = torch.arange(0, self.head_dim, 2, dtype=torch.float, device=positions.device) / self.head_dim
+        inv_freq = 1.0 / (self.theta ** exponents)
+        freqs = positions[..., None].float() * inv_freq
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, T, heads, D] rotated by cos/sin [B, T, D]."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos[:, :, None] + rotated * sin[:, :, None]
+
+
+class Attention(nn.Module):
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        h, d = spec.hidden_size, spec.head_dim
+        self.spec = spec
+        self.q_proj = nn.Linear(h, spec.num_heads * d, bias=spec.attention_bias)
+        self.k_proj = nn.Linear(h, spec.num_kv_heads * d, bias=spec.attention_bias)
+        self.v_proj = nn.Linear(h, spec.num_kv_heads * d, bias=spec.attention_bias)
+        self.o_proj = nn.Linear(spec.num_heads * d, h, bias=False)
+        if spec.qk_norm == "head":
+            self.q_norm, self.k_norm = RMSNorm(d, spec.rms_norm_eps), RMSNorm(d, spec.rms_norm_eps)
+        elif spec.qk_norm == "full":
+            self.q_norm = RMSNorm(spec.num_heads * d, spec.rms_norm_eps)
+            self.k_norm = RMSNorm(spec.num_kv_heads * d, spec.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, layer: int, cache: KVCache, rows: torch.Tensor,
+                positions: torch.Tensor, valid: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        spec = self.spec
+        B, T, _ = x.shape
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if spec.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        if spec.clip_qkv is not None:
+            q, k, v = (t.clamp(-spec.clip_qkv, spec.clip_qkv) for t in (q, k, v))
+        q = q.view(B, T, spec.num_heads, spec.head_dim)
+        k = k.view(B, T, spec.num_kv_heads, spec.head_dim)
+        v = v.view(B, T, spec.num_kv_heads, spec.head_dim)
+        if spec.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        cos, sin = rope
+        q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+
+        cache.write(layer, rows, positions, valid, k, v)
+        upto = int(positions[valid].max()) + 1 if bool(valid.any()) else 1
+        keys, values = cache.read(layer, rows, upto)
+        key_pos = torch.arange(upto, device=x.device)
+        mask = key_pos[None, None, :] <= positions[:, :, None]  # [B, T, upto]: causal per row
+        if spec.sliding_window is not None:
+            mask &= key_pos[None, None, :] > positions[:, :, None] - spec.sliding_window
+        groups = spec.num_heads // spec.num_kv_heads
+        keys = keys.repeat_interleave(groups, dim=1)
+        values = values.repeat_interleave(groups, dim=1)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask[:, None])
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))

@@ -1,0 +1,70 @@
+"""Feed-forward blocks: the dense SwiGLU MLP and the routed MoE block."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..experts.base import ExpertProvider
+from ..spec import ModelSpec
+from .routing import ROUTERS
+
+
+class MLP(nn.Module):
+    """SwiGLU MLP: down(silu(gate(x)) * up(x)). Dense layers and shared experts."""
+
+    def __init__(self, hidden: int, intermediate: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def expert_forward(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """One routed expert applied to tokens x [n, H]."""
+    gate, up = F.linear(x, gate_up).chunk(2, dim=-1)
+    return F.linear(F.silu(gate) * up, down)
+
+
+class MoE(nn.Module):
+    """Router + routed experts (fetched from a provider) + optional (gated) shared expert.
+
+    The router and shared expert are ordinary parameters that live on the device. Routed expert
+    weights are not parameters of this module: they are asked for per forward call.
+    """
+
+    def __init__(self, spec: ModelSpec, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.top_k = spec.top_k
+        self.route = ROUTERS[spec.router]
+        self.gate = nn.Linear(spec.hidden_size, spec.num_experts, bias=False)
+        self.shared_expert = MLP(spec.hidden_size, spec.shared_expert_intermediate_size) \
+            if spec.shared_expert_intermediate_size else None
+        self.shared_expert_gate = nn.Linear(spec.hidden_size, 1, bias=False) if spec.shared_expert_gate else None
+
+    def forward(self, x: torch.Tensor, experts: ExpertProvider) -> torch.Tensor:
+        """x [N, H] (real tokens only, padding removed) -> [N, H]."""
+        weights, ids = self.route(self.gate(x), self.top_k)
+        out = self.run_experts(x, weights, ids, experts)
+        if self.shared_expert is not None:
+            shared = self.shared_expert(x)
+            if self.shared_expert_gate is not None:
+                shared = torch.sigmoid(self.shared_expert_gate(x)) * shared
+            out = out + shared
+        return out
+
+    def run_experts(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
+                    experts: ExpertProvider) -> torch.Tensor:
+        """Weighted sum of the chosen experts' outputs; each needed expert is fetched once."""
+        out = torch.zeros_like(x)
+        needed = torch.unique(ids).tolist()
+        for expert_id, w in zip(needed, experts.get(self.layer, needed)):
+            token_idx, slot = torch.where(ids == expert_id)
+            y = expert_forward(x[token_idx], w.gate_up, w.down) * weights[token_idx, slot, None]
+            out.index_add_(0, token_idx, y.to(out.dtype))
+        return out

@@ -1,0 +1,81 @@
+"""The decoder-only MoE transformer: embeddings, blocks (attention then feed-forward), final norm, head.
+
+Parameter names follow the checkpoints' (minus the "model." prefix) so loading is a plain
+state-dict assignment. Routed experts are not parameters: MoE blocks ask an ExpertProvider.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..experts.base import ExpertProvider
+from ..spec import ModelSpec
+from .attention import Attention, RMSNorm, Rotary
+from .kv_cache import KVCache
+from .moe import MLP, MoE
+
+
+class Block(nn.Module):
+    def __init__(self, spec: ModelSpec, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.self_attn = Attention(spec)
+        self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.mlp: MoE | MLP = MoE(spec, layer) if spec.moe_layers[layer] \
+            else MLP(spec.hidden_size, spec.dense_intermediate_size)
+
+    def attend(self, x: torch.Tensor, cache: KVCache, rows: torch.Tensor, positions: torch.Tensor,
+               valid: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        return x + self.self_attn(self.input_layernorm(x), self.layer, cache, rows, positions, valid, rope)
+
+    def feed_forward(self, x: torch.Tensor, valid: torch.Tensor, experts: ExpertProvider) -> torch.Tensor:
+        h = self.post_attention_layernorm(x)
+        if isinstance(self.mlp, MLP):
+            return x + self.mlp(h)
+        out = torch.zeros_like(h)
+        out[valid] = self.mlp(h[valid], experts)  # padding never routes, so never fetches experts
+        return x + out
+
+
+class Transformer(nn.Module):
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        self.spec = spec
+        self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size)
+        self.layers = nn.ModuleList(Block(spec, i) for i in range(spec.num_layers))
+        self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.lm_head = None if spec.tie_word_embeddings else nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
+        self.rotary = Rotary(spec.head_dim, spec.rope_theta)
+
+    def forward(self, tokens: torch.Tensor, cache: KVCache, experts: ExpertProvider,
+                rows: torch.Tensor | None = None, valid: torch.Tensor | None = None) -> torch.Tensor:
+        """Run tokens [B, T] appended after each cache row's current length; return final hidden [B, T, H].
+
+        rows [B]: which cache rows the batch occupies (default: the first B). valid [B, T]: which
+        tokens are real (default: all); a row's valid tokens must come first. The cache lengths
+        advance by the number of valid tokens per row.
+        """
+        B, T = tokens.shape
+        if rows is None:
+            rows = torch.arange(B, device=tokens.device)
+        if valid is None:
+            valid = torch.ones(B, T, dtype=torch.bool, device=tokens.device)
+        start = cache.lengths[rows]
+        positions = start[:, None] + torch.arange(T, device=tokens.device)
+        if bool((positions[valid] >= cache.max_len).any()):
+            raise ValueError(f"sequence exceeds the KV cache length {cache.max_len}")
+        x = self.embed_tokens(tokens)
+        rope = self.rotary(positions, x.dtype)
+        for block in self.layers:
+            x = block.attend(x, cache, rows, positions, valid, rope)
+            x = block.feed_forward(x, valid, experts)
+        cache.lengths[rows] = start + valid.sum(dim=1)
+        return self.norm(x)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Vocabulary logits (float32) for final hidden states [..., H]."""
+        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(hidden, weight).float()
