@@ -1,0 +1,58 @@
+"""Tiny random MoE checkpoints built with transformers, for parity and behaviour tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import transformers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+ARCHS = {
+    "mixtral": (transformers.MixtralConfig, transformers.MixtralForCausalLM),
+    "qwen2_moe": (transformers.Qwen2MoeConfig, transformers.Qwen2MoeForCausalLM),
+    "qwen3_moe": (transformers.Qwen3MoeConfig, transformers.Qwen3MoeForCausalLM),
+    "olmoe": (transformers.OlmoeConfig, transformers.OlmoeForCausalLM),
+}
+
+BASE = dict(vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=256, initializer_range=0.15, eos_token_id=2,
+            bos_token_id=1, pad_token_id=0)
+MOE_WIDTH = {"qwen2_moe": "moe_intermediate_size", "qwen3_moe": "moe_intermediate_size"}
+NUM_EXPERTS = {"mixtral": "num_local_experts"}
+
+
+def make_config(arch: str, experts: int = 4, top_k: int = 2, **overrides):
+    cfg_cls, _ = ARCHS[arch]
+    kw = dict(BASE)
+    kw[NUM_EXPERTS.get(arch, "num_experts")] = experts
+    kw["num_experts_per_tok"] = top_k
+    if arch in MOE_WIDTH:
+        kw[MOE_WIDTH[arch]] = 24
+    if arch == "qwen2_moe":
+        kw["shared_expert_intermediate_size"] = 40
+    kw.update(overrides)
+    return cfg_cls(**kw)
+
+
+def save_model(arch: str, out: Path, seed: int = 0, max_shard_size: str | None = None, **config_kw):
+    """Build a random HF model, save it to `out`, and return it (in eval mode) for reference runs."""
+    torch.manual_seed(seed)
+    _, model_cls = ARCHS[arch]
+    model = model_cls(make_config(arch, **config_kw)).eval()
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(out, **kwargs)
+    return model
+
+
+def save_tokenizer(out: Path, vocab_size: int = 128) -> Tokenizer:
+    """A byte-level BPE tokenizer trained on a few lines of Python, saved as tokenizer.json."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    text = ["def add(a, b):\n    return a + b\n", "for i in range(10):\n    print(i)\n"] * 20
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(text, trainer)
+    tok.save(str(out / "tokenizer.json"))
+    return tok
