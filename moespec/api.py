@@ -13,7 +13,12 @@ from .checkpoint import Checkpoint
 from .decode.generate import Completion, Generator, TextCallback
 from .decode.sampling import SamplingParams
 from .errors import MoespecError
-from .experts.store import ExpertStore, ResidentExperts
+from .experts.cache import ExpertCache, budget_slots
+from .experts.eviction import POLICIES
+from .experts.stats import ExpertStats
+from .experts.store import TIERS, ExpertStore, ResidentExperts
+from .experts.trace import Tracer
+from .experts.transfer import CpuTransfers, CudaTransfers, parse_bandwidth
 from .model.transformer import Transformer
 from .spec import ModelSpec, load_spec
 
@@ -54,27 +59,60 @@ def load_tokenizer(model_dir: Path) -> Tokenizer | None:
     return Tokenizer.from_file(str(path)) if path.is_file() else None
 
 
-class LLM:
-    """An MoE model loaded for inference.
+PREFETCH = ("none",)
 
-    expert_cache: share of all expert bytes that may live on the device ("100%" keeps them all).
-    prefetch: "none" is on-demand loading.
+
+class LLM:
+    """An MoE model loaded for inference, its routed experts offloaded under a device budget.
+
+    expert_cache: device budget for routed experts: a share of all expert bytes ("25%"), a size
+        ("3GiB") or a slot count. A budget that holds every expert disables offloading.
+    prefetch: "none" is the on-demand baseline (route, fetch missing experts, wait, compute).
+    eviction: "lru" | "lfu" | "pinned_hot". cache_scope: "global" (layers share slots) or "layer".
+    link_bandwidth: on CPU, emulate a host-to-device link of this speed ("25GB/s").
+    expert_tier: "ram" (all experts in host memory) or "disk" (read on demand, `host_cache` kept).
+    trace: record a Chrome/Perfetto trace (compute and transfer lanes); write it with save_trace().
     """
 
     def __init__(self, model: str | Path | None = None, *, device: str | torch.device = "cpu",
                  dtype: str | torch.dtype = "float32", expert_cache: str | int = "100%",
-                 prefetch: str = "none", speculative_execution: bool = False,
-                 context_length: int | None = None, progress: bool = False):
+                 prefetch: str = "none", speculative_execution: bool = False, eviction: str = "lru",
+                 cache_scope: str = "global", link_bandwidth: str | None = None, expert_tier: str = "ram",
+                 host_cache: int = 64, trace: bool = False, context_length: int | None = None,
+                 progress: bool = False):
         self.path = Path(model) if model is not None else DEFAULT_MODEL
-        if expert_cache not in ("100%", 1.0) or prefetch != "none" or speculative_execution:
-            raise MoespecError("offloading options are not available yet: use expert_cache='100%', prefetch='none'")
+        _check_choice("prefetch", prefetch, PREFETCH)
+        _check_choice("eviction", eviction, POLICIES)
+        _check_choice("cache_scope", cache_scope, ("global", "layer"))
+        _check_choice("expert_tier", expert_tier, TIERS)
+        if speculative_execution:
+            raise MoespecError("speculative_execution needs a speculating prefetch policy; available: " + ", ".join(PREFETCH))
         self.device, self.dtype = resolve_device(device), resolve_dtype(dtype)
+        if link_bandwidth is not None and self.device.type != "cpu":
+            raise MoespecError("link_bandwidth emulation is for CPU runs; on a GPU the real link is used")
+        try:
+            self.link_bandwidth = parse_bandwidth(link_bandwidth) if link_bandwidth else None
+        except ValueError as e:
+            raise MoespecError(str(e)) from None
         self.spec: ModelSpec = load_spec(self.path)
         checkpoint = Checkpoint(self.path, self.spec)
         self.model = build_model(checkpoint, self.dtype, self.device)
-        show = (lambda keys: tqdm(list(keys), desc="loading experts", unit="expert", leave=False)) if progress else iter
-        self.store = ExpertStore(checkpoint, self.dtype, pin=self.device.type == "cuda", progress=show)
-        self.experts = ResidentExperts(self.store, self.device)
+        self.tracer = Tracer(note=self.link_note()) if trace else None
+        self.model.observer = self.tracer
+        show = (lambda keys: tqdm(keys, desc="loading experts", unit="expert", leave=False)) if progress else iter
+        self.store = ExpertStore(checkpoint, self.dtype, pin=self.device.type == "cuda", tier=expert_tier,
+                                 host_cache=host_cache, progress=show)
+        self.expert_stats = ExpertStats(self.spec.moe_layer_ids)
+        total = len(self.store.keys)
+        slots = budget_slots(expert_cache, total, self.store.expert_bytes)
+        self.transfers = None
+        if slots >= total:
+            self.experts = ResidentExperts(self.store, self.device, self.expert_stats)
+        else:
+            self.transfers = CpuTransfers(self.link_bandwidth, self.tracer) if self.device.type == "cpu" \
+                else CudaTransfers(self.device, slots, self.tracer)
+            self.experts = ExpertCache(self.store, self.device, slots, eviction, cache_scope, self.transfers,
+                                       self.expert_stats)
         self.tokenizer = load_tokenizer(self.path)
         max_ctx = self.spec.max_position_embeddings
         if context_length is not None and not 1 < context_length <= max_ctx:
@@ -115,6 +153,36 @@ class LLM:
         hidden = self.model(token_ids.to(self.device), cache, self.experts)
         return self.model.logits(hidden)
 
-    def stats(self) -> dict[str, float]:
-        """Counters since load: tokens, prefill/decode seconds."""
-        return self.generator.stats.as_dict()
+    def link_note(self) -> str:
+        """How host-to-device copies were timed; every report carries this line."""
+        if self.device.type == "cuda":
+            return f"GPU {torch.cuda.get_device_name(self.device)}: real host-to-device link"
+        if self.link_bandwidth:
+            return f"CPU with an emulated {self.link_bandwidth / 1e9:g} GB/s link"
+        return "CPU, no link emulation (copies are host memcpy)"
+
+    def stats(self) -> dict:
+        """Counters since load: decode timings, expert hits/misses, bytes moved, stall seconds."""
+        if self.transfers is not None:
+            for layer, seconds in self.transfers.collect_stalls().items():
+                self.expert_stats[layer].stall_seconds += seconds
+        experts = self.expert_stats.as_dict()
+        resident = self.experts.capacity if isinstance(self.experts, ExpertCache) else len(self.store.keys)
+        return {**self.generator.stats.as_dict(), **experts, "cache_slots": resident,
+                "expert_bytes": self.store.expert_bytes, "link": self.link_note()}
+
+    def save_trace(self, path: str | Path) -> None:
+        """Write the Chrome/Perfetto trace recorded since load (needs trace=True)."""
+        if self.tracer is None:
+            raise MoespecError("no trace was recorded: create the LLM with trace=True")
+        self.tracer.save(path)
+
+    def close(self) -> None:
+        """Stop the transfer worker (also done at interpreter exit)."""
+        if self.transfers is not None:
+            self.transfers.close()
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise MoespecError(f"{name} must be one of {', '.join(choices)}, got {value!r}")

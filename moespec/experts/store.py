@@ -1,56 +1,74 @@
-"""The host tier: every routed expert's weights in host memory, read from the checkpoint.
+"""The host tier: routed experts' weights in host memory, read from the checkpoint.
 
-On a CUDA device the host copies are pinned, so device copies can run asynchronously.
+tier="ram" reads every expert once at load (pinned on CUDA, so device copies run asynchronously).
+tier="disk" is for models larger than RAM: an expert is read from the safetensors file when
+first needed and kept in a host LRU cache of `host_cache` experts.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Callable, Iterator
 
 import torch
 
 from ..checkpoint import Checkpoint
 from .base import ExpertWeights
+from .stats import ExpertStats
 
 Key = tuple[int, int]  # (layer, expert id)
+TIERS = ("ram", "disk")
 
 
 class ExpertStore:
     """Expert weights in host memory, keyed by (layer, expert)."""
 
-    def __init__(self, checkpoint: Checkpoint, dtype: torch.dtype, pin: bool,
-                 progress: Callable[[Iterator[Key]], Iterator[Key]] = iter):
+    def __init__(self, checkpoint: Checkpoint, dtype: torch.dtype, pin: bool, tier: str = "ram",
+                 host_cache: int = 64, progress: Callable[[list[Key]], Iterator[Key]] = iter):
         spec = checkpoint.spec
-        self.spec, self.dtype = spec, dtype
-        self._experts: dict[Key, ExpertWeights] = {}
-        keys = [(layer, e) for layer in spec.moe_layer_ids for e in range(spec.num_experts)]
-        for key in progress(iter(keys)):
-            gate, up, down = checkpoint.expert(*key, dtype)
-            w = ExpertWeights(torch.cat([gate, up], dim=0), down.contiguous())
-            if pin:
-                w = ExpertWeights(w.gate_up.pin_memory(), w.down.pin_memory())
-            self._experts[key] = w
+        self.spec, self.dtype, self.pin, self.tier = spec, dtype, pin, tier
+        self.checkpoint, self.host_cache = checkpoint, host_cache
+        self.keys = [(layer, e) for layer in spec.moe_layer_ids for e in range(spec.num_experts)]
+        self._experts: OrderedDict[Key, ExpertWeights] = OrderedDict()
+        self.disk_reads = 0
+        if tier == "ram":
+            for key in progress(self.keys):
+                self._experts[key] = self._read(key)
+
+    def _read(self, key: Key) -> ExpertWeights:
+        gate, up, down = self.checkpoint.expert(*key, self.dtype)
+        w = ExpertWeights(torch.cat([gate, up], dim=0), down.contiguous())
+        return ExpertWeights(w.gate_up.pin_memory(), w.down.pin_memory()) if self.pin else w
 
     def __getitem__(self, key: Key) -> ExpertWeights:
-        return self._experts[key]
-
-    def keys(self) -> list[Key]:
-        return list(self._experts)
+        if self.tier == "ram":
+            return self._experts[key]
+        if key in self._experts:
+            self._experts.move_to_end(key)
+            return self._experts[key]
+        self.disk_reads += 1
+        w = self._experts[key] = self._read(key)
+        if len(self._experts) > self.host_cache:
+            self._experts.popitem(last=False)
+        return w
 
     @property
     def expert_bytes(self) -> int:
         """Bytes of one expert (all experts of a model have the same shape)."""
-        s = self.spec
-        return 3 * s.hidden_size * s.expert_intermediate_size * torch.finfo(self.dtype).bits // 8
+        return self.spec.expert_params * torch.finfo(self.dtype).bits // 8
 
 
 class ResidentExperts:
-    """Every expert copied to the device once: the no-offloading reference (expert_cache="100%")."""
+    """Every expert on the device at once: no offloading (the budget holds all experts)."""
 
-    def __init__(self, store: ExpertStore, device: torch.device):
-        self._experts = {
-            key: ExpertWeights(store[key].gate_up.to(device), store[key].down.to(device)) for key in store.keys()
-        }
+    def __init__(self, store: ExpertStore, device: torch.device, stats: ExpertStats):
+        self.stats = stats
+        self._experts = {key: ExpertWeights(store[key].gate_up.to(device), store[key].down.to(device))
+                         for key in store.keys}
 
-    def get(self, layer: int, ids: list[int]) -> list[ExpertWeights]:
-        return [self._experts[(layer, e)] for e in ids]
+    def fetch(self, layer: int, ids: list[int], tokens: int) -> Iterator[tuple[int, ExpertWeights]]:
+        stats = self.stats[layer]
+        stats.hits += len(ids)
+        stats.tokens += tokens
+        for e in ids:
+            yield e, self._experts[(layer, e)]

@@ -60,11 +60,14 @@ class MoE(nn.Module):
 
     def run_experts(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
                     experts: ExpertProvider) -> torch.Tensor:
-        """Weighted sum of the chosen experts' outputs; each needed expert is fetched once."""
-        out = torch.zeros_like(x)
-        needed = torch.unique(ids).tolist()
-        for expert_id, w in zip(needed, experts.get(self.layer, needed)):
-            token_idx, slot = torch.where(ids == expert_id)
-            y = expert_forward(x[token_idx], w.gate_up, w.down) * weights[token_idx, slot, None]
-            out.index_add_(0, token_idx, y.to(out.dtype))
-        return out
+        """Weighted sum of the chosen experts' outputs; each needed expert is fetched once.
+
+        Experts arrive in whatever order the provider has them ready, so each output is kept at its
+        (token, k) place and summed over k at the end: the result never depends on arrival order.
+        """
+        per_choice = x.new_zeros(ids.shape[0], ids.shape[1], x.shape[1])
+        for expert_id, w in experts.fetch(self.layer, torch.unique(ids).tolist(), x.shape[0]):
+            token_idx, k = torch.where(ids == expert_id)
+            y = expert_forward(x[token_idx], w.gate_up, w.down) * weights[token_idx, k, None]
+            per_choice[token_idx, k] = y.to(x.dtype)
+        return per_choice.sum(dim=1)

@@ -6,6 +6,8 @@ state-dict assignment. Routed experts are not parameters: MoE blocks ask an Expe
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -15,6 +17,14 @@ from ..spec import ModelSpec
 from .attention import Attention, RMSNorm, Rotary
 from .kv_cache import KVCache
 from .moe import MLP, MoE
+
+
+class ForwardObserver(Protocol):
+    """Told when each layer starts and ends (tracing); set as `Transformer.observer`."""
+
+    def layer_start(self, layer: int) -> None: ...
+
+    def layer_end(self, layer: int) -> None: ...
 
 
 class Block(nn.Module):
@@ -49,6 +59,7 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
         self.lm_head = None if spec.tie_word_embeddings else nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
         self.rotary = Rotary(spec.head_dim, spec.rope_theta)
+        self.observer: ForwardObserver | None = None
 
     def forward(self, tokens: torch.Tensor, cache: KVCache, experts: ExpertProvider,
                 rows: torch.Tensor | None = None, valid: torch.Tensor | None = None) -> torch.Tensor:
@@ -69,9 +80,13 @@ class Transformer(nn.Module):
             raise ValueError(f"sequence exceeds the KV cache length {cache.max_len}")
         x = self.embed_tokens(tokens)
         rope = self.rotary(positions, x.dtype)
-        for block in self.layers:
+        for i, block in enumerate(self.layers):
+            if self.observer:
+                self.observer.layer_start(i)
             x = block.attend(x, cache, rows, positions, valid, rope)
             x = block.feed_forward(x, valid, experts)
+            if self.observer:
+                self.observer.layer_end(i)
         cache.lengths[rows] = start + valid.sum(dim=1)
         return self.norm(x)
 

@@ -1,0 +1,166 @@
+"""The device expert cache: a preallocated pool of expert slots under a memory budget.
+
+`fetch(layer, ids)` yields the experts a layer needs: resident ones first, then missing ones as
+their copies land, so compute on the first experts overlaps the copies of the rest. Slots are
+shared by all MoE layers (scope "global") or split evenly between them (scope "layer"). Experts
+in use by the running layer or still being copied are never evicted; among the others the
+eviction policy chooses. `prefetch(layer, ids)` starts copies without waiting (speculation).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Iterator
+
+import torch
+
+from ..errors import MoespecError
+from .base import ExpertWeights
+from .eviction import EvictionPolicy, Key, make_policy
+from .stats import ExpertStats
+from .store import ExpertStore
+
+SIZE_UNITS = {"B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def budget_slots(expert_cache: str | int, total_experts: int, expert_bytes: int) -> int:
+    """Slots for a budget given as a share ("25%"), a size ("3GiB") or a slot count (int)."""
+    if isinstance(expert_cache, int) and not isinstance(expert_cache, bool):
+        slots = expert_cache
+    elif m := re.fullmatch(r"\s*([0-9.]+)\s*%\s*", str(expert_cache)):
+        slots = int(total_experts * float(m.group(1)) / 100)
+    elif m := re.fullmatch(r"\s*([0-9.]+)\s*([KMG]i?B|B)\s*", str(expert_cache), re.IGNORECASE):
+        slots = int(float(m.group(1)) * SIZE_UNITS[m.group(2).upper()] // expert_bytes)
+    else:
+        raise MoespecError(f"expert_cache must be a share ('25%'), a size ('3GiB') or a slot count, got {expert_cache!r}")
+    return min(slots, total_experts)
+
+
+class Domain:
+    """Slots that compete with each other for eviction (all layers, or one layer)."""
+
+    def __init__(self, slots: range, policy: EvictionPolicy):
+        self.policy = policy
+        self.free = list(reversed(slots))  # pop() hands out the lowest slot first
+        self.resident: set[Key] = set()
+
+
+class ExpertCache:
+    def __init__(self, store: ExpertStore, device: torch.device, slots: int, policy: str, scope: str,
+                 transfers, stats: ExpertStats):
+        spec = store.spec
+        layers = spec.moe_layer_ids
+        per_domain = slots // len(layers) if scope == "layer" else slots
+        if per_domain < spec.top_k:
+            where = "per layer" if scope == "layer" else "in total"
+            raise MoespecError(
+                f"expert cache of {slots} slots ({per_domain} {where}) cannot hold one token's "
+                f"{spec.top_k} experts of a layer; raise expert_cache"
+            )
+        self.store, self.transfers, self.stats = store, transfers, stats
+        H, I = spec.hidden_size, spec.expert_intermediate_size
+        n = per_domain * len(layers) if scope == "layer" else slots
+        self.gate_up = torch.empty(n, 2 * I, H, dtype=store.dtype, device=device)
+        self.down = torch.empty(n, H, I, dtype=store.dtype, device=device)
+        if scope == "layer":
+            self.domains = {layer: Domain(range(i * per_domain, (i + 1) * per_domain), make_policy(policy, per_domain))
+                            for i, layer in enumerate(layers)}
+        else:
+            shared = Domain(range(n), make_policy(policy, n))
+            self.domains = {layer: shared for layer in layers}
+        self.slot_of: dict[Key, int] = {}
+        self.pending: dict[Key, object] = {}  # copies in flight
+        self.locked: set[Key] = set()  # needed by the running layer
+        self.unused_prefetch: set[Key] = set()
+
+    @property
+    def capacity(self) -> int:
+        return self.gate_up.shape[0]
+
+    def bytes_used(self) -> int:
+        return self.gate_up.numel() * self.gate_up.element_size() + self.down.numel() * self.down.element_size()
+
+    def resident(self) -> set[Key]:
+        return set(self.slot_of)
+
+    def _weights(self, slot: int) -> ExpertWeights:
+        return ExpertWeights(self.gate_up[slot], self.down[slot])
+
+    def _load(self, key: Key) -> bool:
+        """Start copying `key` into a slot (evicting if needed); False if every slot is busy."""
+        dom = self.domains[key[0]]
+        if dom.free:
+            slot = dom.free.pop()
+        else:
+            candidates = [k for k in dom.resident if k not in self.locked and k not in self.pending]
+            if not candidates:
+                return False
+            victim = dom.policy.victim(candidates)
+            slot = self.slot_of.pop(victim)
+            dom.resident.discard(victim)
+            dom.policy.forget(victim)
+            if victim in self.unused_prefetch:
+                self.unused_prefetch.discard(victim)
+                self.stats[victim[0]].wasted_prefetches += 1
+        self.slot_of[key] = slot
+        dom.resident.add(key)
+        dom.policy.admit(key)
+        src = self.store[key]
+        self.pending[key] = self.transfers.copy(src, self._weights(slot), f"L{key[0]} E{key[1]}", slot)
+        self.stats[key[0]].bytes_moved += self.store.expert_bytes
+        return True
+
+    def _wait(self, key: Key) -> None:
+        handle = self.pending.pop(key, None)
+        if handle is not None:
+            self.stats[key[0]].stall_seconds += self.transfers.wait(handle, key[0])
+
+    def prefetch(self, layer: int, ids: list[int]) -> None:
+        """Start copies of experts predicted for `layer`; never waits, never evicts busy experts."""
+        for e in ids:
+            key = (layer, e)
+            if key in self.slot_of:
+                self.domains[layer].policy.touch(key)
+            elif self._load(key):
+                self.unused_prefetch.add(key)
+                self.stats[layer].prefetches += 1
+
+    def fetch(self, layer: int, ids: list[int], tokens: int) -> Iterator[tuple[int, ExpertWeights]]:
+        """Yield (id, weights) for every expert in `ids`: resident ones first, then misses as they land."""
+        stats = self.stats[layer]
+        stats.tokens += tokens
+        keys = [(layer, e) for e in ids]
+        hits = [k for k in keys if k in self.slot_of]
+        misses = [k for k in keys if k not in self.slot_of]
+        stats.hits += len(hits)
+        stats.misses += len(misses)
+        stats.prefetch_hits += sum(k in self.unused_prefetch for k in hits)
+        self.unused_prefetch.difference_update(hits)
+        self.locked.update(hits)
+        in_flight: list[Key] = []
+        try:
+            def issue() -> None:
+                while misses and self._load(misses[0]):
+                    self.locked.add(misses[0])
+                    in_flight.append(misses.pop(0))
+
+            issue()
+            for key in hits:
+                yield from self._use(key)
+                issue()
+            while in_flight:
+                key = in_flight.pop(0)
+                yield from self._use(key)
+                issue()
+            if misses:
+                raise RuntimeError("expert cache deadlock: no slot could be freed")  # guarded by the budget check
+        finally:
+            self.locked.difference_update(keys)
+
+    def _use(self, key: Key) -> Iterator[tuple[int, ExpertWeights]]:
+        self._wait(key)
+        self.domains[key[0]].policy.touch(key)
+        slot = self.slot_of[key]
+        yield key[1], self._weights(slot)
+        self.locked.discard(key)
+        self.transfers.slot_released(slot)

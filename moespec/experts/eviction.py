@@ -1,0 +1,98 @@
+"""Eviction policies for the device expert cache, chosen by name.
+
+A policy only orders resident experts; the cache decides when to evict and which experts are
+off-limits (those in use by the running layer or still being copied).
+"""
+
+from __future__ import annotations
+
+from collections import Counter, OrderedDict
+from typing import Iterable, Protocol
+
+Key = tuple[int, int]  # (layer, expert id)
+
+
+class EvictionPolicy(Protocol):
+    def touch(self, key: Key) -> None:
+        """The expert was used (hit or freshly loaded)."""
+
+    def admit(self, key: Key) -> None:
+        """The expert got a slot (load or prefetch)."""
+
+    def forget(self, key: Key) -> None:
+        """The expert left the cache."""
+
+    def victim(self, candidates: Iterable[Key]) -> Key:
+        """Which of the evictable resident experts should go."""
+
+
+class LRU:
+    """Evict the expert used least recently."""
+
+    def __init__(self) -> None:
+        self.order: OrderedDict[Key, None] = OrderedDict()
+
+    def touch(self, key: Key) -> None:
+        self.order[key] = None
+        self.order.move_to_end(key)
+
+    def admit(self, key: Key) -> None:
+        self.touch(key)
+
+    def forget(self, key: Key) -> None:
+        self.order.pop(key, None)
+
+    def victim(self, candidates: Iterable[Key]) -> Key:
+        allowed = set(candidates)
+        return next(k for k in self.order if k in allowed)
+
+
+class LFU(LRU):
+    """Evict the expert used least often over the whole run (ties: least recently).
+
+    Counts survive eviction, so an expert that was popular earlier comes back with its history,
+    as MoE-Infinity's activation-frequency cache does.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.uses: Counter[Key] = Counter()
+
+    def touch(self, key: Key) -> None:
+        self.uses[key] += 1
+        super().touch(key)
+
+    def admit(self, key: Key) -> None:
+        super().touch(key)
+
+    def victim(self, candidates: Iterable[Key]) -> Key:
+        allowed = set(candidates)
+        recency = {k: i for i, k in enumerate(self.order) if k in allowed}
+        return min(recency, key=lambda k: (self.uses[k], recency[k]))
+
+
+class PinnedHot(LFU):
+    """The `hot_share` most-used experts (by slots) never leave; the rest of the slots are LRU."""
+
+    def __init__(self, capacity: int, hot_share: float = 0.5) -> None:
+        super().__init__()
+        self.hot_slots = int(capacity * hot_share)
+
+    def victim(self, candidates: Iterable[Key]) -> Key:
+        allowed = set(candidates)
+        hot = {k for k, _ in self.uses.most_common(self.hot_slots)}
+        cold = [k for k in self.order if k in allowed and k not in hot]
+        return cold[0] if cold else next(k for k in self.order if k in allowed)
+
+
+def make_policy(name: str, capacity: int) -> EvictionPolicy:
+    if name == "lru":
+        return LRU()
+    if name == "lfu":
+        return LFU()
+    if name == "pinned_hot":
+        return PinnedHot(capacity)
+    raise ValueError(name)
+
+
+POLICIES = ("lru", "lfu", "pinned_hot")

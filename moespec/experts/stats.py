@@ -1,0 +1,43 @@
+"""Counters of expert traffic, per MoE layer and in total."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+
+@dataclass
+class LayerStats:
+    hits: int = 0  # needed experts that were already on the device (prefetched or cached)
+    misses: int = 0  # needed experts that had to be copied while the layer waited
+    prefetch_hits: int = 0  # hits on experts brought in by a prefetch and not used before
+    wasted_prefetches: int = 0  # prefetched experts evicted without ever being used
+    prefetches: int = 0  # prefetch copies issued
+    bytes_moved: int = 0  # host -> device bytes copied (misses and prefetches)
+    stall_seconds: float = 0.0  # time compute waited for expert copies
+    tokens: int = 0  # tokens routed through the layer
+
+    def add(self, other: "LayerStats") -> None:
+        for f in fields(self):
+            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+
+
+class ExpertStats:
+    """One LayerStats per MoE layer; `total()` sums them."""
+
+    def __init__(self, layers: list[int]):
+        self.layers = {layer: LayerStats() for layer in layers}
+
+    def __getitem__(self, layer: int) -> LayerStats:
+        return self.layers[layer]
+
+    def total(self) -> LayerStats:
+        t = LayerStats()
+        for s in self.layers.values():
+            t.add(s)
+        return t
+
+    def as_dict(self) -> dict:
+        total = asdict(self.total())
+        uses = total["hits"] + total["misses"]
+        total["hit_rate"] = total["hits"] / uses if uses else 0.0
+        return {**total, "per_layer": {layer: asdict(s) for layer, s in self.layers.items()}}
