@@ -92,10 +92,11 @@ class ExpertCache:
         if dom.free:
             slot = dom.free.pop()
         else:
-            candidates = [k for k in dom.resident if k not in self.locked and k not in self.pending]
+            candidates = [k for k in dom.resident if not self._busy(k)]
             if not candidates:
                 return False
             victim = dom.policy.victim(candidates)
+            self.pending.pop(victim, None)
             slot = self.slot_of.pop(victim)
             dom.resident.discard(victim)
             dom.policy.forget(victim)
@@ -109,6 +110,10 @@ class ExpertCache:
         self.pending[key] = self.transfers.copy(src, self._weights(slot), f"L{key[0]} E{key[1]}", slot)
         self.stats[key[0]].bytes_moved += self.store.expert_bytes
         return True
+
+    def _busy(self, key: Key) -> bool:
+        """Needed by the running layer, or its copy has not landed yet."""
+        return key in self.locked or (key in self.pending and not self.transfers.done(self.pending[key]))
 
     def _wait(self, key: Key) -> None:
         handle = self.pending.pop(key, None)

@@ -1,0 +1,41 @@
+"""CUDA offloading: runs on a GPU machine, skipped elsewhere."""
+
+import pytest
+import torch
+
+from moespec import LLM
+from tiny import save_model
+
+pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+PROMPTS = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14, 15, 16, 17, 18, 19, 20]]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("olmoe")
+    save_model("olmoe", d, experts=8, top_k=2, num_hidden_layers=3)
+    return d
+
+
+@pytest.mark.parametrize("eviction", ["lru", "lfu", "pinned_hot"])
+def test_cuda_offloading_is_exact(model_dir, eviction):
+    exact = LLM(model_dir, device="cuda")
+    want = exact.generate(PROMPTS, max_new_tokens=24, ignore_eos=True)
+    llm = LLM(model_dir, device="cuda", expert_cache="25%", eviction=eviction)
+    got = llm.generate(PROMPTS, max_new_tokens=24, ignore_eos=True)
+    assert [o.token_ids for o in got] == [o.token_ids for o in want]
+    ids = torch.arange(3, 43).reshape(2, 20)
+    assert torch.allclose(llm.score(ids), exact.score(ids), atol=1e-5)
+    stats = llm.stats()
+    assert stats["misses"] > 0 and stats["stall_seconds"] >= 0
+    assert stats["bytes_moved"] == stats["misses"] * llm.store.expert_bytes
+    assert llm.experts.gate_up.is_cuda and llm.store[(0, 0)].gate_up.is_pinned()
+    assert "GPU" in stats["link"]
+    llm.close()
+
+
+def test_cuda_bfloat16_close_to_cpu_float32(model_dir):
+    ids = torch.arange(3, 43).reshape(2, 20)
+    ref = LLM(model_dir).score(ids)
+    got = LLM(model_dir, device="cuda", dtype="bfloat16", expert_cache="50%").score(ids)
+    assert (got.cpu() - ref).abs().max().item() < 0.1
