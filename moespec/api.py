@@ -98,7 +98,8 @@ class LLM:
         checkpoint = Checkpoint(self.path, self.spec)
         self.model = build_model(checkpoint, self.dtype, self.device)
         self.tracer = Tracer(note=self.link_note()) if trace else None
-        self.model.observer = self.tracer
+        if self.tracer:
+            self.model.hooks.append(self.tracer)
         show = (lambda keys: tqdm(keys, desc="loading experts", unit="expert", leave=False)) if progress else iter
         self.store = ExpertStore(checkpoint, self.dtype, pin=self.device.type == "cuda", tier=expert_tier,
                                  host_cache=host_cache, progress=show)

@@ -9,10 +9,12 @@ import threading
 import time
 from pathlib import Path
 
+from ..hooks import ForwardHooks
+
 COMPUTE_LANE, TRANSFER_LANE = 1, 2
 
 
-class Tracer:
+class Tracer(ForwardHooks):
     def __init__(self, note: str = ""):
         self.t0 = time.perf_counter()
         self.events: list[dict] = []
@@ -28,7 +30,6 @@ class Tracer:
         with self._lock:
             self.events.append(event)
 
-    # the forward pass calls these two (model.transformer.ForwardObserver)
     def layer_start(self, layer: int) -> None:
         self._open[layer] = self.now_us()
 

@@ -8,6 +8,7 @@ from torch import nn
 
 from ..experts.base import ExpertProvider
 from ..spec import ModelSpec
+from ..hooks import ForwardHooks
 from .routing import ROUTERS
 
 
@@ -47,9 +48,11 @@ class MoE(nn.Module):
             if spec.shared_expert_intermediate_size else None
         self.shared_expert_gate = nn.Linear(spec.hidden_size, 1, bias=False) if spec.shared_expert_gate else None
 
-    def forward(self, x: torch.Tensor, experts: ExpertProvider) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, experts: ExpertProvider, hooks: list[ForwardHooks] = ()) -> torch.Tensor:
         """x [N, H] (real tokens only, padding removed) -> [N, H]."""
         weights, ids = self.route(self.gate(x), self.top_k)
+        for hook in hooks:
+            weights, ids = hook.route(self.layer, x, weights, ids)
         out = self.run_experts(x, weights, ids, experts)
         if self.shared_expert is not None:
             shared = self.shared_expert(x)

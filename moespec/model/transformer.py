@@ -6,8 +6,6 @@ state-dict assignment. Routed experts are not parameters: MoE blocks ask an Expe
 
 from __future__ import annotations
 
-from typing import Protocol
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -15,16 +13,9 @@ from torch import nn
 from ..experts.base import ExpertProvider
 from ..spec import ModelSpec
 from .attention import Attention, RMSNorm, Rotary
+from ..hooks import ForwardHooks
 from .kv_cache import KVCache
 from .moe import MLP, MoE
-
-
-class ForwardObserver(Protocol):
-    """Told when each layer starts and ends (tracing); set as `Transformer.observer`."""
-
-    def layer_start(self, layer: int) -> None: ...
-
-    def layer_end(self, layer: int) -> None: ...
 
 
 class Block(nn.Module):
@@ -41,12 +32,13 @@ class Block(nn.Module):
                valid: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         return x + self.self_attn(self.input_layernorm(x), self.layer, cache, rows, positions, valid, rope)
 
-    def feed_forward(self, x: torch.Tensor, valid: torch.Tensor, experts: ExpertProvider) -> torch.Tensor:
+    def feed_forward(self, x: torch.Tensor, valid: torch.Tensor, experts: ExpertProvider,
+                     hooks: list[ForwardHooks]) -> torch.Tensor:
         h = self.post_attention_layernorm(x)
         if isinstance(self.mlp, MLP):
             return x + self.mlp(h)
         out = torch.zeros_like(h)
-        out[valid] = self.mlp(h[valid], experts)  # padding never routes, so never fetches experts
+        out[valid] = self.mlp(h[valid], experts, hooks)  # padding never routes, so never fetches experts
         return x + out
 
 
@@ -59,7 +51,7 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
         self.lm_head = None if spec.tie_word_embeddings else nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
         self.rotary = Rotary(spec.head_dim, spec.rope_theta)
-        self.observer: ForwardObserver | None = None
+        self.hooks: list[ForwardHooks] = []
 
     def forward(self, tokens: torch.Tensor, cache: KVCache, experts: ExpertProvider,
                 rows: torch.Tensor | None = None, valid: torch.Tensor | None = None) -> torch.Tensor:
@@ -81,12 +73,14 @@ class Transformer(nn.Module):
         x = self.embed_tokens(tokens)
         rope = self.rotary(positions, x.dtype)
         for i, block in enumerate(self.layers):
-            if self.observer:
-                self.observer.layer_start(i)
+            for hook in self.hooks:
+                hook.layer_start(i)
             x = block.attend(x, cache, rows, positions, valid, rope)
-            x = block.feed_forward(x, valid, experts)
-            if self.observer:
-                self.observer.layer_end(i)
+            for hook in self.hooks:
+                hook.after_attention(i, x, valid)
+            x = block.feed_forward(x, valid, experts, self.hooks)
+            for hook in self.hooks:
+                hook.layer_end(i)
         cache.lengths[rows] = start + valid.sum(dim=1)
         return self.norm(x)
 
