@@ -21,6 +21,9 @@ from .experts.trace import Tracer
 from .experts.transfer import CpuTransfers, CudaTransfers, parse_bandwidth
 from .model.transformer import Transformer
 from .spec import ModelSpec, load_spec
+from .speculate.estimators import ESTIMATOR_FILE, Estimators
+from .speculate.lookahead import DEFAULT_VECTORS_FILE, DefaultVectors, LookaheadPredictor
+from .speculate.policy import Speculation
 
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "tiny-mixtral"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -59,7 +62,8 @@ def load_tokenizer(model_dir: Path) -> Tokenizer | None:
     return Tokenizer.from_file(str(path)) if path.is_file() else None
 
 
-PREFETCH = ("none",)
+PREFETCH = ("none", "lookahead", "estimator")
+EXECUTION = {False: "verify", True: "speculative", "fallback": "fallback"}
 
 
 class LLM:
@@ -67,7 +71,13 @@ class LLM:
 
     expert_cache: device budget for routed experts: a share of all expert bytes ("25%"), a size
         ("3GiB") or a slot count. A budget that holds every expert disables offloading.
-    prefetch: "none" is the on-demand baseline (route, fetch missing experts, wait, compute).
+    prefetch: "none" is the on-demand baseline (route, fetch missing experts, wait, compute);
+        "lookahead" applies the routers of the next `lookahead_depth` MoE layers to the residual
+        stream (plus default vectors if `default_vectors`, by default when the model directory has
+        them); "estimator" uses learned estimators (`moespec fit-estimator`). Each prefetches the
+        k + `prefetch_extra` best guesses per token.
+    speculative_execution: False runs the true experts (exact); True runs the guessed ones;
+        "fallback" runs true experts that are resident and substitutes guessed ones for the rest.
     eviction: "lru" | "lfu" | "pinned_hot". cache_scope: "global" (layers share slots) or "layer".
     link_bandwidth: on CPU, emulate a host-to-device link of this speed ("25GB/s").
     expert_tier: "ram" (all experts in host memory) or "disk" (read on demand, `host_cache` kept).
@@ -76,7 +86,9 @@ class LLM:
 
     def __init__(self, model: str | Path | None = None, *, device: str | torch.device = "cpu",
                  dtype: str | torch.dtype = "float32", expert_cache: str | int = "100%",
-                 prefetch: str = "none", speculative_execution: bool = False, eviction: str = "lru",
+                 prefetch: str = "none", speculative_execution: bool | str = False, lookahead_depth: int = 1,
+                 prefetch_extra: int = 0, default_vectors: bool | None = None,
+                 estimator: str | Path | None = None, eviction: str = "lru",
                  cache_scope: str = "global", link_bandwidth: str | None = None, expert_tier: str = "ram",
                  host_cache: int = 64, trace: bool = False, context_length: int | None = None,
                  progress: bool = False):
@@ -85,8 +97,12 @@ class LLM:
         _check_choice("eviction", eviction, POLICIES)
         _check_choice("cache_scope", cache_scope, ("global", "layer"))
         _check_choice("expert_tier", expert_tier, TIERS)
-        if speculative_execution:
-            raise MoespecError("speculative_execution needs a speculating prefetch policy; available: " + ", ".join(PREFETCH))
+        if speculative_execution not in EXECUTION:
+            raise MoespecError(f"speculative_execution must be False, True or 'fallback', got {speculative_execution!r}")
+        if speculative_execution and prefetch == "none":
+            raise MoespecError("speculative_execution needs a speculating prefetch policy (lookahead or estimator)")
+        if lookahead_depth < 1 or prefetch_extra < 0:
+            raise MoespecError("lookahead_depth must be >= 1 and prefetch_extra >= 0")
         self.device, self.dtype = resolve_device(device), resolve_dtype(dtype)
         if link_bandwidth is not None and self.device.type != "cpu":
             raise MoespecError("link_bandwidth emulation is for CPU runs; on a GPU the real link is used")
@@ -114,12 +130,34 @@ class LLM:
                 else CudaTransfers(self.device, slots, self.tracer)
             self.experts = ExpertCache(self.store, self.device, slots, eviction, cache_scope, self.transfers,
                                        self.expert_stats)
+        self.speculation: Speculation | None = None
+        if prefetch != "none":
+            predictor = self._predictor(prefetch, lookahead_depth, default_vectors, estimator)
+            depth = predictor.depth
+            self.speculation = Speculation(self.model, self.experts, predictor, depth, prefetch_extra,
+                                           EXECUTION[speculative_execution])
+            self.model.hooks.append(self.speculation)
         self.tokenizer = load_tokenizer(self.path)
         max_ctx = self.spec.max_position_embeddings
         if context_length is not None and not 1 < context_length <= max_ctx:
             raise MoespecError(f"context_length must be in [2, {max_ctx}], got {context_length}")
         self.context_length = context_length or max_ctx
         self.generator = Generator(self.model, self.experts, self.tokenizer, self.context_length, self.device)
+
+    def _predictor(self, prefetch: str, depth: int, default_vectors: bool | None,
+                   estimator: str | Path | None) -> LookaheadPredictor | Estimators:
+        if prefetch == "estimator":
+            est = Estimators.load(estimator or self.path / ESTIMATOR_FILE, self.model)
+            if depth > est.depth:
+                raise MoespecError(f"lookahead_depth={depth} but the estimators were trained for depth {est.depth}")
+            est.depth = depth
+            return est
+        dv_path = self.path / DEFAULT_VECTORS_FILE
+        if default_vectors and not dv_path.is_file():
+            raise MoespecError(f"{dv_path} not found: compute default vectors with `moespec calibrate`")
+        use_dv = dv_path.is_file() if default_vectors is None else default_vectors
+        dv = DefaultVectors.load(dv_path, self.model, self.device) if use_dv else None
+        return LookaheadPredictor(self.model, depth, dv)
 
     def encode(self, text: str) -> list[int]:
         if self.tokenizer is None:
@@ -168,9 +206,13 @@ class LLM:
             for layer, seconds in self.transfers.collect_stalls().items():
                 self.expert_stats[layer].stall_seconds += seconds
         experts = self.expert_stats.as_dict()
+        experts["bytes_wasted"] = experts["wasted_prefetches"] * self.store.expert_bytes
         resident = self.experts.capacity if isinstance(self.experts, ExpertCache) else len(self.store.keys)
-        return {**self.generator.stats.as_dict(), **experts, "cache_slots": resident,
-                "expert_bytes": self.store.expert_bytes, "link": self.link_note()}
+        out = {**self.generator.stats.as_dict(), **experts, "cache_slots": resident,
+               "expert_bytes": self.store.expert_bytes, "link": self.link_note()}
+        if self.speculation is not None:
+            out["speculation"] = self.speculation.summary()
+        return out
 
     def save_trace(self, path: str | Path) -> None:
         """Write the Chrome/Perfetto trace recorded since load (needs trace=True)."""

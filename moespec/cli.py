@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import sys
+from pathlib import Path
 
 from .errors import MoespecError
 
@@ -14,7 +17,14 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--expert-cache", default="100%",
                    help="device budget for routed experts: share ('25%%'), size ('3GiB') or slot count")
-    p.add_argument("--prefetch", default="none", help="expert prefetch policy (none = on-demand)")
+    p.add_argument("--prefetch", default="none", help="none (on-demand), lookahead or estimator")
+    p.add_argument("--lookahead-depth", type=int, default=1, help="MoE layers ahead to prefetch for")
+    p.add_argument("--prefetch-extra", type=int, default=0, help="guesses beyond top-k to prefetch per token")
+    p.add_argument("--default-vectors", choices=["auto", "on", "off"], default="auto",
+                   help="lookahead: add default-vector estimates (auto = if the model has them)")
+    p.add_argument("--estimator", default=None, help="estimator file (default: MODEL/estimators.safetensors)")
+    p.add_argument("--speculative-execution", choices=["off", "on", "fallback"], default="off",
+                   help="run guessed experts instead of waiting for true ones (changes outputs)")
     p.add_argument("--eviction", default="lru", help="lru, lfu or pinned_hot")
     p.add_argument("--cache-scope", default="global", help="global (layers share slots) or layer")
     p.add_argument("--link-bandwidth", default=None, help="CPU only: emulate a host-device link, e.g. 25GB/s")
@@ -35,7 +45,11 @@ def _load(args: argparse.Namespace):
     from .api import LLM
 
     slots = int(args.expert_cache) if args.expert_cache.isdigit() else args.expert_cache
+    execution = {"off": False, "on": True, "fallback": "fallback"}[args.speculative_execution]
+    default_vectors = {"auto": None, "on": True, "off": False}[args.default_vectors]
     return LLM(args.model, device=args.device, dtype=args.dtype, expert_cache=slots, prefetch=args.prefetch,
+               lookahead_depth=args.lookahead_depth, prefetch_extra=args.prefetch_extra,
+               default_vectors=default_vectors, estimator=args.estimator, speculative_execution=execution,
                eviction=args.eviction, cache_scope=args.cache_scope, link_bandwidth=args.link_bandwidth,
                expert_tier=args.expert_tier, trace=args.trace is not None, progress=True)
 
@@ -75,6 +89,86 @@ def cmd_generate(args: argparse.Namespace) -> None:
     llm.close()
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    from .serve import serve
+
+    llm = _load(args)
+    try:
+        serve(llm, host=args.host, port=args.port, max_batch_size=args.max_batch_size, max_queue=args.max_queue)
+    finally:
+        if args.trace:
+            llm.save_trace(args.trace)
+        llm.close()
+
+
+def _write_json(obj: dict, path: str | None) -> None:
+    text = json.dumps(obj, indent=2)
+    if path:
+        Path(path).write_text(text + "\n")
+        print(f"written to {path}", file=sys.stderr)
+    else:
+        print(text)
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from .api import LLM
+    from .bench.evaluate import evaluate
+
+    llm = _load(args)
+    exact = None
+    if llm.speculation is not None or args.compare_exact:
+        exact = LLM(args.model, device=args.device, dtype=args.dtype)
+    _write_json(evaluate(llm, exact, n_chunks=args.chunks), args.out)
+
+
+def cmd_trace(args: argparse.Namespace) -> None:
+    from .bench.corpus import heldout_ids, training_ids
+    from .bench.routes import record_trace, save_heatmap, usage_entropy
+
+    llm = _load(args)
+    ids = training_ids(llm, args.tokens) if args.split == "train" else heldout_ids(llm)[: args.tokens]
+    trace = record_trace(llm, ids, hidden=args.hidden)
+    trace.save(args.out)
+    heatmap = args.heatmap or str(Path(args.out).with_suffix(".png"))
+    save_heatmap(trace, heatmap, f"{llm.path.name}: expert usage ({args.split}, {len(trace.ids)} tokens)")
+    entropy = usage_entropy(trace)
+    print(f"{len(trace.ids)} tokens traced to {args.out}; heatmap {heatmap}", file=sys.stderr)
+    for layer, h in zip(trace.moe_layers, entropy):
+        print(f"layer {layer}: usage entropy {h:.2f} bits (uniform {math.log2(trace.num_experts):.2f})", file=sys.stderr)
+
+
+def cmd_calibrate(args: argparse.Namespace) -> None:
+    from .bench.corpus import calibration_ids
+    from .bench.routes import calibrate
+    from .speculate.lookahead import DEFAULT_VECTORS_FILE
+
+    llm = _load(args)
+    out = args.out or llm.path / DEFAULT_VECTORS_FILE
+    calibrate(llm, calibration_ids(llm, args.tokens)).save(out)
+    print(f"default vectors from {args.tokens} held-out tokens written to {out}", file=sys.stderr)
+
+
+def cmd_fit_estimator(args: argparse.Namespace) -> None:
+    from .bench.corpus import training_ids
+    from .bench.routes import record_trace
+    from .speculate.estimators import ESTIMATOR_FILE, fit
+    from .speculate.traces import RoutingTrace
+
+    llm = _load(args)
+    trace = RoutingTrace.load(args.routes) if args.routes else record_trace(llm, training_ids(llm, args.tokens), True)
+    est, report = fit(llm.model, trace, depth=args.depth, mlp=args.mlp, steps=args.steps)
+    out = Path(args.out or llm.path / ESTIMATOR_FILE)
+    est.save(out)
+    report_path = out.with_suffix(".json")
+    report_path.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"estimators written to {out} (report {report_path}); loss {report['loss_first']:.3f} -> "
+          f"{report['loss_last']:.3f}", file=sys.stderr)
+    for key, r in report["heads"].items():
+        src, target = key.split("_")
+        print(f"layer {src} -> {target}: recall@k lookahead {r['lookahead']['val']:.3f}, "
+              f"estimator {r['estimator']['val']:.3f} (validation)", file=sys.stderr)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moespec", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -83,6 +177,45 @@ def build_parser() -> argparse.ArgumentParser:
     _sampling_args(g)
     g.add_argument("--prompt", required=True)
     g.set_defaults(func=cmd_generate)
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching")
+    _engine_args(s)
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--max-batch-size", type=int, default=8, help="requests decoded together (KV-cache rows)")
+    s.add_argument("--max-queue", type=int, default=64, help="requests waiting for a row; more get HTTP 429")
+    s.set_defaults(func=cmd_serve)
+
+    e = sub.add_parser("eval", help="held-out perplexity and agreement with the exact model (JSON)")
+    _engine_args(e)
+    e.add_argument("--chunks", type=int, default=64, help="evaluation chunks (the model cards use 64)")
+    e.add_argument("--compare-exact", action="store_true", help="also report agreement for exact policies")
+    e.add_argument("--out", default=None, help="write JSON here instead of stdout")
+    e.set_defaults(func=cmd_eval)
+
+    t = sub.add_parser("trace", help="record per-token routing (npz) and an expert-usage heatmap (png)")
+    _engine_args(t)
+    t.add_argument("--out", required=True, help="routes.npz")
+    t.add_argument("--split", choices=["heldout", "train"], default="heldout")
+    t.add_argument("--tokens", type=int, default=16384)
+    t.add_argument("--hidden", action="store_true", help="also record router inputs (for estimators)")
+    t.add_argument("--heatmap", default=None, help="png path (default: next to --out)")
+    t.set_defaults(func=cmd_trace)
+
+    c = sub.add_parser("calibrate", help="default vectors (per-expert mean outputs) for lookahead")
+    _engine_args(c)
+    c.add_argument("--tokens", type=int, default=8192, help="held-out tokens after the evaluation chunks")
+    c.add_argument("--out", default=None, help="default: MODEL/default_vectors.safetensors")
+    c.set_defaults(func=cmd_calibrate)
+
+    f = sub.add_parser("fit-estimator", help="train learned expert estimators from routing traces")
+    _engine_args(f)
+    f.add_argument("--routes", default=None, help="routes.npz recorded with `trace --hidden` (default: record now)")
+    f.add_argument("--tokens", type=int, default=32768, help="training-split tokens to trace if no --routes")
+    f.add_argument("--depth", type=int, default=1)
+    f.add_argument("--mlp", type=int, default=0, help="hidden width of an MLP correction (0 = linear)")
+    f.add_argument("--steps", type=int, default=300)
+    f.add_argument("--out", default=None, help="default: MODEL/estimators.safetensors")
+    f.set_defaults(func=cmd_fit_estimator)
     return parser
 
 

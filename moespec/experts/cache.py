@@ -72,6 +72,9 @@ class ExpertCache:
         self.pending: dict[Key, object] = {}  # copies in flight
         self.locked: set[Key] = set()  # needed by the running layer
         self.unused_prefetch: set[Key] = set()
+        self.pinned: set[Key] = set()  # never evicted until unpinned (draft experts of speculative decoding)
+        # most experts per layer that can be pinned while every domain keeps top_k slots for the rest
+        self.pin_limit = per_domain - spec.top_k if scope == "layer" else (slots - spec.top_k) // len(layers)
 
     @property
     def capacity(self) -> int:
@@ -81,7 +84,12 @@ class ExpertCache:
         return self.gate_up.numel() * self.gate_up.element_size() + self.down.numel() * self.down.element_size()
 
     def resident(self) -> set[Key]:
+        """Experts holding a slot (some may still be landing)."""
         return set(self.slot_of)
+
+    def ready(self) -> set[Key]:
+        """Experts on the device whose copy has landed: usable without waiting."""
+        return {k for k in self.slot_of if k not in self.pending or self.transfers.done(self.pending[k])}
 
     def _weights(self, slot: int) -> ExpertWeights:
         return ExpertWeights(self.gate_up[slot], self.down[slot])
@@ -112,8 +120,28 @@ class ExpertCache:
         return True
 
     def _busy(self, key: Key) -> bool:
-        """Needed by the running layer, or its copy has not landed yet."""
-        return key in self.locked or (key in self.pending and not self.transfers.done(self.pending[key]))
+        """Needed by the running layer, pinned, or its copy has not landed yet."""
+        return key in self.locked or key in self.pinned or \
+            (key in self.pending and not self.transfers.done(self.pending[key]))
+
+    def pin(self, key: Key, load: bool = True) -> bool:
+        """Keep `key` on the device until `unpin`. A missing expert is copied in if `load` (its bytes
+        count as moved); False if it is missing and was not loaded."""
+        if key not in self.slot_of and not (load and self._load(key)):
+            return False
+        self.pinned.add(key)
+        return True
+
+    def unpin(self, key: Key) -> None:
+        """Let `key` be evicted again; on CUDA a later copy into its slot waits for kernels reading it."""
+        if key in self.pinned:
+            self.pinned.discard(key)
+            self.transfers.slot_released(self.slot_of[key])
+
+    def peek(self, key: Key) -> ExpertWeights:
+        """A pinned expert's weights (waiting for its copy if needed), not counted as a use."""
+        self._wait(key)
+        return self._weights(self.slot_of[key])
 
     def _wait(self, key: Key) -> None:
         handle = self.pending.pop(key, None)

@@ -63,8 +63,27 @@ class ResidentExperts:
 
     def __init__(self, store: ExpertStore, device: torch.device, stats: ExpertStats):
         self.stats = stats
+        self.pin_limit = store.spec.num_experts
         self._experts = {key: ExpertWeights(store[key].gate_up.to(device), store[key].down.to(device))
                          for key in store.keys}
+
+    def resident(self) -> set[Key]:
+        return set(self._experts)
+
+    ready = resident
+
+    def prefetch(self, layer: int, ids: list[int]) -> None:
+        """Nothing to move: every expert is already on the device."""
+
+    # speculative decoding pins its draft experts; here every expert stays anyway
+    def pin(self, key: Key, load: bool = True) -> bool:
+        return True
+
+    def unpin(self, key: Key) -> None:
+        pass
+
+    def peek(self, key: Key) -> ExpertWeights:
+        return self._experts[key]
 
     def fetch(self, layer: int, ids: list[int], tokens: int) -> Iterator[tuple[int, ExpertWeights]]:
         stats = self.stats[layer]

@@ -1,0 +1,159 @@
+"""Lightweight learned estimators: router input at layer L -> expert scores of the MoE layers after it.
+
+One small head per (source layer, depth). A head is linear, initialised to exactly what router
+lookahead computes (layer L+d's router applied to layer L's normed residual is linear in layer L's
+router input: W_{L+d} · diag(g_{L+d} / g_L) where g are the RMSNorm weights), optionally plus a
+2-layer MLP whose output starts at zero. Training therefore starts from the lookahead's answer and
+only learns the correction. Targets are the router's top-k weights as a distribution (distillation
+of the true routing), so the loss is a cross-entropy over experts.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from ..errors import MoespecError
+from ..model.transformer import Transformer
+from .lookahead import next_moe_layers
+from .traces import RoutingTrace
+
+ESTIMATOR_FILE = "estimators.safetensors"
+
+
+class Head(nn.Module):
+    def __init__(self, hidden: int, experts: int, mlp: int):
+        super().__init__()
+        self.linear = nn.Linear(hidden, experts)
+        self.mlp = nn.Sequential(nn.Linear(hidden, mlp), nn.SiLU(), nn.Linear(mlp, experts)) if mlp else None
+        if self.mlp is not None:
+            nn.init.zeros_(self.mlp[2].weight)
+            nn.init.zeros_(self.mlp[2].bias)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        out = self.linear(h)
+        return out + self.mlp(h) if self.mlp is not None else out
+
+
+class Estimators(nn.Module):
+    """Heads keyed "src_target"; `predict(layer, x)` mirrors LookaheadPredictor."""
+
+    def __init__(self, model: Transformer, depth: int, mlp: int = 0):
+        super().__init__()
+        self.model, self.depth, self.mlp_width = [model], depth, mlp  # list: not a submodule
+        spec = model.spec
+        self.heads = nn.ModuleDict({
+            f"{src}_{t}": Head(spec.hidden_size, spec.num_experts, mlp)
+            for src in range(spec.num_layers) for t in next_moe_layers(model, src, depth)
+        })
+
+    def init_from_lookahead(self) -> None:
+        model = self.model[0]
+        with torch.no_grad():
+            for key, head in self.heads.items():
+                src, t = map(int, key.split("_"))
+                g_src = model.layers[src].post_attention_layernorm.weight.float()
+                g_t = model.layers[t].post_attention_layernorm.weight.float()
+                head.linear.weight.copy_(model.layers[t].mlp.gate.weight.float() * (g_t / g_src)[None])
+                head.linear.bias.zero_()
+
+    def router_input(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        return self.model[0].layers[layer].post_attention_layernorm(x).float()
+
+    @torch.no_grad()
+    def predict(self, layer: int, x: torch.Tensor) -> dict[int, torch.Tensor]:
+        h = self.router_input(layer, x)
+        return {t: torch.softmax(self.heads[f"{layer}_{t}"](h), dim=-1)
+                for t in next_moe_layers(self.model[0], layer, self.depth)}
+
+    def metadata(self) -> dict[str, str]:
+        s = self.model[0].spec
+        return {"model_type": s.model_type, "hidden_size": str(s.hidden_size), "num_experts": str(s.num_experts),
+                "num_layers": str(s.num_layers), "moe_layers": json.dumps(s.moe_layer_ids),
+                "depth": str(self.depth), "mlp": str(self.mlp_width)}
+
+    def save(self, path: str | Path) -> None:
+        save_file({k: v.contiguous() for k, v in self.heads.state_dict().items()}, str(path), metadata=self.metadata())
+
+    @classmethod
+    def load(cls, path: str | Path, model: Transformer) -> "Estimators":
+        path = Path(path)
+        if not path.is_file():
+            raise MoespecError(f"estimator file not found: {path} (train one with `moespec fit-estimator`)")
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        est = cls(model, int(meta.get("depth", 0)) or 1, int(meta.get("mlp", 0)))
+        mine = est.metadata()
+        wrong = [k for k in ("model_type", "hidden_size", "num_experts", "num_layers", "moe_layers")
+                 if meta.get(k) != mine[k]]
+        if wrong:
+            field = wrong[0]
+            raise MoespecError(f"estimator file {path} was trained for another model "
+                               f"({field}={meta.get(field)}, this model has {mine[field]})")
+        est.heads.load_state_dict(tensors)
+        return est.to(model.embed_tokens.weight.device).eval()
+
+
+def recall_at_k(scores: torch.Tensor, true_ids: torch.Tensor, width: int) -> float:
+    """Share of the true top-k experts found among the `width` best-scored ones."""
+    guess = scores.topk(width, dim=-1).indices
+    return (guess[:, :, None] == true_ids[:, None, :]).any(dim=1).float().mean().item()
+
+
+def fit(model: Transformer, trace: RoutingTrace, depth: int = 1, mlp: int = 0, steps: int = 300,
+        lr: float = 3e-3, batch: int = 1024, val_share: float = 0.1, seed: int = 0) -> tuple[Estimators, dict]:
+    """Train estimators on a routing trace recorded with hidden states; return them and a report
+    with the loss curve and, per head, the train / validation recall@k of lookahead and estimator."""
+    if trace.hidden is None:
+        raise MoespecError("the trace has no hidden states: record it with `moespec trace --hidden`")
+    spec = model.spec
+    est = Estimators(model, depth, mlp)
+    est.init_from_lookahead()
+    gen = torch.Generator().manual_seed(seed)
+    n = len(trace.ids)
+    order = torch.randperm(n, generator=gen)
+    n_val = int(n * val_share)
+    splits = {"val": order[:n_val], "train": order[n_val:]}
+    hidden = torch.from_numpy(trace.hidden)  # [tokens, layers, H] router inputs
+    ids = torch.from_numpy(trace.ids.astype("int64"))
+    weights = torch.from_numpy(trace.weights)
+    col = {layer: j for j, layer in enumerate(trace.moe_layers)}
+    targets = {}
+    for key in est.heads:
+        t = int(key.split("_")[1])
+        dist = torch.zeros(n, spec.num_experts).scatter_(1, ids[:, col[t]], weights[:, col[t]])
+        targets[key] = dist / dist.sum(dim=1, keepdim=True)
+
+    def evaluate() -> dict[str, dict[str, float]]:
+        out = {}
+        with torch.no_grad():
+            for key, head in est.heads.items():
+                src, t = map(int, key.split("_"))
+                out[key] = {name: recall_at_k(head(hidden[idx, src].float()), ids[idx, col[t]], spec.top_k)
+                            for name, idx in splits.items()}
+        return out
+
+    before = evaluate()
+    opt = torch.optim.Adam(est.heads.parameters(), lr=lr)
+    curve = []
+    train_idx = splits["train"]
+    for step in range(steps):
+        idx = train_idx[torch.randint(len(train_idx), (min(batch, len(train_idx)),), generator=gen)]
+        loss = sum(F.cross_entropy(head(hidden[idx, int(key.split("_")[0])].float()), targets[key][idx])
+                   for key, head in est.heads.items()) / len(est.heads)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        curve.append(loss.item())
+    after = evaluate()
+    report = {"loss_first": curve[0], "loss_last": sum(curve[-10:]) / min(10, len(curve)), "loss_curve": curve[::10],
+              "heads": {k: {"lookahead": before[k], "estimator": after[k]} for k in est.heads},
+              "tokens": n, "depth": depth, "mlp": mlp}
+    return est.eval(), report

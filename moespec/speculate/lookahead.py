@@ -1,0 +1,105 @@
+"""Router lookahead: guess the experts of the next MoE layers from the residual stream at layer L.
+
+The residual stream changes slowly from layer to layer, so applying layer L+d's pre-MoE norm and
+router to the residual at layer L (after attention) already names most of L+d's experts. Adding
+an estimate of layer L's own MoE output first ("default vectors": the top-k weights times each
+chosen expert's mean output) moves the guess closer to what layer L+1 will actually see.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..errors import MoespecError
+from ..experts.store import ExpertStore
+from ..hooks import ForwardHooks
+from ..model.moe import MoE, expert_forward
+from ..model.transformer import Transformer
+
+DEFAULT_VECTORS_FILE = "default_vectors.safetensors"
+
+
+def next_moe_layers(model: Transformer, layer: int, depth: int) -> list[int]:
+    """The first `depth` MoE layers after `layer`."""
+    return [i for i in model.spec.moe_layer_ids if i > layer][:depth]
+
+
+class DefaultVectors:
+    """Per MoE layer, a [num_experts, H] table of each expert's mean output over the tokens routed to it."""
+
+    def __init__(self, vectors: dict[int, torch.Tensor]):
+        self.vectors = vectors
+
+    def moe_output_estimate(self, layer: int, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Σ_k weight_k · default_vector[ids_k] for routing [N, k] -> [N, H]."""
+        table = self.vectors[layer]
+        return (weights[..., None].to(table.dtype) * table[ids]).sum(dim=1)
+
+    def save(self, path: str | Path) -> None:
+        save_file({f"layer.{i}": v.contiguous() for i, v in self.vectors.items()}, str(path))
+
+    @classmethod
+    def load(cls, path: str | Path, model: Transformer, device: torch.device) -> "DefaultVectors":
+        tensors = load_file(str(path))
+        spec = model.spec
+        expected = {f"layer.{i}" for i in spec.moe_layer_ids}
+        shapes = {tuple(t.shape) for t in tensors.values()}
+        if set(tensors) != expected or shapes != {(spec.num_experts, spec.hidden_size)}:
+            raise MoespecError(f"{path} does not match this model (expected default vectors for layers "
+                               f"{spec.moe_layer_ids}, shape [{spec.num_experts}, {spec.hidden_size}])")
+        dtype = model.embed_tokens.weight.dtype
+        return cls({int(k.split(".")[1]): v.to(device, dtype) for k, v in tensors.items()})
+
+
+class DefaultVectorCollector(ForwardHooks):
+    """Accumulates each expert's mean output (unweighted) while the model runs calibration text."""
+
+    def __init__(self, model: Transformer, store: ExpertStore):
+        spec = model.spec
+        self.store = store
+        self.sums = {i: torch.zeros(spec.num_experts, spec.hidden_size, dtype=torch.float64)
+                     for i in spec.moe_layer_ids}
+        self.counts = {i: torch.zeros(spec.num_experts, dtype=torch.float64) for i in spec.moe_layer_ids}
+
+    def route(self, layer, x, weights, ids):
+        for e in torch.unique(ids).tolist():
+            tokens = (ids == e).any(dim=1)
+            w = self.store[(layer, e)]
+            out = expert_forward(x[tokens], w.gate_up.to(x.device), w.down.to(x.device))
+            self.sums[layer][e] += out.double().sum(dim=0).cpu()
+            self.counts[layer][e] += int(tokens.sum())
+        return weights, ids
+
+    def result(self) -> DefaultVectors:
+        return DefaultVectors({i: (self.sums[i] / self.counts[i].clamp(min=1)[:, None]).float() for i in self.sums})
+
+
+class LookaheadPredictor:
+    """Scores [N, E] for the experts of the next `depth` MoE layers, from the residual at layer L."""
+
+    def __init__(self, model: Transformer, depth: int, default_vectors: DefaultVectors | None):
+        self.model, self.depth, self.dv = model, depth, default_vectors
+
+    def _route(self, layer: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Layer `layer`'s norm + router applied to residual x: (probabilities, top-k weights, ids)."""
+        block = self.model.layers[layer]
+        moe: MoE = block.mlp
+        logits = moe.gate(block.post_attention_layernorm(x))
+        weights, ids = moe.route(logits, moe.top_k)
+        return torch.softmax(logits.float(), dim=-1), weights, ids
+
+    def predict(self, layer: int, x: torch.Tensor) -> dict[int, torch.Tensor]:
+        guess = x
+        if self.dv is not None and isinstance(self.model.layers[layer].mlp, MoE):
+            _, weights, ids = self._route(layer, x)
+            guess = guess + self.dv.moe_output_estimate(layer, weights, ids)
+        scores = {}
+        for target in next_moe_layers(self.model, layer, self.depth):
+            probs, weights, ids = self._route(target, guess)
+            scores[target] = probs
+            if self.dv is not None:
+                guess = guess + self.dv.moe_output_estimate(target, weights, ids)
+        return scores

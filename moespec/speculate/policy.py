@@ -1,0 +1,121 @@
+"""Turning guesses into prefetches, and (optionally) into speculative execution.
+
+At every layer L, once attention is done, a predictor scores the experts of the next `depth` MoE
+layers. The `k + extra` best per token, pooled over the batch and ranked by predicted mass, are
+prefetched into the expert cache on the transfer stream while layer L's experts and layer L+1's
+attention compute. When layer L+1 routes, what it really needed is compared with the guesses
+(recall per token, precision per batch), then:
+
+- mode "verify" (prefetch-and-verify, exact): the true experts run; wrong guesses cost only bytes.
+- mode "speculative": the guessed top-k experts (depth-1 guess) run instead of the true ones.
+  Their weights come from the true router's probabilities, renormalised like the router does,
+  so a perfect guess changes nothing.
+- mode "fallback": true experts already on the device run; each missing one is replaced by the
+  best guessed expert already on the device (copy landed), keeping the true weight.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Protocol
+
+import torch
+
+from ..hooks import ForwardHooks
+from ..model.moe import MoE
+from ..model.routing import softmax_topk_renorm
+from ..model.transformer import Transformer
+
+MODES = ("verify", "speculative", "fallback")
+
+
+class Predictor(Protocol):
+    def predict(self, layer: int, x: torch.Tensor) -> dict[int, torch.Tensor]:
+        """Scores [N, E] for the experts of each target MoE layer, from the residual x [N, H] at `layer`."""
+        ...
+
+
+@dataclass
+class GuessStats:
+    tokens: int = 0
+    true_choices: int = 0  # tokens × k
+    found_in_topk: int = 0  # true experts among the k best-scored
+    found_in_prefetch: int = 0  # true experts among the k + extra best-scored
+    prefetched: int = 0  # distinct experts asked to prefetch
+    prefetched_used: int = 0  # of those, needed by the batch
+
+    def summary(self) -> dict[str, float]:
+        d = asdict(self)
+        d["recall_at_k"] = self.found_in_topk / max(self.true_choices, 1)
+        d["recall_prefetch_set"] = self.found_in_prefetch / max(self.true_choices, 1)
+        d["precision"] = self.prefetched_used / max(self.prefetched, 1)
+        return d
+
+
+class Speculation(ForwardHooks):
+    def __init__(self, model: Transformer, cache, predictor: Predictor, depth: int, extra: int, mode: str):
+        self.model, self.cache, self.predictor = model, cache, predictor
+        self.depth, self.extra, self.mode = depth, extra, mode
+        spec = model.spec
+        self.k, self.width = spec.top_k, min(spec.top_k + extra, spec.num_experts)
+        # at most this many experts prefetched per target layer per step, so a long prefill cannot
+        # push out the experts the running layer is about to use
+        self.max_prefetch = max(self.width, getattr(cache, "capacity", spec.num_experts) // (depth + 1))
+        self.guesses: dict[int, dict[int, torch.Tensor]] = {}  # target layer -> depth -> ranked ids [N, width]
+        self.prefetched: dict[int, dict[int, list[int]]] = {}
+        self.stats = {(t, d): GuessStats() for t in spec.moe_layer_ids for d in range(1, depth + 1)}
+
+    def after_attention(self, layer: int, x: torch.Tensor, valid: torch.Tensor) -> None:
+        for depth, (target, scores) in enumerate(self.predictor.predict(layer, x[valid]).items(), start=1):
+            ranked = scores.topk(self.width, dim=-1).indices
+            mass = torch.zeros(scores.shape[1], device=scores.device).index_add_(
+                0, ranked.flatten(), scores.gather(1, ranked).flatten().float())
+            order = [e for e in mass.argsort(descending=True).tolist() if mass[e] > 0][: self.max_prefetch]
+            self.guesses.setdefault(target, {})[depth] = ranked
+            self.prefetched.setdefault(target, {})[depth] = order
+            self.cache.prefetch(target, order)
+
+    def route(self, layer, x, weights, ids):
+        guesses, prefetched = self.guesses.pop(layer, {}), self.prefetched.pop(layer, {})
+        needed = set(torch.unique(ids).tolist())
+        for depth, ranked in guesses.items():
+            s = self.stats[(layer, depth)]
+            s.tokens += len(ids)
+            s.true_choices += ids.numel()
+            s.found_in_topk += int((ranked[:, : self.k, None] == ids[:, None, :]).any(dim=1).sum())
+            s.found_in_prefetch += int((ranked[:, :, None] == ids[:, None, :]).any(dim=1).sum())
+            s.prefetched += len(prefetched[depth])
+            s.prefetched_used += len(needed.intersection(prefetched[depth]))
+        if self.mode == "verify" or 1 not in guesses:
+            return weights, ids
+        guess = guesses[1]
+        new_ids = guess[:, : self.k] if self.mode == "speculative" else self._substitute(layer, ids, guess)
+        return self._weights_for(layer, x, new_ids), new_ids
+
+    def _substitute(self, layer: int, ids: torch.Tensor, guess: torch.Tensor) -> torch.Tensor:
+        resident = {e for (l, e) in self.cache.ready() if l == layer}
+        out = ids.clone()
+        for n, row in enumerate(ids.tolist()):
+            spare = [e for e in guess[n].tolist() if e in resident and e not in row]
+            for j, e in enumerate(row):
+                if e not in resident and spare:
+                    out[n, j] = spare.pop(0)
+        return out
+
+    def _weights_for(self, layer: int, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        moe: MoE = self.model.layers[layer].mlp
+        weights = torch.softmax(moe.gate(x).float(), dim=-1).gather(1, ids)
+        return weights / weights.sum(dim=-1, keepdim=True) if moe.route is softmax_topk_renorm else weights
+
+    def summary(self) -> dict:
+        """Guess quality per (target layer, depth) and in total per depth."""
+        per = {f"layer {t} depth {d}": s.summary() for (t, d), s in self.stats.items() if s.tokens}
+        totals = {}
+        for d in range(1, self.depth + 1):
+            t = GuessStats()
+            for (_, dd), s in self.stats.items():
+                if dd == d:
+                    for f in asdict(t):
+                        setattr(t, f, getattr(t, f) + getattr(s, f))
+            totals[f"depth {d}"] = t.summary()
+        return {"total": totals, "per_layer": per, "mode": self.mode}

@@ -1,0 +1,73 @@
+"""Routing traces: for every token and MoE layer, the router's chosen experts and weights, and
+optionally every layer's router input (the normed residual after attention) for estimator training.
+
+A trace is an .npz file: `ids` [tokens, moe_layers, k] int16, `weights` [tokens, moe_layers, k]
+float32, optionally `hidden` [tokens, layers, H] float16, plus `moe_layers`, `num_experts`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..hooks import ForwardHooks
+from ..model.transformer import Transformer
+
+
+@dataclass
+class RoutingTrace:
+    ids: np.ndarray  # [tokens, moe_layers, k]
+    weights: np.ndarray  # [tokens, moe_layers, k]
+    moe_layers: list[int]
+    num_experts: int
+    hidden: np.ndarray | None = None  # [tokens, layers, H], router input of every layer
+
+    def save(self, path: str | Path) -> None:
+        arrays = dict(ids=self.ids, weights=self.weights, moe_layers=np.array(self.moe_layers),
+                      num_experts=np.array(self.num_experts))
+        if self.hidden is not None:
+            arrays["hidden"] = self.hidden
+        np.savez_compressed(path, **arrays)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "RoutingTrace":
+        with np.load(path) as f:
+            return cls(f["ids"], f["weights"], f["moe_layers"].tolist(), int(f["num_experts"]),
+                       f["hidden"] if "hidden" in f else None)
+
+    def usage(self) -> np.ndarray:
+        """Share of tokens routed to each expert, [moe_layers, num_experts]."""
+        counts = np.zeros((len(self.moe_layers), self.num_experts))
+        for j in range(len(self.moe_layers)):
+            counts[j] = np.bincount(self.ids[:, j].ravel(), minlength=self.num_experts)
+        return counts / len(self.ids)
+
+
+class RouteRecorder(ForwardHooks):
+    """Collects routing (and optionally router inputs) of every real token the model runs."""
+
+    def __init__(self, model: Transformer, hidden: bool):
+        self.model, self.keep_hidden = model, hidden
+        self.ids: dict[int, list[torch.Tensor]] = {i: [] for i in model.spec.moe_layer_ids}
+        self.weights: dict[int, list[torch.Tensor]] = {i: [] for i in model.spec.moe_layer_ids}
+        self.hidden: dict[int, list[torch.Tensor]] = {i: [] for i in range(model.spec.num_layers)}
+
+    def after_attention(self, layer: int, x: torch.Tensor, valid: torch.Tensor) -> None:
+        if self.keep_hidden:
+            norm = self.model.layers[layer].post_attention_layernorm
+            self.hidden[layer].append(norm(x[valid]).to(torch.float16).cpu())
+
+    def route(self, layer, x, weights, ids):
+        self.ids[layer].append(ids.to(torch.int16).cpu())
+        self.weights[layer].append(weights.float().cpu())
+        return weights, ids
+
+    def trace(self) -> RoutingTrace:
+        layers = self.model.spec.moe_layer_ids
+        stack = lambda d, keys: np.stack([torch.cat(d[k]).numpy() for k in keys], axis=1)  # noqa: E731
+        hidden = stack(self.hidden, range(self.model.spec.num_layers)) if self.keep_hidden else None
+        return RoutingTrace(stack(self.ids, layers), stack(self.weights, layers), layers,
+                            self.model.spec.num_experts, hidden)

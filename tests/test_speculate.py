@@ -1,0 +1,165 @@
+"""Speculative prefetching, speculative execution, default vectors and learned estimators."""
+
+import pytest
+import torch
+
+from moespec import LLM, MoespecError
+from moespec.model.moe import expert_forward
+from moespec.speculate.estimators import Estimators, fit
+from moespec.speculate.lookahead import DefaultVectorCollector, DefaultVectors, next_moe_layers
+from moespec.speculate.traces import RouteRecorder
+from tiny import save_model
+
+PROMPTS = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14, 15, 16, 17, 18]]
+IDS = torch.arange(3, 67).reshape(2, 32)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("qwen2moe")
+    save_model("qwen2_moe", d, experts=8, top_k=2, num_hidden_layers=4, mlp_only_layers=[2])
+    return d
+
+
+@pytest.fixture(scope="module")
+def exact(model_dir):
+    llm = LLM(model_dir)
+    return llm.generate(PROMPTS, max_new_tokens=16, ignore_eos=True), llm.score(IDS)
+
+
+def record(llm: LLM, ids: torch.Tensor, hidden: bool = False):
+    recorder = RouteRecorder(llm.model, hidden)
+    llm.model.hooks.append(recorder)
+    llm.score(ids)
+    llm.model.hooks.remove(recorder)
+    return recorder.trace()
+
+
+@pytest.fixture(scope="module")
+def calibrated(model_dir):
+    """Default vectors and estimators saved beside the model, from its own routing on random text."""
+    llm = LLM(model_dir)
+    collector = DefaultVectorCollector(llm.model, llm.store)
+    llm.model.hooks.append(collector)
+    llm.score(torch.randint(3, 128, (8, 32), generator=torch.Generator().manual_seed(5)))
+    collector.result().save(model_dir / "default_vectors.safetensors")
+    trace = record(llm, torch.randint(3, 128, (16, 64), generator=torch.Generator().manual_seed(6)), hidden=True)
+    est, report = fit(llm.model, trace, depth=2, steps=150)
+    est.save(model_dir / "estimators.safetensors")
+    return report
+
+
+VERIFY = [
+    dict(prefetch="lookahead", default_vectors=False),
+    dict(prefetch="lookahead", lookahead_depth=2, prefetch_extra=2),
+    dict(prefetch="lookahead", default_vectors=True, eviction="lfu"),
+    dict(prefetch="estimator"),
+    dict(prefetch="estimator", lookahead_depth=2, cache_scope="layer", expert_cache=12),
+]
+
+
+@pytest.mark.parametrize("config", VERIFY, ids=[str(c) for c in VERIFY])
+def test_prefetch_and_verify_is_exact(model_dir, exact, calibrated, config):
+    config = {"expert_cache": "40%", **config}
+    llm = LLM(model_dir, **config)
+    out = llm.generate(PROMPTS, max_new_tokens=16, ignore_eos=True)
+    assert [o.token_ids for o in out] == [o.token_ids for o in exact[0]]
+    assert torch.allclose(llm.score(IDS), exact[1], atol=1e-6)
+    s = llm.stats()
+    assert s["prefetches"] > 0 and s["prefetch_hits"] > 0
+    assert s["bytes_moved"] == (s["misses"] + s["prefetches"]) * s["expert_bytes"]
+    assert s["bytes_wasted"] == s["wasted_prefetches"] * s["expert_bytes"]
+    for summary in s["speculation"]["total"].values():
+        assert 0 < summary["recall_at_k"] <= summary["recall_prefetch_set"] <= 1
+        assert 0 < summary["precision"] <= 1
+
+
+class Oracle:
+    """Knows the true routing of the next MoE layer for one recorded forward pass."""
+
+    def __init__(self, llm: LLM, ids: torch.Tensor):
+        self.model, self.depth = llm.model, 1
+        trace = record(llm, ids)
+        self.ids = {layer: torch.from_numpy(trace.ids[:, j].astype("int64")) for j, layer in enumerate(trace.moe_layers)}
+
+    def predict(self, layer: int, x: torch.Tensor) -> dict[int, torch.Tensor]:
+        out = {}
+        for target in next_moe_layers(self.model, layer, 1):
+            scores = torch.zeros(len(x), self.model.spec.num_experts)
+            scores.scatter_(1, self.ids[target], torch.tensor([[2.0, 1.0]]).expand(len(x), -1))
+            out[target] = scores
+        return out
+
+
+@pytest.mark.parametrize("mode", [True, "fallback"])
+def test_speculative_execution_with_a_perfect_oracle_is_exact(model_dir, exact, mode):
+    llm = LLM(model_dir, expert_cache="40%", prefetch="lookahead", speculative_execution=mode)
+    llm.speculation.predictor = Oracle(LLM(model_dir), IDS)
+    assert torch.allclose(llm.score(IDS), exact[1], atol=1e-5)
+    assert llm.stats()["speculation"]["total"]["depth 1"]["recall_at_k"] == 1.0
+
+
+def test_speculative_execution_changes_outputs_only_by_expert_choice(model_dir, exact):
+    """With the real lookahead some guesses are wrong, so logits move; the guess quality is reported."""
+    llm = LLM(model_dir, expert_cache="40%", prefetch="lookahead", speculative_execution=True)
+    got = llm.score(IDS)
+    recall = llm.stats()["speculation"]["total"]["depth 1"]["recall_at_k"]
+    assert recall < 1.0 and not torch.allclose(got, exact[1], atol=1e-5)
+    stats = llm.stats()
+    assert stats["misses"] + stats["hits"] > 0
+
+
+def test_default_vectors_on_a_hand_made_case(model_dir):
+    llm = LLM(model_dir)
+    collector = DefaultVectorCollector(llm.model, llm.store)
+    torch.manual_seed(0)
+    x1, x2 = torch.randn(3, 32), torch.randn(2, 32)
+    ids1 = torch.tensor([[0, 1], [1, 2], [0, 3]])
+    ids2 = torch.tensor([[1, 0], [5, 6]])
+    w = torch.full((3, 2), 0.5)
+    collector.route(0, x1, w, ids1)
+    collector.route(0, x2, w[:2], ids2)
+    dv = collector.result()
+
+    def out(e, *rows):
+        weights = llm.store[(0, e)]
+        return expert_forward(torch.stack(rows), weights.gate_up, weights.down)
+
+    expected = {0: out(0, x1[0], x1[2], x2[0]).mean(0), 1: out(1, x1[0], x1[1], x2[0]).mean(0),
+                3: out(3, x1[2]).mean(0), 7: torch.zeros(32)}
+    for e, v in expected.items():
+        assert torch.allclose(dv.vectors[0][e], v, atol=1e-5)
+    table = DefaultVectors({0: torch.eye(4, 32)})
+    est = table.moe_output_estimate(0, torch.tensor([[0.75, 0.25]]), torch.tensor([[2, 0]]))
+    assert torch.allclose(est, 0.75 * torch.eye(4, 32)[2] + 0.25 * torch.eye(4, 32)[0])
+
+
+def test_estimator_training_reduces_loss_and_beats_lookahead(calibrated):
+    assert calibrated["loss_last"] < calibrated["loss_first"]
+    for head in calibrated["heads"].values():
+        assert head["estimator"]["train"] >= head["lookahead"]["train"]
+    gains = [h["estimator"]["train"] - h["lookahead"]["train"] for h in calibrated["heads"].values()]
+    assert sum(gains) / len(gains) > 0.05
+
+
+def test_estimator_file_for_another_model_is_refused(model_dir, calibrated, tmp_path):
+    save_model("qwen2_moe", tmp_path, experts=4, top_k=2, num_hidden_layers=4, mlp_only_layers=[2])
+    with pytest.raises(MoespecError, match="trained for another model.*num_experts=8"):
+        LLM(tmp_path, expert_cache="50%", prefetch="estimator", estimator=model_dir / "estimators.safetensors")
+    with pytest.raises(MoespecError, match="estimator file not found"):
+        LLM(tmp_path, expert_cache="50%", prefetch="estimator")
+    with pytest.raises(MoespecError, match="trained for depth 2"):
+        LLM(model_dir, expert_cache="50%", prefetch="estimator", lookahead_depth=3)
+    with pytest.raises(MoespecError, match="needs a speculating prefetch policy"):
+        LLM(model_dir, speculative_execution=True)
+
+
+def test_estimator_heads_start_as_the_lookahead(model_dir):
+    llm = LLM(model_dir)
+    est = Estimators(llm.model, depth=1)
+    est.init_from_lookahead()
+    x = torch.randn(5, 32)
+    from moespec.speculate.lookahead import LookaheadPredictor
+
+    want = LookaheadPredictor(llm.model, 1, None).predict(0, x)[1]
+    assert torch.allclose(est.predict(0, x)[1], want, atol=1e-5)
