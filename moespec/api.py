@@ -10,8 +10,9 @@ from tokenizers import Tokenizer
 from tqdm import tqdm
 
 from .checkpoint import Checkpoint
-from .decode.generate import Completion, Generator, TextCallback
+from .decode.generate import Completion, DecodeStats, Generator, TextCallback
 from .decode.sampling import SamplingParams
+from .decode.specdecode import SelfSpeculativeDecoder
 from .errors import MoespecError
 from .experts.cache import ExpertCache, budget_slots
 from .experts.eviction import POLICIES
@@ -92,17 +93,9 @@ class LLM:
                  cache_scope: str = "global", link_bandwidth: str | None = None, expert_tier: str = "ram",
                  host_cache: int = 64, trace: bool = False, context_length: int | None = None,
                  progress: bool = False):
-        self.path = Path(model) if model is not None else DEFAULT_MODEL
-        _check_choice("prefetch", prefetch, PREFETCH)
         _check_choice("eviction", eviction, POLICIES)
         _check_choice("cache_scope", cache_scope, ("global", "layer"))
         _check_choice("expert_tier", expert_tier, TIERS)
-        if speculative_execution not in EXECUTION:
-            raise MoespecError(f"speculative_execution must be False, True or 'fallback', got {speculative_execution!r}")
-        if speculative_execution and prefetch == "none":
-            raise MoespecError("speculative_execution needs a speculating prefetch policy (lookahead or estimator)")
-        if lookahead_depth < 1 or prefetch_extra < 0:
-            raise MoespecError("lookahead_depth must be >= 1 and prefetch_extra >= 0")
         self.device, self.dtype = resolve_device(device), resolve_dtype(dtype)
         if link_bandwidth is not None and self.device.type != "cpu":
             raise MoespecError("link_bandwidth emulation is for CPU runs; on a GPU the real link is used")
@@ -110,12 +103,14 @@ class LLM:
             self.link_bandwidth = parse_bandwidth(link_bandwidth) if link_bandwidth else None
         except ValueError as e:
             raise MoespecError(str(e)) from None
-        self.spec: ModelSpec = load_spec(self.path)
-        checkpoint = Checkpoint(self.path, self.spec)
+        if isinstance(model, (str, Path)) or model is None:
+            self.path = Path(model) if model is not None else DEFAULT_MODEL
+            checkpoint = Checkpoint(self.path, load_spec(self.path))
+        else:  # an object with the Checkpoint interface, e.g. bench.synthetic.SyntheticCheckpoint
+            checkpoint, self.path = model, Path(model.name)
+        self.spec: ModelSpec = checkpoint.spec
         self.model = build_model(checkpoint, self.dtype, self.device)
-        self.tracer = Tracer(note=self.link_note()) if trace else None
-        if self.tracer:
-            self.model.hooks.append(self.tracer)
+        self.tracer: Tracer | None = None
         show = (lambda keys: tqdm(keys, desc="loading experts", unit="expert", leave=False)) if progress else iter
         self.store = ExpertStore(checkpoint, self.dtype, pin=self.device.type == "cuda", tier=expert_tier,
                                  host_cache=host_cache, progress=show)
@@ -126,23 +121,53 @@ class LLM:
         if slots >= total:
             self.experts = ResidentExperts(self.store, self.device, self.expert_stats)
         else:
-            self.transfers = CpuTransfers(self.link_bandwidth, self.tracer) if self.device.type == "cpu" \
-                else CudaTransfers(self.device, slots, self.tracer)
+            self.transfers = CpuTransfers(self.link_bandwidth) if self.device.type == "cpu" \
+                else CudaTransfers(self.device, slots)
             self.experts = ExpertCache(self.store, self.device, slots, eviction, cache_scope, self.transfers,
                                        self.expert_stats)
+        if trace:
+            self.start_trace()
         self.speculation: Speculation | None = None
-        if prefetch != "none":
-            predictor = self._predictor(prefetch, lookahead_depth, default_vectors, estimator)
-            depth = predictor.depth
-            self.speculation = Speculation(self.model, self.experts, predictor, depth, prefetch_extra,
-                                           EXECUTION[speculative_execution])
-            self.model.hooks.append(self.speculation)
+        self.set_policy(prefetch, speculative_execution, lookahead_depth, prefetch_extra, default_vectors, estimator)
         self.tokenizer = load_tokenizer(self.path)
         max_ctx = self.spec.max_position_embeddings
         if context_length is not None and not 1 < context_length <= max_ctx:
             raise MoespecError(f"context_length must be in [2, {max_ctx}], got {context_length}")
         self.context_length = context_length or max_ctx
         self.generator = Generator(self.model, self.experts, self.tokenizer, self.context_length, self.device)
+        self.spec_decoder: SelfSpeculativeDecoder | None = None  # made by the first generate(speculative="self")
+
+    def set_policy(self, prefetch: str = "none", speculative_execution: bool | str = False, lookahead_depth: int = 1,
+                   prefetch_extra: int = 0, default_vectors: bool | None = None,
+                   estimator: str | Path | None = None) -> None:
+        """Switch the speculation policy (the constructor's arguments of the same names) in place,
+        keeping the loaded weights, so benchmarks compare policies on one model in one process."""
+        _check_choice("prefetch", prefetch, PREFETCH)
+        if speculative_execution not in EXECUTION:
+            raise MoespecError(f"speculative_execution must be False, True or 'fallback', got {speculative_execution!r}")
+        if speculative_execution and prefetch == "none":
+            raise MoespecError("speculative_execution needs a speculating prefetch policy (lookahead or estimator)")
+        if lookahead_depth < 1 or prefetch_extra < 0:
+            raise MoespecError("lookahead_depth must be >= 1 and prefetch_extra >= 0")
+        self._policy = (prefetch, speculative_execution, lookahead_depth, prefetch_extra, default_vectors, estimator)
+        if self.speculation is not None:
+            self.model.hooks.remove(self.speculation)
+            self.speculation = None
+        if prefetch != "none":
+            predictor = self._predictor(prefetch, lookahead_depth, default_vectors, estimator)
+            self.speculation = Speculation(self.model, self.experts, predictor, predictor.depth, prefetch_extra,
+                                           EXECUTION[speculative_execution])
+            self.model.hooks.append(self.speculation)
+
+    def reset(self) -> None:
+        """Empty the expert cache and zero every counter: the next run starts cold."""
+        if isinstance(self.experts, ExpertCache):
+            self.experts.clear()
+        if self.transfers is not None:
+            self.transfers.collect_stalls()
+        self.expert_stats.reset()
+        self.generator.stats = DecodeStats()
+        self.set_policy(*self._policy)
 
     def _predictor(self, prefetch: str, depth: int, default_vectors: bool | None,
                    estimator: str | Path | None) -> LookaheadPredictor | Estimators:
@@ -167,8 +192,16 @@ class LLM:
     def generate(self, prompts: str | Sequence[str] | Sequence[Sequence[int]], max_new_tokens: int = 32,
                  temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
                  stop: str | Sequence[str] | None = None, ignore_eos: bool = False,
-                 on_text: TextCallback | None = None) -> list[Completion]:
-        """Complete each prompt (text, or a list of token ids). Greedy when temperature is 0."""
+                 on_text: TextCallback | None = None, speculative: str | None = None, gamma: int | str = "auto",
+                 draft_experts: int | None = None, draft_policy: str = "hot_temporal") -> list[Completion]:
+        """Complete each prompt (text, or a list of token ids). Greedy when temperature is 0.
+
+        speculative="self": self-assisted speculative decoding (same tokens when greedy, same
+        distribution when sampling). Each step drafts `gamma` tokens per row ("auto": chosen from
+        measured acceptance and step time, 0 = off) with each MoE layer limited to `draft_experts`
+        experts (default top_k) pinned in the expert cache; `draft_policy`: "hot_temporal",
+        "static_hot" or "random".
+        """
         if isinstance(prompts, str):
             prompts = [prompts]
         if not prompts:
@@ -177,7 +210,13 @@ class LLM:
         stop = (stop,) if isinstance(stop, str) else tuple(stop or ())
         params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                 top_k=top_k, seed=seed, stop=stop, ignore_eos=ignore_eos)
-        return self.generator.generate(ids, params, on_text)
+        if speculative is None:
+            return self.generator.generate(ids, params, on_text)
+        _check_choice("speculative", speculative, ("self",))
+        self.spec_decoder = SelfSpeculativeDecoder.configure(self.spec_decoder, self.model, self.experts, self.store,
+                                                             draft_experts, draft_policy, gamma)
+        with self.spec_decoder.attached():
+            return self.generator.generate(ids, params, on_text, step=self.spec_decoder)
 
     @torch.inference_mode()
     def score(self, token_ids: torch.Tensor) -> torch.Tensor:
@@ -212,7 +251,20 @@ class LLM:
                "expert_bytes": self.store.expert_bytes, "link": self.link_note()}
         if self.speculation is not None:
             out["speculation"] = self.speculation.summary()
+        out["bytes_per_token"] = out["bytes_moved"] / max(out["generated_tokens"], 1)
+        if self.spec_decoder is not None:
+            out["speculative_decoding"] = self.spec_decoder.summary()
         return out
+
+    def start_trace(self) -> Tracer:
+        """Record from now on a Chrome/Perfetto trace: layer slices, and on CPU one slice per expert
+        copy (on a GPU copies run asynchronously on the device, so the host sees no copy slices)."""
+        if self.tracer is None:
+            self.tracer = Tracer(note=self.link_note())
+            self.model.hooks.append(self.tracer)
+            if isinstance(self.transfers, CpuTransfers):
+                self.transfers.tracer = self.tracer
+        return self.tracer
 
     def save_trace(self, path: str | Path) -> None:
         """Write the Chrome/Perfetto trace recorded since load (needs trace=True)."""

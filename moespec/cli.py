@@ -45,9 +45,14 @@ def _load(args: argparse.Namespace):
     from .api import LLM
 
     slots = int(args.expert_cache) if args.expert_cache.isdigit() else args.expert_cache
+    model = args.model
+    if getattr(args, "synthetic", None):
+        from .bench.synthetic import SyntheticCheckpoint, preset_spec
+
+        model = SyntheticCheckpoint(preset_spec(args.synthetic, args.layers), f"synthetic-{args.synthetic}")
     execution = {"off": False, "on": True, "fallback": "fallback"}[args.speculative_execution]
     default_vectors = {"auto": None, "on": True, "off": False}[args.default_vectors]
-    return LLM(args.model, device=args.device, dtype=args.dtype, expert_cache=slots, prefetch=args.prefetch,
+    return LLM(model, device=args.device, dtype=args.dtype, expert_cache=slots, prefetch=args.prefetch,
                lookahead_depth=args.lookahead_depth, prefetch_extra=args.prefetch_extra,
                default_vectors=default_vectors, estimator=args.estimator, speculative_execution=execution,
                eviction=args.eviction, cache_scope=args.cache_scope, link_bandwidth=args.link_bandwidth,
@@ -67,6 +72,10 @@ def print_summary(stats: dict, file=sys.stderr) -> None:
     per_token = stats["bytes_moved"] / max(stats["generated_tokens"], 1)
     print(f"bytes moved per generated token: {per_token / 1e6:.3f} MB; decode "
           f"{1000 * stats['decode_seconds_per_token']:.1f} ms/token", file=file)
+    if spec := stats.get("speculative_decoding"):
+        print(f"speculative decoding: acceptance {100 * spec['acceptance_rate']:.1f}%, "
+              f"{spec['tokens_per_step']:.2f} tokens per row per verification step, mean gamma "
+              f"{spec['mean_gamma']:.2f} ({spec['plain_steps']} of {spec['steps']} steps without drafts)", file=file)
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
@@ -78,8 +87,11 @@ def cmd_generate(args: argparse.Namespace) -> None:
         sys.stdout.write(text)
         sys.stdout.flush()
 
+    gamma = int(args.gamma) if args.gamma.isdigit() else args.gamma
     out = llm.generate(args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                       top_p=args.top_p, top_k=args.top_k, seed=args.seed, stop=args.stop, on_text=stream)
+                       top_p=args.top_p, top_k=args.top_k, seed=args.seed, stop=args.stop, on_text=stream,
+                       speculative=args.speculative, gamma=gamma, draft_experts=args.draft_experts,
+                       draft_policy=args.draft_policy)
     sys.stdout.write("\n")
     print(f"[{len(out[0].token_ids)} tokens, finish={out[0].finish_reason}]", file=sys.stderr)
     print_summary(llm.stats())
@@ -169,6 +181,60 @@ def cmd_fit_estimator(args: argparse.Namespace) -> None:
               f"estimator {r['estimator']['val']:.3f} (validation)", file=sys.stderr)
 
 
+def _prompts_for(llm, prompt_tokens: int):
+    """B prompts from held-out text (real models), or seeded random ids (synthetic / no tokenizer)."""
+    import torch
+
+    ids = None
+    if llm.tokenizer is not None:
+        from .bench.corpus import heldout_ids
+
+        ids = heldout_ids(llm)
+
+    def prompts(batch: int) -> list[list[int]]:
+        if ids is not None:
+            step = len(ids) // batch
+            return [ids[i * step:i * step + prompt_tokens] for i in range(batch)]
+        gen = torch.Generator().manual_seed(batch)
+        return torch.randint(0, llm.spec.vocab_size, (batch, prompt_tokens), generator=gen).tolist()
+
+    return prompts
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    from .bench.plots import plot_cache_sweep, plot_step_timeline
+    from .bench.runner import POLICIES, BenchConfig, bench, format_table
+
+    unknown = [p for p in args.policies.split(",") if p not in POLICIES]
+    if unknown:
+        raise MoespecError(f"unknown policy {unknown[0]!r}; available: {', '.join(POLICIES)}")
+    cfg = BenchConfig(policies=args.policies.split(","), batch_sizes=[int(b) for b in args.batch_sizes.split(",")],
+                      prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, repeats=args.repeats)
+    sizes = args.cache_sizes.split(",") if args.cache_sizes else [args.expert_cache]
+    sweep = {}
+    for size in sizes:
+        args.expert_cache = size
+        llm = _load(args)
+        result = bench(llm, _prompts_for(llm, cfg.prompt_tokens), cfg)
+        result.update(model=str(llm.path), expert_cache=size, config=cfg.__dict__)
+        for line in format_table(result):
+            print(f"[cache {size}] {line}")
+        sweep[size] = result
+        if args.timeline and size == sizes[-1]:
+            llm.set_policy(**POLICIES[cfg.policies[-1]])
+            llm.reset()
+            tracer = llm.start_trace()
+            llm.generate(_prompts_for(llm, cfg.prompt_tokens)(1), max_new_tokens=4, ignore_eos=True)
+            plot_step_timeline(tracer, args.timeline, f"{llm.path.name}, {cfg.policies[-1]}, cache {size}: "
+                                                      f"one decode step ({llm.link_note()})")
+        llm.close()
+    if args.plot:
+        plot_cache_sweep(sweep, str(cfg.batch_sizes[0]), args.plot,
+                         f"{next(iter(sweep.values()))['model']}, batch {cfg.batch_sizes[0]} "
+                         f"({next(iter(sweep.values()))['link']})")
+    _write_json(sweep, args.out)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moespec", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -176,6 +242,11 @@ def build_parser() -> argparse.ArgumentParser:
     _engine_args(g)
     _sampling_args(g)
     g.add_argument("--prompt", required=True)
+    g.add_argument("--speculative", choices=["self"], default=None,
+                   help="self: self-assisted speculative decoding with draft experts")
+    g.add_argument("--gamma", default="auto", help="drafts per step: an integer, or auto (chosen from measurements)")
+    g.add_argument("--draft-experts", type=int, default=None, help="draft experts per MoE layer (default: top-k)")
+    g.add_argument("--draft-policy", default="hot_temporal", help="hot_temporal, static_hot or random")
     g.set_defaults(func=cmd_generate)
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching")
     _engine_args(s)
@@ -184,6 +255,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-batch-size", type=int, default=8, help="requests decoded together (KV-cache rows)")
     s.add_argument("--max-queue", type=int, default=64, help="requests waiting for a row; more get HTTP 429")
     s.set_defaults(func=cmd_serve)
+
+    b = sub.add_parser("bench", help="time every policy side by side in one process (JSON + table)")
+    _engine_args(b)
+    b.add_argument("--synthetic", default=None, help="random weights at a real model's shapes, e.g. mixtral-8x7b")
+    b.add_argument("--layers", type=int, default=None, help="synthetic: keep only the first N layers")
+    b.add_argument("--policies", default="none,lookahead", help="comma list; see moespec.bench.runner.POLICIES")
+    b.add_argument("--batch-sizes", default="1,4,16")
+    b.add_argument("--prompt-tokens", type=int, default=32)
+    b.add_argument("--new-tokens", type=int, default=32)
+    b.add_argument("--repeats", type=int, default=3)
+    b.add_argument("--cache-sizes", default=None, help="comma list of budgets to sweep (overrides --expert-cache)")
+    b.add_argument("--plot", default=None, help="png: ms/token vs cache size per policy")
+    b.add_argument("--timeline", default=None, help="png: one decode step's compute and transfer lanes")
+    b.add_argument("--out", default=None, help="write JSON here (default: stdout)")
+    b.set_defaults(func=cmd_bench)
 
     e = sub.add_parser("eval", help="held-out perplexity and agreement with the exact model (JSON)")
     _engine_args(e)

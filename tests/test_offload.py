@@ -86,7 +86,7 @@ def test_budget_too_small_is_a_clear_error(model_dir):
 def scripted_cache(model_dir, policy: str, slots: int = 3) -> ExpertCache:
     spec = load_spec(model_dir)
     store = ExpertStore(Checkpoint(model_dir, spec), torch.float32, pin=False)
-    return ExpertCache(store, torch.device("cpu"), slots, policy, "global", CpuTransfers(None, None),
+    return ExpertCache(store, torch.device("cpu"), slots, policy, "global", CpuTransfers(None),
                        ExpertStats(spec.moe_layer_ids))
 
 

@@ -39,9 +39,13 @@ def budget_slots(expert_cache: str | int, total_experts: int, expert_bytes: int)
 class Domain:
     """Slots that compete with each other for eviction (all layers, or one layer)."""
 
-    def __init__(self, slots: range, policy: EvictionPolicy):
-        self.policy = policy
-        self.free = list(reversed(slots))  # pop() hands out the lowest slot first
+    def __init__(self, slots: range, policy: str):
+        self.slots, self.policy_name = slots, policy
+        self.clear()
+
+    def clear(self) -> None:
+        self.policy: EvictionPolicy = make_policy(self.policy_name, len(self.slots))
+        self.free = list(reversed(self.slots))  # pop() hands out the lowest slot first
         self.resident: set[Key] = set()
 
 
@@ -63,10 +67,10 @@ class ExpertCache:
         self.gate_up = torch.empty(n, 2 * I, H, dtype=store.dtype, device=device)
         self.down = torch.empty(n, H, I, dtype=store.dtype, device=device)
         if scope == "layer":
-            self.domains = {layer: Domain(range(i * per_domain, (i + 1) * per_domain), make_policy(policy, per_domain))
+            self.domains = {layer: Domain(range(i * per_domain, (i + 1) * per_domain), policy)
                             for i, layer in enumerate(layers)}
         else:
-            shared = Domain(range(n), make_policy(policy, n))
+            shared = Domain(range(n), policy)
             self.domains = {layer: shared for layer in layers}
         self.slot_of: dict[Key, int] = {}
         self.pending: dict[Key, object] = {}  # copies in flight
@@ -75,6 +79,15 @@ class ExpertCache:
         self.pinned: set[Key] = set()  # never evicted until unpinned (draft experts of speculative decoding)
         # most experts per layer that can be pinned while every domain keeps top_k slots for the rest
         self.pin_limit = per_domain - spec.top_k if scope == "layer" else (slots - spec.top_k) // len(layers)
+
+    def clear(self) -> None:
+        """Let every copy land, then free every slot (a cold cache)."""
+        for key in list(self.pending):
+            self.transfers.wait(self.pending.pop(key), key[0])
+        for dom in {id(d): d for d in self.domains.values()}.values():
+            dom.clear()
+        self.slot_of.clear()
+        self.unused_prefetch.clear()
 
     @property
     def capacity(self) -> int:

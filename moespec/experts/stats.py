@@ -27,6 +27,10 @@ class ExpertStats:
     def __init__(self, layers: list[int]):
         self.layers = {layer: LayerStats() for layer in layers}
 
+    def reset(self) -> None:
+        for layer in self.layers:
+            self.layers[layer] = LayerStats()
+
     def __getitem__(self, layer: int) -> LayerStats:
         return self.layers[layer]
 

@@ -36,8 +36,9 @@ def _nbytes(w: ExpertWeights) -> int:
 class CpuTransfers:
     """One worker thread plays the link: copies run one after another, overlapping compute."""
 
-    def __init__(self, link_bandwidth: float | None, tracer: Tracer | None):
-        self.bandwidth, self.tracer = link_bandwidth, tracer
+    def __init__(self, link_bandwidth: float | None):
+        self.bandwidth = link_bandwidth
+        self.tracer: Tracer | None = None  # set by LLM.start_trace: one transfer-lane slice per copy
         self._link = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moespec-link")
 
     def copy(self, src: ExpertWeights, dst: ExpertWeights, label: str, slot: int) -> Future:
@@ -79,8 +80,8 @@ class CpuTransfers:
 class CudaTransfers:
     """Copies on a high-priority side stream; per-slot events keep copies off slots still in use."""
 
-    def __init__(self, device: torch.device, slots: int, tracer: Tracer | None):
-        self.device, self.tracer = device, tracer
+    def __init__(self, device: torch.device, slots: int):
+        self.device = device
         self.stream = torch.cuda.Stream(device=device, priority=-1)
         self._slot_free = [None] * slots  # event recorded on the compute stream when a slot was last used
         self._stalls: list[tuple[int, torch.cuda.Event, torch.cuda.Event]] = []

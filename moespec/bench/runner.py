@@ -1,0 +1,151 @@
+"""`moespec bench`: every policy on the same prompts in one process, interleaved, side by side.
+
+For each batch size the policies run in turn (A B C A B C ...) after a warm-up, each run starting
+from a cold expert cache, so slow drift of the machine hits all policies alike. A reference run
+with every expert resident on the device gives the compute time per decode step; with the bytes
+that on-demand loading had to move, it gives the link-bound limit of the configuration:
+max(compute time, required bytes / link bandwidth) per decode step.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+
+from ..api import LLM
+from ..decode.generate import Generator
+from ..decode.sampling import SamplingParams
+from ..experts.stats import ExpertStats
+from ..experts.store import ResidentExperts
+
+# name -> LLM.set_policy arguments
+POLICIES: dict[str, dict] = {
+    "none": {},
+    "lookahead": {"prefetch": "lookahead"},
+    "lookahead-d2": {"prefetch": "lookahead", "lookahead_depth": 2},
+    "lookahead+2": {"prefetch": "lookahead", "prefetch_extra": 2},
+    "estimator": {"prefetch": "estimator"},
+    "speculative": {"prefetch": "lookahead", "speculative_execution": True},
+    "fallback": {"prefetch": "lookahead", "speculative_execution": "fallback"},
+}
+
+
+@dataclass
+class BenchConfig:
+    policies: list[str]
+    batch_sizes: list[int]
+    prompt_tokens: int = 32
+    new_tokens: int = 32
+    repeats: int = 3
+    warmup: int = 1
+
+
+def link_bandwidth(llm: LLM) -> float:
+    """Bytes/s of the host-to-device link: the emulated value on CPU, measured on a GPU."""
+    if llm.device.type == "cpu":
+        return llm.link_bandwidth or float("inf")
+    src = llm.store[llm.store.keys[0]].gate_up
+    dst = torch.empty_like(src, device=llm.device)
+    dst.copy_(src, non_blocking=True)
+    torch.cuda.synchronize(llm.device)
+    start = time.perf_counter()
+    for _ in range(10):
+        dst.copy_(src, non_blocking=True)
+    torch.cuda.synchronize(llm.device)
+    return 10 * src.numel() * src.element_size() / (time.perf_counter() - start)
+
+
+def _sync(llm: LLM) -> None:
+    if llm.device.type == "cuda":
+        torch.cuda.synchronize(llm.device)
+
+
+def compute_reference(llm: LLM, prompts: list[list[int]], new_tokens: int) -> float:
+    """Seconds per decode step with every expert resident: no copies at all."""
+    saved = llm._policy
+    llm.set_policy()
+    generator = Generator(llm.model, ResidentExperts(llm.store, llm.device, ExpertStats(llm.spec.moe_layer_ids)),
+                          None, llm.context_length, llm.device)
+    params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
+    generator.generate(prompts, SamplingParams(max_new_tokens=2, ignore_eos=True))  # warm-up
+    generator.stats = type(generator.stats)()
+    generator.generate(prompts, params)
+    _sync(llm)
+    llm.set_policy(*saved)
+    return generator.stats.decode_seconds / generator.stats.decode_steps
+
+
+def one_run(llm: LLM, policy: str, prompts: list[list[int]], new_tokens: int) -> dict:
+    llm.set_policy(**POLICIES[policy])
+    llm.reset()
+    llm.generate(prompts, max_new_tokens=new_tokens, ignore_eos=True)
+    _sync(llm)
+    s = llm.stats()
+    total = s["prefill_seconds"] + s["decode_seconds"]
+    return {
+        "seconds_per_step": s["decode_seconds"] / s["decode_steps"],
+        "prefill_tokens_per_s": s["prompt_tokens"] / s["prefill_seconds"],
+        "bytes_per_token": s["bytes_moved"] / s["generated_tokens"],
+        "bytes_per_step": s["bytes_moved"] / s["decode_steps"],
+        "hit_rate": s["hit_rate"],
+        "stall_share": s["stall_seconds"] / total,
+        "recall_at_k": s.get("speculation", {}).get("total", {}).get("depth 1", {}).get("recall_at_k"),
+    }
+
+
+def _summary(runs: list[dict]) -> dict:
+    steps = [r["seconds_per_step"] for r in runs]
+    out = {key: statistics.median(r[key] for r in runs) for key in runs[0] if runs[0][key] is not None}
+    out["ms_per_token_median"] = 1000 * statistics.median(steps)
+    out["ms_per_token_min"], out["ms_per_token_max"] = 1000 * min(steps), 1000 * max(steps)
+    return out
+
+
+def bench(llm: LLM, prompts_for: callable, cfg: BenchConfig) -> dict:
+    """Run every policy at every batch size; `prompts_for(B)` gives B prompts of token ids."""
+    bandwidth = link_bandwidth(llm)
+    results = {"link": llm.link_note(), "link_bandwidth_bytes_per_s": bandwidth, "cache_slots": llm.stats()["cache_slots"],
+               "total_experts": len(llm.store.keys), "expert_bytes": llm.store.expert_bytes, "batches": {}}
+    for batch in cfg.batch_sizes:
+        prompts = prompts_for(batch)
+        for _ in range(cfg.warmup):
+            for policy in cfg.policies:
+                one_run(llm, policy, prompts, 4)
+        runs: dict[str, list[dict]] = {p: [] for p in cfg.policies}
+        for _ in range(cfg.repeats):
+            for policy in cfg.policies:
+                runs[policy].append(one_run(llm, policy, prompts, cfg.new_tokens))
+        compute = compute_reference(llm, prompts, cfg.new_tokens)
+        rows = {p: _summary(r) for p, r in runs.items()}
+        base = rows.get("none")
+        required = base["bytes_per_step"] if base else None
+        limit = max(compute, required / bandwidth) if required is not None else compute
+        for row in rows.values():
+            if base:
+                row["speedup_vs_on_demand"] = base["ms_per_token_median"] / row["ms_per_token_median"]
+            row["times_link_bound_limit"] = row["ms_per_token_median"] / (1000 * limit)
+        results["batches"][str(batch)] = {"compute_ms_per_step": 1000 * compute, "link_bound_limit_ms": 1000 * limit,
+                                          "required_bytes_per_step": required, "policies": rows}
+    llm.reset()
+    return results
+
+
+def format_table(results: dict) -> list[str]:
+    """One line per (batch, policy); each line names how the link was timed."""
+    link = results["link"]
+    lines = []
+    for batch, b in results["batches"].items():
+        lines.append(f"[{link}] batch {batch}: compute {b['compute_ms_per_step']:.2f} ms/step, "
+                     f"link-bound limit {b['link_bound_limit_ms']:.2f} ms/step")
+        for name, r in b["policies"].items():
+            lines.append(
+                f"[{link}] batch {batch:>3} {name:<13} {r['ms_per_token_median']:8.2f} ms/tok "
+                f"({r['ms_per_token_min']:.2f}-{r['ms_per_token_max']:.2f})  "
+                f"x{r.get('speedup_vs_on_demand', float('nan')):.2f} vs on-demand  "
+                f"{r['times_link_bound_limit']:.2f}x limit  prefill {r['prefill_tokens_per_s']:.0f} tok/s  "
+                f"{r['bytes_per_token'] / 1e6:.3f} MB/tok  hit {100 * r['hit_rate']:.1f}%  "
+                f"stall {100 * r['stall_share']:.1f}%")
+    return lines

@@ -1,0 +1,83 @@
+"""Synthetic checkpoints: random weights at the shapes of real models, generated in memory.
+
+On a GPU machine this measures the true transfer/compute balance of a model that cannot be
+downloaded here. Routing of random weights is arbitrary, so synthetic runs measure speed and
+bytes, never hit rates that mean anything. `layers` cuts the model short (8 layers of
+Mixtral-8x7B already hold 22.5 GB of bf16 experts).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+
+from ..checkpoint import dense_tensor_names, model_name
+from ..errors import MoespecError
+from ..spec import ModelSpec
+
+_COMMON = dict(max_position_embeddings=4096, rope_theta=1e6, rms_norm_eps=1e-5, eos_token_ids=())
+PRESETS: dict[str, ModelSpec] = {
+    "mixtral-8x7b": ModelSpec(model_type="mixtral", vocab_size=32000, hidden_size=4096, num_layers=32, num_heads=32,
+                              num_kv_heads=8, head_dim=128, num_experts=8, top_k=2, expert_intermediate_size=14336,
+                              router="softmax_topk_renorm", moe_layers=(True,) * 32, **_COMMON),
+    "qwen3-30b-a3b": ModelSpec(model_type="qwen3_moe", vocab_size=151936, hidden_size=2048, num_layers=48,
+                               num_heads=32, num_kv_heads=4, head_dim=128, num_experts=128, top_k=8,
+                               expert_intermediate_size=768, router="softmax_topk_renorm", moe_layers=(True,) * 48,
+                               dense_intermediate_size=6144, qk_norm="head", **_COMMON),
+    "olmoe-1b-7b": ModelSpec(model_type="olmoe", vocab_size=50304, hidden_size=2048, num_layers=16, num_heads=16,
+                             num_kv_heads=16, head_dim=128, num_experts=64, top_k=8, expert_intermediate_size=1024,
+                             router="softmax_topk", moe_layers=(True,) * 16, qk_norm="full", **_COMMON),
+}
+
+
+def preset_spec(name: str, layers: int | None = None) -> ModelSpec:
+    if name not in PRESETS:
+        raise MoespecError(f"unknown synthetic model {name!r}; available: {', '.join(PRESETS)}")
+    spec = PRESETS[name]
+    if layers is not None:
+        if not 1 <= layers <= spec.num_layers:
+            raise MoespecError(f"layers must be in [1, {spec.num_layers}] for {name}, got {layers}")
+        spec = replace(spec, num_layers=layers, moe_layers=spec.moe_layers[:layers])
+    return spec
+
+
+class SyntheticCheckpoint:
+    """The Checkpoint interface (spec, dense_state, expert) over seeded random tensors."""
+
+    def __init__(self, spec: ModelSpec, name: str = "synthetic", seed: int = 0):
+        self.spec, self.name, self.seed = spec, name, seed
+
+    def _random(self, shape: tuple[int, ...], key: int, dtype: torch.dtype, std: float = 0.02) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + key)
+        return (torch.randn(shape, generator=gen) * std).to(dtype)
+
+    def dense_state(self, dtype: torch.dtype, device: torch.device | str) -> dict[str, torch.Tensor]:
+        s = self.spec
+        shapes = {"embed_tokens": (s.vocab_size, s.hidden_size), "lm_head": (s.vocab_size, s.hidden_size),
+                  "q_proj": (s.num_heads * s.head_dim, s.hidden_size),
+                  "k_proj": (s.num_kv_heads * s.head_dim, s.hidden_size),
+                  "v_proj": (s.num_kv_heads * s.head_dim, s.hidden_size),
+                  "o_proj": (s.hidden_size, s.num_heads * s.head_dim), "gate": (s.num_experts, s.hidden_size),
+                  "gate_proj": (s.dense_intermediate_size, s.hidden_size),
+                  "up_proj": (s.dense_intermediate_size, s.hidden_size),
+                  "down_proj": (s.hidden_size, s.dense_intermediate_size)}
+        norms = {"q_norm": s.num_heads * s.head_dim if s.qk_norm == "full" else s.head_dim,
+                 "k_norm": s.num_kv_heads * s.head_dim if s.qk_norm == "full" else s.head_dim}
+        state = {}
+        for i, name in enumerate(dense_tensor_names(s)):
+            kind = name.split(".")[-2]
+            if kind in norms or kind.endswith("layernorm") or name == "model.norm.weight":
+                tensor = torch.ones(norms.get(kind, s.hidden_size), dtype=dtype)
+            else:
+                tensor = self._random(shapes[kind], i, dtype)
+            state[model_name(name)] = tensor.to(device)
+        return state
+
+    def expert(self, layer: int, expert: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        s = self.spec
+        key = 10_000 + layer * s.num_experts + expert
+        gate_up = self._random((2 * s.expert_intermediate_size, s.hidden_size), key, dtype)
+        down = self._random((s.hidden_size, s.expert_intermediate_size), key + 5_000_000, dtype)
+        gate, up = gate_up.chunk(2)
+        return gate, up, down

@@ -1,0 +1,152 @@
+"""Draft experts for self-speculative decoding (SpecMoE): N experts per MoE layer held on the device.
+
+The draft model is the target model whose MoE layers may only use these N experts: a routed expert
+that is not one of them is replaced by its nearest draft expert in an affinity table (L2 distance
+between the experts' flattened weights, computed once from the host store). Draft experts are
+*pinned* in the device expert cache rather than kept in buffers of their own: they come out of the
+user's `expert_cache` budget (so speculative and plain runs compare at equal device memory), they
+never move while drafting, and the verify pass gets them as hits instead of copying a second
+instance over the link. How the set is refreshed (`policy`):
+
+- "hot_temporal": exponentially decayed routed-token counts of the target passes (prefill and
+  verification). An expert that overtakes the weakest draft expert replaces it the moment
+  verification has it on the device, so refreshing never moves a byte.
+- "static_hot": the most routed-to experts of the first prompts' prefill, then fixed.
+- "random": a seeded random set, fixed (the comparison point).
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, Protocol
+
+import torch
+
+from ..errors import MoespecError
+from .base import ExpertWeights
+from .store import ExpertStore, Key
+
+DRAFT_POLICIES = ("hot_temporal", "static_hot", "random")
+
+
+class PinnableExperts(Protocol):
+    """What draft experts need from the verify provider (ExpertCache or ResidentExperts)."""
+
+    pin_limit: int  # most experts per layer that can be pinned
+
+    def pin(self, key: Key, load: bool = True) -> bool: ...
+
+    def unpin(self, key: Key) -> None: ...
+
+    def peek(self, key: Key) -> ExpertWeights: ...
+
+
+def expert_distances(store: ExpertStore, chunk_bytes: int = 64 << 20) -> dict[int, torch.Tensor]:
+    """Pairwise L2 distances [E, E] between the flattened weights of each MoE layer's experts.
+
+    Accumulated as a Gram matrix over row blocks, so at most `chunk_bytes` of stacked weights exist
+    at a time (stacking Mixtral-8x7B's experts of one layer whole would take 2.8 GB in bf16).
+    """
+    E = store.spec.num_experts
+    out = {}
+    for layer in store.spec.moe_layer_ids:
+        experts = [store[(layer, e)] for e in range(E)]
+        gram = torch.zeros(E, E, dtype=torch.float64)
+        for mats in ([w.gate_up for w in experts], [w.down for w in experts]):
+            rows = mats[0].shape[0]
+            step = max(1, chunk_bytes // (E * mats[0][0].numel() * 4))
+            for r in range(0, rows, step):
+                x = torch.stack([m[r:r + step].reshape(-1) for m in mats]).float()
+                gram += (x @ x.T).double()
+        sq = gram.diagonal()
+        out[layer] = (sq[:, None] + sq[None] - 2 * gram).clamp(min=0).sqrt().float()
+    return out
+
+
+class DraftExperts:
+    """The draft set of every MoE layer, its substitution table, and the draft pass's ExpertProvider."""
+
+    def __init__(self, source: PinnableExperts, distances: dict[int, torch.Tensor], per_layer: int,
+                 policy: str, device: torch.device, decay: float = 0.9, seed: int = 0):
+        if policy not in DRAFT_POLICIES:
+            raise MoespecError(f"draft_policy must be one of {', '.join(DRAFT_POLICIES)}, got {policy!r}")
+        num_experts = next(iter(distances.values())).shape[0]
+        if not 1 <= per_layer <= min(source.pin_limit, num_experts):
+            raise MoespecError(
+                f"draft_experts must be in [1, {min(source.pin_limit, num_experts)}] for this expert cache "
+                f"(pinned draft experts must leave each layer top_k evictable slots), got {per_layer}")
+        self.source, self.distances, self.per_layer = source, distances, per_layer
+        self.policy, self.device, self.decay = policy, device, decay
+        rng = torch.Generator().manual_seed(seed)
+        self.scores = {layer: torch.rand(num_experts, generator=rng, dtype=torch.float64) if policy == "random"
+                       else torch.zeros(num_experts, dtype=torch.float64) for layer in distances}
+        self.members: dict[int, list[int]] = {layer: [] for layer in distances}
+        self.substitute: dict[int, torch.Tensor] = {}  # layer -> [E] routed id -> draft id, on the device
+        self.filled = False
+        self.swaps = 0  # hot_temporal refreshes
+        self.routed = 0  # routed (token, k) choices seen by draft passes
+        self.substituted = torch.zeros((), dtype=torch.long, device=device)  # of those, replaced
+
+    def observe(self, layer: int, ids: torch.Tensor) -> None:
+        """The target model routed ids [N, k] at `layer` (prefill or verification): update the scores."""
+        if self.policy == "random" or (self.policy == "static_hot" and self.filled):
+            return
+        counts = torch.bincount(ids.flatten(), minlength=self.scores[layer].numel()).cpu()
+        self.scores[layer] = self.decay * self.scores[layer] + counts
+
+    def fill(self) -> None:
+        """Give every layer its N draft experts, the best-scored first (copied in if not resident)."""
+        if self.filled:
+            return
+        for layer, members in self.members.items():
+            for e in self.scores[layer].argsort(descending=True, stable=True).tolist()[: self.per_layer]:
+                if not self.source.pin((layer, e)):
+                    raise RuntimeError(f"no slot for draft expert {e} of layer {layer}")  # pin_limit prevents this
+                members.append(e)
+            self._update_substitutes(layer)
+        self.filled = True
+
+    def offer(self, layer: int, e: int) -> None:
+        """Verification has expert `e` of `layer` on the device: with hot_temporal, it becomes a draft
+        expert (pinned where it is, no copy) if it now outscores the weakest one."""
+        members = self.members[layer]
+        if self.policy != "hot_temporal" or not self.filled or e in members:
+            return
+        scores = self.scores[layer]
+        weakest = min(range(len(members)), key=lambda i: scores[members[i]])
+        if scores[e] > scores[members[weakest]] and self.source.pin((layer, e), load=False):
+            self.source.unpin((layer, members[weakest]))
+            members[weakest] = e
+            self.swaps += 1
+            self._update_substitutes(layer)
+
+    def _update_substitutes(self, layer: int) -> None:
+        members = torch.tensor(self.members[layer])
+        nearest = self.distances[layer][:, members].argmin(dim=1)
+        self.substitute[layer] = members[nearest].to(self.device)
+
+    def reroute(self, layer: int, ids: torch.Tensor) -> torch.Tensor:
+        """The draft pass's routing: every routed id replaced by its nearest draft expert (itself if a
+        member). Two choices of a token that land on the same draft expert both run it, each with
+        its own router weight, which equals running it once with the weights summed."""
+        new = self.substitute[layer][ids]
+        self.routed += ids.numel()
+        self.substituted += (new != ids).sum()
+        return new
+
+    def fetch(self, layer: int, ids: list[int], tokens: int) -> Iterator[tuple[int, ExpertWeights]]:
+        """ExpertProvider of the draft pass: ids are draft experts (after `reroute`), all pinned."""
+        for e in ids:
+            yield e, self.source.peek((layer, e))
+
+    def release(self) -> None:
+        """Unpin every draft expert (the set is being replaced)."""
+        for layer, members in self.members.items():
+            for e in members:
+                self.source.unpin((layer, e))
+            members.clear()
+        self.filled = False
+
+    def summary(self) -> dict:
+        return {"draft_experts_per_layer": self.per_layer, "draft_policy": self.policy, "draft_swaps": self.swaps,
+                "draft_substitution_rate": int(self.substituted) / max(self.routed, 1),
+                "draft_members": {layer: sorted(m) for layer, m in self.members.items()}}

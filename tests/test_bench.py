@@ -1,0 +1,78 @@
+"""Benchmarks' machinery: policy switching in place, cold resets, synthetic models, the bench table."""
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from moespec import LLM, MoespecError
+from moespec.bench.runner import BenchConfig, bench, format_table
+from moespec.bench.synthetic import SyntheticCheckpoint, preset_spec
+from moespec.cli import main
+from tiny import save_model
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("mixtral")
+    save_model("mixtral", d, experts=8, top_k=2, num_hidden_layers=3)
+    return d
+
+
+def test_set_policy_and_reset_match_fresh_engines(model_dir):
+    prompts = [[5, 6, 7], [8, 9, 10, 11]]
+    fresh = LLM(model_dir, expert_cache="25%", prefetch="lookahead")
+    fresh.generate(prompts, max_new_tokens=8, ignore_eos=True)
+    switched = LLM(model_dir, expert_cache="25%")
+    switched.generate(prompts, max_new_tokens=8, ignore_eos=True)  # warm, then switch and start cold
+    switched.set_policy(prefetch="lookahead")
+    switched.reset()
+    switched.generate(prompts, max_new_tokens=8, ignore_eos=True)
+    a, b = fresh.stats(), switched.stats()
+    for key in ("hits", "misses", "prefetches", "prefetch_hits", "bytes_moved", "generated_tokens"):
+        assert a[key] == b[key], key
+    assert a["speculation"]["total"] == b["speculation"]["total"]
+
+
+def test_bench_reports_every_policy_against_on_demand(model_dir):
+    llm = LLM(model_dir, expert_cache="25%", link_bandwidth="1GB/s")
+    cfg = BenchConfig(policies=["none", "lookahead"], batch_sizes=[1, 2], new_tokens=6, repeats=2, warmup=0)
+    result = bench(llm, lambda b: [[5 + i, 6, 7, 8] for i in range(b)], cfg)
+    for batch in ("1", "2"):
+        b = result["batches"][batch]
+        assert b["link_bound_limit_ms"] >= b["compute_ms_per_step"] > 0
+        rows = b["policies"]
+        assert rows["none"]["speedup_vs_on_demand"] == 1.0
+        for row in rows.values():
+            assert row["ms_per_token_min"] <= row["ms_per_token_median"] <= row["ms_per_token_max"]
+            assert row["bytes_per_token"] > 0 and 0 <= row["hit_rate"] <= 1
+    lines = format_table(result)
+    assert len(lines) == 2 * 3 and all(line.startswith("[CPU with an emulated 1 GB/s link]") for line in lines)
+
+
+def test_synthetic_model_at_preset_shapes():
+    spec = preset_spec("mixtral-8x7b", layers=2)
+    assert (spec.hidden_size, spec.num_experts, spec.num_layers) == (4096, 8, 2)
+    assert spec.expert_params * 2 == 352_321_536  # one Mixtral expert in bf16: 352 MB
+    small = replace(spec, hidden_size=64, num_heads=4, num_kv_heads=2, head_dim=16, expert_intermediate_size=48,
+                    vocab_size=300)
+    a = LLM(SyntheticCheckpoint(small, "s"), expert_cache="50%")
+    b = LLM(SyntheticCheckpoint(small, "s"))
+    ids = torch.randint(0, 300, (2, 9), generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(a.score(ids), b.score(ids), atol=1e-6)
+    with pytest.raises(MoespecError, match="unknown synthetic model"):
+        preset_spec("gpt-5")
+
+
+def test_cli_bench_writes_json_and_plots(model_dir, tmp_path, capsys):
+    out, plot, timeline = tmp_path / "b.json", tmp_path / "sweep.png", tmp_path / "tl.png"
+    assert main(["bench", "--model", str(model_dir), "--policies", "none,lookahead", "--batch-sizes", "1",
+                 "--new-tokens", "4", "--repeats", "1", "--cache-sizes", "25%,50%", "--link-bandwidth", "1GB/s",
+                 "--plot", str(plot), "--timeline", str(timeline), "--out", str(out)]) == 0
+    import json
+
+    sweep = json.loads(out.read_text())
+    assert set(sweep) == {"25%", "50%"} and plot.stat().st_size > 0 and timeline.stat().st_size > 0
+    printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[cache")]
+    assert printed and all("emulated 1 GB/s" in line for line in printed)
+    assert main(["bench", "--model", str(model_dir), "--policies", "none,magic"]) == 2
