@@ -235,6 +235,54 @@ def cmd_bench(args: argparse.Namespace) -> None:
     _write_json(sweep, args.out)
 
 
+def cmd_simulate(args: argparse.Namespace) -> None:
+    from .bench import simulator as sim
+    from .bench.synthetic import preset_spec
+    from .speculate.traces import RoutingTrace
+
+    trace = RoutingTrace.load(args.routes)
+    policies = args.policies.split(",")
+    if args.calibrate_against:
+        # CPU calibration: simulate the bench run's own model and settings, compare with its measurements
+        llm = _load(args)
+        sweep = json.loads(Path(args.calibrate_against).read_text())
+        report = {"link": llm.link_note(), "rows": []}
+        for size, result in sweep.items():
+            for batch, b in result["batches"].items():
+                cost = sim.calibrate_cpu(llm, b["compute_ms_per_step"], int(batch), trace)
+                for policy in policies:
+                    measured = b["policies"].get(policy)
+                    if measured is None:
+                        continue
+                    r = sim.simulate(trace, cost, llm.spec.num_layers, result["cache_slots"], policy, int(batch),
+                                     result["config"]["new_tokens"], llm.spec.top_k)
+                    err = r["seconds_per_step"] * 1000 / measured["ms_per_token_median"] - 1
+                    report["rows"].append(dict(cache=size, batch=int(batch), policy=policy, error=err,
+                                               simulated_ms=1000 * r["seconds_per_step"],
+                                               measured_ms=measured["ms_per_token_median"]))
+                    print(f"[{llm.link_note()}] cache {size} batch {batch} {policy}: simulated "
+                          f"{1000 * r['seconds_per_step']:.2f} ms/token, measured {measured['ms_per_token_median']:.2f}"
+                          f" ({100 * err:+.1f}%)")
+        errors = [abs(r["error"]) for r in report["rows"]]
+        report["mean_abs_error"] = sum(errors) / len(errors) if errors else None
+        print(f"calibration error: mean |error| {100 * report['mean_abs_error']:.1f}% over {len(errors)} rows")
+        _write_json(report, args.out)
+        return
+    if args.hardware not in sim.HARDWARE:
+        raise MoespecError(f"unknown hardware {args.hardware!r}; available: {', '.join(sim.HARDWARE)}")
+    spec = preset_spec(args.shape, args.layers)
+    cost = sim.roofline(spec, sim.HARDWARE[args.hardware])
+    shares = [float(x.strip().rstrip("%")) / 100 for x in args.cache_sizes.split(",")]
+    out = sim.project(trace, cost, spec, shares, policies, [int(b) for b in args.batch_sizes.split(",")], args.steps)
+    out.update(hardware=args.hardware, shape=args.shape, routes=args.routes)
+    for key, rows in out["results"].items():
+        for policy, r in rows.items():
+            print(f"[simulated {args.shape} on {args.hardware}] cache {key} {policy:<12} {r['ms_per_token']:8.2f} ms/token"
+                  f"  x{r.get('speedup_vs_on_demand', float('nan')):.2f} vs on-demand  "
+                  f"{r['bytes_per_step'] / 1e6:9.1f} MB/step  hit {100 * r['hit_rate']:.1f}%  stall {100 * r['stall_share']:.1f}%")
+    _write_json(out, args.out)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moespec", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -270,6 +318,21 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--timeline", default=None, help="png: one decode step's compute and transfer lanes")
     b.add_argument("--out", default=None, help="write JSON here (default: stdout)")
     b.set_defaults(func=cmd_bench)
+
+    m = sub.add_parser("simulate", help="cost-model projection of policies from a routing trace")
+    _engine_args(m)
+    m.add_argument("--routes", required=True, help="routes.npz (record guesses with `trace --prefetch lookahead`)")
+    m.add_argument("--hardware", default="h100-pcie5", help="h100-pcie5, a6000-pcie4 or rtx4090-pcie4")
+    m.add_argument("--shape", default="mixtral-8x7b", help="model shape (see moespec.bench.synthetic.PRESETS)")
+    m.add_argument("--layers", type=int, default=None)
+    m.add_argument("--policies", default="none,lookahead,speculative")
+    m.add_argument("--cache-sizes", default="25%,50%")
+    m.add_argument("--batch-sizes", default="1,4,16")
+    m.add_argument("--steps", type=int, default=32)
+    m.add_argument("--calibrate-against", default=None, metavar="BENCH.json",
+                   help="CPU: simulate a `moespec bench` run of --model and report the error")
+    m.add_argument("--out", default=None)
+    m.set_defaults(func=cmd_simulate)
 
     e = sub.add_parser("eval", help="held-out perplexity and agreement with the exact model (JSON)")
     _engine_args(e)

@@ -13,8 +13,9 @@ from .corpus import run
 
 
 def record_trace(llm: LLM, ids: list[int], hidden: bool) -> RoutingTrace:
-    recorder = RouteRecorder(llm.model, hidden)
-    llm.model.hooks.append(recorder)
+    """Routing of `ids` (and the LLM's speculation guesses, if it speculates)."""
+    recorder = RouteRecorder(llm.model, hidden, llm.speculation)
+    llm.model.hooks.insert(0, recorder)
     try:
         run(llm, ids)
     finally:

@@ -2,7 +2,9 @@
 optionally every layer's router input (the normed residual after attention) for estimator training.
 
 A trace is an .npz file: `ids` [tokens, moe_layers, k] int16, `weights` [tokens, moe_layers, k]
-float32, optionally `hidden` [tokens, layers, H] float16, plus `moe_layers`, `num_experts`.
+float32, optionally `hidden` [tokens, layers, H] float16 and `guesses` [tokens, moe_layers, width]
+int16 (a prefetch policy's depth-1 ranked guesses for that layer, -1 where none was made, e.g. the
+first MoE layer), plus `moe_layers`, `num_experts`. The cost-model simulator replays traces.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import torch
 
 from ..hooks import ForwardHooks
 from ..model.transformer import Transformer
+from .policy import Speculation
 
 
 @dataclass
@@ -24,19 +27,21 @@ class RoutingTrace:
     moe_layers: list[int]
     num_experts: int
     hidden: np.ndarray | None = None  # [tokens, layers, H], router input of every layer
+    guesses: np.ndarray | None = None  # [tokens, moe_layers, width], depth-1 guesses, -1 = none
 
     def save(self, path: str | Path) -> None:
         arrays = dict(ids=self.ids, weights=self.weights, moe_layers=np.array(self.moe_layers),
                       num_experts=np.array(self.num_experts))
-        if self.hidden is not None:
-            arrays["hidden"] = self.hidden
+        for name in ("hidden", "guesses"):
+            if getattr(self, name) is not None:
+                arrays[name] = getattr(self, name)
         np.savez_compressed(path, **arrays)
 
     @classmethod
     def load(cls, path: str | Path) -> "RoutingTrace":
         with np.load(path) as f:
             return cls(f["ids"], f["weights"], f["moe_layers"].tolist(), int(f["num_experts"]),
-                       f["hidden"] if "hidden" in f else None)
+                       f["hidden"] if "hidden" in f else None, f["guesses"] if "guesses" in f else None)
 
     def usage(self) -> np.ndarray:
         """Share of tokens routed to each expert, [moe_layers, num_experts]."""
@@ -47,10 +52,12 @@ class RoutingTrace:
 
 
 class RouteRecorder(ForwardHooks):
-    """Collects routing (and optionally router inputs) of every real token the model runs."""
+    """Collects routing (and optionally router inputs, and a speculation's guesses) of every real
+    token the model runs. To see the guesses it must come before the Speculation in the hooks."""
 
-    def __init__(self, model: Transformer, hidden: bool):
-        self.model, self.keep_hidden = model, hidden
+    def __init__(self, model: Transformer, hidden: bool, speculation: Speculation | None = None):
+        self.model, self.keep_hidden, self.speculation = model, hidden, speculation
+        self.guesses: dict[int, list[torch.Tensor]] = {i: [] for i in model.spec.moe_layer_ids}
         self.ids: dict[int, list[torch.Tensor]] = {i: [] for i in model.spec.moe_layer_ids}
         self.weights: dict[int, list[torch.Tensor]] = {i: [] for i in model.spec.moe_layer_ids}
         self.hidden: dict[int, list[torch.Tensor]] = {i: [] for i in range(model.spec.num_layers)}
@@ -61,6 +68,11 @@ class RouteRecorder(ForwardHooks):
             self.hidden[layer].append(norm(x[valid]).to(torch.float16).cpu())
 
     def route(self, layer, x, weights, ids):
+        if self.speculation is not None:
+            guess = self.speculation.guesses.get(layer, {}).get(1)
+            if guess is None:
+                guess = torch.full((len(ids), self.speculation.width), -1)
+            self.guesses[layer].append(guess.to(torch.int16).cpu())
         self.ids[layer].append(ids.to(torch.int16).cpu())
         self.weights[layer].append(weights.float().cpu())
         return weights, ids
@@ -69,5 +81,6 @@ class RouteRecorder(ForwardHooks):
         layers = self.model.spec.moe_layer_ids
         stack = lambda d, keys: np.stack([torch.cat(d[k]).numpy() for k in keys], axis=1)  # noqa: E731
         hidden = stack(self.hidden, range(self.model.spec.num_layers)) if self.keep_hidden else None
+        guesses = stack(self.guesses, layers) if self.speculation is not None else None
         return RoutingTrace(stack(self.ids, layers), stack(self.weights, layers), layers,
-                            self.model.spec.num_experts, hidden)
+                            self.model.spec.num_experts, hidden, guesses)
