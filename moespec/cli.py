@@ -246,10 +246,11 @@ def cmd_simulate(args: argparse.Namespace) -> None:
         # CPU calibration: simulate the bench run's own model and settings, compare with its measurements
         llm = _load(args)
         sweep = json.loads(Path(args.calibrate_against).read_text())
-        report = {"link": llm.link_note(), "rows": []}
+        timings = sim.measure_cpu(llm)
+        report = {"link": llm.link_note(), "cpu_timings": timings.__dict__, "rows": []}
         for size, result in sweep.items():
             for batch, b in result["batches"].items():
-                cost = sim.calibrate_cpu(llm, b["compute_ms_per_step"], int(batch), trace)
+                cost = sim.cpu_cost(llm, timings, b["compute_ms_per_step"], int(batch), trace)
                 for policy in policies:
                     measured = b["policies"].get(policy)
                     if measured is None:

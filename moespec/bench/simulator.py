@@ -16,7 +16,7 @@ time and bytes per token for each policy and cache size:
 
 Decoding at small batch is memory-bound, so compute times follow a roofline:
 time = max(FLOPs / peak, bytes read / memory bandwidth) + a fixed per-kernel overhead. On the CPU
-the constants are measured instead (`calibrate_cpu`), and the model is checked against a real
+the constants are measured instead (`measure_cpu`, `cpu_cost`), and the model is checked against a real
 `moespec bench` run: the relative error per policy is the calibration error.
 
 Assumption: the trace's model and the simulated shape have the same experts per layer and top-k;
@@ -91,35 +91,51 @@ def roofline(spec: ModelSpec, hw: Hardware, bytes_per_param: int = 2) -> CostMod
     )
 
 
-def _time(fn, repeats: int = 20) -> float:
+def _time(fn, repeats: int = 30) -> float:
+    """Fastest of `repeats` calls: robust to other work sharing the CPU."""
     fn()
-    start = time.perf_counter()
+    best = float("inf")
     for _ in range(repeats):
+        start = time.perf_counter()
         fn()
-    return (time.perf_counter() - start) / repeats
+        best = min(best, time.perf_counter() - start)
+    return best
 
 
-def calibrate_cpu(llm, compute_ms_per_step: float, batch: int, trace: RoutingTrace) -> CostModel:
-    """CPU constants: expert call times measured on the model's own weights (a + b·tokens fitted),
-    the link from the emulated bandwidth plus a measured copy overhead, and the dense part as what
-    is left of a measured all-resident decode step (`moespec bench`'s compute reference)."""
+@dataclass(frozen=True)
+class CpuTimings:
+    expert_fixed_s: float
+    expert_per_token_s: float
+    copy_s: float
+
+
+def measure_cpu(llm) -> CpuTimings:
+    """Expert call times on the model's own weights (a + b·tokens, fitted over 1..64 tokens) and the
+    cost of one expert copy: the emulated link's bytes / bandwidth plus the measured memcpy."""
     w = llm.store[llm.store.keys[0]]
     counts = [1, 4, 16, 64]
-    times = [_time(lambda n=n: expert_forward(torch.randn(n, llm.spec.hidden_size, dtype=llm.dtype),
-                                                w.gate_up, w.down)) for n in counts]
+    inputs = {n: torch.randn(n, llm.spec.hidden_size, dtype=llm.dtype) for n in counts}
+    for _ in range(3):  # warm the thread pool before timing
+        _time(lambda: expert_forward(inputs[64], w.gate_up, w.down))
+    times = [_time(lambda n=n: expert_forward(inputs[n], w.gate_up, w.down)) for n in counts]
     per_token, fixed = np.polyfit(counts, times, 1)
-    fixed = max(float(fixed), 0.0)
     dst_gate_up, dst_down = torch.empty_like(w.gate_up), torch.empty_like(w.down)
     memcpy = _time(lambda: (dst_gate_up.copy_(w.gate_up), dst_down.copy_(w.down)))
     bandwidth = llm.link_bandwidth or float("inf")
-    copy_s = llm.store.expert_bytes / bandwidth + memcpy
+    return CpuTimings(max(float(fixed), 0.0), max(float(per_token), 0.0), llm.store.expert_bytes / bandwidth + memcpy)
+
+
+def cpu_cost(llm, timings: CpuTimings, compute_ms_per_step: float, batch: int, trace: RoutingTrace) -> CostModel:
+    """The CPU cost model of one batch size: measured expert and copy times, and as the dense part
+    of a layer what is left of a measured all-resident decode step (`moespec bench`'s reference)."""
     expert_work = statistics.mean(
-        sum(fixed + per_token * n for n in _tokens_per_expert(trace, j, rows).values())
+        sum(timings.expert_fixed_s + timings.expert_per_token_s * n for n in _tokens_per_expert(trace, j, rows).values())
         for rows in _batches(trace, batch, 8) for j in range(len(trace.moe_layers)))
     layers = llm.spec.num_layers
     dense = max(compute_ms_per_step / 1000 / layers - expert_work * len(trace.moe_layers) / layers, 0.0)
-    return CostModel(dense_layer_s=dense, head_s=0.0, expert_fixed_s=fixed, expert_per_token_s=float(per_token),
-                     copy_s=copy_s, expert_bytes=llm.store.expert_bytes)
+    return CostModel(dense_layer_s=dense, head_s=0.0, expert_fixed_s=timings.expert_fixed_s,
+                     expert_per_token_s=timings.expert_per_token_s, copy_s=timings.copy_s,
+                     expert_bytes=llm.store.expert_bytes)
 
 
 def _batches(trace: RoutingTrace, batch: int, steps: int) -> list[np.ndarray]:
