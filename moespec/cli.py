@@ -130,7 +130,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     exact = None
     if llm.speculation is not None or args.compare_exact:
         exact = LLM(args.model, device=args.device, dtype=args.dtype)
-    _write_json(evaluate(llm, exact, n_chunks=args.chunks), args.out)
+    _write_json(evaluate(llm, exact, n_chunks=args.chunks, incremental=args.incremental), args.out)
 
 
 def cmd_trace(args: argparse.Namespace) -> None:
@@ -284,6 +284,40 @@ def cmd_simulate(args: argparse.Namespace) -> None:
     _write_json(out, args.out)
 
 
+def cmd_parallel_bench(args: argparse.Namespace) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    from .parallel import POLICIES, init_from_env, skewed_batches
+    from .parallel.bench import compare_policies
+    from .spec import load_spec
+
+    policies = args.policies.split(",")
+    if unknown := set(policies) - set(POLICIES):
+        raise MoespecError(f"unknown replication policy {sorted(unknown)[0]!r}; available: {', '.join(POLICIES)}")
+    spec = load_spec(args.model)
+    batches = skewed_batches(spec.vocab_size, args.batches, args.batch_size, args.seq_len,
+                             decoder_len=args.decoder_len if spec.num_encoder_layers else 0, topics=args.topics,
+                             seed=args.seed)
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # started by torchrun: join its group
+        init_from_env(args.device)
+    out = compare_policies(args.model, batches, policies, args.workers, device=args.device, dtype=args.dtype,
+                           slots=args.slots)
+    if dist.is_initialized():
+        rank = dist.get_rank()
+        dist.destroy_process_group()
+        if rank != 0:
+            return
+    for policy, r in out["policies"].items():
+        s = r["summary"]
+        print(f"{policy:<11} imbalance {s['imbalance_mean']:.3f} (max {s['imbalance_max']:.3f})  step "
+              f"{1000 * s['step_seconds_median']:.1f} ms  experts {1000 * s['expert_seconds_median']:.1f} ms  "
+              f"utilisation {100 * s['utilisation_mean']:.0f}%  moved {s['moved_experts_per_step']:.1f}/step",
+              file=sys.stderr)
+    _write_json(out, args.out)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moespec", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -294,7 +328,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--speculative", choices=["self"], default=None,
                    help="self: self-assisted speculative decoding with draft experts")
     g.add_argument("--gamma", default="auto", help="drafts per step: an integer, or auto (chosen from measurements)")
-    g.add_argument("--draft-experts", type=int, default=None, help="draft experts per MoE layer (default: top-k)")
+    g.add_argument("--draft-experts", type=int, default=None,
+                   help="draft experts per MoE layer (default: top-k, fewer if the cache is small)")
     g.add_argument("--draft-policy", default="hot_temporal", help="hot_temporal, static_hot or random")
     g.set_defaults(func=cmd_generate)
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching")
@@ -339,6 +374,8 @@ def build_parser() -> argparse.ArgumentParser:
     _engine_args(e)
     e.add_argument("--chunks", type=int, default=64, help="evaluation chunks (the model cards use 64)")
     e.add_argument("--compare-exact", action="store_true", help="also report agreement for exact policies")
+    e.add_argument("--incremental", action="store_true",
+                   help="score position by position as decoding does (for speculative execution)")
     e.add_argument("--out", default=None, help="write JSON here instead of stdout")
     e.set_defaults(func=cmd_eval)
 
@@ -366,6 +403,22 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--steps", type=int, default=300)
     f.add_argument("--out", default=None, help="default: MODEL/estimators.safetensors")
     f.set_defaults(func=cmd_fit_estimator)
+
+    pb = sub.add_parser("parallel-bench", help="expert parallelism: replication policies on a skewed workload (JSON)")
+    pb.add_argument("--model", required=True, help="checkpoint directory")
+    pb.add_argument("--workers", type=int, default=2, help="processes to launch (ignored under torchrun)")
+    pb.add_argument("--device", default="cpu", help="cpu (gloo) or cuda (NCCL, one GPU per worker)")
+    pb.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    pb.add_argument("--policies", default="none,static,predictive", help="comma list of none, static, predictive")
+    pb.add_argument("--slots", type=int, default=None, help="expert slots per worker per layer (default: share + 25%%)")
+    pb.add_argument("--batches", type=int, default=12)
+    pb.add_argument("--batch-size", type=int, default=32)
+    pb.add_argument("--seq-len", type=int, default=32)
+    pb.add_argument("--decoder-len", type=int, default=8, help="encoder-decoder models: decoder tokens per row")
+    pb.add_argument("--topics", type=int, default=4, help="skew: batches are dominated by one of N topics")
+    pb.add_argument("--seed", type=int, default=0)
+    pb.add_argument("--out", default=None, help="write JSON here (default: stdout)")
+    pb.set_defaults(func=cmd_parallel_bench)
     return parser
 
 

@@ -9,11 +9,24 @@ from ..api import LLM
 from .corpus import heldout_ids
 
 
-def evaluate(llm: LLM, exact: LLM | None = None, n_chunks: int = data.EVAL_N_CHUNKS) -> dict:
+@torch.inference_mode()
+def score_incrementally(llm: LLM, batch: torch.Tensor) -> torch.Tensor:
+    """Logits [B, T, V] computed one position at a time through the KV cache, as decoding runs
+    (teacher forcing): the expert cache and speculation then behave as in batch-B decoding."""
+    cache = llm.generator.new_cache(batch.shape[0], batch.shape[1])
+    steps = [llm.model.logits(llm.model(batch[:, t:t + 1].to(llm.device), cache, llm.experts))
+             for t in range(batch.shape[1])]
+    return torch.cat(steps, dim=1)
+
+
+def evaluate(llm: LLM, exact: LLM | None = None, n_chunks: int = data.EVAL_N_CHUNKS,
+             incremental: bool = False) -> dict:
     """Perplexity by the model cards' protocol; with `exact`, also top-1 agreement and Δ perplexity.
 
     `exact` is the same model without offloading or speculation; agreement is the share of
-    positions whose argmax token equals the exact model's.
+    positions whose argmax token equals the exact model's. `incremental` scores position by
+    position like decoding does (slower; what matters for speculative execution's fallback mode,
+    whose substitutions depend on which experts are on the device at each step).
     """
     ids = heldout_ids(llm)
     agree = positions = 0
@@ -21,7 +34,7 @@ def evaluate(llm: LLM, exact: LLM | None = None, n_chunks: int = data.EVAL_N_CHU
 
     def score(batch: torch.Tensor) -> torch.Tensor:
         nonlocal agree, positions
-        logits = llm.score(batch)
+        logits = score_incrementally(llm, batch) if incremental else llm.score(batch)
         if exact is not None:
             ref = exact.score(batch)
             exact_logits.append(ref)
@@ -30,7 +43,8 @@ def evaluate(llm: LLM, exact: LLM | None = None, n_chunks: int = data.EVAL_N_CHU
         return logits
 
     result = {"model": str(llm.path), "perplexity": data.heldout_perplexity(score, ids, n_chunks=n_chunks),
-              "chunks": n_chunks, "chunk_length": data.EVAL_CHUNK_LENGTH, "link": llm.link_note()}
+              "chunks": n_chunks, "chunk_length": data.EVAL_CHUNK_LENGTH, "incremental": incremental,
+              "link": llm.link_note()}
     if exact is not None:
         replay = iter(exact_logits)
         exact_ppl = data.heldout_perplexity(lambda _batch: next(replay), ids, n_chunks=n_chunks)

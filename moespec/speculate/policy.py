@@ -44,11 +44,12 @@ class GuessStats:
     prefetched: int = 0  # distinct experts asked to prefetch
     prefetched_used: int = 0  # of those, needed by the batch
 
-    def summary(self) -> dict[str, float]:
+    def summary(self) -> dict[str, float | None]:
+        """Counts and rates; rates are None where nothing was guessed (no MoE layer that deep)."""
         d = asdict(self)
-        d["recall_at_k"] = self.found_in_topk / max(self.true_choices, 1)
-        d["recall_prefetch_set"] = self.found_in_prefetch / max(self.true_choices, 1)
-        d["precision"] = self.prefetched_used / max(self.prefetched, 1)
+        d["recall_at_k"] = self.found_in_topk / self.true_choices if self.true_choices else None
+        d["recall_prefetch_set"] = self.found_in_prefetch / self.true_choices if self.true_choices else None
+        d["precision"] = self.prefetched_used / self.prefetched if self.prefetched else None
         return d
 
 
