@@ -91,7 +91,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     out = llm.generate(args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                        top_p=args.top_p, top_k=args.top_k, seed=args.seed, stop=args.stop, on_text=stream,
                        speculative=args.speculative, gamma=gamma, draft_experts=args.draft_experts,
-                       draft_policy=args.draft_policy)
+                       draft_policy=args.draft_policy, draft_affinity=args.draft_affinity)
     sys.stdout.write("\n")
     print(f"[{len(out[0].token_ids)} tokens, finish={out[0].finish_reason}]", file=sys.stderr)
     print_summary(llm.stats())
@@ -331,6 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--draft-experts", type=int, default=None,
                    help="draft experts per MoE layer (default: top-k, fewer if the cache is small)")
     g.add_argument("--draft-policy", default="hot_temporal", help="hot_temporal, static_hot or random")
+    g.add_argument("--draft-affinity", default="weights",
+                   help="nearest draft expert by weights (L2) or by outputs on the prompt's tokens")
     g.set_defaults(func=cmd_generate)
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching")
     _engine_args(s)

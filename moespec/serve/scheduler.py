@@ -1,0 +1,265 @@
+"""Continuous batching: one background thread owns the model and steps every running request together.
+
+The KV cache has `max_batch_size` rows, each with its own length, so requests need not start
+together. At every step boundary the thread (1) drops cancelled requests and frees their rows,
+(2) admits waiting requests into free rows and prefills their prompts in one forward pass, and
+(3) runs one decode forward over all running rows, sampling one token per request with that
+request's own parameters and random generator. Finished requests free their rows immediately.
+
+Requests talk to HTTP handlers through a sink callback, so this module knows nothing of asyncio.
+A step that raises is retried row by row, so only the requests that fail on their own are failed
+(with a `Failure` event) and the engine goes on serving the others.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable
+
+import torch
+
+from ..decode.sampling import SamplingParams, sample
+from ..errors import MoespecError
+from .metrics import Metrics
+from .sequence import Sequence
+
+if TYPE_CHECKING:
+    from ..api import LLM
+
+log = logging.getLogger(__name__)
+STATS_INTERVAL = 0.5  # seconds between engine-stats snapshots while busy
+
+
+@dataclass(frozen=True)
+class Output:
+    """New final text of a request; `finish_reason` is set on its last output."""
+
+    text: str
+    finish_reason: str | None
+    completion_tokens: int
+
+
+@dataclass(frozen=True)
+class Failure:
+    """The request ended without a result. status: the HTTP status it maps to (5xx)."""
+
+    message: str
+    status: int
+
+
+Event = Output | Failure
+_ids = itertools.count()
+
+
+@dataclass(eq=False)
+class Request:
+    """A prompt to complete. `sink` receives its events on the scheduler thread and must not block."""
+
+    prompt: list[int]
+    params: SamplingParams
+    sink: Callable[[Event], None]
+    id: int = field(default_factory=lambda: next(_ids))
+    arrival: float = field(default_factory=time.perf_counter)
+    cancelled: bool = False
+    row: int = -1
+    seq: Sequence | None = None
+    rng: torch.Generator | None = None
+
+
+class QueueFull(Exception):
+    """The waiting queue is at its bound: the client should retry later (HTTP 429)."""
+
+
+class SchedulerStopped(Exception):
+    """The scheduler is shutting down or its thread has died (HTTP 503)."""
+
+
+class Scheduler:
+    def __init__(self, llm: LLM, max_batch_size: int, max_queue: int, metrics: Metrics):
+        if max_batch_size < 1 or max_queue < 0:
+            raise MoespecError(f"max_batch_size must be >= 1 and max_queue >= 0, got {max_batch_size}, {max_queue}")
+        self.llm, self.metrics, self.max_queue = llm, metrics, max_queue
+        self.cache = llm.generator.new_cache(max_batch_size, llm.context_length)
+        self._free = list(range(max_batch_size - 1, -1, -1))  # popped from the end: row 0 first
+        self._waiting: deque[Request] = deque()
+        self._running: list[Request] = []  # touched only by the scheduler thread
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._stats_due = 0.0
+        self._thread = threading.Thread(target=self._loop, name="moespec-scheduler", daemon=True)
+
+    # --- called from other threads -------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Finish the current step, then fail everything still queued or running with a 503."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        if self._thread.is_alive():
+            self._thread.join()
+        for req in [*self._waiting, *self._running]:
+            req.sink(Failure("the server is shutting down", 503))
+        self._waiting.clear()
+        self._running.clear()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and not self._stopping
+
+    @property
+    def queue_length(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def running(self) -> int:
+        return len(self._running)
+
+    def submit(self, req: Request) -> None:
+        """Queue a request, or raise QueueFull / SchedulerStopped at once."""
+        with self._cond:
+            if not self.alive:
+                raise SchedulerStopped("the engine is not running")
+            if len(self._waiting) >= self.max_queue:
+                raise QueueFull(f"the request queue is full ({self.max_queue} waiting): retry later")
+            self._waiting.append(req)
+            self._cond.notify()
+
+    def cancel(self, req: Request) -> None:
+        """Forget a request (client gone). A running one leaves the batch at the next step boundary."""
+        with self._cond:
+            req.cancelled = True
+            if req in self._waiting:
+                self._waiting.remove(req)
+                self.metrics.request_done("cancelled")
+
+    # --- the scheduler thread ------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        with torch.inference_mode():
+            while True:
+                if not (self._waiting or self._running) or time.perf_counter() > self._stats_due:
+                    self._snapshot_stats()
+                with self._cond:
+                    while not (self._stopping or self._waiting or self._running):
+                        self._cond.wait()
+                    if self._stopping:
+                        return
+                    admitted = []
+                    while self._waiting and self._free:
+                        req = self._waiting.popleft()
+                        req.row = self._free.pop()
+                        admitted.append(req)
+                try:
+                    self._step(admitted)
+                except Exception:  # a bug in the bookkeeping: fail what is in flight, keep serving
+                    log.exception("scheduler step failed")
+                    for req in [*admitted, *self._running]:
+                        self._finish(req, "failed", Failure("internal error in the scheduler", 500))
+
+    def _snapshot_stats(self) -> None:
+        """Publish `LLM.stats()` to the metrics. It is read here, on the thread that owns the model
+        (on CUDA it synchronizes), every STATS_INTERVAL seconds while busy and whenever going idle."""
+        try:
+            self.metrics.engine_stats(self.llm.stats())
+        except Exception:
+            log.exception("reading engine stats failed")
+        self._stats_due = time.perf_counter() + STATS_INTERVAL
+
+    def _step(self, admitted: list[Request]) -> None:
+        for req in [*admitted, *self._running]:
+            if req.cancelled:
+                self._finish(req, "cancelled")
+        admitted = [r for r in admitted if not r.cancelled]
+        for req in admitted:
+            req.seq = Sequence(req.prompt, req.params, self.llm.tokenizer, self.llm.generator.eos_ids,
+                               budget=min(req.params.max_new_tokens, self.llm.context_length - len(req.prompt)))
+            if req.params.seed is not None:
+                req.rng = torch.Generator().manual_seed(req.params.seed)
+            self._running.append(req)
+        if admitted:
+            self._run(admitted, [r.prompt for r in admitted], prefill=True)
+        decoding = [r for r in self._running if r not in admitted]
+        if decoding:
+            self._run(decoding, [[r.seq.token_ids[-1]] for r in decoding], prefill=False)
+
+    def _run(self, reqs: list[Request], inputs: list[list[int]], prefill: bool) -> None:
+        """Forward `inputs` (one token list per request) and advance each request by one token.
+
+        If the batched forward raises, each request is retried alone: a fault tied to one request
+        fails only that request, and a transient one fails none.
+        """
+        t0 = time.perf_counter()
+        try:
+            logits = self._forward(reqs, inputs)
+        except Exception as exc:
+            if len(reqs) == 1:
+                log.exception("request %d failed", reqs[0].id)
+                self._finish(reqs[0], "failed", Failure(f"generation failed: {type(exc).__name__}: {exc}", 500))
+            else:
+                for req, tokens in zip(reqs, inputs):
+                    self._run([req], [tokens], prefill)
+            return
+        now = time.perf_counter()
+        advanced = 0
+        for req, row_logits in zip(reqs, logits):
+            if self._advance(req, row_logits):
+                advanced += 1
+                if prefill:
+                    self.metrics.prefilled(len(req.prompt), now - req.arrival)
+        if not prefill:
+            self.metrics.decoded(advanced, now - t0)
+
+    def _forward(self, reqs: list[Request], inputs: list[list[int]]) -> torch.Tensor:
+        """Logits [B, V] after each request's last input token; cache rows are rolled back on error."""
+        device = self.cache.lengths.device
+        rows = torch.tensor([r.row for r in reqs], device=device)
+        lengths = torch.tensor([len(t) for t in inputs], device=device)
+        tokens = torch.zeros(len(inputs), int(lengths.max()), dtype=torch.long, device=device)
+        for i, t in enumerate(inputs):
+            tokens[i, : len(t)] = torch.tensor(t)
+        valid = torch.arange(tokens.shape[1], device=device)[None] < lengths[:, None]
+        before = self.cache.lengths[rows].clone()
+        try:
+            hidden = self.llm.model(tokens, self.cache, self.llm.experts, rows=rows, valid=valid)
+            return self.llm.model.logits(hidden[torch.arange(len(inputs), device=device), lengths - 1])
+        except BaseException:
+            self.cache.lengths[rows] = before
+            raise
+
+    def _advance(self, req: Request, logits: torch.Tensor) -> bool:
+        """Sample the request's next token and send any final text; False if sampling failed."""
+        try:
+            token = int(sample(logits[None], req.params, req.rng))
+        except Exception as exc:
+            log.exception("sampling failed for request %d", req.id)
+            self._finish(req, "failed", Failure(f"sampling failed: {type(exc).__name__}: {exc}", 500))
+            return False
+        text = req.seq.append(token)
+        if req.seq.finish_reason is not None:
+            req.sink(Output(text, req.seq.finish_reason, len(req.seq.token_ids)))
+            self._finish(req, req.seq.finish_reason)
+        elif text:
+            req.sink(Output(text, None, len(req.seq.token_ids)))
+        return True
+
+    def _finish(self, req: Request, outcome: str, failure: Failure | None = None) -> None:
+        """Take a request out of the batch and free its cache row (once: later calls do nothing)."""
+        if req.row < 0:
+            return
+        if failure is not None:
+            req.sink(failure)
+        if req in self._running:
+            self._running.remove(req)
+        self.cache.reset(torch.tensor([req.row], device=self.cache.lengths.device))
+        with self._cond:
+            self._free.append(req.row)
+        req.row = -1
+        self.metrics.request_done(outcome)
