@@ -15,6 +15,8 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="checkpoint directory (default: the embedded tiny model)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--context-length", type=int, default=None,
+                   help="tokens per sequence (default: the model's max_position_embeddings); bounds KV memory")
     p.add_argument("--expert-cache", default="100%",
                    help="device budget for routed experts: share ('25%%'), size ('3GiB') or slot count")
     p.add_argument("--prefetch", default="none", help="none (on-demand), lookahead or estimator")
@@ -56,7 +58,8 @@ def _load(args: argparse.Namespace):
                lookahead_depth=args.lookahead_depth, prefetch_extra=args.prefetch_extra,
                default_vectors=default_vectors, estimator=args.estimator, speculative_execution=execution,
                eviction=args.eviction, cache_scope=args.cache_scope, link_bandwidth=args.link_bandwidth,
-               expert_tier=args.expert_tier, trace=args.trace is not None, progress=True)
+               expert_tier=args.expert_tier, trace=args.trace is not None, context_length=args.context_length,
+               progress=True)
 
 
 def print_summary(stats: dict, file=sys.stderr) -> None:
