@@ -14,7 +14,7 @@ import torch
 from safetensors import safe_open
 
 from .errors import MoespecError
-from .spec import ModelSpec
+from .spec import ModelSpec, load_spec
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -35,8 +35,38 @@ def model_name(checkpoint_name: str) -> str:
     return checkpoint_name.removeprefix("model.").replace(".block_sparse_moe.", ".mlp.")
 
 
+def switch_ff_prefix(spec: ModelSpec, layer: int) -> str:
+    """Switch Transformers: the feed-forward sublayer of global layer `layer` (encoder layers first)."""
+    if layer < spec.num_encoder_layers:
+        return f"encoder.block.{layer}.layer.1."
+    return f"decoder.block.{layer - spec.num_encoder_layers}.layer.2."
+
+
+def _switch_dense_names(spec: ModelSpec) -> list[str]:
+    """Switch keys are transformers' module names, which moespec's SwitchTransformer reuses as they are."""
+    names = ["shared.weight"] if spec.tie_word_embeddings else \
+        ["encoder.embed_tokens.weight", "decoder.embed_tokens.weight", "lm_head.weight"]
+    names += ["encoder.final_layer_norm.weight", "decoder.final_layer_norm.weight"]
+    for layer, is_moe in enumerate(spec.moe_layers):
+        decoder = layer >= spec.num_encoder_layers
+        p = f"decoder.block.{layer - spec.num_encoder_layers}." if decoder else f"encoder.block.{layer}."
+        attention = [p + "layer.0.SelfAttention."] + ([p + "layer.1.EncDecAttention."] if decoder else [])
+        names += [a + f"{x}.weight" for a in attention for x in "qkvo"]
+        names += [p + f"layer.{i}.layer_norm.weight" for i in range(len(attention) + 1)]
+        if layer in (0, spec.num_encoder_layers):
+            names.append(p + "layer.0.SelfAttention.relative_attention_bias.weight")
+        ff = switch_ff_prefix(spec, layer) + "mlp."
+        if is_moe:
+            names += [ff + "router.classifier.weight"] + ([ff + "router.classifier.bias"] if spec.router_bias else [])
+        else:
+            names += [ff + "wi.weight", ff + "wo.weight"]
+    return names
+
+
 def dense_tensor_names(spec: ModelSpec) -> list[str]:
     """Every non-expert tensor the forward pass needs, by its name in the checkpoint."""
+    if spec.num_encoder_layers:
+        return _switch_dense_names(spec)
     names = ["model.embed_tokens.weight", "model.norm.weight"]
     if not spec.tie_word_embeddings:
         names.append("lm_head.weight")
@@ -93,6 +123,8 @@ class Checkpoint:
         return files
 
     def _expert_names(self, layer: int, expert: int) -> list[str]:
+        if self.spec.num_encoder_layers:
+            return [f"{switch_ff_prefix(self.spec, layer)}mlp.experts.expert_{expert}.{w}.weight" for w in ("wi", "wo")]
         p = f"model.layers.{layer}.{moe_prefix(self.spec)}.experts."
         if self._fused:
             return [p + "gate_up_proj", p + "down_proj"]
@@ -119,7 +151,14 @@ class Checkpoint:
         return self._handle(self._file_of[name]).get_tensor(name).to(dtype)
 
     def expert(self, layer: int, expert: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One routed expert's (gate [I, H], up [I, H], down [H, I]) weights, read alone."""
+        """One routed expert's (gate [I, H], up [I, H], down [H, I]) weights, read alone.
+
+        An ungated expert (Switch: wo(relu(wi x))) comes back as (wi, an empty [0, H] up, wo), so
+        `gate_up` built by concatenation is exactly wi and every store and cache works unchanged.
+        """
+        if not self.spec.gated_mlp:
+            wi, wo = (self.tensor(n, dtype) for n in self._expert_names(layer, expert))
+            return wi, wi[:0], wo
         if self._fused:
             gate_up_name, down_name = self._expert_names(layer, expert)
             gate_up = self._handle(self._file_of[gate_up_name]).get_slice(gate_up_name)[expert].to(dtype)
@@ -132,3 +171,8 @@ class Checkpoint:
     def dense_state(self, dtype: torch.dtype, device: torch.device | str) -> dict[str, torch.Tensor]:
         """All non-expert tensors on `device`, keyed by the model's parameter names."""
         return {model_name(name): self.tensor(name, dtype).to(device) for name in dense_tensor_names(self.spec)}
+
+
+def open_checkpoint(model_dir: str | Path) -> Checkpoint:
+    """The checkpoint in `model_dir`, its spec parsed from config.json."""
+    return Checkpoint(model_dir, load_spec(model_dir))

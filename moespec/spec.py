@@ -17,7 +17,7 @@ from .errors import MoespecError
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """Shapes and architectural switches of a decoder-only MoE transformer."""
+    """Shapes and architectural switches of an MoE transformer (decoder-only, or Switch's encoder-decoder)."""
 
     model_type: str
     vocab_size: int
@@ -48,6 +48,15 @@ class ModelSpec:
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
     pad_token_id: int | None = None
+    gated_mlp: bool = True  # SwiGLU (gate, up, down); False: T5-style wi, act, wo (Switch)
+    # encoder-decoder (Switch Transformers): layers [0, num_encoder_layers) are the encoder's, the
+    # rest the decoder's, so expert keys (layer, expert) stay unique across both stacks
+    num_encoder_layers: int = 0
+    expert_capacity: int = 0  # tokens per expert per sequence; 0 = unlimited
+    relative_attention_num_buckets: int = 0
+    relative_attention_max_distance: int = 0
+    router_bias: bool = False
+    decoder_start_token_id: int | None = None
 
     @property
     def moe_layer_ids(self) -> list[int]:
@@ -55,8 +64,8 @@ class ModelSpec:
 
     @property
     def expert_params(self) -> int:
-        """Parameters in one routed expert (gate, up and down projections)."""
-        return 3 * self.hidden_size * self.expert_intermediate_size
+        """Parameters in one routed expert (gate, up and down projections; wi and wo if not gated)."""
+        return (3 if self.gated_mlp else 2) * self.hidden_size * self.expert_intermediate_size
 
 
 def _get(cfg: dict[str, Any], *names: str, default: Any = ...) -> Any:
@@ -135,38 +144,34 @@ def _mixtral(cfg: dict[str, Any]) -> ModelSpec:
     )
 
 
-def _qwen2_moe(cfg: dict[str, Any]) -> ModelSpec:
+def _topk_router(cfg: dict[str, Any]) -> str:
+    return "softmax_topk_renorm" if cfg.get("norm_topk_prob") else "softmax_topk"
+
+
+def _qwen_moe(cfg: dict[str, Any], **specifics: Any) -> ModelSpec:
+    """Qwen2-MoE and Qwen3-MoE share their routing, expert widths and dense-layer rule."""
     _no_sliding_window(cfg)
     n = _get(cfg, "num_experts", "num_local_experts")
-    shared = cfg.get("shared_expert_intermediate_size") or 0
     return ModelSpec(
         **_common(cfg),
         num_experts=n,
         top_k=cfg["num_experts_per_tok"],
         expert_intermediate_size=cfg["moe_intermediate_size"],
-        router="softmax_topk_renorm" if cfg.get("norm_topk_prob") else "softmax_topk",
+        router=_topk_router(cfg),
         moe_layers=_qwen_moe_layers(cfg, n),
         dense_intermediate_size=cfg["intermediate_size"],
-        shared_expert_intermediate_size=shared,
-        shared_expert_gate=shared > 0,
-        attention_bias=bool(cfg.get("qkv_bias", True)),
+        **specifics,
     )
+
+
+def _qwen2_moe(cfg: dict[str, Any]) -> ModelSpec:
+    shared = cfg.get("shared_expert_intermediate_size") or 0
+    return _qwen_moe(cfg, shared_expert_intermediate_size=shared, shared_expert_gate=shared > 0,
+                     attention_bias=bool(cfg.get("qkv_bias", True)))
 
 
 def _qwen3_moe(cfg: dict[str, Any]) -> ModelSpec:
-    _no_sliding_window(cfg)
-    n = _get(cfg, "num_experts", "num_local_experts")
-    return ModelSpec(
-        **_common(cfg),
-        num_experts=n,
-        top_k=cfg["num_experts_per_tok"],
-        expert_intermediate_size=cfg["moe_intermediate_size"],
-        router="softmax_topk_renorm" if cfg.get("norm_topk_prob") else "softmax_topk",
-        moe_layers=_qwen_moe_layers(cfg, n),
-        dense_intermediate_size=cfg["intermediate_size"],
-        attention_bias=bool(cfg.get("attention_bias", False)),
-        qk_norm="head",
-    )
+    return _qwen_moe(cfg, attention_bias=bool(cfg.get("attention_bias", False)), qk_norm="head")
 
 
 def _olmoe(cfg: dict[str, Any]) -> ModelSpec:
@@ -175,11 +180,55 @@ def _olmoe(cfg: dict[str, Any]) -> ModelSpec:
         num_experts=cfg["num_experts"],
         top_k=cfg["num_experts_per_tok"],
         expert_intermediate_size=cfg["intermediate_size"],
-        router="softmax_topk_renorm" if cfg.get("norm_topk_prob") else "softmax_topk",
+        router=_topk_router(cfg),
         moe_layers=(True,) * cfg["num_hidden_layers"],
         attention_bias=bool(cfg.get("attention_bias", False)),
         qk_norm="full",
         clip_qkv=cfg.get("clip_qkv"),
+    )
+
+
+def _switch_sparse(num_layers: int, num_sparse: int) -> tuple[bool, ...]:
+    """transformers' rule: every `step`-th layer from layer 1 is sparse (all of them if step is 1)."""
+    step = num_layers // num_sparse if num_sparse > 0 else num_layers
+    return tuple(step > 0 and (i % step == 1 or step == 1) for i in range(num_layers))
+
+
+def _switch_transformers(cfg: dict[str, Any]) -> ModelSpec:
+    """Encoder-decoder, T5-style (relative position bias, no RoPE, ReLU MLPs), top-1 routing with capacity."""
+    if cfg.get("dense_act_fn", "relu") != "relu":
+        raise MoespecError(f"dense_act_fn {cfg['dense_act_fn']!r} is not supported (only 'relu')")
+    enc, dec = cfg["num_layers"], _get(cfg, "num_decoder_layers", default=cfg["num_layers"])
+    moe_layers = _switch_sparse(enc, cfg.get("num_sparse_encoder_layers", 3)) \
+        + _switch_sparse(dec, cfg.get("num_sparse_decoder_layers", 3))
+    return ModelSpec(
+        model_type=cfg["model_type"],
+        vocab_size=cfg["vocab_size"],
+        hidden_size=cfg["d_model"],
+        num_layers=enc + dec,
+        num_heads=cfg["num_heads"],
+        num_kv_heads=cfg["num_heads"],
+        head_dim=cfg["d_kv"],
+        max_position_embeddings=cfg.get("n_positions", 512),  # relative positions: a context default only
+        rms_norm_eps=cfg.get("layer_norm_epsilon", 1e-6),
+        rope_theta=0.0,  # no RoPE
+        num_experts=cfg["num_experts"],
+        top_k=1,
+        expert_intermediate_size=cfg["d_ff"],
+        router="top1",
+        moe_layers=moe_layers,
+        dense_intermediate_size=cfg["d_ff"],
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", True)),
+        hidden_act="relu",
+        eos_token_ids=_eos_ids(cfg),
+        pad_token_id=cfg.get("pad_token_id"),
+        gated_mlp=False,
+        num_encoder_layers=enc,
+        expert_capacity=cfg.get("expert_capacity", 64),
+        relative_attention_num_buckets=cfg.get("relative_attention_num_buckets", 32),
+        relative_attention_max_distance=cfg.get("relative_attention_max_distance", 128),
+        router_bias=bool(cfg.get("router_bias", False)),
+        decoder_start_token_id=_get(cfg, "decoder_start_token_id", "pad_token_id", default=0),
     )
 
 
@@ -188,6 +237,7 @@ PARSERS: dict[str, Callable[[dict[str, Any]], ModelSpec]] = {
     "qwen2_moe": _qwen2_moe,
     "qwen3_moe": _qwen3_moe,
     "olmoe": _olmoe,
+    "switch_transformers": _switch_transformers,
 }
 SUPPORTED = tuple(PARSERS)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable, Protocol, runtime_checkable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -29,6 +31,39 @@ def expert_forward(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -
     """One routed expert applied to tokens x [n, H]."""
     gate, up = F.linear(x, gate_up).chunk(2, dim=-1)
     return F.linear(F.silu(gate) * up, down)
+
+
+ExpertFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (x, gate_up, down) -> y
+
+
+@runtime_checkable
+class RoutedExecutor(Protocol):
+    """Runs a layer's routed experts itself instead of lending their weights to the model.
+
+    Expert parallelism (moespec.parallel): the experts live on other workers, so the tokens travel
+    to the experts rather than the weights to the tokens. `run_experts` hands it the routed
+    tokens instead of asking a provider for weights.
+    """
+
+    def run_routed(self, layer: int, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
+                   expert_fn: ExpertFn) -> torch.Tensor: ...
+
+
+def run_experts(layer: int, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
+                experts: ExpertProvider | RoutedExecutor, expert_fn: ExpertFn = expert_forward) -> torch.Tensor:
+    """Weighted sum of the chosen experts' outputs; each needed expert is fetched once.
+
+    Experts arrive in whatever order the provider has them ready, so each output is kept at its
+    (token, k) place and summed over k at the end: the result never depends on arrival order.
+    """
+    if isinstance(experts, RoutedExecutor):
+        return experts.run_routed(layer, x, weights, ids, expert_fn)
+    per_choice = x.new_zeros(ids.shape[0], ids.shape[1], x.shape[1])
+    for expert_id, w in experts.fetch(layer, torch.unique(ids).tolist(), x.shape[0]):
+        token_idx, k = torch.where(ids == expert_id)
+        y = expert_fn(x[token_idx], w.gate_up, w.down) * weights[token_idx, k, None]
+        per_choice[token_idx, k] = y.to(x.dtype)
+    return per_choice.sum(dim=1)
 
 
 class MoE(nn.Module):
@@ -62,15 +97,5 @@ class MoE(nn.Module):
         return out
 
     def run_experts(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
-                    experts: ExpertProvider) -> torch.Tensor:
-        """Weighted sum of the chosen experts' outputs; each needed expert is fetched once.
-
-        Experts arrive in whatever order the provider has them ready, so each output is kept at its
-        (token, k) place and summed over k at the end: the result never depends on arrival order.
-        """
-        per_choice = x.new_zeros(ids.shape[0], ids.shape[1], x.shape[1])
-        for expert_id, w in experts.fetch(self.layer, torch.unique(ids).tolist(), x.shape[0]):
-            token_idx, k = torch.where(ids == expert_id)
-            y = expert_forward(x[token_idx], w.gate_up, w.down) * weights[token_idx, k, None]
-            per_choice[token_idx, k] = y.to(x.dtype)
-        return per_choice.sum(dim=1)
+                    experts: ExpertProvider | RoutedExecutor) -> torch.Tensor:
+        return run_experts(self.layer, x, weights, ids, experts)

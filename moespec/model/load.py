@@ -1,0 +1,30 @@
+"""Building a model's dense part from a checkpoint, for either model family."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from ..spec import ModelSpec
+from .switch import SwitchTransformer
+from .transformer import Transformer
+
+
+class DenseSource(Protocol):
+    """What loading needs of a checkpoint (moespec.checkpoint.Checkpoint, or a synthetic one)."""
+
+    spec: ModelSpec
+
+    def dense_state(self, dtype: torch.dtype, device: torch.device | str) -> dict[str, torch.Tensor]: ...
+
+
+def build_model(source: DenseSource, dtype: torch.dtype, device: torch.device | str) -> nn.Module:
+    """The dense part of the model on `device`, without allocating random weights first:
+    a decoder-only Transformer, or Switch's encoder-decoder when the spec has encoder layers."""
+    cls = SwitchTransformer if source.spec.num_encoder_layers else Transformer
+    with torch.device("meta"):
+        model = cls(source.spec)
+    model.load_state_dict(source.dense_state(dtype, device), strict=True, assign=True)
+    return model.eval()
