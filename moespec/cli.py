@@ -293,7 +293,7 @@ def cmd_parallel_bench(args: argparse.Namespace) -> None:
     import torch.distributed as dist
 
     from .parallel import POLICIES, init_from_env, skewed_batches
-    from .parallel.bench import compare_policies
+    from .parallel.bench import compare
     from .spec import load_spec
 
     policies = args.policies.split(",")
@@ -305,14 +305,14 @@ def cmd_parallel_bench(args: argparse.Namespace) -> None:
                              seed=args.seed)
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # started by torchrun: join its group
         init_from_env(args.device)
-    out = compare_policies(args.model, batches, policies, args.workers, device=args.device, dtype=args.dtype,
-                           slots=args.slots)
+    variants = {p: dict(policy=p, dtype=args.dtype, slots=args.slots, split=args.split) for p in policies}
+    out = compare(args.model, batches, variants, args.workers, device=args.device)
     if dist.is_initialized():
         rank = dist.get_rank()
         dist.destroy_process_group()
         if rank != 0:
             return
-    for policy, r in out["policies"].items():
+    for policy, r in out["variants"].items():
         s = r["summary"]
         print(f"{policy:<11} imbalance {s['imbalance_mean']:.3f} (max {s['imbalance_max']:.3f})  step "
               f"{1000 * s['step_seconds_median']:.1f} ms  experts {1000 * s['expert_seconds_median']:.1f} ms  "
@@ -416,6 +416,8 @@ def build_parser() -> argparse.ArgumentParser:
     pb.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     pb.add_argument("--policies", default="none,static,predictive", help="comma list of none, static, predictive")
     pb.add_argument("--slots", type=int, default=None, help="expert slots per worker per layer (default: share + 25%%)")
+    pb.add_argument("--split", default="even", choices=["even", "balanced"],
+                    help="replicas share an expert's tokens evenly, or water-filled from the actual counts")
     pb.add_argument("--batches", type=int, default=12)
     pb.add_argument("--batch-size", type=int, default=32)
     pb.add_argument("--seq-len", type=int, default=32)
