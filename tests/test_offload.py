@@ -174,3 +174,14 @@ def test_trace_has_compute_and_transfer_lanes(model_dir, tmp_path):
     assert len(transfer) == llm.stats()["misses"]
     assert all(e["dur"] >= 0 for e in slices)
     assert "emulated 1 GB/s" in doc["otherData"]["note"]
+
+
+def test_prefetch_never_evicts_the_running_layers_experts(model_dir):
+    cache = scripted_cache(model_dir, "lru", slots=3)
+    use(cache, 0, 0)
+    use(cache, 0, 1)
+    use(cache, 1, 5)
+    cache.prefetch(1, [6], keep={(0, 0), (0, 1)})  # plain LRU would evict (0, 0)
+    assert cache.resident() == {(0, 0), (0, 1), (1, 6)}
+    cache.prefetch(1, [7], keep={(0, 0), (0, 1), (1, 6)})  # nothing may go: the guess is dropped
+    assert cache.resident() == {(0, 0), (0, 1), (1, 6)} and cache.stats[1].prefetches == 1

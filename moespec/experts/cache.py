@@ -10,7 +10,7 @@ eviction policy chooses. `prefetch(layer, ids)` starts copies without waiting (s
 from __future__ import annotations
 
 import re
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import torch
 
@@ -161,15 +161,21 @@ class ExpertCache:
         if handle is not None:
             self.stats[key[0]].stall_seconds += self.transfers.wait(handle, key[0])
 
-    def prefetch(self, layer: int, ids: list[int]) -> None:
-        """Start copies of experts predicted for `layer`; never waits, never evicts busy experts."""
-        for e in ids:
-            key = (layer, e)
-            if key in self.slot_of:
-                self.domains[layer].policy.touch(key)
-            elif self._load(key):
-                self.unused_prefetch.add(key)
-                self.stats[layer].prefetches += 1
+    def prefetch(self, layer: int, ids: list[int], keep: Iterable[Key] = ()) -> None:
+        """Start copies of experts predicted for `layer`. Never waits; never evicts busy experts
+        nor those in `keep` (the running layer's, which are about to be fetched)."""
+        protected = set(keep) - self.locked
+        self.locked |= protected
+        try:
+            for e in ids:
+                key = (layer, e)
+                if key in self.slot_of:
+                    self.domains[layer].policy.touch(key)
+                elif self._load(key):
+                    self.unused_prefetch.add(key)
+                    self.stats[layer].prefetches += 1
+        finally:
+            self.locked -= protected
 
     def fetch(self, layer: int, ids: list[int], tokens: int) -> Iterator[tuple[int, ExpertWeights]]:
         """Yield (id, weights) for every expert in `ids`: resident ones first, then misses as they land."""

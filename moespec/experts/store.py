@@ -8,7 +8,7 @@ first needed and kept in a host LRU cache of `host_cache` experts.
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
 
@@ -72,7 +72,7 @@ class ResidentExperts:
 
     ready = resident
 
-    def prefetch(self, layer: int, ids: list[int]) -> None:
+    def prefetch(self, layer: int, ids: list[int], keep: Iterable[Key] = ()) -> None:
         """Nothing to move: every expert is already on the device."""
 
     # speculative decoding pins its draft experts; here every expert stays anyway

@@ -1,8 +1,8 @@
 """Turning guesses into prefetches, and (optionally) into speculative execution.
 
 At every layer L, once attention is done, a predictor scores the experts of the next `depth` MoE
-layers. The `k + extra` best per token, pooled over the batch and ranked by predicted mass, are
-prefetched into the expert cache on the transfer stream while layer L's experts and layer L+1's
+layers. In decode steps the `k + extra` best per token, pooled over the batch and ranked by
+predicted mass, are prefetched into the expert cache on the transfer stream while layer L's experts and layer L+1's
 attention compute. When layer L+1 routes, what it really needed is compared with the guesses
 (recall per token, precision per batch), then:
 
@@ -67,6 +67,11 @@ class Speculation(ForwardHooks):
         self.stats = {(t, d): GuessStats() for t in spec.moe_layer_ids for d in range(1, depth + 1)}
 
     def after_attention(self, layer: int, x: torch.Tensor, valid: torch.Tensor) -> None:
+        # A prefill step routes many tokens per row, whose guesses together name nearly every expert:
+        # prefetching them would only churn the cache. Guesses are still made (statistics, speculative
+        # execution); copies are started in decode steps only.
+        decoding = x.shape[1] == 1
+        keep = self._running_experts(layer, x[valid]) if decoding else set()
         for depth, (target, scores) in enumerate(self.predictor.predict(layer, x[valid]).items(), start=1):
             ranked = scores.topk(self.width, dim=-1).indices
             mass = torch.zeros(scores.shape[1], device=scores.device).index_add_(
@@ -74,7 +79,19 @@ class Speculation(ForwardHooks):
             order = [e for e in mass.argsort(descending=True).tolist() if mass[e] > 0][: self.max_prefetch]
             self.guesses.setdefault(target, {})[depth] = ranked
             self.prefetched.setdefault(target, {})[depth] = order
-            self.cache.prefetch(target, order)
+            if decoding:
+                self.cache.prefetch(target, order, keep)
+
+    def _running_experts(self, layer: int, x: torch.Tensor) -> set[tuple[int, int]]:
+        """Experts layer `layer` is about to fetch (its router on x, and any guess it may run instead):
+        prefetches for later layers must not evict them."""
+        block = self.model.layers[layer]
+        if not isinstance(block.mlp, MoE):
+            return set()
+        _, ids = block.mlp.route(block.mlp.gate(block.post_attention_layernorm(x)), block.mlp.top_k)
+        guess = self.guesses.get(layer, {}).get(1)
+        chosen = torch.unique(ids if guess is None else torch.cat([ids, guess[:, : self.k]], dim=1))
+        return {(layer, e) for e in chosen.tolist()}
 
     def route(self, layer, x, weights, ids):
         guesses, prefetched = self.guesses.pop(layer, {}), self.prefetched.pop(layer, {})
