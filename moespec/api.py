@@ -9,7 +9,7 @@ import torch
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
-from .checkpoint import Checkpoint
+from .checkpoint import open_checkpoint
 from .decode.generate import Completion, DecodeStats, Generator, TextCallback
 from .decode.sampling import SamplingParams
 from .decode.specdecode import SelfSpeculativeDecoder
@@ -20,8 +20,8 @@ from .experts.stats import ExpertStats
 from .experts.store import TIERS, ExpertStore, ResidentExperts
 from .experts.trace import Tracer
 from .experts.transfer import CpuTransfers, CudaTransfers, parse_bandwidth
-from .model.transformer import Transformer
-from .spec import ModelSpec, load_spec
+from .model.load import build_model
+from .spec import ModelSpec
 from .speculate.estimators import ESTIMATOR_FILE, Estimators
 from .speculate.lookahead import DEFAULT_VECTORS_FILE, DefaultVectors, LookaheadPredictor
 from .speculate.policy import Speculation
@@ -48,14 +48,6 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     if dtype not in DTYPES:
         raise MoespecError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     return DTYPES[dtype]
-
-
-def build_model(checkpoint: Checkpoint, dtype: torch.dtype, device: torch.device) -> Transformer:
-    """The dense part of the model on `device`, without allocating random weights first."""
-    with torch.device("meta"):
-        model = Transformer(checkpoint.spec)
-    model.load_state_dict(checkpoint.dense_state(dtype, device), strict=True, assign=True)
-    return model.eval()
 
 
 def load_tokenizer(model_dir: Path) -> Tokenizer | None:
@@ -105,10 +97,13 @@ class LLM:
             raise MoespecError(str(e)) from None
         if isinstance(model, (str, Path)) or model is None:
             self.path = Path(model) if model is not None else DEFAULT_MODEL
-            checkpoint = Checkpoint(self.path, load_spec(self.path))
+            checkpoint = open_checkpoint(self.path)
         else:  # an object with the Checkpoint interface, e.g. bench.synthetic.SyntheticCheckpoint
             checkpoint, self.path = model, Path(model.name)
         self.spec: ModelSpec = checkpoint.spec
+        if self.spec.num_encoder_layers:
+            raise MoespecError(f"{self.spec.model_type} is an encoder-decoder model: LLM runs decoder-only models; "
+                               "run it under expert parallelism (moespec parallel-bench, moespec.parallel)")
         self.model = build_model(checkpoint, self.dtype, self.device)
         self.tracer: Tracer | None = None
         show = (lambda keys: tqdm(keys, desc="loading experts", unit="expert", leave=False)) if progress else iter
@@ -161,6 +156,8 @@ class LLM:
 
     def reset(self) -> None:
         """Empty the expert cache and zero every counter: the next run starts cold."""
+        if self.spec_decoder is not None:  # unpins its draft experts before the cache forgets its slots
+            self.spec_decoder.reset()
         if isinstance(self.experts, ExpertCache):
             self.experts.clear()
         if self.transfers is not None:
@@ -193,14 +190,17 @@ class LLM:
                  temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
                  stop: str | Sequence[str] | None = None, ignore_eos: bool = False,
                  on_text: TextCallback | None = None, speculative: str | None = None, gamma: int | str = "auto",
-                 draft_experts: int | None = None, draft_policy: str = "hot_temporal") -> list[Completion]:
+                 draft_experts: int | None = None, draft_policy: str = "hot_temporal",
+                 draft_affinity: str = "weights") -> list[Completion]:
         """Complete each prompt (text, or a list of token ids). Greedy when temperature is 0.
 
         speculative="self": self-assisted speculative decoding (same tokens when greedy, same
         distribution when sampling). Each step drafts `gamma` tokens per row ("auto": chosen from
         measured acceptance and step time, 0 = off) with each MoE layer limited to `draft_experts`
-        experts (default top_k) pinned in the expert cache; `draft_policy`: "hot_temporal",
-        "static_hot" or "random".
+        experts (default: top_k, fewer if the cache is small) pinned in the expert cache;
+        `draft_policy`: "hot_temporal", "static_hot" or "random". A routed expert outside the set runs
+        as its nearest draft expert by `draft_affinity`: "weights" (L2) or "outputs" (on the prompts);
+        "router" instead re-routes each token among the draft experts with the layer's router.
         """
         if isinstance(prompts, str):
             prompts = [prompts]
@@ -214,7 +214,7 @@ class LLM:
             return self.generator.generate(ids, params, on_text)
         _check_choice("speculative", speculative, ("self",))
         self.spec_decoder = SelfSpeculativeDecoder.configure(self.spec_decoder, self.model, self.experts, self.store,
-                                                             draft_experts, draft_policy, gamma)
+                                                             draft_experts, draft_policy, gamma, draft_affinity)
         with self.spec_decoder.attached():
             return self.generator.generate(ids, params, on_text, step=self.spec_decoder)
 

@@ -335,7 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="draft experts per MoE layer (default: top-k, fewer if the cache is small)")
     g.add_argument("--draft-policy", default="hot_temporal", help="hot_temporal, static_hot or random")
     g.add_argument("--draft-affinity", default="weights",
-                   help="nearest draft expert by weights (L2) or by outputs on the prompt's tokens")
+                   help="weights or outputs (nearest draft expert), or router (re-route among draft experts)")
     g.set_defaults(func=cmd_generate)
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching")
     _engine_args(s)

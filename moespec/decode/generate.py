@@ -2,14 +2,16 @@
 
 Rows keep their own lengths in the KV cache, so prompts of different lengths need no left
 padding and no position tricks: a prompt is right-padded, its padding marked invalid, and each
-row continues from its own length.
+row continues from its own length. The decode round is pluggable (`DecodeStep`): speculative
+decoding (`specdecode.py`) returns several tokens per row per step and reuses the stopping and
+streaming below.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Protocol
 
 import torch
 from tokenizers import Tokenizer
@@ -22,6 +24,16 @@ from .sampling import SamplingParams, sample
 
 # on_text(row, new_text): called as text of a row becomes final (streaming)
 TextCallback = Callable[[int, str], None]
+
+
+class DecodeStep(Protocol):
+    """One decode round over the batch (plain decoding, or a speculative draft-and-verify step)."""
+
+    def __call__(self, cache: KVCache, pending: torch.Tensor, running: torch.Tensor, remaining: torch.Tensor,
+                 params: SamplingParams, generator: torch.Generator | None) -> list[list[int]]:
+        """Feed each running row's pending token [B] (sampled, not yet in the cache) and return its
+        new tokens: at least one, at most `remaining` [B]; rows not running get an empty list."""
+        ...
 
 
 @dataclass
@@ -109,9 +121,18 @@ class Generator:
         if max(prompt) >= vocab or min(prompt) < 0:
             raise MoespecError(f"prompt token ids must be in [0, {vocab})")
 
+    def decode_step(self, cache: KVCache, pending: torch.Tensor, running: torch.Tensor, remaining: torch.Tensor,
+                    params: SamplingParams, generator: torch.Generator | None) -> list[list[int]]:
+        """Plain decoding (a DecodeStep): one forward pass, one new token per running row."""
+        hidden = self.model(pending[:, None], cache, self.experts, valid=running[:, None])
+        new = sample(self.model.logits(hidden[:, 0]), params, generator).tolist()
+        return [[tok] if run else [] for tok, run in zip(new, running.tolist())]
+
     @torch.inference_mode()
     def generate(self, prompts: list[list[int]], params: SamplingParams,
-                 on_text: TextCallback | None = None) -> list[Completion]:
+                 on_text: TextCallback | None = None, step: DecodeStep | None = None) -> list[Completion]:
+        """Prefill every prompt at once, then run `step` (default: plain decoding) until every row ends."""
+        step = step or self.decode_step
         for p in prompts:
             self.check_prompt(p)
         B = len(prompts)
@@ -126,7 +147,8 @@ class Generator:
 
         t0 = time.perf_counter()
         hidden = self.model(tokens, cache, self.experts, valid=valid)
-        next_ids = sample(self.model.logits(hidden[torch.arange(B), lengths - 1]), params, generator)
+        first = sample(self.model.logits(hidden[torch.arange(B), lengths - 1]), params, generator)
+        new_ids = [[t] for t in first.tolist()]
         self.stats.prefill_seconds += time.perf_counter() - t0
         self.stats.prompt_tokens += int(lengths.sum())
 
@@ -135,23 +157,25 @@ class Generator:
         finish: list[str | None] = [None] * B
         t0 = time.perf_counter()
         while True:
-            for i, tok in enumerate(next_ids.tolist()):
-                if finish[i] is not None:
-                    continue
-                out_ids[i].append(tok)
-                is_eos = tok in self.eos_ids and not params.ignore_eos
-                stopped = streams[i].update(out_ids[i][:-1] if is_eos else out_ids[i])
-                if is_eos or stopped:
-                    finish[i] = "stop"
-                elif len(out_ids[i]) >= budget[i]:
-                    finish[i] = "length"
-                if on_text is not None and (delta := streams[i].release(final=finish[i] is not None)):
-                    on_text(i, delta)
+            for i, toks in enumerate(new_ids):
+                for tok in toks:  # a speculative step brings several; tokens after a stop are dropped
+                    if finish[i] is not None:
+                        break
+                    out_ids[i].append(tok)
+                    is_eos = tok in self.eos_ids and not params.ignore_eos
+                    stopped = streams[i].update(out_ids[i][:-1] if is_eos else out_ids[i])
+                    if is_eos or stopped:
+                        finish[i] = "stop"
+                    elif len(out_ids[i]) >= budget[i]:
+                        finish[i] = "length"
+                    if on_text is not None and (delta := streams[i].release(final=finish[i] is not None)):
+                        on_text(i, delta)
             if all(f is not None for f in finish):
                 break
             running = torch.tensor([f is None for f in finish], device=self.device)
-            hidden = self.model(next_ids[:, None], cache, self.experts, valid=running[:, None])
-            next_ids = sample(self.model.logits(hidden[:, 0]), params, generator)
+            pending = torch.tensor([o[-1] for o in out_ids], device=self.device)
+            remaining = torch.tensor([n - len(o) for n, o in zip(budget, out_ids)], device=self.device)
+            new_ids = step(cache, pending, running, remaining, params, generator)
             self.stats.decode_steps += 1
         self.stats.decode_seconds += time.perf_counter() - t0
         self.stats.generated_tokens += sum(len(o) for o in out_ids)

@@ -1,8 +1,10 @@
 """Draft experts for self-speculative decoding (SpecMoE): N experts per MoE layer held on the device.
 
 The draft model is the target model whose MoE layers may only use these N experts: a routed expert
-that is not one of them is replaced by its nearest draft expert in an affinity table (L2 distance
-between the experts' flattened weights, computed once from the host store). Draft experts are
+that is not one of them is replaced by its nearest draft expert in an affinity table: the L2
+distance between the experts' flattened weights, computed once from the host store
+(`expert_distances`), or, from traces, how far each expert's outputs are from the routed expert's
+on router inputs the prompts sent to it (`decode/specdecode.py`, which can run experts). Draft experts are
 *pinned* in the device expert cache rather than kept in buffers of their own: they come out of the
 user's `expert_cache` budget (so speculative and plain runs compare at equal device memory), they
 never move while drafting, and the verify pass gets them as hits instead of copying a second
@@ -65,40 +67,52 @@ def expert_distances(store: ExpertStore, chunk_bytes: int = 64 << 20) -> dict[in
 class DraftExperts:
     """The draft set of every MoE layer, its substitution table, and the draft pass's ExpertProvider."""
 
-    def __init__(self, source: PinnableExperts, distances: dict[int, torch.Tensor], per_layer: int,
+    def __init__(self, source: PinnableExperts, layers: list[int], num_experts: int, per_layer: int,
                  policy: str, device: torch.device, decay: float = 0.9, seed: int = 0):
         if policy not in DRAFT_POLICIES:
             raise MoespecError(f"draft_policy must be one of {', '.join(DRAFT_POLICIES)}, got {policy!r}")
-        num_experts = next(iter(distances.values())).shape[0]
         if not 1 <= per_layer <= min(source.pin_limit, num_experts):
             raise MoespecError(
                 f"draft_experts must be in [1, {min(source.pin_limit, num_experts)}] for this expert cache "
                 f"(pinned draft experts must leave each layer top_k evictable slots), got {per_layer}")
-        self.source, self.distances, self.per_layer = source, distances, per_layer
-        self.policy, self.device, self.decay = policy, device, decay
-        rng = torch.Generator().manual_seed(seed)
-        self.scores = {layer: torch.rand(num_experts, generator=rng, dtype=torch.float64) if policy == "random"
-                       else torch.zeros(num_experts, dtype=torch.float64) for layer in distances}
-        self.members: dict[int, list[int]] = {layer: [] for layer in distances}
+        self.source, self.layers, self.num_experts, self.per_layer = source, layers, num_experts, per_layer
+        self.policy, self.device, self.decay, self.seed = policy, device, decay, seed
+        self.members: dict[int, list[int]] = {}
+        self.distances: dict[int, torch.Tensor] | None = None  # the affinity table `fill` was given
+        self.reset()
+
+    def reset(self) -> None:
+        """Unpin every draft expert and forget scores and counters: a cold start (new settings, or
+        LLM.reset). The next `fill` chooses the set again."""
+        for layer, members in self.members.items():
+            for e in members:
+                self.source.unpin((layer, e))
+        rng = torch.Generator().manual_seed(self.seed)
+        # plain floats: `offer` compares a few of them per expert the verify pass uses
+        self.scores = {layer: torch.rand(self.num_experts, generator=rng).tolist() if self.policy == "random"
+                       else [0.0] * self.num_experts for layer in self.layers}
+        self.members = {layer: [] for layer in self.layers}
         self.substitute: dict[int, torch.Tensor] = {}  # layer -> [E] routed id -> draft id, on the device
+        self.member_ids: dict[int, torch.Tensor] = {}  # layer -> draft ids, on the device
         self.filled = False
         self.swaps = 0  # hot_temporal refreshes
         self.routed = 0  # routed (token, k) choices seen by draft passes
-        self.substituted = torch.zeros((), dtype=torch.long, device=device)  # of those, replaced
+        self.substituted = torch.zeros((), dtype=torch.long, device=self.device)  # of those, replaced
 
     def observe(self, layer: int, ids: torch.Tensor) -> None:
         """The target model routed ids [N, k] at `layer` (prefill or verification): update the scores."""
         if self.policy == "random" or (self.policy == "static_hot" and self.filled):
             return
-        counts = torch.bincount(ids.flatten(), minlength=self.scores[layer].numel()).cpu()
-        self.scores[layer] = self.decay * self.scores[layer] + counts
+        counts = torch.bincount(ids.flatten(), minlength=self.num_experts).tolist()
+        self.scores[layer] = [self.decay * s + c for s, c in zip(self.scores[layer], counts)]
 
-    def fill(self) -> None:
-        """Give every layer its N draft experts, the best-scored first (copied in if not resident)."""
-        if self.filled:
-            return
+    def fill(self, distances: dict[int, torch.Tensor] | None) -> None:
+        """Give every layer its N draft experts, the best-scored first (copied in if not resident);
+        `distances[layer][e, m]`: how badly draft expert m stands in for routed expert e (None when
+        drafts route with `restrict` instead of a table)."""
+        self.distances = distances
         for layer, members in self.members.items():
-            for e in self.scores[layer].argsort(descending=True, stable=True).tolist()[: self.per_layer]:
+            for e in sorted(range(self.num_experts), key=lambda e: -self.scores[layer][e])[: self.per_layer]:
                 if not self.source.pin((layer, e)):
                     raise RuntimeError(f"no slot for draft expert {e} of layer {layer}")  # pin_limit prevents this
                 members.append(e)
@@ -121,8 +135,10 @@ class DraftExperts:
 
     def _update_substitutes(self, layer: int) -> None:
         members = torch.tensor(self.members[layer])
-        nearest = self.distances[layer][:, members].argmin(dim=1)
-        self.substitute[layer] = members[nearest].to(self.device)
+        self.member_ids[layer] = members.to(self.device)
+        if self.distances is not None:
+            nearest = self.distances[layer][:, members].argmin(dim=1)
+            self.substitute[layer] = members[nearest].to(self.device)
 
     def reroute(self, layer: int, ids: torch.Tensor) -> torch.Tensor:
         """The draft pass's routing: every routed id replaced by its nearest draft expert (itself if a
@@ -133,18 +149,30 @@ class DraftExperts:
         self.substituted += (new != ids).sum()
         return new
 
+    def restrict(self, layer: int, logits: torch.Tensor, ids: torch.Tensor, k: int, renormalize: bool
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The draft pass's routing without a table: each token's min(k, N) best draft experts by
+        router logits [N, E], each weighted as the router weighs it (softmax over all experts,
+        renormalised over the chosen ones if the router renormalises); padded with zero-weight
+        repeats to k columns. Masking the softmax instead would inflate the weights of routers that
+        do not renormalise (Qwen's), which costs acceptance."""
+        members = self.member_ids[layer]
+        n = min(k, len(members))
+        new = members[logits[:, members].topk(n, dim=-1).indices]
+        weights = torch.softmax(logits.float(), dim=-1).gather(1, new)
+        if renormalize:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        if n < k:
+            weights = torch.cat([weights, weights.new_zeros(len(weights), k - n)], dim=1)
+            new = torch.cat([new, new[:, :1].expand(-1, k - n)], dim=1)
+        self.routed += ids.numel()
+        self.substituted += (~torch.isin(ids, members)).sum()
+        return weights, new
+
     def fetch(self, layer: int, ids: list[int], tokens: int) -> Iterator[tuple[int, ExpertWeights]]:
         """ExpertProvider of the draft pass: ids are draft experts (after `reroute`), all pinned."""
         for e in ids:
             yield e, self.source.peek((layer, e))
-
-    def release(self) -> None:
-        """Unpin every draft expert (the set is being replaced)."""
-        for layer, members in self.members.items():
-            for e in members:
-                self.source.unpin((layer, e))
-            members.clear()
-        self.filled = False
 
     def summary(self) -> dict:
         return {"draft_experts_per_layer": self.per_layer, "draft_policy": self.policy, "draft_swaps": self.swaps,
