@@ -93,6 +93,28 @@ class TextStream:
         return out
 
 
+class Sequence:
+    """Tokens generated so far for one prompt, with EOS, stop-string and length stopping."""
+
+    def __init__(self, prompt: list[int], params: SamplingParams, tokenizer: Tokenizer | None,
+                 eos_ids: set[int], budget: int):
+        self.prompt, self.params, self.eos_ids, self.budget = prompt, params, eos_ids, budget
+        self.token_ids: list[int] = []
+        self.stream = TextStream(tokenizer, params.stop)
+        self.finish_reason: str | None = None  # "stop" (EOS or a stop string) | "length"
+
+    def append(self, token: int) -> str:
+        """Record a sampled token; return the text that became final (all of it once finished)."""
+        self.token_ids.append(token)
+        is_eos = token in self.eos_ids and not self.params.ignore_eos
+        stopped = self.stream.update(self.token_ids[:-1] if is_eos else self.token_ids)
+        if is_eos or stopped:
+            self.finish_reason = "stop"
+        elif len(self.token_ids) >= self.budget:
+            self.finish_reason = "length"
+        return self.stream.release(final=self.finish_reason is not None)
+
+
 class Generator:
     """Generates for a batch of token-id prompts with one model and one expert provider."""
 
@@ -152,31 +174,23 @@ class Generator:
         self.stats.prefill_seconds += time.perf_counter() - t0
         self.stats.prompt_tokens += int(lengths.sum())
 
-        out_ids: list[list[int]] = [[] for _ in range(B)]
-        streams = [TextStream(self.tokenizer, params.stop) for _ in range(B)]
-        finish: list[str | None] = [None] * B
+        rows = [Sequence(p, params, self.tokenizer, self.eos_ids, n) for p, n in zip(prompts, budget)]
         t0 = time.perf_counter()
         while True:
             for i, toks in enumerate(new_ids):
                 for tok in toks:  # a speculative step brings several; tokens after a stop are dropped
-                    if finish[i] is not None:
+                    if rows[i].finish_reason is not None:
                         break
-                    out_ids[i].append(tok)
-                    is_eos = tok in self.eos_ids and not params.ignore_eos
-                    stopped = streams[i].update(out_ids[i][:-1] if is_eos else out_ids[i])
-                    if is_eos or stopped:
-                        finish[i] = "stop"
-                    elif len(out_ids[i]) >= budget[i]:
-                        finish[i] = "length"
-                    if on_text is not None and (delta := streams[i].release(final=finish[i] is not None)):
+                    delta = rows[i].append(tok)
+                    if on_text is not None and delta:
                         on_text(i, delta)
-            if all(f is not None for f in finish):
+            if all(r.finish_reason is not None for r in rows):
                 break
-            running = torch.tensor([f is None for f in finish], device=self.device)
-            pending = torch.tensor([o[-1] for o in out_ids], device=self.device)
-            remaining = torch.tensor([n - len(o) for n, o in zip(budget, out_ids)], device=self.device)
+            running = torch.tensor([r.finish_reason is None for r in rows], device=self.device)
+            pending = torch.tensor([r.token_ids[-1] for r in rows], device=self.device)
+            remaining = torch.tensor([r.budget - len(r.token_ids) for r in rows], device=self.device)
             new_ids = step(cache, pending, running, remaining, params, generator)
             self.stats.decode_steps += 1
         self.stats.decode_seconds += time.perf_counter() - t0
-        self.stats.generated_tokens += sum(len(o) for o in out_ids)
-        return [Completion(ids, s.text, p, f) for ids, s, p, f in zip(out_ids, streams, prompts, finish)]
+        self.stats.generated_tokens += sum(len(r.token_ids) for r in rows)
+        return [Completion(r.token_ids, r.stream.text, r.prompt, r.finish_reason) for r in rows]

@@ -23,10 +23,10 @@ from typing import TYPE_CHECKING, Callable
 
 import torch
 
+from ..decode.generate import Sequence
 from ..decode.sampling import SamplingParams, sample
 from ..errors import MoespecError
 from .metrics import Metrics
-from .sequence import Sequence
 
 if TYPE_CHECKING:
     from ..api import LLM
