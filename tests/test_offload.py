@@ -144,6 +144,24 @@ def test_prefetch_counts_hits_and_waste(model_dir):
     assert s.bytes_moved == (s.misses + s.prefetches) * cache.store.expert_bytes
 
 
+def test_demand_copies_overtake_queued_prefetches_and_wrong_guesses_are_taken_back(model_dir):
+    """On a slow link, a layer's missing experts go before guesses queued earlier; guesses still
+    queued when their layer has run are cancelled, their slots freed and their bytes not counted."""
+    cache = scripted_cache(model_dir, "lru", slots=6)
+    cache.transfers.close()
+    cache.transfers = CpuTransfers(cache.store.expert_bytes / 0.05)  # 50 ms per copy
+    cache.prefetch(1, [5])  # starts at once: the link is idle
+    cache.prefetch(1, [6, 7])  # queued behind it
+    order = [e for e, _ in cache.fetch(0, [0], tokens=1)]
+    assert order == [0]
+    assert not cache.transfers.done(cache.pending[(1, 7)])  # the demand copy of (0, 0) went before it
+    use(cache, 1, 5)
+    s = cache.stats[1]
+    assert s.cancelled_prefetches >= 1 and (1, 7) not in cache.resident()
+    assert s.bytes_moved == (s.prefetches - s.cancelled_prefetches + s.misses) * cache.store.expert_bytes
+    cache.transfers.close()
+
+
 def test_disk_tier_reads_on_demand(model_dir, exact):
     llm = LLM(model_dir, expert_cache="25%", expert_tier="disk", host_cache=2)
     assert llm.store.disk_reads == 0
@@ -182,6 +200,10 @@ def test_prefetch_never_evicts_the_running_layers_experts(model_dir):
     use(cache, 0, 1)
     use(cache, 1, 5)
     cache.prefetch(1, [6], keep={(0, 0), (0, 1)})  # plain LRU would evict (0, 0)
+    assert cache.stats[1].prefetches == 0  # deferred until layer 0 has fetched
+    use(cache, 0, 0, 1)
     assert cache.resident() == {(0, 0), (0, 1), (1, 6)}
-    cache.prefetch(1, [7], keep={(0, 0), (0, 1), (1, 6)})  # nothing may go: the guess is dropped
-    assert cache.resident() == {(0, 0), (0, 1), (1, 6)} and cache.stats[1].prefetches == 1
+    cache.peek((1, 6))  # let its copy land: an expert still being copied is never evicted
+    cache.prefetch(1, [7], keep={(0, 0), (0, 1)})  # only the unused guess (1, 6) may go
+    use(cache, 0, 0, 1)
+    assert cache.resident() == {(0, 0), (0, 1), (1, 7)} and cache.stats[1].wasted_prefetches == 1

@@ -29,12 +29,12 @@ def test_on_demand_timeline():
 
 
 def test_lookahead_prefetch_shares_the_link():
-    # after layer 0's attention (t=1) E1 of layer 1 is prefetched (link 1-3); E0's demand copy
-    # queues behind it (3-5), runs 5-6; layer 1 finds E1 landed: 6-8. Same total, different stalls.
+    # step 1: layer 0 routes at t=1, its miss E0 goes on the link first (1-3), the guess E1 of layer 1
+    # behind it (3-5); E0 runs 3-4, layer 1's dense part 4-5, E1 has landed: 5-6. Steps 2, 3: 4 s each.
     r = simulate(trace(1), COST, num_layers=2, capacity=2, policy="lookahead", batch=1, steps=3, top_k=1)
-    assert r["seconds_per_step"] == pytest.approx(16 / 3)
+    assert r["seconds_per_step"] == pytest.approx(14 / 3)
     assert r["hit_rate"] == pytest.approx(5 / 6)
-    assert r["stall_share"] == pytest.approx(4 / 16)
+    assert r["stall_share"] == pytest.approx(2 / 14)
 
 
 def test_wrong_guesses_cost_bytes_and_speculation_runs_them():
@@ -66,4 +66,4 @@ def test_projection_checks_the_shape_and_reports_ratios():
     # starting copies one layer early barely changes the time
     assert rows["lookahead"]["hit_rate"] > rows["none"]["hit_rate"]
     assert rows["lookahead"]["bytes_per_step"] == rows["none"]["bytes_per_step"]
-    assert rows["lookahead"]["speedup_vs_on_demand"] == pytest.approx(1.0, abs=0.01)
+    assert rows["lookahead"]["speedup_vs_on_demand"] == pytest.approx(1.0, abs=0.02)

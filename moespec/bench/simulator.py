@@ -9,8 +9,9 @@ time and bytes per token for each policy and cache size:
 
 - "none": on-demand. When layer L routes, its missing experts are queued on the link; each runs
   as soon as it has landed (resident ones first).
-- "lookahead": as "none", and after layer L's attention the guessed experts of the next MoE layer
-  are queued on the link first.
+- "lookahead": as "none", and once layer L's missing experts are on the link, the guessed experts
+  of the next MoE layer are queued behind them (a later demand copy waits for queued guesses:
+  the simulated link is first come, first served, where moespec's CPU link lets demand overtake).
 - "speculative": as "lookahead", but layer L+1 runs the guessed top-k experts instead of the
   true ones (exactness traded for no demand misses).
 
@@ -189,12 +190,6 @@ def simulate(trace: RoutingTrace, cost: CostModel, num_layers: int, capacity: in
         for layer in range(num_layers):
             j = layer % n_trace
             now += cost.dense_layer_s
-            if policy in ("lookahead", "speculative") and layer + 1 < num_layers:
-                guess = trace.guesses[rows, (layer + 1) % n_trace]
-                needed_now = {(layer, e) for e in _tokens_per_expert(trace, j, rows)}
-                for e, _ in sorted(_tokens_per_expert(trace, j, rows, guess).items(), key=lambda x: -x[1]):
-                    if (layer + 1, e) not in cache:
-                        copy((layer + 1, e), now, needed_now, demand=False)
             run_ids = trace.guesses[rows, j][:, :top_k] if policy == "speculative" and layer > 0 else None
             work = _tokens_per_expert(trace, j, rows, run_ids)
             keys = [(layer, e) for e in work]
@@ -208,6 +203,12 @@ def simulate(trace: RoutingTrace, cost: CostModel, num_layers: int, capacity: in
                     queue.pop(0)
 
             issue(now)
+            if policy in ("lookahead", "speculative") and layer + 1 < num_layers and not queue:
+                # guesses for the next layer go on the link after this layer's own misses
+                guess = trace.guesses[rows, (layer + 1) % n_trace]
+                for e, _ in sorted(_tokens_per_expert(trace, j, rows, guess).items(), key=lambda x: -x[1]):
+                    if (layer + 1, e) not in cache:
+                        copy((layer + 1, e), now, set(keys), demand=False)
             while remaining:
                 key = remaining[0]
                 if key not in cache:

@@ -76,6 +76,7 @@ class ExpertCache:
         self.pending: dict[Key, object] = {}  # copies in flight
         self.locked: set[Key] = set()  # needed by the running layer
         self.unused_prefetch: set[Key] = set()
+        self._deferred: dict[int, list[tuple[int, list[int]]]] = {}  # running layer -> guesses to copy once it fetched
         self.pinned: set[Key] = set()  # never evicted until unpinned (draft experts of speculative decoding)
         # most experts per layer that can be pinned while every domain keeps top_k slots for the rest
         self.pin_limit = per_domain - spec.top_k if scope == "layer" else (slots - spec.top_k) // len(layers)
@@ -88,6 +89,7 @@ class ExpertCache:
             dom.clear()
         self.slot_of.clear()
         self.unused_prefetch.clear()
+        self._deferred.clear()
 
     @property
     def capacity(self) -> int:
@@ -107,8 +109,10 @@ class ExpertCache:
     def _weights(self, slot: int) -> ExpertWeights:
         return ExpertWeights(self.gate_up[slot], self.down[slot])
 
-    def _load(self, key: Key) -> bool:
-        """Start copying `key` into a slot (evicting if needed); False if every slot is busy."""
+    def _load(self, key: Key, urgent: bool = True) -> bool:
+        """Start copying `key` into a slot (evicting if needed); False if every slot is busy.
+
+        Urgent copies (a layer waits for them) go ahead of queued prefetches where the link can."""
         dom = self.domains[key[0]]
         if dom.free:
             slot = dom.free.pop()
@@ -128,7 +132,7 @@ class ExpertCache:
         dom.resident.add(key)
         dom.policy.admit(key)
         src = self.store[key]
-        self.pending[key] = self.transfers.copy(src, self._weights(slot), f"L{key[0]} E{key[1]}", slot)
+        self.pending[key] = self.transfers.copy(src, self._weights(slot), f"L{key[0]} E{key[1]}", slot, urgent)
         self.stats[key[0]].bytes_moved += self.store.expert_bytes
         return True
 
@@ -162,16 +166,26 @@ class ExpertCache:
             self.stats[key[0]].stall_seconds += self.transfers.wait(handle, key[0])
 
     def prefetch(self, layer: int, ids: list[int], keep: Iterable[Key] = ()) -> None:
-        """Start copies of experts predicted for `layer`. Never waits; never evicts busy experts
-        nor those in `keep` (the running layer's, which are about to be fetched)."""
-        protected = set(keep) - self.locked
+        """Copy experts predicted for `layer`, never waiting. `keep` names the running layer's
+        experts, which it is about to fetch: the guesses never evict them, and their copies start
+        only once that fetch has put its own missing experts on the link, so a guess never delays
+        an expert needed now. Without `keep` the copies start at once."""
+        keep = set(keep)
+        if keep:
+            running = next(iter(keep))[0]
+            self._deferred.setdefault(running, []).append((layer, ids))
+        else:
+            self._prefetch(layer, ids, set())
+
+    def _prefetch(self, layer: int, ids: list[int], keep: set[Key]) -> None:
+        protected = keep - self.locked
         self.locked |= protected
         try:
             for e in ids:
                 key = (layer, e)
                 if key in self.slot_of:
                     self.domains[layer].policy.touch(key)
-                elif self._load(key):
+                elif self._load(key, urgent=False):
                     self.unused_prefetch.add(key)
                     self.stats[layer].prefetches += 1
         finally:
@@ -190,24 +204,64 @@ class ExpertCache:
         self.unused_prefetch.difference_update(hits)
         self.locked.update(hits)
         in_flight: list[Key] = []
+        guesses = self._deferred.pop(layer, [])
         try:
             def issue() -> None:
                 while misses and self._load(misses[0]):
                     self.locked.add(misses[0])
                     in_flight.append(misses.pop(0))
+                if not misses and guesses:  # this layer's copies are all on the link: now the guesses
+                    for target, guessed in guesses:
+                        self._prefetch(target, guessed, set())
+                    guesses.clear()
 
             issue()
             for key in hits:
                 yield from self._use(key)
                 issue()
-            while in_flight:
+            while in_flight or misses:
+                if not in_flight:  # every slot holds a guess still landing: free one
+                    self._make_room(layer)
+                    issue()
+                    continue
                 key = in_flight.pop(0)
                 yield from self._use(key)
                 issue()
-            if misses:
-                raise RuntimeError("expert cache deadlock: no slot could be freed")  # guarded by the budget check
         finally:
             self.locked.difference_update(keys)
+            self._cancel_wrong_prefetches(layer)
+
+    def _make_room(self, layer: int) -> None:
+        """Free a slot of `layer`'s domain held by a prefetch still in flight: cancel it if it has
+        not reached the link, else wait for it to land (it then becomes evictable)."""
+        dom = self.domains[layer]
+        landing = [k for k in dom.resident if k in self.pending and k not in self.locked and k not in self.pinned]
+        if not landing:
+            raise RuntimeError("expert cache deadlock: no slot could be freed")  # guarded by the budget check
+        for key in landing:
+            if self._cancel(key):
+                return
+        self._wait(landing[0])
+
+    def _cancel_wrong_prefetches(self, layer: int) -> None:
+        """`layer` has run, so its prefetches still unused were wrong guesses for this step: take
+        back those not yet on the link and free their slots (the bytes were never moved)."""
+        for key in [k for k in self.unused_prefetch if k[0] == layer and k in self.pending]:
+            self._cancel(key)
+
+    def _cancel(self, key: Key) -> bool:
+        """Take back a prefetch that has not reached the link and free its slot; False if it has."""
+        if key not in self.unused_prefetch or not self.transfers.cancel(self.pending[key]):
+            return False
+        del self.pending[key]
+        self.unused_prefetch.discard(key)
+        dom = self.domains[key[0]]
+        dom.resident.discard(key)
+        dom.policy.forget(key)
+        dom.free.append(self.slot_of.pop(key))
+        self.stats[key[0]].bytes_moved -= self.store.expert_bytes
+        self.stats[key[0]].cancelled_prefetches += 1
+        return True
 
     def _use(self, key: Key) -> Iterator[tuple[int, ExpertWeights]]:
         self._wait(key)

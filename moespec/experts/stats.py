@@ -12,6 +12,7 @@ class LayerStats:
     prefetch_hits: int = 0  # hits on experts brought in by a prefetch and not used before
     wasted_prefetches: int = 0  # prefetched experts evicted without ever being used
     prefetches: int = 0  # prefetch copies issued
+    cancelled_prefetches: int = 0  # prefetches taken back before reaching the link (not in bytes_moved)
     bytes_moved: int = 0  # host -> device bytes copied (misses and prefetches)
     stall_seconds: float = 0.0  # time compute waited for expert copies
     tokens: int = 0  # tokens routed through the layer

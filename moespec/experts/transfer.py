@@ -9,9 +9,12 @@ measured on machines without a GPU.
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import re
+import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 
 import torch
 
@@ -33,38 +36,89 @@ def _nbytes(w: ExpertWeights) -> int:
     return w.gate_up.numel() * w.gate_up.element_size() + w.down.numel() * w.down.element_size()
 
 
+class _Copy:
+    """One queued copy on the emulated link."""
+
+    def __init__(self, src: ExpertWeights, dst: ExpertWeights, label: str):
+        self.src, self.dst, self.label = src, dst, label
+        self.future: Future = Future()
+        self.started = False  # set under the link's lock when the link thread takes it
+
+
 class CpuTransfers:
-    """One worker thread plays the link: copies run one after another, overlapping compute."""
+    """One worker thread plays the link: copies run one after another, overlapping compute.
+
+    Demand copies (a layer is waiting) go ahead of queued prefetches, and a prefetch that compute
+    starts waiting for is promoted, so wrong guesses never delay a copy the model needs now. A
+    prefetch not yet started can be cancelled once its guess is known to be wrong. A copy already
+    on the link is never interrupted.
+    """
 
     def __init__(self, link_bandwidth: float | None):
         self.bandwidth = link_bandwidth
         self.tracer: Tracer | None = None  # set by LLM.start_trace: one transfer-lane slice per copy
-        self._link = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moespec-link")
+        self._queue: list[tuple[int, int, _Copy]] = []  # heap of (-1 waited on / 0 demand / 1 prefetch, arrival, copy)
+        self._order = itertools.count()
+        self._lock = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._serve, name="moespec-link", daemon=True)
+        self._thread.start()
 
-    def copy(self, src: ExpertWeights, dst: ExpertWeights, label: str, slot: int) -> Future:
-        return self._link.submit(self._run, src, dst, label)
+    def copy(self, src: ExpertWeights, dst: ExpertWeights, label: str, slot: int, urgent: bool = True) -> _Copy:
+        job = _Copy(src, dst, label)
+        with self._lock:
+            heapq.heappush(self._queue, (0 if urgent else 1, next(self._order), job))
+            self._lock.notify()
+        return job
 
-    def _run(self, src: ExpertWeights, dst: ExpertWeights, label: str) -> None:
+    def _serve(self) -> None:
+        while True:
+            with self._lock:
+                while not self._queue and not self._closed:
+                    self._lock.wait()
+                if not self._queue:
+                    return
+                _, _, job = heapq.heappop(self._queue)
+                if job.started or job.future.cancelled():  # promoted duplicate, or cancelled
+                    continue
+                job.started = True
+            try:
+                self._run(job)
+                job.future.set_result(None)
+            except BaseException as exc:  # surfaces in `wait`, on the compute thread
+                job.future.set_exception(exc)
+
+    def _run(self, job: _Copy) -> None:
         start = time.perf_counter()
-        dst.gate_up.copy_(src.gate_up)
-        dst.down.copy_(src.down)
+        job.dst.gate_up.copy_(job.src.gate_up)
+        job.dst.down.copy_(job.src.down)
         if self.bandwidth:
-            time.sleep(max(0.0, start + _nbytes(src) / self.bandwidth - time.perf_counter()))
+            time.sleep(max(0.0, start + _nbytes(job.src) / self.bandwidth - time.perf_counter()))
         if self.tracer:
             t0 = (start - self.tracer.t0) * 1e6
-            self.tracer.slice(TRANSFER_LANE, label, t0, self.tracer.now_us(), bytes=_nbytes(src))
+            self.tracer.slice(TRANSFER_LANE, job.label, t0, self.tracer.now_us(), bytes=_nbytes(job.src))
 
-    def wait(self, handle: Future, layer: int) -> float:
-        """Block until the copy is done; return the seconds compute stalled."""
-        if handle.done():
-            handle.result()
+    def wait(self, handle: _Copy, layer: int) -> float:
+        """Block until the copy is done (moving it to the front if it was still queued); return
+        the seconds compute stalled."""
+        if handle.future.done():
+            handle.future.result()
             return 0.0
         start = time.perf_counter()
-        handle.result()
+        with self._lock:
+            if not handle.started:
+                heapq.heappush(self._queue, (-1, next(self._order), handle))  # this duplicate runs it next
+                self._lock.notify()
+        handle.future.result()
         return time.perf_counter() - start
 
-    def done(self, handle: Future) -> bool:
-        return handle.done()
+    def done(self, handle: _Copy) -> bool:
+        return handle.future.done()
+
+    def cancel(self, handle: _Copy) -> bool:
+        """Drop a copy that has not started; False if it is already on the link or done."""
+        with self._lock:
+            return not handle.started and handle.future.cancel()
 
     def slot_released(self, slot: int) -> None:
         """Compute on the CPU is synchronous: a released slot is free at once."""
@@ -74,7 +128,10 @@ class CpuTransfers:
         return {}
 
     def close(self) -> None:
-        self._link.shutdown(wait=True)
+        with self._lock:
+            self._closed = True
+            self._lock.notify()
+        self._thread.join()
 
 
 class CudaTransfers:
@@ -86,7 +143,9 @@ class CudaTransfers:
         self._slot_free = [None] * slots  # event recorded on the compute stream when a slot was last used
         self._stalls: list[tuple[int, torch.cuda.Event, torch.cuda.Event]] = []
 
-    def copy(self, src: ExpertWeights, dst: ExpertWeights, label: str, slot: int) -> torch.cuda.Event:
+    def copy(self, src: ExpertWeights, dst: ExpertWeights, label: str, slot: int,
+             urgent: bool = True) -> torch.cuda.Event:
+        """Copies on one stream run in issue order: `urgent` cannot reorder them on a GPU."""
         done = torch.cuda.Event()
         with torch.cuda.stream(self.stream):
             if self._slot_free[slot] is not None:
@@ -107,6 +166,10 @@ class CudaTransfers:
 
     def done(self, handle: torch.cuda.Event) -> bool:
         return handle.query()
+
+    def cancel(self, handle: torch.cuda.Event) -> bool:
+        """A copy enqueued on the stream cannot be taken back."""
+        return False
 
     def slot_released(self, slot: int) -> None:
         event = torch.cuda.Event()

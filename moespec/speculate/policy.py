@@ -1,9 +1,10 @@
 """Turning guesses into prefetches, and (optionally) into speculative execution.
 
-At every layer L, once attention is done, a predictor scores the experts of the next `depth` MoE
-layers. In decode steps the `k + extra` best per token, pooled over the batch and ranked by
-predicted mass, are prefetched into the expert cache on the transfer stream while layer L's experts and layer L+1's
-attention compute. When layer L+1 routes, what it really needed is compared with the guesses
+At every layer L, once its router has chosen (right after attention, for a dense layer), a
+predictor scores the experts of the next `depth` MoE layers from the residual stream. In decode
+steps the `k + extra` best per token, pooled over the batch and ranked by predicted mass, are
+prefetched into the expert cache on the transfer stream while layer L's experts and layer L+1's
+attention compute; layer L's own experts are never evicted for them. When layer L+1 routes, what it really needed is compared with the guesses
 (recall per token, precision per batch), then:
 
 - mode "verify" (prefetch-and-verify, exact): the true experts run; wrong guesses cost only bytes.
@@ -65,33 +66,39 @@ class Speculation(ForwardHooks):
         self.guesses: dict[int, dict[int, torch.Tensor]] = {}  # target layer -> depth -> ranked ids [N, width]
         self.prefetched: dict[int, dict[int, list[int]]] = {}
         self.stats = {(t, d): GuessStats() for t in spec.moe_layer_ids for d in range(1, depth + 1)}
+        self._residual: torch.Tensor | None = None  # real tokens' residual at the running layer, after attention
+        self._decoding = False
 
     def after_attention(self, layer: int, x: torch.Tensor, valid: torch.Tensor) -> None:
-        # A prefill step routes many tokens per row, whose guesses together name nearly every expert:
-        # prefetching them would only churn the cache. Guesses are still made (statistics, speculative
-        # execution); copies are started in decode steps only.
-        decoding = x.shape[1] == 1
-        keep = self._running_experts(layer, x[valid]) if decoding else set()
-        for depth, (target, scores) in enumerate(self.predictor.predict(layer, x[valid]).items(), start=1):
+        # An MoE layer guesses once its own router has chosen (in `route`): its experts are then
+        # known, so prefetches can be kept from evicting them. A dense layer guesses now.
+        self._residual = x[valid]
+        if not isinstance(self.model.layers[layer].mlp, MoE):
+            self._guess(layer, keep=set(), decoding=x.shape[1] == 1)
+            self._residual = None
+        else:
+            self._decoding = x.shape[1] == 1
+
+    def _guess(self, layer: int, keep: set[tuple[int, int]], decoding: bool) -> None:
+        """Score the next `depth` MoE layers from the residual at `layer`; prefetch in decode steps.
+
+        A prefill step routes many tokens per row, whose guesses together name nearly every expert:
+        prefetching them would only churn the cache. Guesses are still made (statistics,
+        speculative execution); copies are started in decode steps only.
+        """
+        for depth, (target, scores) in enumerate(self.predictor.predict(layer, self._residual).items(), start=1):
             ranked = scores.topk(self.width, dim=-1).indices
-            mass = torch.zeros(scores.shape[1], device=scores.device).index_add_(
-                0, ranked.flatten(), scores.gather(1, ranked).flatten().float())
-            order = [e for e in mass.argsort(descending=True).tolist() if mass[e] > 0][: self.max_prefetch]
+            if len(ranked) == 1:
+                order = ranked[0].tolist()
+            else:  # pool the batch: experts ranked by the probability mass guessed for them
+                mass = torch.zeros(scores.shape[1], device=scores.device).index_add_(
+                    0, ranked.flatten(), scores.gather(1, ranked).flatten().float())
+                chosen = mass.argsort(descending=True)[: min(self.max_prefetch, int((mass > 0).sum()))]
+                order = chosen.tolist()
             self.guesses.setdefault(target, {})[depth] = ranked
             self.prefetched.setdefault(target, {})[depth] = order
             if decoding:
                 self.cache.prefetch(target, order, keep)
-
-    def _running_experts(self, layer: int, x: torch.Tensor) -> set[tuple[int, int]]:
-        """Experts layer `layer` is about to fetch (its router on x, and any guess it may run instead):
-        prefetches for later layers must not evict them."""
-        block = self.model.layers[layer]
-        if not isinstance(block.mlp, MoE):
-            return set()
-        _, ids = block.mlp.route(block.mlp.gate(block.post_attention_layernorm(x)), block.mlp.top_k)
-        guess = self.guesses.get(layer, {}).get(1)
-        chosen = torch.unique(ids if guess is None else torch.cat([ids, guess[:, : self.k]], dim=1))
-        return {(layer, e) for e in chosen.tolist()}
 
     def route(self, layer, x, weights, ids):
         guesses, prefetched = self.guesses.pop(layer, {}), self.prefetched.pop(layer, {})
@@ -104,11 +111,14 @@ class Speculation(ForwardHooks):
             s.found_in_prefetch += int((ranked[:, :, None] == ids[:, None, :]).any(dim=1).sum())
             s.prefetched += len(prefetched[depth])
             s.prefetched_used += len(needed.intersection(prefetched[depth]))
-        if self.mode == "verify" or 1 not in guesses:
-            return weights, ids
-        guess = guesses[1]
-        new_ids = guess[:, : self.k] if self.mode == "speculative" else self._substitute(layer, ids, guess)
-        return self._weights_for(layer, x, new_ids), new_ids
+        if self.mode != "verify" and 1 in guesses:
+            guess = guesses[1]
+            ids = guess[:, : self.k] if self.mode == "speculative" else self._substitute(layer, ids, guess)
+            weights = self._weights_for(layer, x, ids)
+            needed = set(torch.unique(ids).tolist())
+        self._guess(layer, keep={(layer, e) for e in needed}, decoding=self._decoding)
+        self._residual = None
+        return weights, ids
 
     def _substitute(self, layer: int, ids: torch.Tensor, guess: torch.Tensor) -> torch.Tensor:
         resident = {e for (l, e) in self.cache.ready() if l == layer}
