@@ -162,6 +162,20 @@ def test_demand_copies_overtake_queued_prefetches_and_wrong_guesses_are_taken_ba
     cache.transfers.close()
 
 
+def test_a_layer_whose_slots_all_hold_landing_guesses_still_fetches(model_dir):
+    """Per-layer slots (2 = top-k) both taken by wrong guesses still on a slow link: the layer
+    takes back the queued one and waits out the one on the link instead of failing."""
+    spec = load_spec(model_dir)
+    store = ExpertStore(Checkpoint(model_dir, spec), torch.float32, pin=False)
+    cache = ExpertCache(store, torch.device("cpu"), 2 * spec.num_layers, "lru", "layer",
+                        CpuTransfers(store.expert_bytes / 0.05), ExpertStats(spec.moe_layer_ids))
+    cache.prefetch(1, [6, 7])
+    assert [e for e, _ in cache.fetch(1, [0, 1], tokens=1)] == [0, 1]
+    s = cache.stats[1]
+    assert (s.misses, s.cancelled_prefetches) == (2, 1) and (1, 1) in cache.resident()
+    cache.transfers.close()
+
+
 def test_disk_tier_reads_on_demand(model_dir, exact):
     llm = LLM(model_dir, expert_cache="25%", expert_tier="disk", host_cache=2)
     assert llm.store.disk_reads == 0
