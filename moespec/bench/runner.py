@@ -78,18 +78,28 @@ def compute_reference(llm: LLM, prompts: list[list[int]], new_tokens: int) -> fl
     return generator.stats.decode_seconds / generator.stats.decode_steps
 
 
-def one_run(llm: LLM, policy: str, prompts: list[list[int]], new_tokens: int) -> dict:
+def prefill_bytes(llm: LLM, policy: str, prompts: list[list[int]]) -> int:
+    """Bytes a cold-cache prefill moves under `policy` (a run that stops after the first token)."""
+    llm.set_policy(**POLICIES[policy])
+    llm.reset()
+    llm.generate(prompts, max_new_tokens=1, ignore_eos=True)
+    return llm.stats()["bytes_moved"]
+
+
+def one_run(llm: LLM, policy: str, prompts: list[list[int]], new_tokens: int, prefill: int) -> dict:
+    """One cold-cache run; bytes are the decode phase's (`prefill` bytes subtracted)."""
     llm.set_policy(**POLICIES[policy])
     llm.reset()
     llm.generate(prompts, max_new_tokens=new_tokens, ignore_eos=True)
     _sync(llm)
     s = llm.stats()
     total = s["prefill_seconds"] + s["decode_seconds"]
+    decode_bytes = s["bytes_moved"] - prefill
     return {
         "seconds_per_step": s["decode_seconds"] / s["decode_steps"],
         "prefill_tokens_per_s": s["prompt_tokens"] / s["prefill_seconds"],
-        "bytes_per_token": s["bytes_moved"] / s["generated_tokens"],
-        "bytes_per_step": s["bytes_moved"] / s["decode_steps"],
+        "bytes_per_token": decode_bytes / (s["generated_tokens"] - len(prompts)),
+        "bytes_per_step": decode_bytes / s["decode_steps"],
         "hit_rate": s["hit_rate"],
         "stall_share": s["stall_seconds"] / total,
         "recall_at_k": s.get("speculation", {}).get("total", {}).get("depth 1", {}).get("recall_at_k"),
@@ -111,13 +121,14 @@ def bench(llm: LLM, prompts_for: callable, cfg: BenchConfig) -> dict:
                "total_experts": len(llm.store.keys), "expert_bytes": llm.store.expert_bytes, "batches": {}}
     for batch in cfg.batch_sizes:
         prompts = prompts_for(batch)
+        prefill = {policy: prefill_bytes(llm, policy, prompts) for policy in cfg.policies}
         for _ in range(cfg.warmup):
             for policy in cfg.policies:
-                one_run(llm, policy, prompts, 4)
+                one_run(llm, policy, prompts, 4, prefill[policy])
         runs: dict[str, list[dict]] = {p: [] for p in cfg.policies}
         for _ in range(cfg.repeats):
             for policy in cfg.policies:
-                runs[policy].append(one_run(llm, policy, prompts, cfg.new_tokens))
+                runs[policy].append(one_run(llm, policy, prompts, cfg.new_tokens, prefill[policy]))
         compute = compute_reference(llm, prompts, cfg.new_tokens)
         rows = {p: _summary(r) for p, r in runs.items()}
         base = rows.get("none")
