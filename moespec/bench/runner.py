@@ -63,19 +63,22 @@ def _sync(llm: LLM) -> None:
         torch.cuda.synchronize(llm.device)
 
 
-def compute_reference(llm: LLM, prompts: list[list[int]], new_tokens: int) -> float:
-    """Seconds per decode step with every expert resident: no copies at all."""
+def compute_reference(llm: LLM, prompts: list[list[int]], new_tokens: int, repeats: int) -> float:
+    """Seconds per decode step with every expert resident (no copies at all): median of `repeats` runs."""
     saved = llm._policy
     llm.set_policy()
     generator = Generator(llm.model, ResidentExperts(llm.store, llm.device, ExpertStats(llm.spec.moe_layer_ids)),
                           None, llm.context_length, llm.device)
     params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
     generator.generate(prompts, SamplingParams(max_new_tokens=2, ignore_eos=True))  # warm-up
-    generator.stats = type(generator.stats)()
-    generator.generate(prompts, params)
-    _sync(llm)
+    steps = []
+    for _ in range(repeats):
+        generator.stats = type(generator.stats)()
+        generator.generate(prompts, params)
+        _sync(llm)
+        steps.append(generator.stats.decode_seconds / generator.stats.decode_steps)
     llm.set_policy(*saved)
-    return generator.stats.decode_seconds / generator.stats.decode_steps
+    return statistics.median(steps)
 
 
 def prefill_bytes(llm: LLM, policy: str, prompts: list[list[int]]) -> int:
@@ -129,7 +132,7 @@ def bench(llm: LLM, prompts_for: callable, cfg: BenchConfig) -> dict:
         for _ in range(cfg.repeats):
             for policy in cfg.policies:
                 runs[policy].append(one_run(llm, policy, prompts, cfg.new_tokens, prefill[policy]))
-        compute = compute_reference(llm, prompts, cfg.new_tokens)
+        compute = compute_reference(llm, prompts, cfg.new_tokens, cfg.repeats)
         rows = {p: _summary(r) for p, r in runs.items()}
         base = rows.get("none")
         required = base["bytes_per_step"] if base else None

@@ -36,6 +36,8 @@ import numpy as np
 import torch
 
 from ..errors import MoespecError
+from ..experts.base import ExpertWeights
+from ..experts.transfer import CpuTransfers
 from ..model.moe import expert_forward
 from ..spec import ModelSpec
 from ..speculate.traces import RoutingTrace
@@ -112,7 +114,7 @@ class CpuTimings:
 
 def measure_cpu(llm) -> CpuTimings:
     """Expert call times on the model's own weights (a + b·tokens, fitted over 1..64 tokens) and the
-    cost of one expert copy: the emulated link's bytes / bandwidth plus the measured memcpy."""
+    cost of one expert copy: the median round trip through moespec's own (emulated) link."""
     w = llm.store[llm.store.keys[0]]
     counts = [1, 4, 16, 64]
     inputs = {n: torch.randn(n, llm.spec.hidden_size, dtype=llm.dtype) for n in counts}
@@ -120,10 +122,15 @@ def measure_cpu(llm) -> CpuTimings:
         _time(lambda: expert_forward(inputs[64], w.gate_up, w.down))
     times = [_time(lambda n=n: expert_forward(inputs[n], w.gate_up, w.down)) for n in counts]
     per_token, fixed = np.polyfit(counts, times, 1)
-    dst_gate_up, dst_down = torch.empty_like(w.gate_up), torch.empty_like(w.down)
-    memcpy = _time(lambda: (dst_gate_up.copy_(w.gate_up), dst_down.copy_(w.down)))
-    bandwidth = llm.link_bandwidth or float("inf")
-    return CpuTimings(max(float(fixed), 0.0), max(float(per_token), 0.0), llm.store.expert_bytes / bandwidth + memcpy)
+    dst = ExpertWeights(torch.empty_like(w.gate_up), torch.empty_like(w.down))
+    link = CpuTransfers(llm.link_bandwidth)
+    roundtrips = []
+    for _ in range(30):  # the whole copy as compute sees it: hand-off, memcpy, emulated wire, wake-up
+        start = time.perf_counter()
+        link.wait(link.copy(w, dst, "calibration", 0), 0)
+        roundtrips.append(time.perf_counter() - start)
+    link.close()
+    return CpuTimings(max(float(fixed), 0.0), max(float(per_token), 0.0), statistics.median(roundtrips))
 
 
 def cpu_cost(llm, timings: CpuTimings, compute_ms_per_step: float, batch: int, trace: RoutingTrace) -> CostModel:
