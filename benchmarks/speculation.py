@@ -34,7 +34,7 @@ def ensure_artifacts(model: Path) -> dict:
     est_path = model / ESTIMATOR_FILE
     meta = json.loads(est_path.with_suffix(".json").read_text()) if est_path.is_file() else {}
     if meta.get("depth", 0) < DEPTH:
-        est, meta = fit(llm.model, record_trace(llm, training_ids(llm, 32768), hidden=True), depth=DEPTH, steps=400)
+        est, meta = fit(llm.model, record_trace(llm, training_ids(llm, 262144), hidden=True), depth=DEPTH)
         est.save(est_path)
         est_path.with_suffix(".json").write_text(json.dumps(meta, indent=2) + "\n")
     report["estimator_training"] = {k: v for k, v in meta.items() if k != "loss_curve"}

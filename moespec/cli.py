@@ -171,10 +171,14 @@ def cmd_fit_estimator(args: argparse.Namespace) -> None:
 
     llm = _load(args)
     trace = RoutingTrace.load(args.routes) if args.routes else record_trace(llm, training_ids(llm, args.tokens), True)
-    est, report = fit(llm.model, trace, depth=args.depth, mlp=args.mlp, steps=args.steps)
+    options = {k: getattr(args, k) for k in ("mlp", "steps", "lr", "batch") if getattr(args, k) is not None}
+    est, report = fit(llm.model, trace, depth=args.depth, **options)
     out = Path(args.out or llm.path / ESTIMATOR_FILE)
     est.save(out)
     report_path = out.with_suffix(".json")
+    source = f"--routes {args.routes}" if args.routes else f"--tokens {args.tokens}"
+    report["command"] = (f"moespec fit-estimator --model {args.model or llm.path} {source} --depth {args.depth} "
+                         f"--mlp {report['mlp']} --steps {report['steps']} --lr {report['lr']} --batch {report['batch']}")
     report_path.write_text(json.dumps(report, indent=2) + "\n")
     print(f"estimators written to {out} (report {report_path}); loss {report['loss_first']:.3f} -> "
           f"{report['loss_last']:.3f}", file=sys.stderr)
@@ -402,10 +406,13 @@ def build_parser() -> argparse.ArgumentParser:
     f = sub.add_parser("fit-estimator", help="train learned expert estimators from routing traces")
     _engine_args(f)
     f.add_argument("--routes", default=None, help="routes.npz recorded with `trace --hidden` (default: record now)")
-    f.add_argument("--tokens", type=int, default=32768, help="training-split tokens to trace if no --routes")
+    f.add_argument("--tokens", type=int, default=262144, help="training-split tokens to trace if no --routes")
     f.add_argument("--depth", type=int, default=1)
-    f.add_argument("--mlp", type=int, default=0, help="hidden width of an MLP correction (0 = linear)")
-    f.add_argument("--steps", type=int, default=300)
+    # unset: estimators.fit's defaults, the configuration the shipped estimators were trained with
+    f.add_argument("--mlp", type=int, default=None, help="hidden width of the MLP correction (0 = linear; default 512)")
+    f.add_argument("--steps", type=int, default=None, help="default 3000")
+    f.add_argument("--lr", type=float, default=None, help="Adam learning rate, cosine decay to 5%% of it (default 0.01)")
+    f.add_argument("--batch", type=int, default=None, help="tokens per step (default 2048)")
     f.add_argument("--out", default=None, help="default: MODEL/estimators.safetensors")
     f.set_defaults(func=cmd_fit_estimator)
 

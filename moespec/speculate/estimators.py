@@ -2,15 +2,22 @@
 
 One small head per (source layer, depth). A head is linear, initialised to exactly what router
 lookahead computes (layer L+d's router applied to layer L's normed residual is linear in layer L's
-router input: W_{L+d} · diag(g_{L+d} / g_L) where g are the RMSNorm weights), optionally plus a
-2-layer MLP whose output starts at zero. Training therefore starts from the lookahead's answer and
-only learns the correction. Targets are the router's top-k weights as a distribution (distillation
-of the true routing), so the loss is a cross-entropy over experts.
+router input: W_{L+d} · diag(g_{L+d} / g_L) where g are the RMSNorm weights), plus (by default)
+a 2-layer MLP whose output starts at zero. Training therefore starts from the lookahead's answer
+and only learns the correction. Targets are the router's top-k weights as a distribution
+(distillation of the true routing), so the loss is a cross-entropy over experts; Adam with a
+cosine learning-rate decay.
+
+The MLP correction is most of the gain over linear heads (held-out depth-1 recall@k on
+tiny-mixtral: 0.877 linear, 0.92 with a 256-512 wide MLP). Layer L's own router probabilities as
+extra inputs were tried and moved held-out recall by < 0.3 points, so the input stays the router
+input alone.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -107,10 +114,17 @@ def recall_at_k(scores: torch.Tensor, true_ids: torch.Tensor, width: int) -> flo
     return (guess[:, :, None] == true_ids[:, None, :]).any(dim=1).float().mean().item()
 
 
-def fit(model: Transformer, trace: RoutingTrace, depth: int = 1, mlp: int = 0, steps: int = 300,
-        lr: float = 3e-3, batch: int = 1024, val_share: float = 0.1, seed: int = 0) -> tuple[Estimators, dict]:
+MLP_WIDTH = 512  # defaults of `fit` and `moespec fit-estimator` (the shipped models' configuration)
+STEPS = 3000
+LR = 1e-2
+BATCH = 2048
+
+
+def fit(model: Transformer, trace: RoutingTrace, depth: int = 1, mlp: int = MLP_WIDTH, steps: int = STEPS,
+        lr: float = LR, batch: int = BATCH, val_share: float = 0.1, seed: int = 0) -> tuple[Estimators, dict]:
     """Train estimators on a routing trace recorded with hidden states; return them and a report
-    with the loss curve and, per head, the train / validation recall@k of lookahead and estimator."""
+    with the loss curve and, per head, the train / validation recall@k of lookahead and estimator.
+    The learning rate decays from `lr` to 5% of it along a cosine."""
     if trace.hidden is None:
         raise MoespecError("the trace has no hidden states: record it with `moespec trace --hidden`")
     spec = model.spec
@@ -142,6 +156,7 @@ def fit(model: Transformer, trace: RoutingTrace, depth: int = 1, mlp: int = 0, s
 
     before = evaluate()
     opt = torch.optim.Adam(est.heads.parameters(), lr=lr)
+    decay = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * i / steps)))
     curve = []
     train_idx = splits["train"]
     for step in range(steps):
@@ -151,9 +166,10 @@ def fit(model: Transformer, trace: RoutingTrace, depth: int = 1, mlp: int = 0, s
         opt.zero_grad()
         loss.backward()
         opt.step()
+        decay.step()
         curve.append(loss.item())
     after = evaluate()
     report = {"loss_first": curve[0], "loss_last": sum(curve[-10:]) / min(10, len(curve)), "loss_curve": curve[::10],
               "heads": {k: {"lookahead": before[k], "estimator": after[k]} for k in est.heads},
-              "tokens": n, "depth": depth, "mlp": mlp}
+              "tokens": n, "depth": depth, "mlp": mlp, "steps": steps, "lr": lr, "batch": batch}
     return est.eval(), report
