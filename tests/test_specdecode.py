@@ -189,8 +189,26 @@ def test_draft_experts_are_pinned_and_refreshed_without_copies(model_dir):
                     draft_experts=2, draft_policy="static_hot")
     assert static.spec_decoder.draft.swaps == 0
     # switching the settings releases the old set's pins
-    static.generate(PROMPTS[:1], max_new_tokens=4, speculative="self", draft_experts=1)
+    static.generate(PROMPTS[:1], max_new_tokens=4, speculative="self", gamma=2, draft_experts=1)
     assert len(static.experts.pinned) == 3
+
+
+def test_released_draft_set_scores_what_it_missed_and_fills_again(model_dir):
+    llm = LLM(model_dir, expert_cache="50%")
+    live, released = (DraftExperts(llm.experts, [0], 8, 2, "hot_temporal", torch.device("cpu")) for _ in range(2))
+    released.fill(None)
+    assert len(llm.experts.pinned) == 2
+    released.release()
+    assert not llm.experts.pinned and not released.members[0] and not released.filled
+    live.fill(None)
+    rng = torch.Generator().manual_seed(0)
+    for n in (5, 1, 1, 3, 1):  # routing seen while one set is pinned (scored at once), one is not (deferred)
+        ids = torch.randint(0, 8, (n, 2), generator=rng)
+        live.observe(0, ids)
+        released.observe(0, ids)
+    released.fill(None)
+    assert released.scores[0] == pytest.approx(live.scores[0])
+    assert released.fills == 2 and len(released.members[0]) == 2
 
 
 def test_routed_experts_map_to_their_nearest_draft_expert(model_dir):
@@ -244,26 +262,69 @@ def test_router_affinity_reroutes_among_draft_experts(model_dir):
         draft.reset()
 
 
-def simulate(chooser: GammaChooser, cost, alpha: float, steps: int, rows: int = 1) -> list[int]:
-    """Drive a chooser with a cost model and a per-token acceptance `alpha` (expected counts)."""
+def simulate(chooser: GammaChooser, cost, alpha: float, steps: int, rows: int = 1, draft=None) -> list[int]:
+    """Drive a chooser with step costs cost(γ), draft(γ) of them drafting (default: all beyond a
+    plain step's cost), and a per-token acceptance `alpha` (expected counts)."""
+    draft = draft or (lambda g: cost(g) - cost(0))
     chosen = []
     for _ in range(steps):
         g = chooser.choose(rows)
         kept = sum(alpha ** i for i in range(1, g + 1))
-        chooser.observe(g, rows, round(rows * kept), round(rows * (kept + 1 - alpha ** g)) if g else 0, cost(g))
+        chooser.observe(g, rows, round(rows * kept), round(rows * (kept + 1 - alpha ** g)) if g else 0, cost(g),
+                        draft(g))
         chosen.append(g)
     return chosen
 
 
 def test_adaptive_gamma_finds_the_best_and_turns_speculation_off():
     # verification costs little more than a plain step (large batch): drafting pays
-    chosen = simulate(GammaChooser("auto"), lambda g: 1.0 + 0.05 * g + (0.2 if g else 0), alpha=0.8, steps=60, rows=64)
+    chosen = simulate(GammaChooser("auto"), lambda g: 1.0 + 0.05 * g + (0.2 if g else 0), alpha=0.8, steps=60, rows=64,
+                      draft=lambda g: 0.05 * g)
     best = max(range(11), key=lambda g: (1 - 0.8 ** (g + 1)) / 0.2 / (1.0 + 0.05 * g + (0.2 if g else 0)))
     assert chosen[-10:].count(best) >= 7
     # every drafted token costs a whole extra step (batch 1, slow link): plain decoding wins
     chosen = simulate(GammaChooser("auto"), lambda g: 1.0 + 0.8 * g, alpha=0.5, steps=60)
     assert chosen[-10:].count(0) >= 8
     assert simulate(GammaChooser(3), lambda g: 1.0, alpha=0.5, steps=5) == [3] * 5
+
+
+def test_auto_turns_speculation_off_when_it_cannot_pay():
+    """Drafts that are never accepted, or that are accepted but cost a plain step each: plain
+    decoding, with probes that get rarer as they keep failing."""
+    for alpha, cost in ((0.0, lambda g: 1.0 + 0.05 * g), (0.9, lambda g: 1.0 + 1.0 * g)):
+        chosen = simulate(GammaChooser("auto"), cost, alpha=alpha, steps=400, rows=16)
+        assert chosen[:3] == [0, 0, 0] and chosen[3] > 0  # plain is measured first, then drafting is tried
+        probes = [i for i, g in enumerate(chosen) if g]
+        assert len(probes) <= 8, probes
+        gaps = [b - a for a, b in zip(probes, probes[1:])]
+        assert gaps == sorted(gaps) and gaps[-1] >= 64, gaps  # each failure doubles the wait
+
+
+def test_auto_releases_the_draft_set_when_drafts_are_never_accepted(model_dir, monkeypatch):
+    """End to end: every draft rejected (the target's argmax + 1 is verified instead), so auto
+    runs plain steps with the draft experts unpinned, and the output is still plain greedy."""
+    import moespec.decode.specdecode as sd
+
+    def reject_all(logits, drafts, draft_probs, gammas, params, generator):
+        wrong = (logits[:, :-1].argmax(dim=-1) + 1) % logits.shape[-1]
+        return accept(logits, wrong, draft_probs, gammas, params, generator)
+
+    accept = sd.accept
+    monkeypatch.setattr(sd, "accept", reject_all)
+    llm = LLM(model_dir, expert_cache="50%")
+    prompts = PROMPTS[:3]
+    plain = llm.generate(prompts, max_new_tokens=40, ignore_eos=True)
+    llm.reset()
+    got = llm.generate(prompts, max_new_tokens=40, ignore_eos=True, speculative="self", gamma="auto", draft_experts=2)
+    assert [o.token_ids for o in got] == [o.token_ids for o in plain]
+    s = llm.stats()["speculative_decoding"]
+    assert s["accepted"] == 0 and s["drafted"] > 0  # drafting was tried...
+    assert s["plain_steps"] >= s["steps"] - 3  # ...and turned off
+    assert not llm.experts.pinned and not llm.spec_decoder.draft.filled  # the whole cache serves plain steps
+    # the per-token figures are per generated token, not per step
+    d = llm.generator.stats
+    assert d.decoded_tokens == 3 * 39 and d.decode_steps >= 39
+    assert llm.stats()["decode_seconds_per_token"] == pytest.approx(d.decode_seconds / d.decoded_tokens)
 
 
 def test_bad_settings_are_clear_errors(model_dir):

@@ -36,6 +36,14 @@ class DecodeStep(Protocol):
         ...
 
 
+def plain_step(model: Transformer, experts: ExpertProvider, cache: KVCache, pending: torch.Tensor,
+               running: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> list[list[int]]:
+    """One forward pass, one new token per running row (speculative decoding's steps with γ = 0 too)."""
+    hidden = model(pending[:, None], cache, experts, valid=running[:, None])
+    new = sample(model.logits(hidden[:, 0]), params, generator).tolist()
+    return [[tok] if run else [] for tok, run in zip(new, running.tolist())]
+
+
 @dataclass
 class Completion:
     token_ids: list[int]
@@ -47,14 +55,16 @@ class Completion:
 @dataclass
 class DecodeStats:
     prompt_tokens: int = 0
-    generated_tokens: int = 0
+    generated_tokens: int = 0  # every row's tokens, the one sampled after the prefill included
+    decoded_tokens: int = 0  # of those, the ones decode steps made (what decode_seconds bought)
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
-    decode_steps: int = 0
+    decode_steps: int = 0  # a step gives each running row one token, or several when speculative
 
     def as_dict(self) -> dict[str, float]:
         d = dict(self.__dict__)
-        d["decode_seconds_per_token"] = self.decode_seconds / max(self.decode_steps, 1)
+        d["decode_seconds_per_token"] = self.decode_seconds / max(self.decoded_tokens, 1)
+        d["decode_seconds_per_step"] = self.decode_seconds / max(self.decode_steps, 1)
         return d
 
 
@@ -145,10 +155,8 @@ class Generator:
 
     def decode_step(self, cache: KVCache, pending: torch.Tensor, running: torch.Tensor, remaining: torch.Tensor,
                     params: SamplingParams, generator: torch.Generator | None) -> list[list[int]]:
-        """Plain decoding (a DecodeStep): one forward pass, one new token per running row."""
-        hidden = self.model(pending[:, None], cache, self.experts, valid=running[:, None])
-        new = sample(self.model.logits(hidden[:, 0]), params, generator).tolist()
-        return [[tok] if run else [] for tok, run in zip(new, running.tolist())]
+        """Plain decoding (a DecodeStep)."""
+        return plain_step(self.model, self.experts, cache, pending, running, params, generator)
 
     @torch.inference_mode()
     def generate(self, prompts: list[list[int]], params: SamplingParams,
@@ -193,4 +201,5 @@ class Generator:
             self.stats.decode_steps += 1
         self.stats.decode_seconds += time.perf_counter() - t0
         self.stats.generated_tokens += sum(len(r.token_ids) for r in rows)
+        self.stats.decoded_tokens += sum(len(r.token_ids) for r in rows) - B
         return [Completion(r.token_ids, r.stream.text, r.prompt, r.finish_reason) for r in rows]

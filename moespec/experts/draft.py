@@ -15,10 +15,14 @@ instance over the link. How the set is refreshed (`policy`):
   verification has it on the device, so refreshing never moves a byte.
 - "static_hot": the most routed-to experts of the first prompts' prefill, then fixed.
 - "random": a seeded random set, fixed (the comparison point).
+
+While adaptive γ has speculation off the set is released (unpinned, scores kept) and filled again
+when drafting resumes.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from typing import Iterator, Protocol
 
 import torch
@@ -78,40 +82,72 @@ class DraftExperts:
         self.source, self.layers, self.num_experts, self.per_layer = source, layers, num_experts, per_layer
         self.policy, self.device, self.decay, self.seed = policy, device, decay, seed
         self.members: dict[int, list[int]] = {}
-        self.distances: dict[int, torch.Tensor] | None = None  # the affinity table `fill` was given
         self.reset()
 
     def reset(self) -> None:
         """Unpin every draft expert and forget scores and counters: a cold start (new settings, or
         LLM.reset). The next `fill` chooses the set again."""
-        for layer, members in self.members.items():
-            for e in members:
-                self.source.unpin((layer, e))
+        self.release()
         rng = torch.Generator().manual_seed(self.seed)
         # plain floats: `offer` compares a few of them per expert the verify pass uses
         self.scores = {layer: torch.rand(self.num_experts, generator=rng).tolist() if self.policy == "random"
                        else [0.0] * self.num_experts for layer in self.layers}
         self.members = {layer: [] for layer in self.layers}
+        # ids routed while no set was pinned, scored at the next fill; older passes weigh < decay^64
+        self.unscored = {layer: deque(maxlen=64) for layer in self.layers}
         self.substitute: dict[int, torch.Tensor] = {}  # layer -> [E] routed id -> draft id, on the device
         self.member_ids: dict[int, torch.Tensor] = {}  # layer -> draft ids, on the device
-        self.filled = False
+        self.distances: dict[int, torch.Tensor] | None = None  # the affinity table `fill` was given
+        self.fills = 0  # `fill` calls since the reset (a released set is filled again)
         self.swaps = 0  # hot_temporal refreshes
         self.routed = 0  # routed (token, k) choices seen by draft passes
         self.substituted = torch.zeros((), dtype=torch.long, device=self.device)  # of those, replaced
 
+    def release(self) -> None:
+        """Unpin the draft set, keeping scores and the affinity table: speculation is off, so plain
+        steps get the whole cache as plain decoding would. The next `fill` pins the best-scored set
+        again, copying only those members that were evicted meanwhile."""
+        for layer, members in self.members.items():
+            for e in members:
+                self.source.unpin((layer, e))
+            members.clear()
+        self.filled = False
+
     def observe(self, layer: int, ids: torch.Tensor) -> None:
-        """The target model routed ids [N, k] at `layer` (prefill or verification): update the scores."""
-        if self.policy == "random" or (self.policy == "static_hot" and self.filled):
+        """The target model routed ids [N, k] at `layer` (prefill, verification or a plain step):
+        update the scores. While no set is pinned (before the first fill, or released) nothing
+        reads them, so the ids are only kept and counted at the next `fill`: plain steps then cost
+        what plain decoding costs."""
+        if self.policy == "random" or (self.policy == "static_hot" and self.fills):
+            return
+        if not self.filled:
+            self.unscored[layer].append(ids)
             return
         counts = torch.bincount(ids.flatten(), minlength=self.num_experts).tolist()
         self.scores[layer] = [self.decay * s + c for s, c in zip(self.scores[layer], counts)]
+
+    def _score_unscored(self, layer: int) -> None:
+        """Fold the ids kept while no set was pinned into the scores, as `observe` would have:
+        the i-th of n passes weighs decay^(n-1-i), all in one weighted bincount."""
+        kept = self.unscored[layer]
+        if not kept:
+            return
+        n = len(kept)
+        ids = torch.cat([i.flatten() for i in kept])
+        ages = torch.cat([torch.full((i.numel(),), n - 1 - j, dtype=torch.float64, device=ids.device)
+                          for j, i in enumerate(kept)])
+        counts = torch.bincount(ids, weights=self.decay ** ages, minlength=self.num_experts).tolist()
+        self.scores[layer] = [self.decay ** n * s + c for s, c in zip(self.scores[layer], counts)]
+        kept.clear()
 
     def fill(self, distances: dict[int, torch.Tensor] | None) -> None:
         """Give every layer its N draft experts, the best-scored first (copied in if not resident);
         `distances[layer][e, m]`: how badly draft expert m stands in for routed expert e (None when
         drafts route with `restrict` instead of a table)."""
         self.distances = distances
+        self.fills += 1
         for layer, members in self.members.items():
+            self._score_unscored(layer)
             for e in sorted(range(self.num_experts), key=lambda e: -self.scores[layer][e])[: self.per_layer]:
                 if not self.source.pin((layer, e)):
                     raise RuntimeError(f"no slot for draft expert {e} of layer {layer}")  # pin_limit prevents this
@@ -176,5 +212,6 @@ class DraftExperts:
 
     def summary(self) -> dict:
         return {"draft_experts_per_layer": self.per_layer, "draft_policy": self.policy, "draft_swaps": self.swaps,
+                "draft_fills": self.fills,
                 "draft_substitution_rate": int(self.substituted) / max(self.routed, 1),
                 "draft_members": {layer: sorted(m) for layer, m in self.members.items()}}
