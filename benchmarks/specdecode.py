@@ -28,6 +28,7 @@ import torch
 from moespec import LLM
 from moespec.bench.corpus import heldout_ids
 from moespec.bench.routes import record_trace
+from moespec.bench.runner import prefill_bytes
 from moespec.bench.simulator import HARDWARE, roofline, simulate
 from moespec.bench.synthetic import preset_spec
 
@@ -74,14 +75,6 @@ def run(llm: LLM, method: str, prompts: list[list[int]], new_tokens: int) -> tup
     return row, [o.token_ids for o in out]
 
 
-def prefill_bytes(llm: LLM, method: str, prompts: list[list[int]]) -> int:
-    """Bytes a cold prefill moves with this method's prefetch policy (speculation starts after it)."""
-    llm.set_policy(**METHODS[method][0])
-    llm.reset()
-    llm.generate(prompts, max_new_tokens=1, ignore_eos=True)
-    return llm.stats()["bytes_moved"]
-
-
 def measure(llm: LLM, methods: list[str], batches: list[int], prompt_tokens: int, new_tokens: int,
             repeats: int) -> dict:
     results = {}
@@ -97,7 +90,7 @@ def measure(llm: LLM, methods: list[str], batches: list[int], prompt_tokens: int
                 runs[method].append(row)
         rows = {}
         for method, rs in runs.items():
-            before = prefill_bytes(llm, method, prompts)
+            before = prefill_bytes(llm, METHODS[method][0], prompts)  # speculation starts after the prefill
             row = {k: statistics.median(r[k] for r in rs) for k in rs[0]}
             row["tokens_per_s_min"], row["tokens_per_s_max"] = (f(r["tokens_per_s"] for r in rs) for f in (min, max))
             row["bytes_per_token"] = (row.pop("bytes_moved") - before) / row["decoded_tokens"]

@@ -81,9 +81,10 @@ def compute_reference(llm: LLM, prompts: list[list[int]], new_tokens: int, repea
     return statistics.median(steps)
 
 
-def prefill_bytes(llm: LLM, policy: str, prompts: list[list[int]]) -> int:
-    """Bytes a cold-cache prefill moves under `policy` (a run that stops after the first token)."""
-    llm.set_policy(**POLICIES[policy])
+def prefill_bytes(llm: LLM, policy: dict, prompts: list[list[int]]) -> int:
+    """Bytes a cold-cache prefill moves under `policy` (LLM.set_policy arguments): a run that stops
+    after the first token."""
+    llm.set_policy(**policy)
     llm.reset()
     llm.generate(prompts, max_new_tokens=1, ignore_eos=True)
     return llm.stats()["bytes_moved"]
@@ -101,7 +102,7 @@ def one_run(llm: LLM, policy: str, prompts: list[list[int]], new_tokens: int, pr
     return {
         "seconds_per_step": s["decode_seconds"] / s["decode_steps"],
         "prefill_tokens_per_s": s["prompt_tokens"] / s["prefill_seconds"],
-        "bytes_per_token": decode_bytes / (s["generated_tokens"] - len(prompts)),
+        "bytes_per_token": decode_bytes / s["decoded_tokens"],
         "bytes_per_step": decode_bytes / s["decode_steps"],
         "hit_rate": s["hit_rate"],
         "stall_share": s["stall_seconds"] / total,
@@ -124,7 +125,7 @@ def bench(llm: LLM, prompts_for: callable, cfg: BenchConfig) -> dict:
                "total_experts": len(llm.store.keys), "expert_bytes": llm.store.expert_bytes, "batches": {}}
     for batch in cfg.batch_sizes:
         prompts = prompts_for(batch)
-        prefill = {policy: prefill_bytes(llm, policy, prompts) for policy in cfg.policies}
+        prefill = {policy: prefill_bytes(llm, POLICIES[policy], prompts) for policy in cfg.policies}
         for _ in range(cfg.warmup):
             for policy in cfg.policies:
                 one_run(llm, policy, prompts, 4, prefill[policy])

@@ -121,13 +121,9 @@ class ExpertCache:
             if not candidates:
                 return False
             victim = dom.policy.victim(candidates)
-            self.pending.pop(victim, None)
-            slot = self.slot_of.pop(victim)
-            dom.resident.discard(victim)
-            dom.policy.forget(victim)
             if victim in self.unused_prefetch:
-                self.unused_prefetch.discard(victim)
                 self.stats[victim[0]].wasted_prefetches += 1
+            slot = self._release(victim)
         self.slot_of[key] = slot
         dom.resident.add(key)
         dom.policy.admit(key)
@@ -253,15 +249,19 @@ class ExpertCache:
         """Take back a prefetch that has not reached the link and free its slot; False if it has."""
         if key not in self.unused_prefetch or not self.transfers.cancel(self.pending[key]):
             return False
-        del self.pending[key]
-        self.unused_prefetch.discard(key)
-        dom = self.domains[key[0]]
-        dom.resident.discard(key)
-        dom.policy.forget(key)
-        dom.free.append(self.slot_of.pop(key))
+        self.domains[key[0]].free.append(self._release(key))
         self.stats[key[0]].bytes_moved -= self.store.expert_bytes
         self.stats[key[0]].cancelled_prefetches += 1
         return True
+
+    def _release(self, key: Key) -> int:
+        """Forget `key` (evicted, or its copy cancelled); return the slot it held."""
+        dom = self.domains[key[0]]
+        self.pending.pop(key, None)
+        self.unused_prefetch.discard(key)
+        dom.resident.discard(key)
+        dom.policy.forget(key)
+        return self.slot_of.pop(key)
 
     def _use(self, key: Key) -> Iterator[tuple[int, ExpertWeights]]:
         self._wait(key)

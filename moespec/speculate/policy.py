@@ -4,8 +4,8 @@ At every layer L, once its router has chosen (right after attention, for a dense
 predictor scores the experts of the next `depth` MoE layers from the residual stream. In decode
 steps the `k + extra` best per token, pooled over the batch and ranked by predicted mass, are
 prefetched into the expert cache on the transfer stream while layer L's experts and layer L+1's
-attention compute; layer L's own experts are never evicted for them. When layer L+1 routes, what it really needed is compared with the guesses
-(recall per token, precision per batch), then:
+attention compute; layer L's own experts are never evicted for them. When layer L+1 routes,
+what it really needed is compared with the guesses (recall per token, precision per batch), then:
 
 - mode "verify" (prefetch-and-verify, exact): the true experts run; wrong guesses cost only bytes.
 - mode "speculative": the guessed top-k experts (depth-1 guess) run instead of the true ones.
@@ -66,27 +66,27 @@ class Speculation(ForwardHooks):
         self.guesses: dict[int, dict[int, torch.Tensor]] = {}  # target layer -> depth -> ranked ids [N, width]
         self.prefetched: dict[int, dict[int, list[int]]] = {}
         self.stats = {(t, d): GuessStats() for t in spec.moe_layer_ids for d in range(1, depth + 1)}
-        self._residual: torch.Tensor | None = None  # real tokens' residual at the running layer, after attention
-        self._decoding = False
+        # an MoE layer's residual after attention (real tokens) and whether it is a decode step,
+        # kept from `after_attention` until its router has chosen
+        self._waiting: tuple[torch.Tensor, bool] | None = None
 
     def after_attention(self, layer: int, x: torch.Tensor, valid: torch.Tensor) -> None:
         # An MoE layer guesses once its own router has chosen (in `route`): its experts are then
         # known, so prefetches can be kept from evicting them. A dense layer guesses now.
-        self._residual = x[valid]
-        if not isinstance(self.model.layers[layer].mlp, MoE):
-            self._guess(layer, keep=set(), decoding=x.shape[1] == 1)
-            self._residual = None
+        decoding = x.shape[1] == 1
+        if isinstance(self.model.layers[layer].mlp, MoE):
+            self._waiting = (x[valid], decoding)
         else:
-            self._decoding = x.shape[1] == 1
+            self._guess(layer, x[valid], keep=set(), decoding=decoding)
 
-    def _guess(self, layer: int, keep: set[tuple[int, int]], decoding: bool) -> None:
+    def _guess(self, layer: int, residual: torch.Tensor, keep: set[tuple[int, int]], decoding: bool) -> None:
         """Score the next `depth` MoE layers from the residual at `layer`; prefetch in decode steps.
 
         A prefill step routes many tokens per row, whose guesses together name nearly every expert:
         prefetching them would only churn the cache. Guesses are still made (statistics,
         speculative execution); copies are started in decode steps only.
         """
-        for depth, (target, scores) in enumerate(self.predictor.predict(layer, self._residual).items(), start=1):
+        for depth, (target, scores) in enumerate(self.predictor.predict(layer, residual).items(), start=1):
             ranked = scores.topk(self.width, dim=-1).indices
             if len(ranked) == 1:
                 order = ranked[0].tolist()
@@ -116,8 +116,9 @@ class Speculation(ForwardHooks):
             ids = guess[:, : self.k] if self.mode == "speculative" else self._substitute(layer, ids, guess)
             weights = self._weights_for(layer, x, ids)
             needed = set(torch.unique(ids).tolist())
-        self._guess(layer, keep={(layer, e) for e in needed}, decoding=self._decoding)
-        self._residual = None
+        residual, decoding = self._waiting
+        self._waiting = None
+        self._guess(layer, residual, keep={(layer, e) for e in needed}, decoding=decoding)
         return weights, ids
 
     def _substitute(self, layer: int, ids: torch.Tensor, guess: torch.Tensor) -> torch.Tensor:
