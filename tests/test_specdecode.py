@@ -309,8 +309,19 @@ def test_auto_releases_the_draft_set_when_drafts_are_never_accepted(model_dir, m
         wrong = (logits[:, :-1].argmax(dim=-1) + 1) % logits.shape[-1]
         return accept(logits, wrong, draft_probs, gammas, params, generator)
 
+    class Ticks:
+        """The decoder's clock: one tick per reading, so a drafting step costs two plain steps
+        whatever else shares the machine (with real timings this test was flaky)."""
+        now = 0.0
+
+        @classmethod
+        def perf_counter(cls) -> float:
+            cls.now += 1.0
+            return cls.now
+
     accept = sd.accept
     monkeypatch.setattr(sd, "accept", reject_all)
+    monkeypatch.setattr(sd, "time", Ticks)
     llm = LLM(model_dir, expert_cache="50%")
     prompts = PROMPTS[:3]
     plain = llm.generate(prompts, max_new_tokens=40, ignore_eos=True)
