@@ -15,12 +15,12 @@ import argparse
 import json
 from pathlib import Path
 
-from moespec import LLM
+from moespec import LLM, MoespecError
 from moespec.bench.corpus import calibration_ids, heldout_ids, training_ids
 from moespec.bench.evaluate import evaluate
 from moespec.bench.routes import calibrate, record_trace
 from moespec.bench.runner import BenchConfig, bench
-from moespec.speculate.estimators import ESTIMATOR_FILE, fit
+from moespec.speculate.estimators import ESTIMATOR_FILE, TRAINING_TOKENS, Estimators, fit
 from moespec.speculate.lookahead import DEFAULT_VECTORS_FILE
 
 DEPTH = 3
@@ -32,23 +32,29 @@ def ensure_artifacts(model: Path) -> dict:
     if not (model / DEFAULT_VECTORS_FILE).is_file():
         calibrate(llm, calibration_ids(llm, 8192)).save(model / DEFAULT_VECTORS_FILE)
     est_path = model / ESTIMATOR_FILE
-    meta = json.loads(est_path.with_suffix(".json").read_text()) if est_path.is_file() else {}
-    if meta.get("depth", 0) < DEPTH:
-        est, meta = fit(llm.model, record_trace(llm, training_ids(llm, 262144), hidden=True), depth=DEPTH)
+    try:
+        usable = Estimators.load(est_path, llm.model).depth >= DEPTH
+    except MoespecError:  # missing, or made by an older moespec
+        usable = False
+    if not usable:
+        est, meta = fit(llm.model, record_trace(llm, training_ids(llm, TRAINING_TOKENS), hidden=True), depth=DEPTH)
         est.save(est_path)
         est_path.with_suffix(".json").write_text(json.dumps(meta, indent=2) + "\n")
+    meta = json.loads(est_path.with_suffix(".json").read_text())
     report["estimator_training"] = {k: v for k, v in meta.items() if k != "loss_curve"}
     return report
 
 
-def hit_rates(model: Path, chunks: int) -> dict:
-    """Recall of the true top-k among the k best guesses, per depth, on held-out evaluation chunks."""
+def hit_rates(model: Path, chunks: int, incremental: bool) -> dict:
+    """Recall of the true top-k among the k best guesses, per depth, on held-out evaluation chunks,
+    scored position by position as decoding runs (`incremental`: where prefetches are made, and
+    where estimators see the previous token's context) or as one prefill per chunk."""
     out = {}
     for name, kw in {"lookahead": dict(prefetch="lookahead", default_vectors=False),
                      "lookahead+default vectors": dict(prefetch="lookahead", default_vectors=True),
                      "estimator": dict(prefetch="estimator")}.items():
         llm = LLM(model, lookahead_depth=DEPTH, **kw)
-        evaluate(llm, None, n_chunks=chunks)
+        evaluate(llm, None, n_chunks=chunks, incremental=incremental)
         out[name] = llm.stats()["speculation"]["total"]
     return out
 
@@ -81,18 +87,20 @@ def main() -> None:
     args = parser.parse_args()
     model = Path(args.model)
     result = {"model": str(model), "chunks": args.chunks, **ensure_artifacts(model)}
-    result["hit_rates"] = hit_rates(model, args.chunks)
+    result["hit_rates"] = hit_rates(model, args.chunks, incremental=True)
+    result["hit_rates_prefill"] = hit_rates(model, args.chunks, incremental=False)
     result["accuracy"] = accuracy(model, args.chunks)
     result["decode"] = {link: decode_times(model, link) for link in (args.link or ["25GB/s"])}
     out = Path(__file__).parent / "results" / f"speculation-{model.name}.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
 
     print(f"## {model.name}: recall@k of speculation on {args.chunks} held-out chunks\n")
-    print("| predictor | " + " | ".join(f"depth {d}" for d in range(1, DEPTH + 1)) + " |")
-    print("|---|" + "---|" * DEPTH)
-    for name, per_depth in result["hit_rates"].items():
-        cells = [per_depth[f"depth {d}"]["recall_at_k"] for d in range(1, DEPTH + 1)]
-        print(f"| {name} | " + " | ".join("n/a" if c is None else f"{c:.3f}" for c in cells) + " |")
+    print("| predictor | scored | " + " | ".join(f"depth {d}" for d in range(1, DEPTH + 1)) + " |")
+    print("|---|---|" + "---|" * DEPTH)
+    for how, key in (("decoding", "hit_rates"), ("prefill", "hit_rates_prefill")):
+        for name, per_depth in result[key].items():
+            cells = [per_depth[f"depth {d}"]["recall_at_k"] for d in range(1, DEPTH + 1)]
+            print(f"| {name} | {how} | " + " | ".join("n/a" if c is None else f"{c:.3f}" for c in cells) + " |")
     print("\n| speculative execution (25% cache, decoded position by position) | perplexity | exact | Δ | "
           "top-1 agreement |\n|---|---|---|---|---|")
     for name, r in result["accuracy"].items():

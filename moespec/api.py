@@ -22,7 +22,7 @@ from .experts.trace import Tracer
 from .experts.transfer import CpuTransfers, CudaTransfers, parse_bandwidth
 from .model.load import build_model
 from .spec import ModelSpec
-from .speculate.estimators import ESTIMATOR_FILE, Estimators
+from .speculate.estimators import ESTIMATOR_FILE, EstimatorPredictor, Estimators
 from .speculate.lookahead import DEFAULT_VECTORS_FILE, DefaultVectors, LookaheadPredictor
 from .speculate.policy import Speculation
 
@@ -150,7 +150,7 @@ class LLM:
             self.speculation = None
         if prefetch != "none":
             predictor = self._predictor(prefetch, lookahead_depth, default_vectors, estimator)
-            self.speculation = Speculation(self.model, self.experts, predictor, predictor.depth, prefetch_extra,
+            self.speculation = Speculation(self.model, self.experts, predictor, prefetch_extra,
                                            EXECUTION[speculative_execution])
             self.model.hooks.append(self.speculation)
 
@@ -167,13 +167,13 @@ class LLM:
         self.set_policy(*self._policy)
 
     def _predictor(self, prefetch: str, depth: int, default_vectors: bool | None,
-                   estimator: str | Path | None) -> LookaheadPredictor | Estimators:
+                   estimator: str | Path | None) -> LookaheadPredictor | EstimatorPredictor:
         if prefetch == "estimator":
             est = Estimators.load(estimator or self.path / ESTIMATOR_FILE, self.model)
             if depth > est.depth:
                 raise MoespecError(f"lookahead_depth={depth} but the estimators were trained for depth {est.depth}")
             est.depth = depth
-            return est
+            return EstimatorPredictor(est)
         dv_path = self.path / DEFAULT_VECTORS_FILE
         if default_vectors and not dv_path.is_file():
             raise MoespecError(f"{dv_path} not found: compute default vectors with `moespec calibrate`")

@@ -166,17 +166,18 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
 def cmd_fit_estimator(args: argparse.Namespace) -> None:
     from .bench.corpus import training_ids
     from .bench.routes import record_trace
-    from .speculate.estimators import ESTIMATOR_FILE, fit
+    from .speculate.estimators import ESTIMATOR_FILE, TRAINING_TOKENS, fit
     from .speculate.traces import RoutingTrace
 
     llm = _load(args)
-    trace = RoutingTrace.load(args.routes) if args.routes else record_trace(llm, training_ids(llm, args.tokens), True)
+    tokens = args.tokens or TRAINING_TOKENS
+    trace = RoutingTrace.load(args.routes) if args.routes else record_trace(llm, training_ids(llm, tokens), True)
     options = {k: getattr(args, k) for k in ("mlp", "steps", "lr", "batch") if getattr(args, k) is not None}
     est, report = fit(llm.model, trace, depth=args.depth, **options)
     out = Path(args.out or llm.path / ESTIMATOR_FILE)
     est.save(out)
     report_path = out.with_suffix(".json")
-    source = f"--routes {args.routes}" if args.routes else f"--tokens {args.tokens}"
+    source = f"--routes {args.routes}" if args.routes else f"--tokens {tokens}"
     report["command"] = (f"moespec fit-estimator --model {args.model or llm.path} {source} --depth {args.depth} "
                          f"--mlp {report['mlp']} --steps {report['steps']} --lr {report['lr']} --batch {report['batch']}")
     report_path.write_text(json.dumps(report, indent=2) + "\n")
@@ -406,7 +407,8 @@ def build_parser() -> argparse.ArgumentParser:
     f = sub.add_parser("fit-estimator", help="train learned expert estimators from routing traces")
     _engine_args(f)
     f.add_argument("--routes", default=None, help="routes.npz recorded with `trace --hidden` (default: record now)")
-    f.add_argument("--tokens", type=int, default=262144, help="training-split tokens to trace if no --routes")
+    f.add_argument("--tokens", type=int, default=None,
+                   help="training-split tokens to trace if no --routes (default 1048576)")
     f.add_argument("--depth", type=int, default=1)
     # unset: estimators.fit's defaults, the configuration the shipped estimators were trained with
     f.add_argument("--mlp", type=int, default=None, help="hidden width of the MLP correction (0 = linear; default 512)")

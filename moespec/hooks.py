@@ -11,6 +11,10 @@ import torch
 
 
 class ForwardHooks:
+    def forward_start(self, rows: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor) -> None:
+        """A decoder forward pass begins over cache rows [B] at positions [B, T]; valid [B, T]
+        marks real tokens (a row's come first), in the order `x[valid]` gives them to later hooks."""
+
     def layer_start(self, layer: int) -> None:
         """Layer `layer` is about to run."""
 

@@ -27,6 +27,10 @@ def test_trace_writes_routes_and_heatmap(model_dir, tmp_path, capsys):
     assert trace.ids.shape == (512, 3, 2) and trace.hidden.shape == (512, 3, 32)
     assert trace.guesses.shape == (512, 3, 2) and (trace.guesses[:, 0] == -1).all() and (trace.guesses[:, 1:] >= 0).all()
     assert np.allclose(trace.usage().sum(axis=1), 2.0)  # each token picks k=2 experts per layer
+    assert trace.previous[:3].tolist() == [-1, 0, 1]  # the trace is scored in 256-token chunks
+    assert trace.previous[256] == -1
+    assert main(["fit-estimator", "--model", str(model_dir), "--routes", str(out), "--steps", "5",
+                 "--out", str(tmp_path / "est.safetensors")]) == 0
     assert (tmp_path / "routes.png").stat().st_size > 0
     assert "usage entropy" in capsys.readouterr().err
 

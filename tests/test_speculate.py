@@ -4,8 +4,13 @@ import pytest
 import torch
 
 from moespec import LLM, MoespecError
+from moespec.hooks import ForwardHooks
 from moespec.model.moe import expert_forward
-from moespec.speculate.estimators import Estimators, fit
+from moespec.api import DEFAULT_MODEL
+from moespec.bench.corpus import heldout_ids
+from moespec.bench.evaluate import score_incrementally
+from moespec.speculate.context import PreviousToken
+from moespec.speculate.estimators import ESTIMATOR_FILE, Estimators, fit
 from moespec.speculate.lookahead import DefaultVectorCollector, DefaultVectors, next_moe_layers
 from moespec.speculate.traces import RouteRecorder
 from tiny import save_model
@@ -67,14 +72,15 @@ def test_prefetch_and_verify_is_exact(model_dir, exact, calibrated, config):
     assert torch.allclose(llm.score(IDS), exact[1], atol=1e-6)
     s = llm.stats()
     assert s["prefetches"] > 0 and s["prefetch_hits"] > 0
-    assert s["bytes_moved"] == (s["misses"] + s["prefetches"]) * s["expert_bytes"]
+    # a guess still queued when its layer has run is taken back (more likely on a loaded machine)
+    assert s["bytes_moved"] == (s["misses"] + s["prefetches"] - s["cancelled_prefetches"]) * s["expert_bytes"]
     assert s["bytes_wasted"] == s["wasted_prefetches"] * s["expert_bytes"]
     for summary in s["speculation"]["total"].values():
         assert 0 < summary["recall_at_k"] <= summary["recall_prefetch_set"] <= 1
         assert 0 < summary["precision"] <= 1
 
 
-class Oracle:
+class Oracle(ForwardHooks):
     """Knows the true routing of the next MoE layer for one recorded forward pass."""
 
     def __init__(self, llm: LLM, ids: torch.Tensor):
@@ -154,6 +160,77 @@ def test_estimator_file_for_another_model_is_refused(model_dir, calibrated, tmp_
         LLM(model_dir, speculative_execution=True)
 
 
+def test_estimator_file_without_context_inputs_is_refused(model_dir, calibrated, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    llm = LLM(model_dir)
+    meta = Estimators.load(model_dir / ESTIMATOR_FILE, llm.model).metadata()
+    del meta["context"]
+    save_file(load_file(model_dir / ESTIMATOR_FILE), tmp_path / "old.safetensors", metadata=meta)
+    with pytest.raises(MoespecError, match="no previous-token context inputs.*fit-estimator"):
+        LLM(model_dir, expert_cache="50%", prefetch="estimator", estimator=tmp_path / "old.safetensors")
+
+
+def test_fit_refuses_a_trace_without_hidden_states_or_predecessors(model_dir):
+    llm = LLM(model_dir)
+    trace = record(llm, IDS, hidden=True)
+    trace.previous = None  # as in a trace saved by an older moespec
+    with pytest.raises(MoespecError, match="no hidden states or no predecessor indices"):
+        fit(llm.model, trace, steps=1)
+    with pytest.raises(MoespecError, match="no hidden states"):
+        fit(llm.model, record(llm, IDS), steps=1)
+
+
+def test_previous_token_follows_each_row_across_passes():
+    ctx = PreviousToken()
+    ones = lambda n: torch.ones(n, 1, dtype=torch.bool)  # noqa: E731
+    # a prefill of rows 0 and 2 (row 2 padded after two tokens)
+    ctx.start(torch.tensor([0, 2]), torch.tensor([[0, 1, 2], [0, 1, 2]]), torch.tensor([[1, 1, 1], [1, 1, 0]]).bool())
+    v = torch.tensor([10.0, 11, 12, 20, 21])
+    assert ctx.previous("k", v, -1).tolist() == [-1, 10, 11, -1, 20]
+    assert ctx.remembered("k", v, -1).tolist() == [-1] * 5
+    ctx.remember("k", v)
+    # a decode step, rows in another order: each continues right after its remembered token
+    ctx.start(torch.tensor([2, 0]), torch.tensor([[2], [3]]), ones(2))
+    assert ctx.remembered("k", torch.zeros(2), -1).tolist() == [21, 12]
+    ctx.remember("k", torch.tensor([22.0, 13]))
+    # row 0 rolled back a token, row 2 starts a new sequence, row 5 was never seen: no predecessors
+    ctx.start(torch.tensor([0, 2, 5]), torch.tensor([[3], [0], [0]]), ones(3))
+    assert ctx.remembered("k", torch.zeros(3), -1).tolist() == [-1, -1, -1]
+
+
+def test_trace_links_each_token_to_its_predecessor(model_dir):
+    llm = LLM(model_dir)
+    assert record(llm, IDS).previous.tolist() == [-1, *range(31), -1, *range(32, 63)]
+    recorder = RouteRecorder(llm.model, hidden=False)
+    llm.model.hooks.append(recorder)
+    score_incrementally(llm, IDS[:, :4])  # one token per row per pass: rows interleave in the trace
+    assert recorder.trace().previous.tolist() == [-1, -1, 0, 1, 2, 3, 4, 5]
+
+
+def test_estimators_see_at_inference_the_context_they_train_on(model_dir, calibrated):
+    """Decoding, each token's context is its predecessor's router input at the target layer:
+    what `fit` builds from a trace's `hidden` and `previous`."""
+    llm = LLM(model_dir, expert_cache="50%", prefetch="estimator")
+    est = llm.speculation.predictor.estimators
+    seen, predict = [], est.predict
+    est.predict = lambda layer, x, context: seen.append((layer, context)) or predict(layer, x, context)
+    recorder = RouteRecorder(llm.model, hidden=True)
+    llm.model.hooks.insert(0, recorder)
+    score_incrementally(llm, IDS[:, :6])
+    trace = recorder.trace()
+    hidden, previous = torch.from_numpy(trace.hidden).float(), torch.from_numpy(trace.previous)
+    layers = llm.spec.num_layers  # every layer guesses (the last MoE layer has nothing to guess)
+    assert len(seen) == 6 * layers
+    for step in range(6):
+        tokens = previous[2 * step:2 * step + 2]
+        for layer, context in seen[step * layers:(step + 1) * layers]:
+            for t, c in context.items():
+                want = torch.zeros_like(c) if step == 0 else hidden[tokens, t]
+                assert torch.allclose(c, want, atol=1e-2), (step, layer, t)
+    assert any(c.abs().sum() > 0 for _, ctx in seen for c in ctx.values())
+
+
 def test_estimator_heads_start_as_the_lookahead(model_dir):
     llm = LLM(model_dir)
     est = Estimators(llm.model, depth=1)
@@ -162,4 +239,18 @@ def test_estimator_heads_start_as_the_lookahead(model_dir):
     from moespec.speculate.lookahead import LookaheadPredictor
 
     want = LookaheadPredictor(llm.model, 1, None).predict(0, x)[1]
-    assert torch.allclose(est.predict(0, x)[1], want, atol=1e-5)
+    assert torch.allclose(est.predict(0, x, {1: torch.randn(5, 32)})[1], want, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["tiny-mixtral", "tiny-qwen2moe"])
+def test_shipped_estimators_load_and_beat_the_lookahead(name):
+    """The estimator files shipped beside the trained models match them and, decoding held-out
+    text, find more of the next layer's experts than router lookahead does."""
+    path = DEFAULT_MODEL.parent / name
+    recall = {}
+    for prefetch in ("lookahead", "estimator"):
+        llm = LLM(path, prefetch=prefetch, lookahead_depth=3, default_vectors=False)
+        ids = torch.tensor(heldout_ids(llm)[:256]).reshape(4, 64)
+        score_incrementally(llm, ids)
+        recall[prefetch] = llm.stats()["speculation"]["total"]["depth 1"]["recall_at_k"]
+    assert recall["estimator"] > recall["lookahead"] + 0.05, recall

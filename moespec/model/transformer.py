@@ -70,6 +70,8 @@ class Transformer(nn.Module):
         positions = start[:, None] + torch.arange(T, device=tokens.device)
         if bool((positions[valid] >= cache.max_len).any()):
             raise ValueError(f"sequence exceeds the KV cache length {cache.max_len}")
+        for hook in self.hooks:
+            hook.forward_start(rows, positions, valid)
         x = self.embed_tokens(tokens)
         rope = self.rotary(positions, x.dtype)
         for i, block in enumerate(self.layers):

@@ -1,17 +1,19 @@
 """Lightweight learned estimators: router input at layer L -> expert scores of the MoE layers after it.
 
-One small head per (source layer, depth). A head is linear, initialised to exactly what router
-lookahead computes (layer L+d's router applied to layer L's normed residual is linear in layer L's
-router input: W_{L+d} · diag(g_{L+d} / g_L) where g are the RMSNorm weights), plus (by default)
-a 2-layer MLP whose output starts at zero. Training therefore starts from the lookahead's answer
-and only learns the correction. Targets are the router's top-k weights as a distribution
-(distillation of the true routing), so the loss is a cross-entropy over experts; Adam with a
-cosine learning-rate decay.
+One small head per (source layer, depth). Its input is the token's router input at layer L and,
+as context, the previous token's router input at the target layer L+d (see `context.py`; zeros
+where the predecessor is unknown). A head is linear, initialised to exactly what router lookahead
+computes (layer L+d's router applied to layer L's normed residual is linear in layer L's router
+input: W_{L+d} · diag(g_{L+d} / g_L) where g are the RMSNorm weights; the context weights start at
+zero), plus (by default) a 2-layer MLP whose output starts at zero. Training therefore starts from
+the lookahead's answer and only learns the correction. Targets are the router's top-k weights as a
+distribution (distillation of the true routing), so the loss is a cross-entropy over experts; Adam
+with a cosine learning-rate decay.
 
 The MLP correction is most of the gain over linear heads (held-out depth-1 recall@k on
-tiny-mixtral: 0.877 linear, 0.92 with a 256-512 wide MLP). Layer L's own router probabilities as
-extra inputs were tried and moved held-out recall by < 0.3 points, so the input stays the router
-input alone.
+tiny-mixtral: 0.877 linear, 0.92 with a 256-512 wide MLP); the previous-token context adds about
+3 points on tiny-qwen2moe. Layer L's own router probabilities as extra inputs were tried and moved
+held-out recall by < 0.3 points, so they are not inputs.
 """
 
 from __future__ import annotations
@@ -27,29 +29,36 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..errors import MoespecError
+from ..hooks import ForwardHooks
 from ..model.transformer import Transformer
+from .context import PreviousToken
 from .lookahead import next_moe_layers
 from .traces import RoutingTrace
 
 ESTIMATOR_FILE = "estimators.safetensors"
+#: What the heads take besides the token's router input (saved in the file, checked on load).
+CONTEXT = "previous token's router input at the target layer"
 
 
 class Head(nn.Module):
+    """Expert logits [N, E] from a router input h [N, H] and the context c [N, H]."""
+
     def __init__(self, hidden: int, experts: int, mlp: int):
         super().__init__()
-        self.linear = nn.Linear(hidden, experts)
-        self.mlp = nn.Sequential(nn.Linear(hidden, mlp), nn.SiLU(), nn.Linear(mlp, experts)) if mlp else None
+        self.linear = nn.Linear(2 * hidden, experts)
+        self.mlp = nn.Sequential(nn.Linear(2 * hidden, mlp), nn.SiLU(), nn.Linear(mlp, experts)) if mlp else None
         if self.mlp is not None:
             nn.init.zeros_(self.mlp[2].weight)
             nn.init.zeros_(self.mlp[2].bias)
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        out = self.linear(h)
-        return out + self.mlp(h) if self.mlp is not None else out
+    def forward(self, h: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        x = torch.cat([h, context], dim=-1)
+        out = self.linear(x)
+        return out + self.mlp(x) if self.mlp is not None else out
 
 
 class Estimators(nn.Module):
-    """Heads keyed "src_target"; `predict(layer, x)` mirrors LookaheadPredictor."""
+    """Heads keyed "src_target"; `predict(layer, x, context)` mirrors LookaheadPredictor."""
 
     def __init__(self, model: Transformer, depth: int, mlp: int = 0):
         super().__init__()
@@ -67,26 +76,34 @@ class Estimators(nn.Module):
                 src, t = map(int, key.split("_"))
                 g_src = model.layers[src].post_attention_layernorm.weight.float()
                 g_t = model.layers[t].post_attention_layernorm.weight.float()
-                head.linear.weight.copy_(model.layers[t].mlp.gate.weight.float() * (g_t / g_src)[None])
+                head.linear.weight.zero_()
+                head.linear.weight[:, : g_src.numel()] = model.layers[t].mlp.gate.weight.float() * (g_t / g_src)[None]
                 head.linear.bias.zero_()
 
     def router_input(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         return self.model[0].layers[layer].post_attention_layernorm(x).float()
 
+    def targets(self) -> set[int]:
+        return {int(key.split("_")[1]) for key in self.heads}
+
     @torch.no_grad()
-    def predict(self, layer: int, x: torch.Tensor) -> dict[int, torch.Tensor]:
+    def predict(self, layer: int, x: torch.Tensor, context: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+        """Scores [N, E] of the next `depth` MoE layers from the residual x [N, H] at `layer` and,
+        per target layer, the context [N, H] (the previous tokens' router inputs there, or zeros)."""
         h = self.router_input(layer, x)
-        return {t: torch.softmax(self.heads[f"{layer}_{t}"](h), dim=-1)
+        return {t: torch.softmax(self.heads[f"{layer}_{t}"](h, context[t]), dim=-1)
                 for t in next_moe_layers(self.model[0], layer, self.depth)}
 
     def metadata(self) -> dict[str, str]:
         s = self.model[0].spec
         return {"model_type": s.model_type, "hidden_size": str(s.hidden_size), "num_experts": str(s.num_experts),
                 "num_layers": str(s.num_layers), "moe_layers": json.dumps(s.moe_layer_ids),
-                "depth": str(self.depth), "mlp": str(self.mlp_width)}
+                "depth": str(self.depth), "mlp": str(self.mlp_width), "context": CONTEXT}
 
     def save(self, path: str | Path) -> None:
-        save_file({k: v.contiguous() for k, v in self.heads.state_dict().items()}, str(path), metadata=self.metadata())
+        """Weights stored in float16 (half the file; loaded back as float32)."""
+        save_file({k: v.half().contiguous() for k, v in self.heads.state_dict().items()}, str(path),
+                  metadata=self.metadata())
 
     @classmethod
     def load(cls, path: str | Path, model: Transformer) -> "Estimators":
@@ -96,6 +113,9 @@ class Estimators(nn.Module):
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
+        if meta.get("context") != CONTEXT:
+            raise MoespecError(f"estimator file {path} has no previous-token context inputs (made by an older "
+                               "moespec): train it again with `moespec fit-estimator`")
         est = cls(model, int(meta.get("depth", 0)) or 1, int(meta.get("mlp", 0)))
         mine = est.metadata()
         wrong = [k for k in ("model_type", "hidden_size", "num_experts", "num_layers", "moe_layers")
@@ -108,25 +128,59 @@ class Estimators(nn.Module):
         return est.to(model.embed_tokens.weight.device).eval()
 
 
+class EstimatorPredictor(ForwardHooks):
+    """Estimators at inference. As a forward hook it remembers, per KV-cache row, the last token's
+    router input at every target layer, which is the context the next token's heads take."""
+
+    def __init__(self, estimators: Estimators):
+        self.estimators, self.targets = estimators, estimators.targets()
+        self.context = PreviousToken()
+
+    @property
+    def depth(self) -> int:
+        return self.estimators.depth
+
+    def forward_start(self, rows: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor) -> None:
+        self.context.start(rows, positions, valid)
+
+    def after_attention(self, layer: int, x: torch.Tensor, valid: torch.Tensor) -> None:
+        # the guesses for this layer were made at earlier layers, so their context is already read
+        if layer in self.targets:
+            self.context.remember(layer, self.estimators.router_input(layer, x[valid]))
+
+    def predict(self, layer: int, x: torch.Tensor) -> dict[int, torch.Tensor]:
+        zeros = x.new_zeros(x.shape, dtype=torch.float32)
+        context = {t: self.context.remembered(t, zeros, 0.0) for t in next_moe_layers(
+            self.estimators.model[0], layer, self.depth)}
+        return self.estimators.predict(layer, x, context)
+
+
 def recall_at_k(scores: torch.Tensor, true_ids: torch.Tensor, width: int) -> float:
     """Share of the true top-k experts found among the `width` best-scored ones."""
     guess = scores.topk(width, dim=-1).indices
     return (guess[:, :, None] == true_ids[:, None, :]).any(dim=1).float().mean().item()
 
 
-MLP_WIDTH = 512  # defaults of `fit` and `moespec fit-estimator` (the shipped models' configuration)
+# Defaults of `moespec fit-estimator` and `fit`: the shipped estimators' configuration
+TRAINING_TOKENS = 1048576  # training-split tokens traced (held-out recall still rose from 0.5M to 1M)
+MLP_WIDTH = 512
 STEPS = 3000
 LR = 1e-2
 BATCH = 2048
+#: Share of training tokens shown with zero context, so heads also serve tokens whose predecessor
+#: is unknown (a prefill's later tokens, the step after rolled-back drafts).
+CONTEXT_DROPOUT = 0.05
 
 
 def fit(model: Transformer, trace: RoutingTrace, depth: int = 1, mlp: int = MLP_WIDTH, steps: int = STEPS,
         lr: float = LR, batch: int = BATCH, val_share: float = 0.1, seed: int = 0) -> tuple[Estimators, dict]:
     """Train estimators on a routing trace recorded with hidden states; return them and a report
-    with the loss curve and, per head, the train / validation recall@k of lookahead and estimator.
-    The learning rate decays from `lr` to 5% of it along a cosine."""
-    if trace.hidden is None:
-        raise MoespecError("the trace has no hidden states: record it with `moespec trace --hidden`")
+    with the loss curve and, per head, the train / validation recall@k of lookahead and estimator
+    (with context wherever the trace knows the predecessor). The learning rate decays from `lr` to
+    5% of it along a cosine."""
+    if trace.hidden is None or trace.previous is None:
+        raise MoespecError("the trace has no hidden states or no predecessor indices: record it with this "
+                           "moespec's `moespec trace --hidden`")
     spec = model.spec
     est = Estimators(model, depth, mlp)
     est.init_from_lookahead()
@@ -136,22 +190,29 @@ def fit(model: Transformer, trace: RoutingTrace, depth: int = 1, mlp: int = MLP_
     n_val = int(n * val_share)
     splits = {"val": order[:n_val], "train": order[n_val:]}
     hidden = torch.from_numpy(trace.hidden)  # [tokens, layers, H] router inputs
+    previous = torch.from_numpy(trace.previous.astype("int64"))  # [tokens] predecessor's index, -1 none
     ids = torch.from_numpy(trace.ids.astype("int64"))
     weights = torch.from_numpy(trace.weights)
     col = {layer: j for j, layer in enumerate(trace.moe_layers)}
-    targets = {}
-    for key in est.heads:
-        t = int(key.split("_")[1])
-        dist = torch.zeros(n, spec.num_experts).scatter_(1, ids[:, col[t]], weights[:, col[t]])
-        targets[key] = dist / dist.sum(dim=1, keepdim=True)
+    keys = {key: tuple(map(int, key.split("_"))) for key in est.heads}
+
+    def inputs(idx: torch.Tensor, src: int, t: int, known: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        context = hidden[previous[idx].clamp(min=0), t].float() * known[:, None]
+        return hidden[idx, src].float(), context
+
+    def target(idx: torch.Tensor, t: int) -> torch.Tensor:
+        dist = torch.zeros(len(idx), spec.num_experts).scatter_(1, ids[idx, col[t]], weights[idx, col[t]])
+        return dist / dist.sum(dim=1, keepdim=True)
 
     def evaluate() -> dict[str, dict[str, float]]:
         out = {}
         with torch.no_grad():
-            for key, head in est.heads.items():
-                src, t = map(int, key.split("_"))
-                out[key] = {name: recall_at_k(head(hidden[idx, src].float()), ids[idx, col[t]], spec.top_k)
-                            for name, idx in splits.items()}
+            for key, (src, t) in keys.items():
+                out[key] = {}
+                for name, split in splits.items():  # in parts: a million tokens' activations take gigabytes
+                    found = sum(len(idx) * recall_at_k(est.heads[key](*inputs(idx, src, t, previous[idx] >= 0)),
+                                                       ids[idx, col[t]], spec.top_k) for idx in split.split(65536))
+                    out[key][name] = found / len(split)
         return out
 
     before = evaluate()
@@ -161,8 +222,9 @@ def fit(model: Transformer, trace: RoutingTrace, depth: int = 1, mlp: int = MLP_
     train_idx = splits["train"]
     for step in range(steps):
         idx = train_idx[torch.randint(len(train_idx), (min(batch, len(train_idx)),), generator=gen)]
-        loss = sum(F.cross_entropy(head(hidden[idx, int(key.split("_")[0])].float()), targets[key][idx])
-                   for key, head in est.heads.items()) / len(est.heads)
+        known = (previous[idx] >= 0) & (torch.rand(len(idx), generator=gen) >= CONTEXT_DROPOUT)
+        loss = sum(F.cross_entropy(est.heads[key](*inputs(idx, src, t, known)), target(idx, t))
+                   for key, (src, t) in keys.items()) / len(keys)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -171,5 +233,6 @@ def fit(model: Transformer, trace: RoutingTrace, depth: int = 1, mlp: int = MLP_
     after = evaluate()
     report = {"loss_first": curve[0], "loss_last": sum(curve[-10:]) / min(10, len(curve)), "loss_curve": curve[::10],
               "heads": {k: {"lookahead": before[k], "estimator": after[k]} for k in est.heads},
-              "tokens": n, "depth": depth, "mlp": mlp, "steps": steps, "lr": lr, "batch": batch}
+              "tokens": n, "depth": depth, "mlp": mlp, "steps": steps, "lr": lr, "batch": batch,
+              "context_dropout": CONTEXT_DROPOUT}
     return est.eval(), report

@@ -77,7 +77,7 @@ class DefaultVectorCollector(ForwardHooks):
         return DefaultVectors({i: (self.sums[i] / self.counts[i].clamp(min=1)[:, None]).float() for i in self.sums})
 
 
-class LookaheadPredictor:
+class LookaheadPredictor(ForwardHooks):
     """Scores [N, E] for the experts of the next `depth` MoE layers, from the residual at layer L."""
 
     def __init__(self, model: Transformer, depth: int, default_vectors: DefaultVectors | None):

@@ -31,6 +31,15 @@ MODES = ("verify", "speculative", "fallback")
 
 
 class Predictor(Protocol):
+    """Guesses experts of later MoE layers. The Speculation passes it the forward pass's
+    `forward_start` and `after_attention` hooks, for predictors that keep context across tokens."""
+
+    depth: int
+
+    def forward_start(self, rows: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor) -> None: ...
+
+    def after_attention(self, layer: int, x: torch.Tensor, valid: torch.Tensor) -> None: ...
+
     def predict(self, layer: int, x: torch.Tensor) -> dict[int, torch.Tensor]:
         """Scores [N, E] for the experts of each target MoE layer, from the residual x [N, H] at `layer`."""
         ...
@@ -55,9 +64,10 @@ class GuessStats:
 
 
 class Speculation(ForwardHooks):
-    def __init__(self, model: Transformer, cache, predictor: Predictor, depth: int, extra: int, mode: str):
+    def __init__(self, model: Transformer, cache, predictor: Predictor, extra: int, mode: str):
         self.model, self.cache, self.predictor = model, cache, predictor
-        self.depth, self.extra, self.mode = depth, extra, mode
+        depth = self.depth = predictor.depth
+        self.extra, self.mode = extra, mode
         spec = model.spec
         self.k, self.width = spec.top_k, min(spec.top_k + extra, spec.num_experts)
         # at most this many experts prefetched per target layer per step, so a long prefill cannot
@@ -70,7 +80,11 @@ class Speculation(ForwardHooks):
         # kept from `after_attention` until its router has chosen
         self._waiting: tuple[torch.Tensor, bool] | None = None
 
+    def forward_start(self, rows: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor) -> None:
+        self.predictor.forward_start(rows, positions, valid)
+
     def after_attention(self, layer: int, x: torch.Tensor, valid: torch.Tensor) -> None:
+        self.predictor.after_attention(layer, x, valid)
         # An MoE layer guesses once its own router has chosen (in `route`): its experts are then
         # known, so prefetches can be kept from evicting them. A dense layer guesses now.
         decoding = x.shape[1] == 1

@@ -2,7 +2,9 @@
 optionally every layer's router input (the normed residual after attention) for estimator training.
 
 A trace is an .npz file: `ids` [tokens, moe_layers, k] int16, `weights` [tokens, moe_layers, k]
-float32, optionally `hidden` [tokens, layers, H] float16 and `guesses` [tokens, moe_layers, width]
+float32, `previous` [tokens] int64 (the index of the token before it in its sequence, -1 for none:
+estimators take that token's router inputs as context), optionally `hidden` [tokens, layers, H]
+float16 and `guesses` [tokens, moe_layers, width]
 int16 (a prefetch policy's depth-1 ranked guesses for that layer, -1 where none was made, e.g. the
 first MoE layer), plus `moe_layers`, `num_experts`. The cost-model simulator replays traces.
 """
@@ -17,6 +19,7 @@ import torch
 
 from ..hooks import ForwardHooks
 from ..model.transformer import Transformer
+from .context import PreviousToken
 from .policy import Speculation
 
 
@@ -28,11 +31,12 @@ class RoutingTrace:
     num_experts: int
     hidden: np.ndarray | None = None  # [tokens, layers, H], router input of every layer
     guesses: np.ndarray | None = None  # [tokens, moe_layers, width], depth-1 guesses, -1 = none
+    previous: np.ndarray | None = None  # [tokens], index of the predecessor in its sequence, -1 = none
 
     def save(self, path: str | Path) -> None:
         arrays = dict(ids=self.ids, weights=self.weights, moe_layers=np.array(self.moe_layers),
                       num_experts=np.array(self.num_experts))
-        for name in ("hidden", "guesses"):
+        for name in ("hidden", "guesses", "previous"):
             if getattr(self, name) is not None:
                 arrays[name] = getattr(self, name)
         np.savez_compressed(path, **arrays)
@@ -40,8 +44,8 @@ class RoutingTrace:
     @classmethod
     def load(cls, path: str | Path) -> "RoutingTrace":
         with np.load(path) as f:
-            return cls(f["ids"], f["weights"], f["moe_layers"].tolist(), int(f["num_experts"]),
-                       f["hidden"] if "hidden" in f else None, f["guesses"] if "guesses" in f else None)
+            optional = {name: f[name] if name in f else None for name in ("hidden", "guesses", "previous")}
+            return cls(f["ids"], f["weights"], f["moe_layers"].tolist(), int(f["num_experts"]), **optional)
 
     def usage(self) -> np.ndarray:
         """Share of tokens routed to each expert, [moe_layers, num_experts]."""
@@ -61,6 +65,16 @@ class RouteRecorder(ForwardHooks):
         self.ids: dict[int, list[torch.Tensor]] = {i: [] for i in model.spec.moe_layer_ids}
         self.weights: dict[int, list[torch.Tensor]] = {i: [] for i in model.spec.moe_layer_ids}
         self.hidden: dict[int, list[torch.Tensor]] = {i: [] for i in range(model.spec.num_layers)}
+        self.previous: list[torch.Tensor] = []
+        self.tokens = 0
+        self.context = PreviousToken()
+
+    def forward_start(self, rows: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor) -> None:
+        self.context.start(rows, positions, valid)
+        index = torch.arange(self.tokens, self.tokens + int(valid.sum()), device=valid.device)
+        self.previous.append(self.context.previous("index", index, -1).cpu())
+        self.context.remember("index", index)
+        self.tokens += len(index)
 
     def after_attention(self, layer: int, x: torch.Tensor, valid: torch.Tensor) -> None:
         if self.keep_hidden:
@@ -83,4 +97,4 @@ class RouteRecorder(ForwardHooks):
         hidden = stack(self.hidden, range(self.model.spec.num_layers)) if self.keep_hidden else None
         guesses = stack(self.guesses, layers) if self.speculation is not None else None
         return RoutingTrace(stack(self.ids, layers), stack(self.weights, layers), layers,
-                            self.model.spec.num_experts, hidden, guesses)
+                            self.model.spec.num_experts, hidden, guesses, torch.cat(self.previous).numpy())
