@@ -161,7 +161,8 @@ def recall_at_k(scores: torch.Tensor, true_ids: torch.Tensor, width: int) -> flo
     return (guess[:, :, None] == true_ids[:, None, :]).any(dim=1).float().mean().item()
 
 
-# Defaults of `moespec fit-estimator` and `fit`: the shipped estimators' configuration
+# Defaults of `moespec fit-estimator` and `fit`: the shipped estimators' configuration, except that
+# tiny-qwen2moe's heads are 1024 wide (`--mlp 1024`: held-out depth-1 recall@k 0.901 against 0.898)
 TRAINING_TOKENS = 1048576  # training-split tokens traced (held-out recall still rose from 0.5M to 1M)
 MLP_WIDTH = 512
 STEPS = 3000
