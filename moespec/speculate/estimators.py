@@ -69,11 +69,15 @@ class Estimators(nn.Module):
             for src in range(spec.num_layers) for t in next_moe_layers(model, src, depth)
         })
 
+    def pairs(self) -> dict[str, tuple[int, int]]:
+        """Each head's key and its (source layer, target layer)."""
+        return {key: tuple(map(int, key.split("_"))) for key in self.heads}
+
     def init_from_lookahead(self) -> None:
         model = self.model[0]
         with torch.no_grad():
-            for key, head in self.heads.items():
-                src, t = map(int, key.split("_"))
+            for key, (src, t) in self.pairs().items():
+                head = self.heads[key]
                 g_src = model.layers[src].post_attention_layernorm.weight.float()
                 g_t = model.layers[t].post_attention_layernorm.weight.float()
                 head.linear.weight.zero_()
@@ -84,7 +88,7 @@ class Estimators(nn.Module):
         return self.model[0].layers[layer].post_attention_layernorm(x).float()
 
     def targets(self) -> set[int]:
-        return {int(key.split("_")[1]) for key in self.heads}
+        return {t for _, t in self.pairs().values()}
 
     @torch.no_grad()
     def predict(self, layer: int, x: torch.Tensor, context: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
@@ -195,7 +199,7 @@ def fit(model: Transformer, trace: RoutingTrace, depth: int = 1, mlp: int = MLP_
     ids = torch.from_numpy(trace.ids.astype("int64"))
     weights = torch.from_numpy(trace.weights)
     col = {layer: j for j, layer in enumerate(trace.moe_layers)}
-    keys = {key: tuple(map(int, key.split("_"))) for key in est.heads}
+    keys = est.pairs()
 
     def inputs(idx: torch.Tensor, src: int, t: int, known: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         context = hidden[previous[idx].clamp(min=0), t].float() * known[:, None]
