@@ -64,7 +64,7 @@ def run(llm: LLM, method: str, prompts: list[list[int]], new_tokens: int) -> tup
     llm.reset()
     out = llm.generate(prompts, max_new_tokens=new_tokens, ignore_eos=True, **spec)
     _sync(llm)
-    s = llm.stats()
+    s = llm.stats().as_dict()
     decoded = s["decoded_tokens"]
     row = {"tokens_per_s": decoded / s["decode_seconds"],
            "ms_per_token_per_row": 1000 * s["decode_seconds"] * len(prompts) / decoded,
@@ -188,7 +188,7 @@ def main() -> None:
     methods = args.methods.split(",")
     batches = [int(b) for b in args.batches.split(",")]
     results = {"model": args.model, "link": llm.link_note(), "expert_cache": args.expert_cache,
-               "cache_slots": llm.stats()["cache_slots"], "expert_bytes": llm.store.expert_bytes,
+               "cache_slots": llm.experts.capacity, "expert_bytes": llm.store.expert_bytes,
                "torch_threads": torch.get_num_threads(), "new_tokens": args.new_tokens,
                "prompt_tokens": args.prompt_tokens, "repeats": args.repeats,
                "measured": measure(llm, methods, batches, args.prompt_tokens, args.new_tokens, args.repeats)}

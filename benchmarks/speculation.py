@@ -55,16 +55,16 @@ def hit_rates(model: Path, chunks: int, incremental: bool) -> dict:
                      "estimator": dict(prefetch="estimator")}.items():
         llm = LLM(model, lookahead_depth=DEPTH, **kw)
         evaluate(llm, None, n_chunks=chunks, incremental=incremental)
-        out[name] = llm.stats()["speculation"]["total"]
+        out[name] = llm.stats().speculation.as_dict()["total"]
     return out
 
 
 def accuracy(model: Path, chunks: int) -> dict:
     exact = LLM(model)
     out = {}
-    for name, kw in {"lookahead, speculative": dict(prefetch="lookahead", speculative_execution=True),
+    for name, kw in {"lookahead, speculative": dict(prefetch="lookahead", speculative_execution="on"),
                      "lookahead, fallback": dict(prefetch="lookahead", speculative_execution="fallback"),
-                     "estimator, speculative": dict(prefetch="estimator", speculative_execution=True),
+                     "estimator, speculative": dict(prefetch="estimator", speculative_execution="on"),
                      "estimator, fallback": dict(prefetch="estimator", speculative_execution="fallback")}.items():
         r = evaluate(LLM(model, expert_cache="25%", **kw), exact, n_chunks=chunks, incremental=True)
         out[name] = {k: r[k] for k in ("perplexity", "exact_perplexity", "delta_perplexity", "top1_agreement")}

@@ -7,31 +7,35 @@ import json
 import math
 import sys
 from pathlib import Path
+from typing import Literal, get_args, get_origin, get_type_hints
 
+from .config import PARTS, EngineConfig, OffloadConfig, option_fields
+from .decode.stats import EngineStats
 from .errors import MoespecError
 
 
+def _value(text: str) -> str | int:
+    """A flag's text as the config takes it: digits are an integer (a slot count, a depth, a γ),
+    anything else stays a string for the config to check."""
+    return int(text) if text.isdigit() else text
+
+
 def _engine_args(p: argparse.ArgumentParser) -> None:
+    """One flag per engine option (moespec/config.py), named and valued as the API names them."""
     p.add_argument("--model", default=None, help="checkpoint directory (default: the embedded tiny model)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--context-length", type=int, default=None,
-                   help="tokens per sequence (default: the model's max_position_embeddings); bounds KV memory")
-    p.add_argument("--expert-cache", default="100%",
-                   help="device budget for routed experts: share ('25%%'), size ('3GiB') or slot count")
-    p.add_argument("--prefetch", default="none", help="none (on-demand), lookahead or estimator")
-    p.add_argument("--lookahead-depth", type=int, default=1, help="MoE layers ahead to prefetch for")
-    p.add_argument("--prefetch-extra", type=int, default=0, help="guesses beyond top-k to prefetch per token")
-    p.add_argument("--default-vectors", choices=["auto", "on", "off"], default="auto",
-                   help="lookahead: add default-vector estimates (auto = if the model has them)")
-    p.add_argument("--estimator", default=None, help="estimator file (default: MODEL/estimators.safetensors)")
-    p.add_argument("--speculative-execution", choices=["off", "on", "fallback"], default="off",
-                   help="run guessed experts instead of waiting for true ones (changes outputs)")
-    p.add_argument("--eviction", default="lru", help="lru, lfu or pinned_hot")
-    p.add_argument("--cache-scope", default="global", help="global (layers share slots) or layer")
-    p.add_argument("--link-bandwidth", default=None, help="CPU only: emulate a host-device link, e.g. 25GB/s")
-    p.add_argument("--expert-tier", default="ram", help="ram, or disk (read experts from the checkpoint on demand)")
+    for part, f in option_fields():
+        hints = get_type_hints(PARTS[part] if part else EngineConfig)
+        kind = hints[f.name]
+        choices = get_args(kind) if get_origin(kind) is Literal else None
+        default = f.default if f.default is not None else "unset"
+        p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=None, choices=choices,
+                       type=None if choices else _value, help=f"{f.metadata['help']} (default: {default})")
     p.add_argument("--trace", default=None, metavar="OUT.json", help="write a Chrome/Perfetto trace")
+
+
+def _engine_options(args: argparse.Namespace) -> dict:
+    """The engine flags the user gave (the rest keep the config's defaults)."""
+    return {f.name: getattr(args, f.name) for _, f in option_fields() if getattr(args, f.name, None) is not None}
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
@@ -43,42 +47,34 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
 
 
-def _load(args: argparse.Namespace):
+def _load(args: argparse.Namespace, **overrides):
     from .api import LLM
 
-    slots = int(args.expert_cache) if args.expert_cache.isdigit() else args.expert_cache
     model = args.model
     if getattr(args, "synthetic", None):
         from .bench.synthetic import SyntheticCheckpoint, preset_spec
 
         model = SyntheticCheckpoint(preset_spec(args.synthetic, args.layers), f"synthetic-{args.synthetic}")
-    execution = {"off": False, "on": True, "fallback": "fallback"}[args.speculative_execution]
-    default_vectors = {"auto": None, "on": True, "off": False}[args.default_vectors]
-    return LLM(model, device=args.device, dtype=args.dtype, expert_cache=slots, prefetch=args.prefetch,
-               lookahead_depth=args.lookahead_depth, prefetch_extra=args.prefetch_extra,
-               default_vectors=default_vectors, estimator=args.estimator, speculative_execution=execution,
-               eviction=args.eviction, cache_scope=args.cache_scope, link_bandwidth=args.link_bandwidth,
-               expert_tier=args.expert_tier, trace=args.trace is not None, context_length=args.context_length,
-               progress=True)
+    options = {**_engine_options(args), **overrides}
+    return LLM(model, trace=args.trace is not None, progress=True, **options)
 
 
-def print_summary(stats: dict, file=sys.stderr) -> None:
+def print_summary(stats: EngineStats, file=sys.stderr) -> None:
     """Per-layer expert traffic table (hits, misses, bytes, stalls), then the total."""
-    print(f"expert traffic ({stats['link']}; {stats['cache_slots']} expert slots on the device)", file=file)
+    print(f"expert traffic ({stats.link}; {stats.cache_slots} expert slots on the device)", file=file)
     print(f"{'layer':>6} {'tokens':>7} {'hits':>7} {'misses':>7} {'hit%':>6} {'MB moved':>9} {'stall s':>8}", file=file)
-    rows = [(str(layer), s) for layer, s in stats["per_layer"].items()] + [("total", stats)]
-    for name, s in rows:
-        uses = s["hits"] + s["misses"]
-        hit = 100 * s["hits"] / uses if uses else 0.0
-        print(f"{name:>6} {s['tokens']:>7} {s['hits']:>7} {s['misses']:>7} {hit:>6.1f} "
-              f"{s['bytes_moved'] / 1e6:>9.2f} {s['stall_seconds']:>8.3f}", file=file)
-    per_token = stats["bytes_moved"] / max(stats["generated_tokens"], 1)
-    print(f"bytes moved per generated token: {per_token / 1e6:.3f} MB; decode "
-          f"{1000 * stats['decode_seconds_per_token']:.1f} ms/token", file=file)
-    if spec := stats.get("speculative_decoding"):
-        print(f"speculative decoding: acceptance {100 * spec['acceptance_rate']:.1f}%, "
-              f"{spec['tokens_per_step']:.2f} tokens per row per verification step, mean gamma "
-              f"{spec['mean_gamma']:.2f} ({spec['plain_steps']} of {spec['steps']} steps without drafts)", file=file)
+    for name, s in [(str(layer), s) for layer, s in stats.per_layer.items()] + [("total", stats.experts)]:
+        uses = s.hits + s.misses
+        hit = 100 * s.hits / uses if uses else 0.0
+        print(f"{name:>6} {s.tokens:>7} {s.hits:>7} {s.misses:>7} {hit:>6.1f} "
+              f"{s.bytes_moved / 1e6:>9.2f} {s.stall_seconds:>8.3f}", file=file)
+    print(f"bytes moved per generated token: {stats.bytes_per_token / 1e6:.3f} MB; decode "
+          f"{1000 * stats.decode.decode_seconds_per_token:.1f} ms/token", file=file)
+    if stats.speculative_decoding is not None:
+        c = stats.speculative_decoding.counters
+        print(f"speculative decoding: acceptance {100 * c.acceptance_rate:.1f}%, "
+              f"{c.tokens_per_step:.2f} tokens per row per verification step, mean gamma "
+              f"{c.mean_gamma:.2f} ({c.plain_steps} of {c.steps} steps without drafts)", file=file)
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
@@ -90,11 +86,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
         sys.stdout.write(text)
         sys.stdout.flush()
 
-    gamma = int(args.gamma) if args.gamma.isdigit() else args.gamma
     out = llm.generate(args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                       top_p=args.top_p, top_k=args.top_k, seed=args.seed, stop=args.stop, on_text=stream,
-                       speculative=args.speculative, gamma=gamma, draft_experts=args.draft_experts,
-                       draft_policy=args.draft_policy, draft_affinity=args.draft_affinity)
+                       top_p=args.top_p, top_k=args.top_k, seed=args.seed, stop=args.stop, on_text=stream)
     sys.stdout.write("\n")
     print(f"[{len(out[0].token_ids)} tokens, finish={out[0].finish_reason}]", file=sys.stderr)
     print_summary(llm.stats())
@@ -132,7 +125,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     llm = _load(args)
     exact = None
     if llm.speculation is not None or args.compare_exact:
-        exact = LLM(args.model, device=args.device, dtype=args.dtype)
+        exact = LLM(args.model, device=llm.config.device, dtype=llm.config.dtype)
     _write_json(evaluate(llm, exact, n_chunks=args.chunks, incremental=args.incremental), args.out)
 
 
@@ -218,11 +211,10 @@ def cmd_bench(args: argparse.Namespace) -> None:
         raise MoespecError(f"unknown policy {unknown[0]!r}; available: {', '.join(POLICIES)}")
     cfg = BenchConfig(policies=args.policies.split(","), batch_sizes=[int(b) for b in args.batch_sizes.split(",")],
                       prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, repeats=args.repeats)
-    sizes = args.cache_sizes.split(",") if args.cache_sizes else [args.expert_cache]
+    sizes = args.cache_sizes.split(",") if args.cache_sizes else [args.expert_cache or OffloadConfig.expert_cache]
     sweep = {}
     for size in sizes:
-        args.expert_cache = size
-        llm = _load(args)
+        llm = _load(args, expert_cache=_value(str(size)))
         result = bench(llm, _prompts_for(llm, cfg.prompt_tokens), cfg)
         result.update(model=str(llm.path), expert_cache=size, config=cfg.__dict__)
         for line in format_table(result):
@@ -333,14 +325,6 @@ def build_parser() -> argparse.ArgumentParser:
     _engine_args(g)
     _sampling_args(g)
     g.add_argument("--prompt", required=True)
-    g.add_argument("--speculative", choices=["self"], default=None,
-                   help="self: self-assisted speculative decoding with draft experts")
-    g.add_argument("--gamma", default="auto", help="drafts per step: an integer, or auto (chosen from measurements)")
-    g.add_argument("--draft-experts", type=int, default=None,
-                   help="draft experts per MoE layer (default: top-k, fewer if the cache is small)")
-    g.add_argument("--draft-policy", default="hot_temporal", help="hot_temporal, static_hot or random")
-    g.add_argument("--draft-affinity", default="weights",
-                   help="weights or outputs (nearest draft expert), or router (re-route among draft experts)")
     g.set_defaults(func=cmd_generate)
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching")
     _engine_args(s)

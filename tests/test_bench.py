@@ -27,11 +27,11 @@ def test_set_policy_and_reset_match_fresh_engines(model_dir):
     switched.generate(prompts, max_new_tokens=8, ignore_eos=True)  # warm, then switch and start cold
     switched.set_policy(prefetch="lookahead")
     switched.reset()
-    cold = switched.stats()
+    cold = switched.stats().as_dict()
     assert not switched.experts.resident()
     assert all(cold[key] == 0 for key in ("hits", "misses", "prefetches", "bytes_moved", "generated_tokens"))
     switched.generate(prompts, max_new_tokens=8, ignore_eos=True)
-    a, b = fresh.stats(), switched.stats()
+    a, b = fresh.stats().as_dict(), switched.stats().as_dict()
     # which guesses land before their layer runs depends on the copy thread's timing, so hits and
     # misses may split differently; the experts used and the guesses made may not
     assert a["hits"] + a["misses"] == b["hits"] + b["misses"]

@@ -26,7 +26,7 @@ def test_cuda_offloading_is_exact(model_dir, eviction):
     assert [o.token_ids for o in got] == [o.token_ids for o in want]
     ids = torch.arange(3, 43).reshape(2, 20)
     assert torch.allclose(llm.score(ids), exact.score(ids), atol=1e-5)
-    stats = llm.stats()
+    stats = llm.stats().as_dict()
     assert stats["misses"] > 0 and stats["stall_seconds"] >= 0
     assert stats["bytes_moved"] == stats["misses"] * llm.store.expert_bytes
     assert llm.experts.gate_up.is_cuda and llm.store[(0, 0)].gate_up.is_pinned()

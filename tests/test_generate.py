@@ -53,7 +53,7 @@ def test_text_prompt_and_stop_string(llm):
 def test_eos_stops_generation(llm):
     """Declare the 4th token of a free run to be EOS: generation must end right there, as 'stop'."""
     free = llm.generate([[5, 6, 7]], max_new_tokens=20, ignore_eos=True)[0].token_ids
-    generator = llm.generator
+    generator = llm.engine
     saved = generator.eos_ids
     generator.eos_ids = {free[3]}
     try:
@@ -75,12 +75,12 @@ def test_kv_cache_crop_then_regrow_matches(llm):
     """Rolling a row back and re-feeding different tokens equals never having fed the old ones."""
     m, experts = llm.model, llm.experts
     prompt, a, b = torch.tensor([[5, 6, 7, 8]]), torch.tensor([[9, 10, 11]]), torch.tensor([[12, 13]])
-    cache = llm.generator.new_cache(1, 16)
+    cache = llm.engine.new_cache(1, 16)
     m(prompt, cache, experts)
     m(a, cache, experts)
     cache.crop(torch.tensor([0]), torch.tensor([4]))
     got = m.logits(m(b, cache, experts))
-    fresh = llm.generator.new_cache(1, 16)
+    fresh = llm.engine.new_cache(1, 16)
     m(prompt, fresh, experts)
     want = m.logits(m(b, fresh, experts))
     assert torch.allclose(got, want, atol=1e-6)

@@ -10,7 +10,6 @@ from moespec.checkpoint import Checkpoint
 from moespec.experts.cache import ExpertCache, budget_slots
 from moespec.experts.stats import ExpertStats
 from moespec.experts.store import ExpertStore
-from moespec.experts.transfer import CpuTransfers
 from moespec.spec import load_spec
 from tiny import save_model
 
@@ -28,7 +27,7 @@ def model_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def exact(model_dir):
     llm = LLM(model_dir, expert_cache="100%")
-    return llm.generate(PROMPTS, max_new_tokens=24, ignore_eos=True), llm.score(SCORE_IDS), llm.stats()
+    return llm.generate(PROMPTS, max_new_tokens=24, ignore_eos=True), llm.score(SCORE_IDS), llm.stats().as_dict()
 
 
 CONFIGS = [
@@ -49,7 +48,7 @@ def test_any_budget_and_policy_is_exact(model_dir, exact, config):
     got = llm.generate(PROMPTS, max_new_tokens=24, ignore_eos=True)
     assert [o.token_ids for o in got] == [o.token_ids for o in want_tokens]
     assert torch.allclose(llm.score(SCORE_IDS), want_logits, atol=1e-6)
-    stats = llm.stats()
+    stats = llm.stats().as_dict()
     # the same routing happened, so the same expert uses: every use is a hit or a miss
     assert stats["hits"] + stats["misses"] == exact_stats["hits"] and exact_stats["misses"] == 0
     assert stats["misses"] > 0 and stats["tokens"] == exact_stats["tokens"]
@@ -79,15 +78,14 @@ def test_budget_too_small_is_a_clear_error(model_dir):
         LLM(model_dir, expert_cache=5, cache_scope="layer")
     with pytest.raises(MoespecError, match="expert_cache must be"):
         LLM(model_dir, expert_cache="lots")
-    with pytest.raises(MoespecError, match="link bandwidth must look like"):
+    with pytest.raises(MoespecError, match="link_bandwidth must be a positive rate"):
         LLM(model_dir, expert_cache="25%", link_bandwidth="fast")
 
 
 def scripted_cache(model_dir, policy: str, slots: int = 3) -> ExpertCache:
     spec = load_spec(model_dir)
     store = ExpertStore(Checkpoint(model_dir, spec), torch.float32, pin=False)
-    return ExpertCache(store, torch.device("cpu"), slots, policy, "global", CpuTransfers(None),
-                       ExpertStats(spec.moe_layer_ids))
+    return ExpertCache(store, torch.device("cpu"), slots, policy, "global", ExpertStats(spec.moe_layer_ids))
 
 
 def use(cache: ExpertCache, layer: int, *ids: int) -> None:
@@ -147,9 +145,10 @@ def test_prefetch_counts_hits_and_waste(model_dir):
 def test_demand_copies_overtake_queued_prefetches_and_wrong_guesses_are_taken_back(model_dir):
     """On a slow link, a layer's missing experts go before guesses queued earlier; guesses still
     queued when their layer has run are cancelled, their slots freed and their bytes not counted."""
-    cache = scripted_cache(model_dir, "lru", slots=6)
-    cache.transfers.close()
-    cache.transfers = CpuTransfers(cache.store.expert_bytes / 0.1)  # 100 ms per copy: wide margins under load
+    spec = load_spec(model_dir)
+    store = ExpertStore(Checkpoint(model_dir, spec), torch.float32, pin=False)
+    cache = ExpertCache(store, torch.device("cpu"), 6, "lru", "global", ExpertStats(spec.moe_layer_ids),
+                        link_bandwidth=store.expert_bytes / 0.1)  # 100 ms per copy: wide margins under load
     cache.prefetch(1, [5])  # starts at once: the link is idle
     cache.prefetch(1, [6, 7])  # queued behind it
     order = [e for e, _ in cache.fetch(0, [0], tokens=1)]
@@ -168,7 +167,7 @@ def test_a_layer_whose_slots_all_hold_landing_guesses_still_fetches(model_dir):
     spec = load_spec(model_dir)
     store = ExpertStore(Checkpoint(model_dir, spec), torch.float32, pin=False)
     cache = ExpertCache(store, torch.device("cpu"), 2 * spec.num_layers, "lru", "layer",
-                        CpuTransfers(store.expert_bytes / 0.05), ExpertStats(spec.moe_layer_ids))
+                        ExpertStats(spec.moe_layer_ids), link_bandwidth=store.expert_bytes / 0.05)
     cache.prefetch(1, [6, 7])
     assert [e for e, _ in cache.fetch(1, [0, 1], tokens=1)] == [0, 1]
     s = cache.stats[1]
@@ -187,7 +186,7 @@ def test_disk_tier_reads_on_demand(model_dir, exact):
 def test_emulated_link_makes_compute_stall(model_dir):
     llm = LLM(model_dir, expert_cache="25%", link_bandwidth="0.02GB/s")
     llm.generate(PROMPTS[:1], max_new_tokens=4, ignore_eos=True)
-    s = llm.stats()
+    s = llm.stats().as_dict()
     copy_seconds = s["bytes_moved"] / 0.02e9
     assert s["stall_seconds"] >= 0.5 * copy_seconds
     assert "emulated 0.02 GB/s" in s["link"]
@@ -203,7 +202,7 @@ def test_trace_has_compute_and_transfer_lanes(model_dir, tmp_path):
     compute = [e for e in slices if e["tid"] == lanes["compute"]]
     transfer = [e for e in slices if e["tid"] == lanes["transfer"]]
     assert len(compute) == 3 * 4  # 3 layers x (prefill + 3 decode steps: the 4th token is not fed back)
-    assert len(transfer) == llm.stats()["misses"]
+    assert len(transfer) == llm.stats().as_dict()["misses"]
     assert all(e["dur"] >= 0 for e in slices)
     assert "emulated 1 GB/s" in doc["otherData"]["note"]
 
@@ -213,11 +212,11 @@ def test_prefetch_never_evicts_the_running_layers_experts(model_dir):
     use(cache, 0, 0)
     use(cache, 0, 1)
     use(cache, 1, 5)
-    cache.prefetch(1, [6], keep={(0, 0), (0, 1)})  # plain LRU would evict (0, 0)
+    cache.prefetch(1, [6], running=0)  # plain LRU would evict (0, 0)
     assert cache.stats[1].prefetches == 0  # deferred until layer 0 has fetched
     use(cache, 0, 0, 1)
     assert cache.resident() == {(0, 0), (0, 1), (1, 6)}
     cache.peek((1, 6))  # let its copy land: an expert still being copied is never evicted
-    cache.prefetch(1, [7], keep={(0, 0), (0, 1)})  # only the unused guess (1, 6) may go
+    cache.prefetch(1, [7], running=0)  # only the unused guess (1, 6) may go
     use(cache, 0, 0, 1)
     assert cache.resident() == {(0, 0), (0, 1), (1, 7)} and cache.stats[1].wasted_prefetches == 1

@@ -66,7 +66,7 @@ def test_incremental_decode_matches_full_forward(pair):
     _, llm = pair
     ids = torch.tensor([PROMPTS[2]])
     full = llm.score(ids)[0]
-    cache = llm.generator.new_cache(1, ids.shape[1])
+    cache = llm.engine.new_cache(1, ids.shape[1])
     steps = [llm.model.logits(llm.model(ids[:, :5], cache, llm.experts))[0]]
     for t in range(5, ids.shape[1]):
         steps.append(llm.model.logits(llm.model(ids[:, t:t + 1], cache, llm.experts))[0])

@@ -427,7 +427,7 @@ def test_metrics_report_the_expert_traffic_of_an_offloaded_model(model_dir):
             assert http.post("/v1/completions", json=body).status_code == 200
             names = {"hits": "moespec_expert_cache_hits_total", "misses": "moespec_expert_cache_misses_total",
                      "bytes_moved": "moespec_expert_bytes_moved_total"}
-            wait_for(lambda: all(metrics(http)[n] == llm.stats()[k] for k, n in names.items()))  # once idle
+            wait_for(lambda: all(metrics(http)[n] == llm.stats().as_dict()[k] for k, n in names.items()))  # once idle
             assert metrics(http)["moespec_expert_cache_misses_total"] > 0
             assert metrics(http)["moespec_expert_bytes_moved_total"] > 0
     finally:

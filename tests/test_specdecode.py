@@ -9,8 +9,12 @@ from scipy.stats import chi2
 from moespec import LLM, MoespecError
 from moespec.cli import main, print_summary
 from moespec.decode.sampling import SamplingParams
-from moespec.decode.specdecode import GammaChooser, SelfSpeculativeDecoder, output_distances
-from moespec.experts.draft import DraftExperts
+from moespec.config import SpecDecodeConfig
+from moespec.decode.sampling import RowSampling
+from moespec.decode.selfspec import SelfSpeculativeDecoder
+from moespec.decode.selfspec.affinity import output_distances
+from moespec.decode.selfspec.draft import DraftExperts
+from moespec.decode.selfspec.gamma import GammaChooser
 from moespec.model.moe import expert_forward
 from tiny import save_model, save_tokenizer
 
@@ -57,7 +61,7 @@ def test_greedy_output_is_the_plain_greedy_output(model_dir, rows, gamma, n, pol
         assert greedy_margin(llm, p, want.token_ids) > 1e-4
     assert [o.token_ids for o in got] == [o.token_ids for o in plain]
     assert all(o.finish_reason == "length" for o in got)
-    s = llm.stats()["speculative_decoding"]
+    s = llm.stats().as_dict()["speculative_decoding"]
     assert 0 < s["accepted"] <= s["drafted"] or gamma == "auto"
     assert s["tokens_per_step"] == pytest.approx(1 + s["accepted"] / s["row_steps"])
     llm.close()
@@ -67,7 +71,7 @@ def test_stops_inside_an_accepted_run_like_plain(model_dir):
     """EOS, stop budgets and tokens past them: the same completions as plain decoding."""
     llm = LLM(model_dir, expert_cache="50%")
     free = llm.generate(PROMPTS[:3], max_new_tokens=16, ignore_eos=True)
-    llm.generator.eos_ids = {free[0].token_ids[5]}
+    llm.engine.eos_ids = {free[0].token_ids[5]}
     for max_new in (1, 2, 16):
         plain = llm.generate(PROMPTS[:3], max_new_tokens=max_new)
         spec = llm.generate(PROMPTS[:3], max_new_tokens=max_new, speculative="self", gamma=5, draft_experts=2)
@@ -79,10 +83,11 @@ def test_rollback_leaves_the_kv_cache_of_the_plain_run(model_dir):
     llm = LLM(model_dir, expert_cache="50%")
     model, prompts, B = llm.model, PROMPTS[:3], 3
     params = SamplingParams(max_new_tokens=64)
-    dec = SelfSpeculativeDecoder.configure(None, model, llm.experts, llm.store, 1, "hot_temporal", 4)
+    dec = SelfSpeculativeDecoder.configure(None, model, llm.experts, llm.store,
+                                           SpecDecodeConfig("self", gamma=4, draft_experts=1))
 
     def prefill() -> tuple:
-        cache = llm.generator.new_cache(B, 64)
+        cache = llm.engine.new_cache(B, 64)
         lengths = torch.tensor([len(p) for p in prompts])
         tokens = torch.zeros(B, int(lengths.max()), dtype=torch.long)
         for i, p in enumerate(prompts):
@@ -93,9 +98,9 @@ def test_rollback_leaves_the_kv_cache_of_the_plain_run(model_dir):
     with torch.inference_mode(), dec.attached():
         cache, pending = prefill()
         out = [[t] for t in pending.tolist()]
-        running = torch.ones(B, dtype=torch.bool)
+        rows, sampling = torch.arange(B), RowSampling([params] * B, [None] * B, torch.device("cpu"))
         for _ in range(5):
-            new = dec(cache, pending, running, torch.full((B,), 64), params, None)
+            new = dec(cache, rows, pending, torch.full((B,), 64), sampling)
             out = [o + n for o, n in zip(out, new)]
             pending = torch.tensor([o[-1] for o in out])
     assert 0 < dec.stats.accepted < dec.stats.drafted  # some drafts were rolled back, some kept
@@ -132,7 +137,7 @@ def test_sampling_keeps_the_target_distribution(small_vocab_dir):
     V, N, prompt = 16, 6000, [5, 6, 7]
     out = llm.generate([prompt] * N, max_new_tokens=4, temperature=1.0, seed=1, ignore_eos=True,
                        speculative="self", gamma=2, draft_experts=1)
-    s = llm.stats()["speculative_decoding"]
+    s = llm.stats().as_dict()["speculative_decoding"]
     assert 0.2 < s["acceptance_rate"] < 0.9  # both the accept and the residual paths ran many times
 
     t1 = torch.arange(V)
@@ -161,7 +166,7 @@ def test_sampling_keeps_the_target_distribution(small_vocab_dir):
     dec = llm.spec_decoder
     with torch.inference_mode(), dec.attached():
         dec.routing.drafting = True
-        cache = llm.generator.new_cache(V, 5)
+        cache = llm.engine.new_cache(V, 5)
         q = torch.softmax(llm.model.logits(llm.model(seqs[::V, :4], cache, dec.draft))[:, 3], dim=-1)
     p2_marg, q2_marg = p1 @ p2, p1 @ q
     draft_stat, draft_dof = chi_square(N * q2_marg, p2_marg)
@@ -175,14 +180,14 @@ def test_draft_experts_are_pinned_and_refreshed_without_copies(model_dir):
     members = {(layer, e) for layer, ids in draft.members.items() for e in ids}
     assert len(members) == 6 and cache.pinned == members and members <= cache.resident()
     assert draft.swaps > 0  # the hot set moved with what verification used...
-    s = llm.stats()
+    s = llm.stats().as_dict()
     copies = s["bytes_moved"] // s["expert_bytes"]
     assert 0 <= copies - s["misses"] <= len(members)  # ...yet only the first fill copied anything
     assert llm.experts.bytes_used() <= 12 * s["expert_bytes"]
     llm.reset()  # a cold start unpins the draft set; the next run chooses it again
     assert not cache.pinned and not cache.resident() and not draft.filled
     llm.generate(PROMPTS[:2], max_new_tokens=8, speculative="self", gamma=3, draft_experts=2)
-    assert len(cache.pinned) == 6 and llm.stats()["speculative_decoding"]["steps"] > 0
+    assert len(cache.pinned) == 6 and llm.stats().as_dict()["speculative_decoding"]["steps"] > 0
 
     static = LLM(model_dir, expert_cache="50%")
     static.generate(PROMPTS, max_new_tokens=24, ignore_eos=True, speculative="self", gamma=3,
@@ -303,7 +308,7 @@ def test_auto_turns_speculation_off_when_it_cannot_pay():
 def test_auto_releases_the_draft_set_when_drafts_are_never_accepted(model_dir, monkeypatch):
     """End to end: every draft rejected (the target's argmax + 1 is verified instead), so auto
     runs plain steps with the draft experts unpinned, and the output is still plain greedy."""
-    import moespec.decode.specdecode as sd
+    import moespec.decode.selfspec.decoder as sd
 
     def reject_all(logits, drafts, draft_probs, gammas, params, generator):
         wrong = (logits[:, :-1].argmax(dim=-1) + 1) % logits.shape[-1]
@@ -328,21 +333,21 @@ def test_auto_releases_the_draft_set_when_drafts_are_never_accepted(model_dir, m
     llm.reset()
     got = llm.generate(prompts, max_new_tokens=40, ignore_eos=True, speculative="self", gamma="auto", draft_experts=2)
     assert [o.token_ids for o in got] == [o.token_ids for o in plain]
-    s = llm.stats()["speculative_decoding"]
+    s = llm.stats().as_dict()["speculative_decoding"]
     assert s["accepted"] == 0 and s["drafted"] > 0  # drafting was tried...
     assert s["plain_steps"] >= s["steps"] - 3  # ...and turned off
     assert not llm.experts.pinned and not llm.spec_decoder.draft.filled  # the whole cache serves plain steps
     # the per-token figures are per generated token, not per step
-    d = llm.generator.stats
+    d = llm.engine.stats
     assert d.decoded_tokens == 3 * 39 and d.decode_steps >= 39
-    assert llm.stats()["decode_seconds_per_token"] == pytest.approx(d.decode_seconds / d.decoded_tokens)
+    assert llm.stats().as_dict()["decode_seconds_per_token"] == pytest.approx(d.decode_seconds / d.decoded_tokens)
 
 
 def test_bad_settings_are_clear_errors(model_dir):
     llm = LLM(model_dir, expert_cache="50%")
     with pytest.raises(MoespecError, match="draft_experts must be in \\[1, 3\\]"):
         llm.generate(PROMPTS[:1], speculative="self", draft_experts=4)
-    with pytest.raises(MoespecError, match="speculative must be one of self"):
+    with pytest.raises(MoespecError, match="speculative must be one of off, self"):
         llm.generate(PROMPTS[:1], speculative="other")
     with pytest.raises(MoespecError, match="gamma must be"):
         llm.generate(PROMPTS[:1], speculative="self", gamma=-1)
@@ -372,5 +377,5 @@ def test_cuda_greedy_output_is_the_plain_greedy_output(model_dir):
     llm = LLM(model_dir, device="cuda", expert_cache="50%")
     got = llm.generate(PROMPTS, max_new_tokens=20, ignore_eos=True, speculative="self", gamma=4)
     assert [o.token_ids for o in got] == [o.token_ids for o in plain]
-    assert llm.stats()["speculative_decoding"]["accepted"] > 0
+    assert llm.stats().as_dict()["speculative_decoding"]["accepted"] > 0
     llm.close()

@@ -8,7 +8,6 @@ from moespec.hooks import ForwardHooks
 from moespec.model.moe import expert_forward
 from moespec.api import DEFAULT_MODEL
 from moespec.bench.corpus import heldout_ids
-from moespec.bench.evaluate import score_incrementally
 from moespec.speculate.context import PreviousToken
 from moespec.speculate.estimators import ESTIMATOR_FILE, Estimators, fit
 from moespec.speculate.lookahead import DefaultVectorCollector, DefaultVectors, next_moe_layers
@@ -70,7 +69,7 @@ def test_prefetch_and_verify_is_exact(model_dir, exact, calibrated, config):
     out = llm.generate(PROMPTS, max_new_tokens=16, ignore_eos=True)
     assert [o.token_ids for o in out] == [o.token_ids for o in exact[0]]
     assert torch.allclose(llm.score(IDS), exact[1], atol=1e-6)
-    s = llm.stats()
+    s = llm.stats().as_dict()
     assert s["prefetches"] > 0 and s["prefetch_hits"] > 0
     # a guess still queued when its layer has run is taken back (more likely on a loaded machine)
     assert s["bytes_moved"] == (s["misses"] + s["prefetches"] - s["cancelled_prefetches"]) * s["expert_bytes"]
@@ -102,16 +101,16 @@ def test_speculative_execution_with_a_perfect_oracle_is_exact(model_dir, exact, 
     llm = LLM(model_dir, expert_cache="40%", prefetch="lookahead", speculative_execution=mode)
     llm.speculation.predictor = Oracle(LLM(model_dir), IDS)
     assert torch.allclose(llm.score(IDS), exact[1], atol=1e-5)
-    assert llm.stats()["speculation"]["total"]["depth 1"]["recall_at_k"] == 1.0
+    assert llm.stats().as_dict()["speculation"]["total"]["depth 1"]["recall_at_k"] == 1.0
 
 
 def test_speculative_execution_changes_outputs_only_by_expert_choice(model_dir, exact):
     """With the real lookahead some guesses are wrong, so logits move; the guess quality is reported."""
     llm = LLM(model_dir, expert_cache="40%", prefetch="lookahead", speculative_execution=True)
     got = llm.score(IDS)
-    recall = llm.stats()["speculation"]["total"]["depth 1"]["recall_at_k"]
+    recall = llm.stats().as_dict()["speculation"]["total"]["depth 1"]["recall_at_k"]
     assert recall < 1.0 and not torch.allclose(got, exact[1], atol=1e-5)
-    stats = llm.stats()
+    stats = llm.stats().as_dict()
     assert stats["misses"] + stats["hits"] > 0
 
 
@@ -204,7 +203,7 @@ def test_trace_links_each_token_to_its_predecessor(model_dir):
     assert record(llm, IDS).previous.tolist() == [-1, *range(31), -1, *range(32, 63)]
     recorder = RouteRecorder(llm.model, hidden=False)
     llm.model.hooks.append(recorder)
-    score_incrementally(llm, IDS[:, :4])  # one token per row per pass: rows interleave in the trace
+    llm.engine.teacher_forced(IDS[:, :4])  # one token per row per pass: rows interleave in the trace
     assert recorder.trace().previous.tolist() == [-1, -1, 0, 1, 2, 3, 4, 5]
 
 
@@ -217,7 +216,7 @@ def test_estimators_see_at_inference_the_context_they_train_on(model_dir, calibr
     est.predict = lambda layer, x, context: seen.append((layer, context)) or predict(layer, x, context)
     recorder = RouteRecorder(llm.model, hidden=True)
     llm.model.hooks.insert(0, recorder)
-    score_incrementally(llm, IDS[:, :6])
+    llm.engine.teacher_forced(IDS[:, :6])
     trace = recorder.trace()
     hidden, previous = torch.from_numpy(trace.hidden).float(), torch.from_numpy(trace.previous)
     layers = llm.spec.num_layers  # every layer guesses (the last MoE layer has nothing to guess)
@@ -251,6 +250,6 @@ def test_shipped_estimators_load_and_beat_the_lookahead(name):
     for prefetch in ("lookahead", "estimator"):
         llm = LLM(path, prefetch=prefetch, lookahead_depth=3, default_vectors=False)
         ids = torch.tensor(heldout_ids(llm)[:256]).reshape(4, 64)
-        score_incrementally(llm, ids)
-        recall[prefetch] = llm.stats()["speculation"]["total"]["depth 1"]["recall_at_k"]
+        llm.engine.teacher_forced(ids)
+        recall[prefetch] = llm.stats().as_dict()["speculation"]["total"]["depth 1"]["recall_at_k"]
     assert recall["estimator"] > recall["lookahead"] + 0.05, recall

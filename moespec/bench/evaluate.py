@@ -9,16 +9,6 @@ from ..api import LLM
 from .corpus import heldout_ids
 
 
-@torch.inference_mode()
-def score_incrementally(llm: LLM, batch: torch.Tensor) -> torch.Tensor:
-    """Logits [B, T, V] computed one position at a time through the KV cache, as decoding runs
-    (teacher forcing): the expert cache and speculation then behave as in batch-B decoding."""
-    cache = llm.generator.new_cache(batch.shape[0], batch.shape[1])
-    steps = [llm.model.logits(llm.model(batch[:, t:t + 1].to(llm.device), cache, llm.experts))
-             for t in range(batch.shape[1])]
-    return torch.cat(steps, dim=1)
-
-
 def evaluate(llm: LLM, exact: LLM | None = None, n_chunks: int = data.EVAL_N_CHUNKS,
              incremental: bool = False) -> dict:
     """Perplexity by the model cards' protocol; with `exact`, also top-1 agreement and Δ perplexity.
@@ -34,7 +24,7 @@ def evaluate(llm: LLM, exact: LLM | None = None, n_chunks: int = data.EVAL_N_CHU
 
     def score(batch: torch.Tensor) -> torch.Tensor:
         nonlocal agree, positions
-        logits = score_incrementally(llm, batch) if incremental else llm.score(batch)
+        logits = llm.engine.teacher_forced(batch) if incremental else llm.score(batch)
         if exact is not None:
             ref = exact.score(batch)
             exact_logits.append(ref)
@@ -51,5 +41,5 @@ def evaluate(llm: LLM, exact: LLM | None = None, n_chunks: int = data.EVAL_N_CHU
         result.update(exact_perplexity=exact_ppl, delta_perplexity=result["perplexity"] - exact_ppl,
                       top1_agreement=agree / positions)
     if llm.speculation is not None:
-        result["speculation"] = llm.speculation.summary()["total"]
+        result["speculation"] = llm.speculation.stats().as_dict()["total"]
     return result

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 import torch
 
 from ..api import LLM
-from ..decode.generate import Generator
+from ..decode.engine import Engine
+from ..decode.generate import generate
 from ..decode.sampling import SamplingParams
 from ..experts.stats import ExpertStats
 from ..experts.store import ResidentExperts
@@ -28,7 +29,7 @@ POLICIES: dict[str, dict] = {
     "lookahead-d2": {"prefetch": "lookahead", "lookahead_depth": 2},
     "lookahead+2": {"prefetch": "lookahead", "prefetch_extra": 2},
     "estimator": {"prefetch": "estimator"},
-    "speculative": {"prefetch": "lookahead", "speculative_execution": True},
+    "speculative": {"prefetch": "lookahead", "speculative_execution": "on"},
     "fallback": {"prefetch": "lookahead", "speculative_execution": "fallback"},
 }
 
@@ -65,19 +66,19 @@ def _sync(llm: LLM) -> None:
 
 def compute_reference(llm: LLM, prompts: list[list[int]], new_tokens: int, repeats: int) -> float:
     """Seconds per decode step with every expert resident (no copies at all): median of `repeats` runs."""
-    saved = llm._policy
+    saved = llm.config.speculation
     llm.set_policy()
-    generator = Generator(llm.model, ResidentExperts(llm.store, llm.device, ExpertStats(llm.spec.moe_layer_ids)),
-                          None, llm.context_length, llm.device)
+    engine = Engine(llm.model, ResidentExperts(llm.store, llm.device, ExpertStats(llm.spec.moe_layer_ids)),
+                    None, llm.context_length, llm.device)
     params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
-    generator.generate(prompts, SamplingParams(max_new_tokens=2, ignore_eos=True))  # warm-up
+    generate(engine, prompts, SamplingParams(max_new_tokens=2, ignore_eos=True))  # warm-up
     steps = []
     for _ in range(repeats):
-        generator.stats = type(generator.stats)()
-        generator.generate(prompts, params)
+        engine.stats = type(engine.stats)()
+        generate(engine, prompts, params)
         _sync(llm)
-        steps.append(generator.stats.decode_seconds / generator.stats.decode_steps)
-    llm.set_policy(*saved)
+        steps.append(engine.stats.decode_seconds_per_step)
+    llm.set_policy(saved)
     return statistics.median(steps)
 
 
@@ -87,7 +88,7 @@ def prefill_bytes(llm: LLM, policy: dict, prompts: list[list[int]]) -> int:
     llm.set_policy(**policy)
     llm.reset()
     llm.generate(prompts, max_new_tokens=1, ignore_eos=True)
-    return llm.stats()["bytes_moved"]
+    return llm.stats().experts.bytes_moved
 
 
 def one_run(llm: LLM, policy: str, prompts: list[list[int]], new_tokens: int, prefill: int) -> dict:
@@ -97,16 +98,16 @@ def one_run(llm: LLM, policy: str, prompts: list[list[int]], new_tokens: int, pr
     llm.generate(prompts, max_new_tokens=new_tokens, ignore_eos=True)
     _sync(llm)
     s = llm.stats()
-    total = s["prefill_seconds"] + s["decode_seconds"]
-    decode_bytes = s["bytes_moved"] - prefill
+    d = s.decode
+    decode_bytes = s.experts.bytes_moved - prefill
     return {
-        "seconds_per_step": s["decode_seconds"] / s["decode_steps"],
-        "prefill_tokens_per_s": s["prompt_tokens"] / s["prefill_seconds"],
-        "bytes_per_token": decode_bytes / s["decoded_tokens"],
-        "bytes_per_step": decode_bytes / s["decode_steps"],
-        "hit_rate": s["hit_rate"],
-        "stall_share": s["stall_seconds"] / total,
-        "recall_at_k": s.get("speculation", {}).get("total", {}).get("depth 1", {}).get("recall_at_k"),
+        "seconds_per_step": d.decode_seconds_per_step,
+        "prefill_tokens_per_s": d.prompt_tokens / d.prefill_seconds,
+        "bytes_per_token": decode_bytes / d.decoded_tokens,
+        "bytes_per_step": decode_bytes / d.decode_steps,
+        "hit_rate": s.hit_rate,
+        "stall_share": s.experts.stall_seconds / (d.prefill_seconds + d.decode_seconds),
+        "recall_at_k": s.speculation.by_depth[1].recall_at_k if s.speculation is not None else None,
     }
 
 
@@ -121,7 +122,7 @@ def _summary(runs: list[dict]) -> dict:
 def bench(llm: LLM, prompts_for: callable, cfg: BenchConfig) -> dict:
     """Run every policy at every batch size; `prompts_for(B)` gives B prompts of token ids."""
     bandwidth = link_bandwidth(llm)
-    results = {"link": llm.link_note(), "link_bandwidth_bytes_per_s": bandwidth, "cache_slots": llm.stats()["cache_slots"],
+    results = {"link": llm.link_note(), "link_bandwidth_bytes_per_s": bandwidth, "cache_slots": llm.experts.capacity,
                "total_experts": len(llm.store.keys), "expert_bytes": llm.store.expert_bytes, "batches": {}}
     for batch in cfg.batch_sizes:
         prompts = prompts_for(batch)

@@ -54,3 +54,30 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
         return logits.argmax(dim=-1)
     probs = filtered_probs(logits, params)
     return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(logits.device)
+
+
+class RowSampling:
+    """How each row of a batch picks its tokens. Rows sharing sampling parameters and a random
+    generator form one group and are sampled together, so a batch from one `generate` call
+    (one group) draws exactly what a single call to `sample` would; the server's requests each
+    bring their own parameters and seeds."""
+
+    def __init__(self, params: list[SamplingParams], generators: list[torch.Generator | None],
+                 device: torch.device):
+        groups: dict[tuple[SamplingParams, int], list[int]] = {}
+        for i, (p, g) in enumerate(zip(params, generators)):
+            groups.setdefault((p, id(g)), []).append(i)
+        self.size = len(params)
+        self.groups = [(torch.tensor(rows, device=device), params[rows[0]], generators[rows[0]])
+                       for rows in groups.values()]
+        self.greedy = all(p.temperature == 0 for p in params)
+
+    def sample(self, logits: torch.Tensor) -> torch.Tensor:
+        """One token id per row of logits [B, V]."""
+        if len(self.groups) == 1:
+            _, params, generator = self.groups[0]
+            return sample(logits, params, generator)
+        out = torch.empty(self.size, dtype=torch.long, device=logits.device)
+        for rows, params, generator in self.groups:
+            out[rows] = sample(logits[rows], params, generator)
+        return out

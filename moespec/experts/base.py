@@ -1,8 +1,12 @@
-"""The one narrow interface between the forward pass and wherever expert weights live.
+"""What each caller may ask of wherever expert weights live, as Protocols.
 
-The model asks `provider.fetch(layer, ids, tokens)` for the experts its router chose and receives
-their weights on the compute device, one expert at a time, in the order they become ready. Everything about offloading (host store, device cache, eviction,
-prefetching, transfers) hides behind this call, so it never touches the model.
+The model asks `ExpertProvider.fetch(layer, ids, tokens)` for the experts its router chose and
+receives their weights on the compute device, one expert at a time, in the order they become
+ready. Everything about offloading (host store, device cache, eviction, transfers) hides behind
+this call, so it never touches the model. Speculation also starts copies (`Prefetcher`), and
+self-speculative decoding keeps draft experts on the device (`Pinnable`). Both device-side
+implementations, `ExpertCache` (a budget smaller than the model) and `ResidentExperts` (every
+expert on the device), offer all of them (`DeviceExperts`), so no caller tests which one it has.
 """
 
 from __future__ import annotations
@@ -11,6 +15,8 @@ from dataclasses import dataclass
 from typing import Iterator, Protocol
 
 import torch
+
+Key = tuple[int, int]  # (MoE layer, expert id)
 
 
 @dataclass
@@ -28,4 +34,53 @@ class ExpertProvider(Protocol):
         Experts come in the order they are ready; an expert's weights are valid until the next one
         is requested. `tokens` is the number of tokens routed in this call (for statistics).
         """
+        ...
+
+
+class Prefetcher(Protocol):
+    """Starts copies of guessed experts without waiting for them."""
+
+    capacity: int  # expert slots on the device
+
+    def prefetch(self, target: int, ids: list[int], running: int | None = None) -> None:
+        """Copy experts guessed for MoE layer `target`, best guess first. `running`: the MoE layer
+        about to fetch its own experts; the guesses then wait until that fetch has put its missing
+        experts on the link and never evict them. None: start the copies now."""
+        ...
+
+    def ready(self, layer: int) -> set[int]:
+        """Experts of `layer` on the device whose copy has landed: usable without waiting."""
+        ...
+
+
+class Pinnable(Protocol):
+    """Keeps chosen experts on the device (self-speculative decoding's draft experts)."""
+
+    pin_limit: int  # most experts per layer that can be pinned
+
+    def pin(self, key: Key, load: bool = True) -> bool:
+        """Keep `key` on the device until `unpin`; a missing expert is copied in if `load`.
+        False if it is missing and was not loaded."""
+        ...
+
+    def unpin(self, key: Key) -> None: ...
+
+    def peek(self, key: Key) -> ExpertWeights:
+        """A pinned expert's weights (waiting for its copy if needed), not counted as a use."""
+        ...
+
+
+class DeviceExperts(ExpertProvider, Prefetcher, Pinnable, Protocol):
+    """Everything the engine holds on the device: what `LLM` builds and hands to every caller."""
+
+    def clear(self) -> None:
+        """Let copies land, then forget every expert: the next run starts cold."""
+        ...
+
+    def flush_stats(self) -> None:
+        """Bring the statistics up to date (on CUDA, stalls measured on the device: one sync)."""
+        ...
+
+    def close(self) -> None:
+        """Stop the transfer side (also done at interpreter exit)."""
         ...

@@ -4,36 +4,31 @@
 their copies land, so compute on the first experts overlaps the copies of the rest. Slots are
 shared by all MoE layers (scope "global") or split evenly between them (scope "layer"). Experts
 in use by the running layer or still being copied are never evicted; among the others the
-eviction policy chooses. `prefetch(layer, ids)` starts copies without waiting (speculation).
+eviction policy chooses. `prefetch(target, ids, running)` starts copies without waiting
+(speculation). The cache owns its transfer engine (CPU worker or CUDA copy stream), which
+records every stall; `flush_stats` adds them to the statistics, the same way on both.
 """
 
 from __future__ import annotations
 
-import re
-from typing import Iterable, Iterator
+from typing import Iterator
 
 import torch
 
+from ..config import parse_budget
 from ..errors import MoespecError
-from .base import ExpertWeights
-from .eviction import EvictionPolicy, Key, make_policy
+from .base import ExpertWeights, Key
+from .eviction import EvictionPolicy, make_policy
 from .stats import ExpertStats
 from .store import ExpertStore
-
-SIZE_UNITS = {"B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
-
+from .trace import Tracer
+from .transfer import CpuTransfers, CudaTransfers
 
 def budget_slots(expert_cache: str | int, total_experts: int, expert_bytes: int) -> int:
     """Slots for a budget given as a share ("25%"), a size ("3GiB") or a slot count (int)."""
-    if isinstance(expert_cache, int) and not isinstance(expert_cache, bool):
-        slots = expert_cache
-    elif m := re.fullmatch(r"\s*([0-9.]+)\s*%\s*", str(expert_cache)):
-        slots = int(total_experts * float(m.group(1)) / 100)
-    elif m := re.fullmatch(r"\s*([0-9.]+)\s*([KMG]i?B|B)\s*", str(expert_cache), re.IGNORECASE):
-        slots = int(float(m.group(1)) * SIZE_UNITS[m.group(2).upper()] // expert_bytes)
-    else:
-        raise MoespecError(f"expert_cache must be a share ('25%'), a size ('3GiB') or a slot count, got {expert_cache!r}")
-    return min(slots, total_experts)
+    kind, amount = parse_budget(expert_cache)
+    slots = {"slots": amount, "share": total_experts * amount, "bytes": amount // expert_bytes}[kind]
+    return min(int(slots), total_experts)
 
 
 class Domain:
@@ -50,8 +45,12 @@ class Domain:
 
 
 class ExpertCache:
+    """The expert slots on the device (a DeviceExperts): fetch, prefetch, pin; evicts by policy."""
+
     def __init__(self, store: ExpertStore, device: torch.device, slots: int, policy: str, scope: str,
-                 transfers, stats: ExpertStats):
+                 stats: ExpertStats, link_bandwidth: float | None = None, tracer: Tracer | None = None):
+        """link_bandwidth: on CPU, bytes/s of the emulated link (None: copies at memcpy speed).
+        tracer: records one transfer-lane slice per CPU copy."""
         spec = store.spec
         layers = spec.moe_layer_ids
         per_domain = slots // len(layers) if scope == "layer" else slots
@@ -61,7 +60,9 @@ class ExpertCache:
                 f"expert cache of {slots} slots ({per_domain} {where}) cannot hold one token's "
                 f"{spec.top_k} experts of a layer; raise expert_cache"
             )
-        self.store, self.transfers, self.stats = store, transfers, stats
+        self.store, self.stats = store, stats
+        self.transfers = CpuTransfers(link_bandwidth, tracer) if device.type == "cpu" \
+            else CudaTransfers(device, slots)
         H, I = spec.hidden_size, spec.expert_intermediate_size
         n = per_domain * len(layers) if scope == "layer" else slots
         self.gate_up = torch.empty(n, 2 * I, H, dtype=store.dtype, device=device)
@@ -76,7 +77,7 @@ class ExpertCache:
         self.pending: dict[Key, object] = {}  # copies in flight
         self.locked: set[Key] = set()  # needed by the running layer
         self.unused_prefetch: set[Key] = set()
-        self._deferred: dict[int, list[tuple[int, list[int]]]] = {}  # running layer -> guesses to copy once it fetched
+        self._after_fetch: dict[int, list[tuple[int, list[int]]]] = {}  # running layer -> guesses to copy once it fetched
         self.pinned: set[Key] = set()  # never evicted until unpinned (draft experts of speculative decoding)
         # most experts per layer that can be pinned while every domain keeps top_k slots for the rest
         self.pin_limit = per_domain - spec.top_k if scope == "layer" else (slots - spec.top_k) // len(layers)
@@ -89,7 +90,14 @@ class ExpertCache:
             dom.clear()
         self.slot_of.clear()
         self.unused_prefetch.clear()
-        self._deferred.clear()
+        self._after_fetch.clear()
+
+    def flush_stats(self) -> None:
+        for layer, seconds in self.transfers.collect_stalls().items():
+            self.stats[layer].stall_seconds += seconds
+
+    def close(self) -> None:
+        self.transfers.close()
 
     @property
     def capacity(self) -> int:
@@ -102,9 +110,9 @@ class ExpertCache:
         """Experts holding a slot (some may still be landing)."""
         return set(self.slot_of)
 
-    def ready(self) -> set[Key]:
-        """Experts on the device whose copy has landed: usable without waiting."""
-        return {k for k in self.slot_of if k not in self.pending or self.transfers.done(self.pending[k])}
+    def ready(self, layer: int) -> set[int]:
+        return {e for (l, e) in self.slot_of
+                if l == layer and ((l, e) not in self.pending or self.transfers.done(self.pending[(l, e)]))}
 
     def _weights(self, slot: int) -> ExpertWeights:
         return ExpertWeights(self.gate_up[slot], self.down[slot])
@@ -159,33 +167,25 @@ class ExpertCache:
     def _wait(self, key: Key) -> None:
         handle = self.pending.pop(key, None)
         if handle is not None:
-            self.stats[key[0]].stall_seconds += self.transfers.wait(handle, key[0])
+            self.transfers.wait(handle, key[0])
 
-    def prefetch(self, layer: int, ids: list[int], keep: Iterable[Key] = ()) -> None:
-        """Copy experts predicted for `layer`, never waiting. `keep` names the running layer's
-        experts, which it is about to fetch: the guesses never evict them, and their copies start
-        only once that fetch has put its own missing experts on the link, so a guess never delays
-        an expert needed now. Without `keep` the copies start at once."""
-        keep = set(keep)
-        if keep:
-            running = next(iter(keep))[0]
-            self._deferred.setdefault(running, []).append((layer, ids))
+    def prefetch(self, target: int, ids: list[int], running: int | None = None) -> None:
+        """Copy experts guessed for `target`, never waiting. With `running`, the copies start only
+        once that layer's fetch has put its own missing experts on the link (and locked its
+        experts), so a guess never delays or evicts an expert needed now."""
+        if running is not None:
+            self._after_fetch.setdefault(running, []).append((target, ids))
         else:
-            self._prefetch(layer, ids, set())
+            self._prefetch(target, ids)
 
-    def _prefetch(self, layer: int, ids: list[int], keep: set[Key]) -> None:
-        protected = keep - self.locked
-        self.locked |= protected
-        try:
-            for e in ids:
-                key = (layer, e)
-                if key in self.slot_of:
-                    self.domains[layer].policy.touch(key)
-                elif self._load(key, urgent=False):
-                    self.unused_prefetch.add(key)
-                    self.stats[layer].prefetches += 1
-        finally:
-            self.locked -= protected
+    def _prefetch(self, layer: int, ids: list[int]) -> None:
+        for e in ids:
+            key = (layer, e)
+            if key in self.slot_of:
+                self.domains[layer].policy.touch(key)
+            elif self._load(key, urgent=False):
+                self.unused_prefetch.add(key)
+                self.stats[layer].prefetches += 1
 
     def fetch(self, layer: int, ids: list[int], tokens: int) -> Iterator[tuple[int, ExpertWeights]]:
         """Yield (id, weights) for every expert in `ids`: resident ones first, then misses as they land."""
@@ -200,7 +200,7 @@ class ExpertCache:
         self.unused_prefetch.difference_update(hits)
         self.locked.update(hits)
         in_flight: list[Key] = []
-        guesses = self._deferred.pop(layer, [])
+        guesses = self._after_fetch.pop(layer, [])
         try:
             def issue() -> None:
                 while misses and self._load(misses[0]):
@@ -208,7 +208,7 @@ class ExpertCache:
                     in_flight.append(misses.pop(0))
                 if not misses and guesses:  # this layer's copies are all on the link: now the guesses
                     for target, guessed in guesses:
-                        self._prefetch(target, guessed, set())
+                        self._prefetch(target, guessed)
                     guesses.clear()
 
             issue()

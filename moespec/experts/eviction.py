@@ -7,9 +7,10 @@ off-limits (those in use by the running layer or still being copied).
 from __future__ import annotations
 
 from collections import Counter, OrderedDict
-from typing import Iterable, Protocol
+from typing import Callable, Iterable, Protocol
 
-Key = tuple[int, int]  # (layer, expert id)
+from ..config import Eviction, registry
+from .base import Key
 
 
 class EvictionPolicy(Protocol):
@@ -85,14 +86,12 @@ class PinnedHot(LFU):
         return cold[0] if cold else next(k for k in self.order if k in allowed)
 
 
+POLICIES: dict[str, Callable[[int], EvictionPolicy]] = registry(Eviction, {  # name -> factory(capacity)
+    "lru": lambda capacity: LRU(),
+    "lfu": lambda capacity: LFU(),
+    "pinned_hot": PinnedHot,
+})
+
+
 def make_policy(name: str, capacity: int) -> EvictionPolicy:
-    if name == "lru":
-        return LRU()
-    if name == "lfu":
-        return LFU()
-    if name == "pinned_hot":
-        return PinnedHot(capacity)
-    raise ValueError(name)
-
-
-POLICIES = ("lru", "lfu", "pinned_hot")
+    return POLICIES[name](capacity)

@@ -8,15 +8,14 @@ first needed and kept in a host LRU cache of `host_cache` experts.
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterator
 
 import torch
 
 from ..checkpoint import Checkpoint
-from .base import ExpertWeights
+from .base import ExpertWeights, Key
 from .stats import ExpertStats
 
-Key = tuple[int, int]  # (layer, expert id)
 TIERS = ("ram", "disk")
 
 
@@ -59,21 +58,33 @@ class ExpertStore:
 
 
 class ResidentExperts:
-    """Every expert on the device at once: no offloading (the budget holds all experts)."""
+    """Every expert on the device at once (a DeviceExperts): the budget holds all experts, so
+    nothing is ever moved, evicted or waited for."""
 
     def __init__(self, store: ExpertStore, device: torch.device, stats: ExpertStats):
         self.stats = stats
         self.pin_limit = store.spec.num_experts
+        self.capacity = len(store.keys)
         self._experts = {key: ExpertWeights(store[key].gate_up.to(device), store[key].down.to(device))
                          for key in store.keys}
 
     def resident(self) -> set[Key]:
         return set(self._experts)
 
-    ready = resident
+    def ready(self, layer: int) -> set[int]:
+        return {e for (l, e) in self._experts if l == layer}
 
-    def prefetch(self, layer: int, ids: list[int], keep: Iterable[Key] = ()) -> None:
+    def prefetch(self, target: int, ids: list[int], running: int | None = None) -> None:
         """Nothing to move: every expert is already on the device."""
+
+    def clear(self) -> None:
+        """Nothing is ever evicted, so there is no cold state to return to."""
+
+    def flush_stats(self) -> None:
+        """No transfers, so no stalls to collect."""
+
+    def close(self) -> None:
+        """No transfer side to stop."""
 
     # speculative decoding pins its draft experts; here every expert stays anyway
     def pin(self, key: Key, load: bool = True) -> bool:

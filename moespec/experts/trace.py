@@ -15,12 +15,19 @@ COMPUTE_LANE, TRANSFER_LANE = 1, 2
 
 
 class Tracer(ForwardHooks):
+    """Made with the engine and handed to what records (the transfer side, the model's hooks);
+    records nothing until `start`, so tracing can begin after load at no cost before."""
+
     def __init__(self, note: str = ""):
         self.t0 = time.perf_counter()
         self.events: list[dict] = []
         self.note = note
+        self.recording = False
         self._lock = threading.Lock()
         self._open: dict[int, float] = {}
+
+    def start(self) -> None:
+        self.t0, self.recording = time.perf_counter(), True
 
     def now_us(self) -> float:
         return (time.perf_counter() - self.t0) * 1e6

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import heapq
 import itertools
-import re
 import threading
 import time
 from concurrent.futures import Future
@@ -20,17 +19,6 @@ import torch
 
 from .base import ExpertWeights
 from .trace import TRANSFER_LANE, Tracer
-
-UNITS = {"": 1, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}
-
-
-def parse_bandwidth(text: str) -> float:
-    """'25GB/s' -> 25e9 bytes per second."""
-    m = re.fullmatch(r"\s*([0-9.]+)\s*([KMGT]?)B/s\s*", text)
-    if not m or float(m.group(1)) <= 0:
-        raise ValueError(f"link bandwidth must look like '25GB/s', got {text!r}")
-    return float(m.group(1)) * UNITS[m.group(2)]
-
 
 def _nbytes(w: ExpertWeights) -> int:
     return w.gate_up.numel() * w.gate_up.element_size() + w.down.numel() * w.down.element_size()
@@ -54,9 +42,10 @@ class CpuTransfers:
     on the link is never interrupted.
     """
 
-    def __init__(self, link_bandwidth: float | None):
+    def __init__(self, link_bandwidth: float | None, tracer: Tracer | None = None):
         self.bandwidth = link_bandwidth
-        self.tracer: Tracer | None = None  # set by LLM.start_trace: one transfer-lane slice per copy
+        self.tracer = tracer  # one transfer-lane slice per copy, while it records
+        self._stalls: dict[int, float] = {}  # layer -> seconds compute waited, since collect_stalls
         self._queue: list[tuple[int, int, _Copy]] = []  # heap of (-1 waited on / 0 demand / 1 prefetch, arrival, copy)
         self._order = itertools.count()
         self._lock = threading.Condition()
@@ -94,23 +83,23 @@ class CpuTransfers:
         job.dst.down.copy_(job.src.down)
         if self.bandwidth:
             time.sleep(max(0.0, start + _nbytes(job.src) / self.bandwidth - time.perf_counter()))
-        if self.tracer:
+        if self.tracer is not None and self.tracer.recording:
             t0 = (start - self.tracer.t0) * 1e6
             self.tracer.slice(TRANSFER_LANE, job.label, t0, self.tracer.now_us(), bytes=_nbytes(job.src))
 
-    def wait(self, handle: _Copy, layer: int) -> float:
-        """Block until the copy is done (moving it to the front if it was still queued); return
-        the seconds compute stalled."""
+    def wait(self, handle: _Copy, layer: int) -> None:
+        """Block until the copy is done (moving it to the front if it was still queued), recording
+        the seconds compute stalled for `layer`."""
         if handle.future.done():
             handle.future.result()
-            return 0.0
+            return
         start = time.perf_counter()
         with self._lock:
             if not handle.started:
                 heapq.heappush(self._queue, (-1, next(self._order), handle))  # this duplicate runs it next
                 self._lock.notify()
         handle.future.result()
-        return time.perf_counter() - start
+        self._stalls[layer] = self._stalls.get(layer, 0.0) + time.perf_counter() - start
 
     def done(self, handle: _Copy) -> bool:
         return handle.future.done()
@@ -124,8 +113,9 @@ class CpuTransfers:
         """Compute on the CPU is synchronous: a released slot is free at once."""
 
     def collect_stalls(self) -> dict[int, float]:
-        """CPU stalls are measured as they happen (returned by `wait`)."""
-        return {}
+        """Seconds compute waited for copies, per layer, since the last call (measured in `wait`)."""
+        stalls, self._stalls = self._stalls, {}
+        return stalls
 
     def close(self) -> None:
         with self._lock:
@@ -155,14 +145,13 @@ class CudaTransfers:
             done.record(self.stream)
         return done
 
-    def wait(self, handle: torch.cuda.Event, layer: int) -> float:
+    def wait(self, handle: torch.cuda.Event, layer: int) -> None:
         """Make the compute stream wait for the copy (no host sync); its stall is read later."""
         before, after = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         before.record()
         torch.cuda.current_stream(self.device).wait_event(handle)
         after.record()
         self._stalls.append((layer, before, after))
-        return 0.0
 
     def done(self, handle: torch.cuda.Event) -> bool:
         return handle.query()

@@ -144,7 +144,7 @@ class OpenAIAPI:
         the context window), cut to what the window leaves. An explicit max_tokens that does not
         fit is an error, as with OpenAI.
         """
-        self.llm.generator.check_prompt(prompt)
+        self.llm.engine.check_prompt(prompt)
         context = self.llm.context_length
         room = context - len(prompt)
         if max_tokens is None:

@@ -1,9 +1,10 @@
 """Continuous batching: one background thread owns the model and steps every running request together.
 
-The KV cache has `max_batch_size` rows, each with its own length, so requests need not start
-together. At every step boundary the thread (1) drops cancelled requests and frees their rows,
-(2) admits waiting requests into free rows and prefills their prompts in one forward pass, and
-(3) runs one decode forward over all running rows, sampling one token per request with that
+The thread drives one `Batch` of the engine loop (decode/engine.py) with `max_batch_size` KV-cache
+rows, so requests need not start together. At every step boundary it (1) drops cancelled
+requests and frees their rows, (2) admits waiting requests into free rows and prefills their
+prompts in one forward pass, and (3) runs one step of the engine's step kind over all running
+rows (plain, or self-speculative: the same options as `LLM.generate`), sampling with each
 request's own parameters and random generator. Finished requests free their rows immediately.
 
 Requests talk to HTTP handlers through a sink callback, so this module knows nothing of asyncio.
@@ -23,8 +24,8 @@ from typing import TYPE_CHECKING, Callable
 
 import torch
 
-from ..decode.generate import Sequence
-from ..decode.sampling import SamplingParams, sample
+from ..decode.sampling import SamplingParams
+from ..decode.sequence import Sequence
 from ..errors import MoespecError
 from .metrics import Metrics
 
@@ -66,9 +67,8 @@ class Request:
     id: int = field(default_factory=lambda: next(_ids))
     arrival: float = field(default_factory=time.perf_counter)
     cancelled: bool = False
-    row: int = -1
-    seq: Sequence | None = None
-    rng: torch.Generator | None = None
+    finished: bool = False  # its last event was sent
+    seq: Sequence | None = None  # set when it is admitted into the batch
 
 
 class QueueFull(Exception):
@@ -84,8 +84,7 @@ class Scheduler:
         if max_batch_size < 1 or max_queue < 0:
             raise MoespecError(f"max_batch_size must be >= 1 and max_queue >= 0, got {max_batch_size}, {max_queue}")
         self.llm, self.metrics, self.max_queue = llm, metrics, max_queue
-        self.cache = llm.generator.new_cache(max_batch_size, llm.context_length)
-        self._free = list(range(max_batch_size - 1, -1, -1))  # popped from the end: row 0 first
+        self.batch = llm.engine.batch(max_batch_size, llm.context_length)
         self._waiting: deque[Request] = deque()
         self._running: list[Request] = []  # touched only by the scheduler thread
         self._cond = threading.Condition()
@@ -143,7 +142,8 @@ class Scheduler:
     # --- the scheduler thread ------------------------------------------------------------------
 
     def _loop(self) -> None:
-        with torch.inference_mode():
+        with torch.inference_mode(), self.llm.step_kind() as kind:
+            self.batch.kind = kind
             while True:
                 if not (self._waiting or self._running) or time.perf_counter() > self._stats_due:
                     self._snapshot_stats()
@@ -152,11 +152,8 @@ class Scheduler:
                         self._cond.wait()
                     if self._stopping:
                         return
-                    admitted = []
-                    while self._waiting and self._free:
-                        req = self._waiting.popleft()
-                        req.row = self._free.pop()
-                        admitted.append(req)
+                    room = len(self.batch.free)
+                    admitted = [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))]
                 try:
                     self._step(admitted)
                 except Exception:  # a bug in the bookkeeping: fail what is in flight, keep serving
@@ -168,7 +165,7 @@ class Scheduler:
         """Publish `LLM.stats()` to the metrics. It is read here, on the thread that owns the model
         (on CUDA it synchronizes), every STATS_INTERVAL seconds while busy and whenever going idle."""
         try:
-            self.metrics.engine_stats(self.llm.stats())
+            self.metrics.engine_stats(self.llm.stats().as_dict())
         except Exception:
             log.exception("reading engine stats failed")
         self._stats_due = time.perf_counter() + STATS_INTERVAL
@@ -179,87 +176,54 @@ class Scheduler:
                 self._finish(req, "cancelled")
         admitted = [r for r in admitted if not r.cancelled]
         for req in admitted:
-            req.seq = Sequence(req.prompt, req.params, self.llm.tokenizer, self.llm.generator.eos_ids,
-                               budget=min(req.params.max_new_tokens, self.llm.context_length - len(req.prompt)))
-            if req.params.seed is not None:
-                req.rng = torch.Generator().manual_seed(req.params.seed)
-            self._running.append(req)
+            req.seq = self.llm.engine.sequence(req.prompt, req.params)
+        decoding = list(self._running)
+        self._running += admitted
         if admitted:
-            self._run(admitted, [r.prompt for r in admitted], prefill=True)
-        decoding = [r for r in self._running if r not in admitted]
+            self._run(admitted, prefill=True)
         if decoding:
-            self._run(decoding, [[r.seq.token_ids[-1]] for r in decoding], prefill=False)
+            self._run([r for r in decoding if r in self._running], prefill=False)
 
-    def _run(self, reqs: list[Request], inputs: list[list[int]], prefill: bool) -> None:
-        """Forward `inputs` (one token list per request) and advance each request by one token.
+    def _run(self, reqs: list[Request], prefill: bool) -> None:
+        """Prefill `reqs` into the batch, or advance them by one decode step, and send their text.
 
-        If the batched forward raises, each request is retried alone: a fault tied to one request
+        If the batched pass raises, each request is retried alone: a fault tied to one request
         fails only that request, and a transient one fails none.
         """
         t0 = time.perf_counter()
+        seqs = [r.seq for r in reqs]
+        tokens_before = sum(len(s.token_ids) for s in seqs)
         try:
-            logits = self._forward(reqs, inputs)
+            events = self.batch.admit(seqs) if prefill else self.batch.step(seqs)
         except Exception as exc:
             if len(reqs) == 1:
                 log.exception("request %d failed", reqs[0].id)
                 self._finish(reqs[0], "failed", Failure(f"generation failed: {type(exc).__name__}: {exc}", 500))
             else:
-                for req, tokens in zip(reqs, inputs):
-                    self._run([req], [tokens], prefill)
+                for req in reqs:
+                    self._run([req], prefill)
             return
         now = time.perf_counter()
-        advanced = 0
-        for req, row_logits in zip(reqs, logits):
-            if self._advance(req, row_logits):
-                advanced += 1
-                if prefill:
-                    self.metrics.prefilled(len(req.prompt), now - req.arrival)
+        for req, (seq, text) in zip(reqs, events):
+            if prefill:
+                self.metrics.prefilled(len(req.prompt), now - req.arrival)
+            if seq.finish_reason is not None:
+                req.sink(Output(text, seq.finish_reason, len(seq.token_ids)))
+                self._finish(req, seq.finish_reason)
+            elif text:
+                req.sink(Output(text, None, len(seq.token_ids)))
         if not prefill:
-            self.metrics.decoded(advanced, now - t0)
-
-    def _forward(self, reqs: list[Request], inputs: list[list[int]]) -> torch.Tensor:
-        """Logits [B, V] after each request's last input token; cache rows are rolled back on error."""
-        device = self.cache.lengths.device
-        rows = torch.tensor([r.row for r in reqs], device=device)
-        lengths = torch.tensor([len(t) for t in inputs], device=device)
-        tokens = torch.zeros(len(inputs), int(lengths.max()), dtype=torch.long, device=device)
-        for i, t in enumerate(inputs):
-            tokens[i, : len(t)] = torch.tensor(t)
-        valid = torch.arange(tokens.shape[1], device=device)[None] < lengths[:, None]
-        before = self.cache.lengths[rows].clone()
-        try:
-            hidden = self.llm.model(tokens, self.cache, self.llm.experts, rows=rows, valid=valid)
-            return self.llm.model.logits(hidden[torch.arange(len(inputs), device=device), lengths - 1])
-        except BaseException:
-            self.cache.lengths[rows] = before
-            raise
-
-    def _advance(self, req: Request, logits: torch.Tensor) -> bool:
-        """Sample the request's next token and send any final text; False if sampling failed."""
-        try:
-            token = int(sample(logits[None], req.params, req.rng))
-        except Exception as exc:
-            log.exception("sampling failed for request %d", req.id)
-            self._finish(req, "failed", Failure(f"sampling failed: {type(exc).__name__}: {exc}", 500))
-            return False
-        text = req.seq.append(token)
-        if req.seq.finish_reason is not None:
-            req.sink(Output(text, req.seq.finish_reason, len(req.seq.token_ids)))
-            self._finish(req, req.seq.finish_reason)
-        elif text:
-            req.sink(Output(text, None, len(req.seq.token_ids)))
-        return True
+            self.metrics.decoded(sum(len(s.token_ids) for s in seqs) - tokens_before, now - t0)
 
     def _finish(self, req: Request, outcome: str, failure: Failure | None = None) -> None:
         """Take a request out of the batch and free its cache row (once: later calls do nothing)."""
-        if req.row < 0:
+        if req.finished:
             return
+        req.finished = True
         if failure is not None:
             req.sink(failure)
         if req in self._running:
             self._running.remove(req)
-        self.cache.reset(torch.tensor([req.row], device=self.cache.lengths.device))
-        with self._cond:
-            self._free.append(req.row)
-        req.row = -1
+        if req.seq is not None:
+            self.batch.release(req.seq)
         self.metrics.request_done(outcome)

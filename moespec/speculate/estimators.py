@@ -28,6 +28,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from ..config import SpeculationConfig
 from ..errors import MoespecError
 from ..hooks import ForwardHooks
 from ..model.transformer import Transformer
@@ -139,6 +140,16 @@ class EstimatorPredictor(ForwardHooks):
     def __init__(self, estimators: Estimators):
         self.estimators, self.targets = estimators, estimators.targets()
         self.context = PreviousToken()
+
+    @classmethod
+    def from_config(cls, model: Transformer, model_dir: Path, cfg: SpeculationConfig) -> EstimatorPredictor:
+        """The estimators of `cfg.estimator` (default: the model directory's), cut to `lookahead_depth`."""
+        est = Estimators.load(cfg.estimator or model_dir / ESTIMATOR_FILE, model)
+        if cfg.lookahead_depth > est.depth:
+            raise MoespecError(f"lookahead_depth={cfg.lookahead_depth} but the estimators were trained for "
+                               f"depth {est.depth}")
+        est.depth = cfg.lookahead_depth
+        return cls(est)
 
     @property
     def depth(self) -> int:

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..config import SpeculationConfig
 from ..errors import MoespecError
 from ..experts.store import ExpertStore
 from ..hooks import ForwardHooks
@@ -82,6 +83,17 @@ class LookaheadPredictor(ForwardHooks):
 
     def __init__(self, model: Transformer, depth: int, default_vectors: DefaultVectors | None):
         self.model, self.depth, self.dv = model, depth, default_vectors
+
+    @classmethod
+    def from_config(cls, model: Transformer, model_dir: Path, cfg: SpeculationConfig) -> LookaheadPredictor:
+        """Lookahead `cfg.lookahead_depth` deep, with the model directory's default vectors when
+        `default_vectors` is "on" (they must exist) or "auto" (if they exist)."""
+        path = model_dir / DEFAULT_VECTORS_FILE
+        if cfg.default_vectors == "on" and not path.is_file():
+            raise MoespecError(f"{path} not found: compute default vectors with `moespec calibrate`")
+        use = path.is_file() if cfg.default_vectors == "auto" else cfg.default_vectors == "on"
+        device = model.embed_tokens.weight.device
+        return cls(model, cfg.lookahead_depth, DefaultVectors.load(path, model, device) if use else None)
 
     def _route(self, layer: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Layer `layer`'s norm + router applied to residual x: (probabilities, top-k weights, ids)."""

@@ -7,27 +7,28 @@ prefetched into the expert cache on the transfer stream while layer L's experts 
 attention compute; layer L's own experts are never evicted for them. When layer L+1 routes,
 what it really needed is compared with the guesses (recall per token, precision per batch), then:
 
-- mode "verify" (prefetch-and-verify, exact): the true experts run; wrong guesses cost only bytes.
-- mode "speculative": the guessed top-k experts (depth-1 guess) run instead of the true ones.
-  Their weights come from the true router's probabilities, renormalised like the router does,
-  so a perfect guess changes nothing.
-- mode "fallback": true experts already on the device run; each missing one is replaced by the
-  best guessed expert already on the device (copy landed), keeping the true weight.
+- speculative_execution "off" (prefetch-and-verify, exact): the true experts run; wrong guesses
+  cost only bytes.
+- "on": the guessed top-k experts (depth-1 guess) run instead of the true ones. Their weights
+  come from the true router's probabilities, renormalised like the router does, so a perfect
+  guess changes nothing.
+- "fallback": true experts already on the device run; each missing one is replaced by the best
+  guessed expert already on the device (copy landed), keeping the true weight.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Protocol
 
 import torch
 
+from ..config import Execution
+from ..experts.base import Prefetcher
 from ..hooks import ForwardHooks
 from ..model.moe import MoE
 from ..model.routing import softmax_topk_renorm
 from ..model.transformer import Transformer
-
-MODES = ("verify", "speculative", "fallback")
 
 
 class Predictor(Protocol):
@@ -54,17 +55,46 @@ class GuessStats:
     prefetched: int = 0  # distinct experts asked to prefetch
     prefetched_used: int = 0  # of those, needed by the batch
 
-    def summary(self) -> dict[str, float | None]:
-        """Counts and rates; rates are None where nothing was guessed (no MoE layer that deep)."""
-        d = asdict(self)
-        d["recall_at_k"] = self.found_in_topk / self.true_choices if self.true_choices else None
-        d["recall_prefetch_set"] = self.found_in_prefetch / self.true_choices if self.true_choices else None
-        d["precision"] = self.prefetched_used / self.prefetched if self.prefetched else None
-        return d
+    @property
+    def recall_at_k(self) -> float | None:
+        """None where nothing was guessed (no MoE layer that deep)."""
+        return self.found_in_topk / self.true_choices if self.true_choices else None
+
+    @property
+    def recall_prefetch_set(self) -> float | None:
+        return self.found_in_prefetch / self.true_choices if self.true_choices else None
+
+    @property
+    def precision(self) -> float | None:
+        return self.prefetched_used / self.prefetched if self.prefetched else None
+
+    def add(self, other: GuessStats) -> None:
+        for f in fields(self):
+            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+
+    def as_dict(self) -> dict[str, float | None]:
+        return {**asdict(self), "recall_at_k": self.recall_at_k, "recall_prefetch_set": self.recall_prefetch_set,
+                "precision": self.precision}
+
+
+@dataclass
+class SpeculationStats:
+    """Guess quality per depth (all target layers together) and per (target layer, depth)."""
+
+    mode: Execution
+    by_depth: dict[int, GuessStats]
+    per_layer: dict[tuple[int, int], GuessStats]
+
+    def as_dict(self) -> dict:
+        return {"total": {f"depth {d}": s.as_dict() for d, s in self.by_depth.items()},
+                "per_layer": {f"layer {t} depth {d}": s.as_dict() for (t, d), s in self.per_layer.items()},
+                "mode": self.mode}
 
 
 class Speculation(ForwardHooks):
-    def __init__(self, model: Transformer, cache, predictor: Predictor, extra: int, mode: str):
+    """The prefetch policy as forward hooks: guesses at every layer, copies in decode steps."""
+
+    def __init__(self, model: Transformer, cache: Prefetcher, predictor: Predictor, extra: int, mode: Execution):
         self.model, self.cache, self.predictor = model, cache, predictor
         depth = self.depth = predictor.depth
         self.extra, self.mode = extra, mode
@@ -72,10 +102,10 @@ class Speculation(ForwardHooks):
         self.k, self.width = spec.top_k, min(spec.top_k + extra, spec.num_experts)
         # at most this many experts prefetched per target layer per step, so a long prefill cannot
         # push out the experts the running layer is about to use
-        self.max_prefetch = max(self.width, getattr(cache, "capacity", spec.num_experts) // (depth + 1))
+        self.max_prefetch = max(self.width, cache.capacity // (depth + 1))
         self.guesses: dict[int, dict[int, torch.Tensor]] = {}  # target layer -> depth -> ranked ids [N, width]
         self.prefetched: dict[int, dict[int, list[int]]] = {}
-        self.stats = {(t, d): GuessStats() for t in spec.moe_layer_ids for d in range(1, depth + 1)}
+        self.guess_stats = {(t, d): GuessStats() for t in spec.moe_layer_ids for d in range(1, depth + 1)}
         # an MoE layer's residual after attention (real tokens) and whether it is a decode step,
         # kept from `after_attention` until its router has chosen
         self._waiting: tuple[torch.Tensor, bool] | None = None
@@ -91,9 +121,9 @@ class Speculation(ForwardHooks):
         if isinstance(self.model.layers[layer].mlp, MoE):
             self._waiting = (x[valid], decoding)
         else:
-            self._guess(layer, x[valid], keep=set(), decoding=decoding)
+            self._guess(layer, x[valid], running=None, decoding=decoding)
 
-    def _guess(self, layer: int, residual: torch.Tensor, keep: set[tuple[int, int]], decoding: bool) -> None:
+    def _guess(self, layer: int, residual: torch.Tensor, running: int | None, decoding: bool) -> None:
         """Score the next `depth` MoE layers from the residual at `layer`; prefetch in decode steps.
 
         A prefill step routes many tokens per row, whose guesses together name nearly every expert:
@@ -112,31 +142,30 @@ class Speculation(ForwardHooks):
             self.guesses.setdefault(target, {})[depth] = ranked
             self.prefetched.setdefault(target, {})[depth] = order
             if decoding:
-                self.cache.prefetch(target, order, keep)
+                self.cache.prefetch(target, order, running)
 
     def route(self, layer, x, weights, ids):
         guesses, prefetched = self.guesses.pop(layer, {}), self.prefetched.pop(layer, {})
         needed = set(torch.unique(ids).tolist())
         for depth, ranked in guesses.items():
-            s = self.stats[(layer, depth)]
+            s = self.guess_stats[(layer, depth)]
             s.tokens += len(ids)
             s.true_choices += ids.numel()
             s.found_in_topk += int((ranked[:, : self.k, None] == ids[:, None, :]).any(dim=1).sum())
             s.found_in_prefetch += int((ranked[:, :, None] == ids[:, None, :]).any(dim=1).sum())
             s.prefetched += len(prefetched[depth])
             s.prefetched_used += len(needed.intersection(prefetched[depth]))
-        if self.mode != "verify" and 1 in guesses:
+        if self.mode != "off" and 1 in guesses:
             guess = guesses[1]
-            ids = guess[:, : self.k] if self.mode == "speculative" else self._substitute(layer, ids, guess)
+            ids = guess[:, : self.k] if self.mode == "on" else self._substitute(layer, ids, guess)
             weights = self._weights_for(layer, x, ids)
-            needed = set(torch.unique(ids).tolist())
         residual, decoding = self._waiting
         self._waiting = None
-        self._guess(layer, residual, keep={(layer, e) for e in needed}, decoding=decoding)
+        self._guess(layer, residual, running=layer, decoding=decoding)
         return weights, ids
 
     def _substitute(self, layer: int, ids: torch.Tensor, guess: torch.Tensor) -> torch.Tensor:
-        resident = {e for (l, e) in self.cache.ready() if l == layer}
+        resident = self.cache.ready(layer)
         out = ids.clone()
         for n, row in enumerate(ids.tolist()):
             spare = [e for e in guess[n].tolist() if e in resident and e not in row]
@@ -150,15 +179,9 @@ class Speculation(ForwardHooks):
         weights = torch.softmax(moe.gate(x).float(), dim=-1).gather(1, ids)
         return weights / weights.sum(dim=-1, keepdim=True) if moe.route is softmax_topk_renorm else weights
 
-    def summary(self) -> dict:
-        """Guess quality per (target layer, depth) and in total per depth."""
-        per = {f"layer {t} depth {d}": s.summary() for (t, d), s in self.stats.items() if s.tokens}
-        totals = {}
-        for d in range(1, self.depth + 1):
-            t = GuessStats()
-            for (_, dd), s in self.stats.items():
-                if dd == d:
-                    for f in asdict(t):
-                        setattr(t, f, getattr(t, f) + getattr(s, f))
-            totals[f"depth {d}"] = t.summary()
-        return {"total": totals, "per_layer": per, "mode": self.mode}
+    def stats(self) -> SpeculationStats:
+        by_depth = {d: GuessStats() for d in range(1, self.depth + 1)}
+        for (_, d), s in self.guess_stats.items():
+            by_depth[d].add(s)
+        return SpeculationStats(self.mode, by_depth, {k: s for k, s in self.guess_stats.items() if s.tokens})
+

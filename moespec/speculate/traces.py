@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -20,7 +21,9 @@ import torch
 from ..hooks import ForwardHooks
 from ..model.transformer import Transformer
 from .context import PreviousToken
-from .policy import Speculation
+
+if TYPE_CHECKING:
+    from .policy import Speculation
 
 
 @dataclass

@@ -3,8 +3,8 @@
 The draft model is the target model whose MoE layers may only use these N experts: a routed expert
 that is not one of them is replaced by its nearest draft expert in an affinity table: the L2
 distance between the experts' flattened weights, computed once from the host store
-(`expert_distances`), or, from traces, how far each expert's outputs are from the routed expert's
-on router inputs the prompts sent to it (`decode/specdecode.py`, which can run experts). Draft experts are
+(`affinity.expert_distances`), or, from traces, how far each expert's outputs are from the routed expert's
+on router inputs the prompts sent to it (`affinity.output_distances`). Draft experts are
 *pinned* in the device expert cache rather than kept in buffers of their own: they come out of the
 user's `expert_cache` budget (so speculative and plain runs compare at equal device memory), they
 never move while drafting, and the verify pass gets them as hits instead of copying a second
@@ -23,55 +23,21 @@ when drafting resumes.
 from __future__ import annotations
 
 from collections import deque
-from typing import Iterator, Protocol
+from typing import Iterator, get_args
 
 import torch
 
-from ..errors import MoespecError
-from .base import ExpertWeights
-from .store import ExpertStore, Key
+from ...config import DraftPolicy
+from ...errors import MoespecError
+from ...experts.base import ExpertWeights, Key, Pinnable
 
-DRAFT_POLICIES = ("hot_temporal", "static_hot", "random")
-
-
-class PinnableExperts(Protocol):
-    """What draft experts need from the verify provider (ExpertCache or ResidentExperts)."""
-
-    pin_limit: int  # most experts per layer that can be pinned
-
-    def pin(self, key: Key, load: bool = True) -> bool: ...
-
-    def unpin(self, key: Key) -> None: ...
-
-    def peek(self, key: Key) -> ExpertWeights: ...
-
-
-def expert_distances(store: ExpertStore, chunk_bytes: int = 64 << 20) -> dict[int, torch.Tensor]:
-    """Pairwise L2 distances [E, E] between the flattened weights of each MoE layer's experts.
-
-    Accumulated as a Gram matrix over row blocks, so at most `chunk_bytes` of stacked weights exist
-    at a time (stacking Mixtral-8x7B's experts of one layer whole would take 2.8 GB in bf16).
-    """
-    E = store.spec.num_experts
-    out = {}
-    for layer in store.spec.moe_layer_ids:
-        experts = [store[(layer, e)] for e in range(E)]
-        gram = torch.zeros(E, E, dtype=torch.float64)
-        for mats in ([w.gate_up for w in experts], [w.down for w in experts]):
-            rows = mats[0].shape[0]
-            step = max(1, chunk_bytes // (E * mats[0][0].numel() * 4))
-            for r in range(0, rows, step):
-                x = torch.stack([m[r:r + step].reshape(-1) for m in mats]).float()
-                gram += (x @ x.T).double()
-        sq = gram.diagonal()
-        out[layer] = (sq[:, None] + sq[None] - 2 * gram).clamp(min=0).sqrt().float()
-    return out
+DRAFT_POLICIES = get_args(DraftPolicy)
 
 
 class DraftExperts:
     """The draft set of every MoE layer, its substitution table, and the draft pass's ExpertProvider."""
 
-    def __init__(self, source: PinnableExperts, layers: list[int], num_experts: int, per_layer: int,
+    def __init__(self, source: Pinnable, layers: list[int], num_experts: int, per_layer: int,
                  policy: str, device: torch.device, decay: float = 0.9, seed: int = 0):
         if policy not in DRAFT_POLICIES:
             raise MoespecError(f"draft_policy must be one of {', '.join(DRAFT_POLICIES)}, got {policy!r}")
