@@ -448,26 +448,59 @@ def test_load_test_all_complete_and_equal_greedy(model_dir, capsys, monkeypatch)
     assert report["completion_tokens"] == 8 * 12
 
 
-def test_cli_serve(model_dir):
+@contextlib.contextmanager
+def cli_server(*args: str):
+    """`moespec serve ARGS` in a subprocess on a free loopback port: yields (client, outputs),
+    where outputs gets the process's output once it has stopped (SIGINT, exit code 0 checked)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "moespec.cli", "serve", "--model", str(model_dir),
-                             "--port", str(port), "--max-batch-size", "2"],
+    proc = subprocess.Popen([sys.executable, "-m", "moespec.cli", "serve", *args, "--port", str(port)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    outputs: list[str] = []
     try:
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", trust_env=False, timeout=10) as c:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", trust_env=False, timeout=60) as c:
             def up():
                 assert proc.poll() is None, proc.stdout.read()
                 with contextlib.suppress(httpx.TransportError):
                     return c.get("/health").status_code == 200
             wait_for(up, timeout=60)
-            assert c.get("/v1/models").json()["data"][0]["id"] == MODEL
+            yield c, outputs
     finally:
         proc.send_signal(signal.SIGINT)
-        output = proc.communicate(timeout=30)[0]
-    assert proc.returncode == 0, output
-    assert re.search(r"Uvicorn running on http://127\.0\.0\.1:\d+", output)
+        outputs.append(proc.communicate(timeout=30)[0])
+    assert proc.returncode == 0, outputs[0]
+
+
+def test_cli_serve(model_dir):
+    with cli_server("--model", str(model_dir), "--max-batch-size", "2") as (c, outputs):
+        assert c.get("/v1/models").json()["data"][0]["id"] == MODEL
+    assert re.search(r"Uvicorn running on http://127\.0\.0\.1:\d+", outputs[0])
+
+
+SHIPPED = Path(__file__).resolve().parent.parent / "models" / "tiny-qwen2moe"
+ENGINE_OPTIONS = {"expert_cache": "25%", "prefetch": "estimator", "speculative": "self"}
+
+
+def test_cli_serve_runs_the_engine_options_of_generate():
+    """`moespec serve` with an offloaded cache, estimator prefetching and self-speculative decoding:
+    greedy completions of requests that join a running batch equal `LLM.generate` with the same
+    options, and the metrics show that prefetches and drafts happened."""
+    flags = [x for k, v in ENGINE_OPTIONS.items() for x in ("--" + k.replace("_", "-"), v)]
+    prompts = ["def add(a, b):\n", "import os\n\n\ndef ", "class Stack:\n    def push(self, x):\n"]
+    with cli_server("--model", str(SHIPPED), *flags, "--max-batch-size", "2") as (c, _):
+        def complete(prompt: str) -> str:
+            body = {"model": SHIPPED.name, "prompt": prompt, "max_tokens": 24, "temperature": 0, **NO_EOS}
+            return c.post("/v1/completions", json=body).json()["choices"][0]["text"]
+
+        with ThreadPoolExecutor(3) as pool:  # 3 requests, 2 rows: one joins while the others run
+            served = list(pool.map(complete, prompts))
+        counters = {line.split(" ")[0]: float(line.split(" ")[1]) for line in c.get("/metrics").text.splitlines()
+                    if line.startswith("moespec_")}
+    llm = LLM(SHIPPED, **ENGINE_OPTIONS)
+    assert served == [greedy(llm, p, 24, ignore_eos=True).text for p in prompts]
+    assert counters["moespec_expert_prefetches_total"] > 0 and counters["moespec_spec_decode_draft_tokens_total"] > 0
+    llm.close()
 
 
 def test_cli_serve_rejects_bad_options(model_dir, capsys):

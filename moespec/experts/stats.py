@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 
 
 @dataclass
@@ -40,9 +40,3 @@ class ExpertStats:
         for s in self.layers.values():
             t.add(s)
         return t
-
-    def as_dict(self) -> dict:
-        total = asdict(self.total())
-        uses = total["hits"] + total["misses"]
-        total["hit_rate"] = total["hits"] / uses if uses else 0.0
-        return {**total, "per_layer": {layer: asdict(s) for layer, s in self.layers.items()}}

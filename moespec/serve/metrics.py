@@ -12,13 +12,23 @@ from collections import Counter
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
-# keys of LLM.stats() exported as counters: (key, metric name, help)
+# keys of LLM.stats().as_dict() exported as counters ("a.b": key b of the dict at key a): (key, metric name, help)
 ENGINE_COUNTERS = (
     ("hits", "moespec_expert_cache_hits_total", "Expert lookups served from the device expert cache."),
     ("misses", "moespec_expert_cache_misses_total", "Expert lookups that had to load the expert."),
     ("bytes_moved", "moespec_expert_bytes_moved_total", "Expert weight bytes copied to the device."),
     ("stall_seconds", "moespec_expert_stall_seconds_total", "Seconds compute waited for expert transfers."),
+    ("prefetches", "moespec_expert_prefetches_total", "Guessed experts copied ahead of their layer."),
+    ("speculative_decoding.drafted", "moespec_spec_decode_draft_tokens_total",
+     "Draft tokens proposed by self-speculative decoding."),
+    ("speculative_decoding.accepted", "moespec_spec_decode_accepted_tokens_total", "Draft tokens accepted."),
 )
+
+
+def _lookup(stats: dict, key: str) -> float:
+    for part in key.split("."):
+        stats = stats.get(part, {}) if isinstance(stats, dict) else {}
+    return stats if isinstance(stats, (int, float)) else 0
 
 
 class Histogram:
@@ -106,5 +116,5 @@ class Metrics:
             out += _family("moespec_running_requests", "gauge", "Requests in the decode batch.",
                            [f"moespec_running_requests {running}"])
             for key, name, help_text in ENGINE_COUNTERS:
-                out += _family(name, "counter", help_text, [f"{name} {self._engine.get(key, 0)}"])
+                out += _family(name, "counter", help_text, [f"{name} {_lookup(self._engine, key)}"])
         return "\n".join(out) + "\n"
