@@ -8,6 +8,7 @@ reads the rest of the file. The per-architecture key names live here and nowhere
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 
 import torch
@@ -97,6 +98,7 @@ class Checkpoint:
         self.spec = spec
         self._file_of = self._index()
         self._handles: dict[Path, object] = {}
+        self._handles_lock = threading.Lock()
         # transformers >= 5 can also store a layer's experts fused into [E, ...] tensors
         self._fused = any(f"model.layers.{i}.mlp.experts.gate_up_proj" in self._file_of for i in spec.moe_layer_ids)
         self._check_complete()
@@ -142,9 +144,10 @@ class Checkpoint:
             )
 
     def _handle(self, path: Path):
-        if path not in self._handles:
-            self._handles[path] = safe_open(path, framework="pt")
-        return self._handles[path]
+        with self._handles_lock:  # the transfer side's reader threads open files too
+            if path not in self._handles:
+                self._handles[path] = safe_open(path, framework="pt")
+            return self._handles[path]
 
     def tensor(self, name: str, dtype: torch.dtype) -> torch.Tensor:
         """Read one tensor by its checkpoint name, converted to `dtype`, on the CPU."""

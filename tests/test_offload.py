@@ -1,6 +1,7 @@
 """Offloading: exactness under any budget and policy, budget enforcement, eviction order, stats, trace."""
 
 import json
+import threading
 
 import pytest
 import torch
@@ -181,6 +182,20 @@ def test_disk_tier_reads_on_demand(model_dir, exact):
     out = llm.generate(PROMPTS[:1], max_new_tokens=8, ignore_eos=True)
     assert out[0].token_ids == exact[0][0].token_ids[:8]
     assert llm.store.disk_reads > 0 and len(llm.store._experts) <= 2
+
+
+def test_no_store_read_runs_on_the_thread_that_computes(model_dir, exact, monkeypatch):
+    """Disk tier with a tiny host cache and prefetching: every expert read (demand misses and
+    guesses) happens on the transfer side's reader threads, and the output stays exact."""
+    llm = LLM(model_dir, expert_cache="25%", expert_tier="disk", host_cache=2, prefetch="lookahead",
+              link_bandwidth="2GB/s")
+    readers, read = [], llm.store._read
+    monkeypatch.setattr(llm.store, "_read", lambda key: readers.append(threading.current_thread().name) or read(key))
+    out = llm.generate(PROMPTS, max_new_tokens=12, ignore_eos=True)
+    assert [o.token_ids for o in out] == [o.token_ids[:12] for o in exact[0]]
+    assert len(readers) == llm.store.disk_reads > 0
+    assert threading.current_thread().name not in readers and all(n.startswith("moespec-read") for n in readers)
+    llm.close()
 
 
 def test_emulated_link_makes_compute_stall(model_dir):

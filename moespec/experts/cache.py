@@ -11,6 +11,7 @@ records every stall; `flush_stats` adds them to the statistics, the same way on 
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Iterator
 
 import torch
@@ -135,8 +136,8 @@ class ExpertCache:
         self.slot_of[key] = slot
         dom.resident.add(key)
         dom.policy.admit(key)
-        src = self.store[key]
-        self.pending[key] = self.transfers.copy(src, self._weights(slot), f"L{key[0]} E{key[1]}", slot, urgent)
+        read = partial(self.store.__getitem__, key)  # runs on the transfer side, not here
+        self.pending[key] = self.transfers.copy(read, self._weights(slot), f"L{key[0]} E{key[1]}", slot, urgent)
         self.stats[key[0]].bytes_moved += self.store.expert_bytes
         return True
 

@@ -2,11 +2,14 @@
 
 tier="ram" reads every expert once at load (pinned on CUDA, so device copies run asynchronously).
 tier="disk" is for models larger than RAM: an expert is read from the safetensors file when
-first needed and kept in a host LRU cache of `host_cache` experts.
+first needed and kept in a host LRU cache of `host_cache` experts. Reads come from the transfer
+side's reader threads (never the thread that computes), several at once, so the host cache is
+guarded by a lock and a file read happens outside it.
 """
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from typing import Callable, Iterator
 
@@ -30,6 +33,7 @@ class ExpertStore:
         self.keys = [(layer, e) for layer in spec.moe_layer_ids for e in range(spec.num_experts)]
         self._experts: OrderedDict[Key, ExpertWeights] = OrderedDict()
         self.disk_reads = 0
+        self._lock = threading.Lock()
         if tier == "ram":
             for key in progress(self.keys):
                 self._experts[key] = self._read(key)
@@ -42,13 +46,16 @@ class ExpertStore:
     def __getitem__(self, key: Key) -> ExpertWeights:
         if self.tier == "ram":
             return self._experts[key]
-        if key in self._experts:
-            self._experts.move_to_end(key)
-            return self._experts[key]
-        self.disk_reads += 1
-        w = self._experts[key] = self._read(key)
-        if len(self._experts) > self.host_cache:
-            self._experts.popitem(last=False)
+        with self._lock:
+            if key in self._experts:
+                self._experts.move_to_end(key)
+                return self._experts[key]
+            self.disk_reads += 1
+        w = self._read(key)
+        with self._lock:
+            self._experts[key] = w
+            if len(self._experts) > self.host_cache:
+                self._experts.popitem(last=False)
         return w
 
     @property

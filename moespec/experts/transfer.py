@@ -2,9 +2,10 @@
 
 On CUDA, copies run on a dedicated high-priority stream from pinned host memory; compute waits for
 a copy's event only where it needs that expert, never with a device-wide sync. On the CPU there is
-no link to measure, so a worker thread does the copies and can emulate a link of a given bandwidth
-(each copy then takes bytes / bandwidth seconds), which lets the overlap of copies and compute be
-measured on machines without a GPU.
+no link to measure, so reader threads fetch experts from the store and a link thread does the
+copies, emulating a link of a given bandwidth (each copy then takes bytes / bandwidth seconds),
+which lets the overlap of copies and compute be measured on machines without a GPU. Both take
+a read function rather than weights, so the store is read on the transfer side.
 """
 
 from __future__ import annotations
@@ -14,67 +15,99 @@ import itertools
 import threading
 import time
 from concurrent.futures import Future
+from typing import Callable
 
 import torch
 
 from .base import ExpertWeights
 from .trace import TRANSFER_LANE, Tracer
 
+
 def _nbytes(w: ExpertWeights) -> int:
     return w.gate_up.numel() * w.gate_up.element_size() + w.down.numel() * w.down.element_size()
 
 
-class _Copy:
-    """One queued copy on the emulated link."""
+ReadFn = Callable[[], ExpertWeights]  # reads an expert from the host store (RAM, or disk)
 
-    def __init__(self, src: ExpertWeights, dst: ExpertWeights, label: str):
-        self.src, self.dst, self.label = src, dst, label
+
+class _Copy:
+    """One expert on its way: read from the store by a reader, then copied over the link."""
+
+    def __init__(self, read: ReadFn, dst: ExpertWeights, label: str, priority: int):
+        self.read, self.dst, self.label, self.priority = read, dst, label, priority
+        self.src: ExpertWeights | None = None
         self.future: Future = Future()
-        self.started = False  # set under the link's lock when the link thread takes it
+        self.started = False  # a reader has taken it (set under the lock)
+        self.on_link = False  # the link thread has taken it: it can no longer be cancelled
 
 
 class CpuTransfers:
-    """One worker thread plays the link: copies run one after another, overlapping compute.
+    """Reader threads fetch experts from the host store (disk reads, host-cache fills) and one
+    link thread copies them one after another, overlapping compute: no store read or copy ever
+    runs on the thread that computes.
 
-    Demand copies (a layer is waiting) go ahead of queued prefetches, and a prefetch that compute
-    starts waiting for is promoted, so wrong guesses never delay a copy the model needs now. A
-    prefetch not yet started can be cancelled once its guess is known to be wrong. A copy already
-    on the link is never interrupted.
+    Demand copies (a layer is waiting) go ahead of queued prefetches at both stages, and a
+    prefetch that compute starts waiting for is promoted, so wrong guesses never delay a copy the
+    model needs now. A prefetch not yet on the link can be cancelled once its guess is known to be
+    wrong. A copy already on the link is never interrupted.
     """
 
-    def __init__(self, link_bandwidth: float | None, tracer: Tracer | None = None):
+    WAITED, DEMAND, PREFETCH = -1, 0, 1  # priorities: lower goes first
+
+    def __init__(self, link_bandwidth: float | None, tracer: Tracer | None = None, readers: int = 2):
         self.bandwidth = link_bandwidth
         self.tracer = tracer  # one transfer-lane slice per copy, while it records
         self._stalls: dict[int, float] = {}  # layer -> seconds compute waited, since collect_stalls
-        self._queue: list[tuple[int, int, _Copy]] = []  # heap of (-1 waited on / 0 demand / 1 prefetch, arrival, copy)
+        self._to_read: list[tuple[int, int, _Copy]] = []  # heaps of (priority, arrival, copy)
+        self._to_copy: list[tuple[int, int, _Copy]] = []
         self._order = itertools.count()
         self._lock = threading.Condition()
         self._closed = False
-        self._thread = threading.Thread(target=self._serve, name="moespec-link", daemon=True)
-        self._thread.start()
+        self._threads = [threading.Thread(target=self._read_loop, name=f"moespec-read-{i}", daemon=True)
+                         for i in range(readers)]
+        self._threads.append(threading.Thread(target=self._link_loop, name="moespec-link", daemon=True))
+        for t in self._threads:
+            t.start()
 
-    def copy(self, src: ExpertWeights, dst: ExpertWeights, label: str, slot: int, urgent: bool = True) -> _Copy:
-        job = _Copy(src, dst, label)
+    def copy(self, read: ReadFn, dst: ExpertWeights, label: str, slot: int, urgent: bool = True) -> _Copy:
+        job = _Copy(read, dst, label, self.DEMAND if urgent else self.PREFETCH)
         with self._lock:
-            heapq.heappush(self._queue, (0 if urgent else 1, next(self._order), job))
-            self._lock.notify()
+            heapq.heappush(self._to_read, (job.priority, next(self._order), job))
+            self._lock.notify_all()
         return job
 
-    def _serve(self) -> None:
-        while True:
+    def _next(self, heap: list[tuple[int, int, _Copy]], taken: str) -> _Copy | None:
+        """The most urgent job of `heap` whose `taken` flag is unset (now set), or None once closed."""
+        with self._lock:
+            while True:
+                while heap:
+                    _, _, job = heapq.heappop(heap)
+                    if not getattr(job, taken) and not job.future.cancelled():  # not a promoted duplicate
+                        setattr(job, taken, True)
+                        return job
+                if self._closed:
+                    return None
+                self._lock.wait()
+
+    def _read_loop(self) -> None:
+        while (job := self._next(self._to_read, "started")) is not None:
+            try:
+                job.src = job.read()
+            except BaseException as exc:  # surfaces in `wait`, on the compute thread
+                with self._lock:
+                    if not job.future.cancelled():
+                        job.future.set_exception(exc)
+                continue
             with self._lock:
-                while not self._queue and not self._closed:
-                    self._lock.wait()
-                if not self._queue:
-                    return
-                _, _, job = heapq.heappop(self._queue)
-                if job.started or job.future.cancelled():  # promoted duplicate, or cancelled
-                    continue
-                job.started = True
+                heapq.heappush(self._to_copy, (job.priority, next(self._order), job))
+                self._lock.notify_all()
+
+    def _link_loop(self) -> None:
+        while (job := self._next(self._to_copy, "on_link")) is not None:
             try:
                 self._run(job)
                 job.future.set_result(None)
-            except BaseException as exc:  # surfaces in `wait`, on the compute thread
+            except BaseException as exc:
                 job.future.set_exception(exc)
 
     def _run(self, job: _Copy) -> None:
@@ -88,16 +121,19 @@ class CpuTransfers:
             self.tracer.slice(TRANSFER_LANE, job.label, t0, self.tracer.now_us(), bytes=_nbytes(job.src))
 
     def wait(self, handle: _Copy, layer: int) -> None:
-        """Block until the copy is done (moving it to the front if it was still queued), recording
-        the seconds compute stalled for `layer`."""
+        """Block until the copy is done (moving it to the front of whichever stage it waits in),
+        recording the seconds compute stalled for `layer`."""
         if handle.future.done():
             handle.future.result()
             return
         start = time.perf_counter()
         with self._lock:
+            handle.priority = self.WAITED
             if not handle.started:
-                heapq.heappush(self._queue, (-1, next(self._order), handle))  # this duplicate runs it next
-                self._lock.notify()
+                heapq.heappush(self._to_read, (self.WAITED, next(self._order), handle))
+            elif handle.src is not None and not handle.on_link:
+                heapq.heappush(self._to_copy, (self.WAITED, next(self._order), handle))
+            self._lock.notify_all()
         handle.future.result()
         self._stalls[layer] = self._stalls.get(layer, 0.0) + time.perf_counter() - start
 
@@ -105,9 +141,10 @@ class CpuTransfers:
         return handle.future.done()
 
     def cancel(self, handle: _Copy) -> bool:
-        """Drop a copy that has not started; False if it is already on the link or done."""
+        """Drop a copy that has not reached the link (a read already made is wasted, but no bytes
+        are moved); False if it is on the link or done."""
         with self._lock:
-            return not handle.started and handle.future.cancel()
+            return not handle.on_link and handle.future.cancel()
 
     def slot_released(self, slot: int) -> None:
         """Compute on the CPU is synchronous: a released slot is free at once."""
@@ -120,8 +157,9 @@ class CpuTransfers:
     def close(self) -> None:
         with self._lock:
             self._closed = True
-            self._lock.notify()
-        self._thread.join()
+            self._lock.notify_all()
+        for t in self._threads:
+            t.join()
 
 
 class CudaTransfers:
@@ -133,9 +171,12 @@ class CudaTransfers:
         self._slot_free = [None] * slots  # event recorded on the compute stream when a slot was last used
         self._stalls: list[tuple[int, torch.cuda.Event, torch.cuda.Event]] = []
 
-    def copy(self, src: ExpertWeights, dst: ExpertWeights, label: str, slot: int,
+    def copy(self, read: ReadFn, dst: ExpertWeights, label: str, slot: int,
              urgent: bool = True) -> torch.cuda.Event:
-        """Copies on one stream run in issue order: `urgent` cannot reorder them on a GPU."""
+        """Copies on one stream run in issue order: `urgent` cannot reorder them on a GPU. The
+        store is read here, on the calling thread (pinned host memory: a lookup for the RAM
+        tier; the disk tier's reads are not yet moved off the compute thread on CUDA)."""
+        src = read()
         done = torch.cuda.Event()
         with torch.cuda.stream(self.stream):
             if self._slot_free[slot] is not None:
