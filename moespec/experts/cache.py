@@ -62,8 +62,8 @@ class ExpertCache:
                 f"{spec.top_k} experts of a layer; raise expert_cache"
             )
         self.store, self.stats = store, stats
-        self.transfers = CpuTransfers(link_bandwidth, tracer) if device.type == "cpu" \
-            else CudaTransfers(device, slots)
+        self.transfers = CpuTransfers(link_bandwidth, tracer, readers=2 if store.tier == "disk" else 0) \
+            if device.type == "cpu" else CudaTransfers(device, slots)
         H, I = spec.hidden_size, spec.expert_intermediate_size
         n = per_domain * len(layers) if scope == "layer" else slots
         self.gate_up = torch.empty(n, 2 * I, H, dtype=store.dtype, device=device)

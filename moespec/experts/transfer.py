@@ -54,13 +54,16 @@ class CpuTransfers:
 
     WAITED, DEMAND, PREFETCH = -1, 0, 1  # priorities: lower goes first
 
-    def __init__(self, link_bandwidth: float | None, tracer: Tracer | None = None, readers: int = 2):
+    def __init__(self, link_bandwidth: float | None, tracer: Tracer | None = None, readers: int = 0):
+        """readers: threads reading the store ahead of the link (the disk tier); 0: the link
+        thread reads each expert itself (RAM: a lookup, not worth a hand-off)."""
         self.bandwidth = link_bandwidth
         self.tracer = tracer  # one transfer-lane slice per copy, while it records
         self._stalls: dict[int, float] = {}  # layer -> seconds compute waited, since collect_stalls
         self._to_read: list[tuple[int, int, _Copy]] = []  # heaps of (priority, arrival, copy)
         self._to_copy: list[tuple[int, int, _Copy]] = []
         self._order = itertools.count()
+        self._readers = readers
         self._lock = threading.Condition()
         self._closed = False
         self._threads = [threading.Thread(target=self._read_loop, name=f"moespec-read-{i}", daemon=True)
@@ -72,7 +75,7 @@ class CpuTransfers:
     def copy(self, read: ReadFn, dst: ExpertWeights, label: str, slot: int, urgent: bool = True) -> _Copy:
         job = _Copy(read, dst, label, self.DEMAND if urgent else self.PREFETCH)
         with self._lock:
-            heapq.heappush(self._to_read, (job.priority, next(self._order), job))
+            heapq.heappush(self._to_read if self._readers else self._to_copy, (job.priority, next(self._order), job))
             self._lock.notify_all()
         return job
 
@@ -111,6 +114,8 @@ class CpuTransfers:
                 job.future.set_exception(exc)
 
     def _run(self, job: _Copy) -> None:
+        if job.src is None:  # no reader stage
+            job.src = job.read()
         start = time.perf_counter()
         job.dst.gate_up.copy_(job.src.gate_up)
         job.dst.down.copy_(job.src.down)
@@ -129,9 +134,9 @@ class CpuTransfers:
         start = time.perf_counter()
         with self._lock:
             handle.priority = self.WAITED
-            if not handle.started:
+            if self._readers and not handle.started:
                 heapq.heappush(self._to_read, (self.WAITED, next(self._order), handle))
-            elif handle.src is not None and not handle.on_link:
+            elif (handle.src is not None or not self._readers) and not handle.on_link:
                 heapq.heappush(self._to_copy, (self.WAITED, next(self._order), handle))
             self._lock.notify_all()
         handle.future.result()
