@@ -33,7 +33,7 @@ class ModelSpec:
     num_experts: int
     top_k: int
     expert_intermediate_size: int
-    router: str  # name of a function in model/routing.py
+    router: str  # a name in model/routing.py ROUTERS
     moe_layers: tuple[bool, ...]  # per layer: True = routed experts, False = dense MLP
     dense_intermediate_size: int = 0  # MLP width of the dense (non-MoE) layers
     shared_expert_intermediate_size: int = 0  # 0 = no shared expert

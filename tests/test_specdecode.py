@@ -16,6 +16,7 @@ from moespec.decode.selfspec.affinity import output_distances
 from moespec.decode.selfspec.draft import DraftExperts
 from moespec.decode.selfspec.gamma import GammaChooser
 from moespec.model.moe import expert_forward
+from moespec.model.routing import SoftmaxTopK, SoftmaxTopKRenorm
 from tiny import save_model, save_tokenizer
 
 PROMPTS = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14, 15, 16, 17, 18, 19, 20], [30, 31, 32], [40], [50, 51, 52, 53]]
@@ -251,15 +252,15 @@ def test_router_affinity_reroutes_among_draft_experts(model_dir):
     logits = torch.randn(5, 8, generator=torch.Generator().manual_seed(0))
     routed = torch.zeros(5, 2, dtype=torch.long)
     probs = torch.softmax(logits, dim=-1)
-    for n, renormalize in ((1, False), (3, False), (3, True)):
+    for n, router in ((1, SoftmaxTopK(2)), (3, SoftmaxTopK(2)), (3, SoftmaxTopKRenorm(2))):
         draft = DraftExperts(llm.experts, [0], 8, n, "random", torch.device("cpu"))
         draft.fill(None)
         members = torch.tensor(draft.members[0])
-        weights, ids = draft.restrict(0, logits, routed, 2, renormalize)
+        weights, ids = draft.restrict(0, logits, routed, router)
         best = members[logits[:, members].topk(min(n, 2), dim=-1).indices]  # the router's favourites
         assert torch.equal(ids[:, : min(n, 2)], best)
         want = probs.gather(1, best)  # weighed as the router weighs them
-        want = want / want.sum(-1, keepdim=True) if renormalize else want
+        want = want / want.sum(-1, keepdim=True) if router.renormalizes else want
         assert torch.allclose(weights[:, : min(n, 2)], want)
         if n == 1:
             assert weights[:, 1].eq(0).all()

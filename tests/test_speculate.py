@@ -87,7 +87,10 @@ class Oracle(ForwardHooks):
         trace = record(llm, ids)
         self.ids = {layer: torch.from_numpy(trace.ids[:, j].astype("int64")) for j, layer in enumerate(trace.moe_layers)}
 
-    def predict(self, layer: int, x: torch.Tensor) -> dict[int, torch.Tensor]:
+    def routed(self, layer, router_input) -> None:
+        """The oracle reads nothing from the forward pass."""
+
+    def predict(self, layer: int, x: torch.Tensor, router_input=None, routing=None) -> dict[int, torch.Tensor]:
         out = {}
         for target in next_moe_layers(self.model, layer, 1):
             scores = torch.zeros(len(x), self.model.spec.num_experts)
@@ -213,7 +216,7 @@ def test_estimators_see_at_inference_the_context_they_train_on(model_dir, calibr
     llm = LLM(model_dir, expert_cache="50%", prefetch="estimator")
     est = llm.speculation.predictor.estimators
     seen, predict = [], est.predict
-    est.predict = lambda layer, x, context: seen.append((layer, context)) or predict(layer, x, context)
+    est.predict = lambda layer, x, context, *rest: seen.append((layer, context)) or predict(layer, x, context, *rest)
     recorder = RouteRecorder(llm.model, hidden=True)
     llm.model.hooks.insert(0, recorder)
     llm.engine.teacher_forced(IDS[:, :6])

@@ -8,7 +8,7 @@ from moespec.checkpoint import Checkpoint
 from moespec.experts.stats import ExpertStats
 from moespec.experts.store import ExpertStore, ResidentExperts
 from moespec.model.load import build_model
-from moespec.model.routing import top1, within_capacity
+from moespec.model.routing import Top1, within_capacity
 from moespec.model.switch import SwitchTransformer
 from moespec.spec import load_spec
 
@@ -100,7 +100,7 @@ def test_router_and_capacity_match_reference_router(tmp_path):
 
 def test_top1_refuses_k_above_one():
     with pytest.raises(ValueError):
-        top1(torch.zeros(2, 4), 2)
+        Top1(2)
 
 
 def test_llm_refuses_encoder_decoder_with_a_clear_error(tmp_path):

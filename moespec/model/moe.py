@@ -11,7 +11,7 @@ from torch import nn
 from ..experts.base import ExpertProvider
 from ..spec import ModelSpec
 from ..hooks import ForwardHooks
-from .routing import ROUTERS
+from .routing import Router, make_router
 
 
 class MLP(nn.Module):
@@ -76,8 +76,7 @@ class MoE(nn.Module):
     def __init__(self, spec: ModelSpec, layer: int):
         super().__init__()
         self.layer = layer
-        self.top_k = spec.top_k
-        self.route = ROUTERS[spec.router]
+        self.router: Router = make_router(spec)
         self.gate = nn.Linear(spec.hidden_size, spec.num_experts, bias=False)
         self.shared_expert = MLP(spec.hidden_size, spec.shared_expert_intermediate_size) \
             if spec.shared_expert_intermediate_size else None
@@ -85,7 +84,7 @@ class MoE(nn.Module):
 
     def forward(self, x: torch.Tensor, experts: ExpertProvider, hooks: list[ForwardHooks] = ()) -> torch.Tensor:
         """x [N, H] (real tokens only, padding removed) -> [N, H]."""
-        weights, ids = self.route(self.gate(x), self.top_k)
+        weights, ids = self.router.select(self.gate(x))
         for hook in hooks:
             weights, ids = hook.route(self.layer, x, weights, ids)
         out = self.run_experts(x, weights, ids, experts)

@@ -26,7 +26,7 @@ from ..hooks import ForwardHooks
 from ..spec import ModelSpec
 from .attention import RMSNorm
 from .moe import RoutedExecutor, run_experts
-from .routing import top1, within_capacity
+from .routing import make_router, within_capacity
 
 
 def relu_expert(x: torch.Tensor, wi: torch.Tensor, wo: torch.Tensor) -> torch.Tensor:
@@ -118,13 +118,18 @@ class SparseMLP(nn.Module):
     def __init__(self, spec: ModelSpec, layer: int):
         super().__init__()
         self.layer, self.num_experts, self.capacity = layer, spec.num_experts, spec.expert_capacity
-        self.router = Router(spec)
+        self.router = Router(spec)  # transformers' module (router.classifier); the rule is `rule`
+        self.rule = make_router(spec)
 
-    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [B, S, H] -> top-1 (weights, ids) [B*S, 1]; the router runs in float32 as the reference's."""
+    def router_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, S, H] -> logits [B*S, E] in float32, as the reference's router runs."""
         c = self.router.classifier
         bias = None if c.bias is None else c.bias.float()
-        return top1(F.linear(x.float(), c.weight.float(), bias).flatten(0, 1))
+        return F.linear(x.float(), c.weight.float(), bias).flatten(0, 1)
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [B, S, H] -> top-1 (weights, ids) [B*S, 1]."""
+        return self.rule.select(self.router_logits(x))
 
     def forward(self, x: torch.Tensor, experts: ExpertProvider | RoutedExecutor,
                 hooks: list[ForwardHooks]) -> torch.Tensor:
@@ -149,6 +154,10 @@ class FeedForwardLayer(nn.Module):
                 hooks: list[ForwardHooks]) -> torch.Tensor:
         h = self.layer_norm(x)
         return x + (self.mlp(h, experts, hooks) if isinstance(self.mlp, SparseMLP) else self.mlp(h))
+
+    def router_logits(self, residual: torch.Tensor) -> torch.Tensor:
+        """This sparse layer's norm and router applied to any residual [B, S, H] -> logits [B*S, E]."""
+        return self.mlp.router_logits(self.layer_norm(residual))
 
 
 class SwitchBlock(nn.Module):

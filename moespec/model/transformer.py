@@ -41,6 +41,11 @@ class Block(nn.Module):
         out[valid] = self.mlp(h[valid], experts, hooks)  # padding never routes, so never fetches experts
         return x + out
 
+    def router_logits(self, residual: torch.Tensor) -> torch.Tensor:
+        """This MoE layer's pre-MoE norm and router applied to any residual [..., H] -> logits [..., E]:
+        what speculation asks of a later layer about an earlier hidden state."""
+        return self.mlp.gate(self.post_attention_layernorm(residual))
+
 
 class Transformer(nn.Module):
     def __init__(self, spec: ModelSpec):

@@ -76,13 +76,13 @@ class RouterLookahead:
                     ff = block.layer[-1]
                     if isinstance(ff.mlp, SparseMLP):
                         tokens = layer_tokens(spec, batch)[offset + i]
-                        _, ids = ff.mlp.route(ff.layer_norm(model.embed(stack, tokens)))
+                        _, ids = ff.mlp.rule.select(ff.router_logits(model.embed(stack, tokens)))
                         out[offset + i] = one_hot_choices(ids.view(*tokens.shape, 1), spec.num_experts)
             return out
         x = model.embed_tokens(batch.tokens)
         for layer in spec.moe_layer_ids:
             block = model.layers[layer]
-            _, ids = block.mlp.route(block.mlp.gate(block.post_attention_layernorm(x)), spec.top_k)
+            _, ids = block.mlp.router.select(block.router_logits(x))
             out[layer] = one_hot_choices(ids, spec.num_experts)
         return out
 

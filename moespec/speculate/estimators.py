@@ -30,7 +30,6 @@ from torch import nn
 
 from ..config import SpeculationConfig
 from ..errors import MoespecError
-from ..hooks import ForwardHooks
 from ..model.transformer import Transformer
 from .context import PreviousToken
 from .lookahead import next_moe_layers
@@ -56,6 +55,31 @@ class Head(nn.Module):
         x = torch.cat([h, context], dim=-1)
         out = self.linear(x)
         return out + self.mlp(x) if self.mlp is not None else out
+
+    @torch.no_grad()
+    def fused(self) -> FusedHead:
+        """The same function as plain tensors, for decoding (a head runs per layer per step)."""
+        if self.mlp is None:
+            return FusedHead(self.linear.weight.T.contiguous(), self.linear.bias.clone(), None, None)
+        first = torch.cat([self.linear.weight, self.mlp[0].weight]).T.contiguous()
+        return FusedHead(first, torch.cat([self.linear.bias, self.mlp[0].bias]),
+                         self.mlp[2].weight.T.contiguous(), self.mlp[2].bias.clone())
+
+
+class FusedHead:
+    """A Head in three matmul-sized ops: the linear part and the MLP's first layer share one
+    matmul over [h, context]; then the MLP's output layer. No module calls on the hot path."""
+
+    def __init__(self, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor | None, b2: torch.Tensor | None):
+        self.w1, self.b1, self.w2, self.b2 = w1, b1, w2, b2
+        self.experts = w1.shape[1] if w2 is None else w2.shape[1]
+
+    def __call__(self, h: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        y = torch.addmm(self.b1, torch.cat([h, context], dim=-1), self.w1)
+        if self.w2 is None:
+            return y
+        linear, hidden = y.split([self.experts, y.shape[1] - self.experts], dim=-1)
+        return torch.addmm(self.b2, F.silu(hidden), self.w2).add_(linear)
 
 
 class Estimators(nn.Module):
@@ -92,11 +116,15 @@ class Estimators(nn.Module):
         return {t for _, t in self.pairs().values()}
 
     @torch.no_grad()
-    def predict(self, layer: int, x: torch.Tensor, context: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
-        """Scores [N, E] of the next `depth` MoE layers from the residual x [N, H] at `layer` and,
-        per target layer, the context [N, H] (the previous tokens' router inputs there, or zeros)."""
-        h = self.router_input(layer, x)
-        return {t: torch.softmax(self.heads[f"{layer}_{t}"](h, context[t]), dim=-1)
+    def predict(self, layer: int, x: torch.Tensor, context: dict[int, torch.Tensor],
+                router_input: torch.Tensor | None = None, heads=None) -> dict[int, torch.Tensor]:
+        """Expert logits [N, E] of the next `depth` MoE layers from the residual x [N, H] at `layer` (or
+        its router input, where the router already computed it) and, per target layer, the
+        context [N, H] (the previous tokens' router inputs there, or zeros). `heads`: the same
+        heads in another form (default: the modules)."""
+        h = self.router_input(layer, x) if router_input is None else router_input.float()
+        heads = self.heads if heads is None else heads
+        return {t: heads[f"{layer}_{t}"](h, context[t])
                 for t in next_moe_layers(self.model[0], layer, self.depth)}
 
     def metadata(self) -> dict[str, str]:
@@ -133,12 +161,13 @@ class Estimators(nn.Module):
         return est.to(model.embed_tokens.weight.device).eval()
 
 
-class EstimatorPredictor(ForwardHooks):
-    """Estimators at inference. As a forward hook it remembers, per KV-cache row, the last token's
+class EstimatorPredictor:
+    """Estimators at inference, with fused heads. It remembers, per KV-cache row, the last token's
     router input at every target layer, which is the context the next token's heads take."""
 
     def __init__(self, estimators: Estimators):
         self.estimators, self.targets = estimators, estimators.targets()
+        self.heads = {key: head.fused() for key, head in estimators.heads.items()}
         self.context = PreviousToken()
 
     @classmethod
@@ -158,16 +187,18 @@ class EstimatorPredictor(ForwardHooks):
     def forward_start(self, rows: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor) -> None:
         self.context.start(rows, positions, valid)
 
-    def after_attention(self, layer: int, x: torch.Tensor, valid: torch.Tensor) -> None:
-        # the guesses for this layer were made at earlier layers, so their context is already read
+    def routed(self, layer: int, router_input: torch.Tensor) -> None:
+        """Remember the router input of a target layer: the next token's context there (the
+        guesses for this layer were made at earlier layers, so its context is already read)."""
         if layer in self.targets:
-            self.context.remember(layer, self.estimators.router_input(layer, x[valid]))
+            self.context.remember(layer, router_input.float())
 
-    def predict(self, layer: int, x: torch.Tensor) -> dict[int, torch.Tensor]:
+    def predict(self, layer: int, x: torch.Tensor, router_input: torch.Tensor | None = None,
+                routing: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[int, torch.Tensor]:
         zeros = x.new_zeros(x.shape, dtype=torch.float32)
         context = {t: self.context.remembered(t, zeros, 0.0) for t in next_moe_layers(
             self.estimators.model[0], layer, self.depth)}
-        return self.estimators.predict(layer, x, context)
+        return self.estimators.predict(layer, x, context, router_input, self.heads)
 
 
 def recall_at_k(scores: torch.Tensor, true_ids: torch.Tensor, width: int) -> float:

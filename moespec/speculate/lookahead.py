@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from ..config import SpeculationConfig
@@ -78,11 +79,12 @@ class DefaultVectorCollector(ForwardHooks):
         return DefaultVectors({i: (self.sums[i] / self.counts[i].clamp(min=1)[:, None]).float() for i in self.sums})
 
 
-class LookaheadPredictor(ForwardHooks):
+class LookaheadPredictor:
     """Scores [N, E] for the experts of the next `depth` MoE layers, from the residual at layer L."""
 
     def __init__(self, model: Transformer, depth: int, default_vectors: DefaultVectors | None):
         self.model, self.depth, self.dv = model, depth, default_vectors
+        self.folded = FoldedRouters(model)
 
     @classmethod
     def from_config(cls, model: Transformer, model_dir: Path, cfg: SpeculationConfig) -> LookaheadPredictor:
@@ -95,23 +97,49 @@ class LookaheadPredictor(ForwardHooks):
         device = model.embed_tokens.weight.device
         return cls(model, cfg.lookahead_depth, DefaultVectors.load(path, model, device) if use else None)
 
-    def _route(self, layer: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Layer `layer`'s norm + router applied to residual x: (probabilities, top-k weights, ids)."""
-        block = self.model.layers[layer]
-        moe: MoE = block.mlp
-        logits = moe.gate(block.post_attention_layernorm(x))
-        weights, ids = moe.route(logits, moe.top_k)
-        return torch.softmax(logits.float(), dim=-1), weights, ids
+    def forward_start(self, rows: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor) -> None:
+        """The lookahead keeps nothing across tokens."""
 
-    def predict(self, layer: int, x: torch.Tensor) -> dict[int, torch.Tensor]:
-        guess = x
-        if self.dv is not None and isinstance(self.model.layers[layer].mlp, MoE):
-            _, weights, ids = self._route(layer, x)
-            guess = guess + self.dv.moe_output_estimate(layer, weights, ids)
+    def routed(self, layer: int, router_input: torch.Tensor) -> None:
+        """The lookahead keeps nothing across tokens."""
+
+    def predict(self, layer: int, x: torch.Tensor, router_input: torch.Tensor | None = None,
+                routing: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[int, torch.Tensor]:
+        """Router logits [N, E] per target layer from the residual x [N, H]. With default vectors,
+        the running layer's own routing (weights, ids) adds its estimated MoE output first, and
+        each target's guessed routing before the next target; without, one matmul serves all."""
+        targets = next_moe_layers(self.model, layer, self.depth)
+        if not targets:
+            return {}
+        if self.dv is None:
+            return dict(zip(targets, self.folded.logits(targets, x)))
+        guess = x if routing is None else x + self.dv.moe_output_estimate(layer, *routing)
         scores = {}
-        for target in next_moe_layers(self.model, layer, self.depth):
-            probs, weights, ids = self._route(target, guess)
-            scores[target] = probs
-            if self.dv is not None:
-                guess = guess + self.dv.moe_output_estimate(target, weights, ids)
+        for target in targets:
+            (scores[target],) = self.folded.logits([target], guess)
+            if target != targets[-1]:
+                moe: MoE = self.model.layers[target].mlp
+                guess = guess + self.dv.moe_output_estimate(target, *moe.router.select(scores[target]))
         return scores
+
+
+class FoldedRouters:
+    """Each MoE layer's pre-MoE RMSNorm folded into its router, so "layer t's norm and router
+    applied to x" is one matmul: router(g ⊙ x / rms(x)) = (W · diag(g)) · (x / rms(x)). The
+    normalised x is shared by every target, so all targets of one guess stack into one matmul.
+    Computed in float32 (the router's input precision in the reference)."""
+
+    def __init__(self, model: Transformer):
+        layers = model.layers
+        self.weights = {t: layers[t].mlp.gate.weight.float() * layers[t].post_attention_layernorm.weight.float()[None]
+                        for t in model.spec.moe_layer_ids}
+        self.eps = model.spec.rms_norm_eps
+        self._stacked: dict[tuple[int, ...], torch.Tensor] = {}
+
+    def logits(self, targets: list[int], x: torch.Tensor) -> list[torch.Tensor]:
+        """Router logits [N, E] of each target layer for residual x [N, H]."""
+        key = tuple(targets)
+        if key not in self._stacked:
+            self._stacked[key] = torch.cat([self.weights[t] for t in targets]).T.contiguous()
+        xn = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
+        return (xn @ self._stacked[key]).split([self.weights[t].shape[0] for t in targets], dim=-1)

@@ -18,6 +18,7 @@ what it really needed is compared with the guesses (recall per token, precision 
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict, dataclass, fields
 from typing import Protocol
 
@@ -27,22 +28,24 @@ from ..config import Execution
 from ..experts.base import Prefetcher
 from ..hooks import ForwardHooks
 from ..model.moe import MoE
-from ..model.routing import softmax_topk_renorm
 from ..model.transformer import Transformer
 
 
 class Predictor(Protocol):
-    """Guesses experts of later MoE layers. The Speculation passes it the forward pass's
-    `forward_start` and `after_attention` hooks, for predictors that keep context across tokens."""
+    """Guesses experts of later MoE layers. The Speculation passes it `forward_start` and each MoE
+    layer's router input (`routed`), for predictors that keep context across tokens."""
 
     depth: int
 
     def forward_start(self, rows: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor) -> None: ...
 
-    def after_attention(self, layer: int, x: torch.Tensor, valid: torch.Tensor) -> None: ...
+    def routed(self, layer: int, router_input: torch.Tensor) -> None: ...
 
-    def predict(self, layer: int, x: torch.Tensor) -> dict[int, torch.Tensor]:
-        """Scores [N, E] for the experts of each target MoE layer, from the residual x [N, H] at `layer`."""
+    def predict(self, layer: int, x: torch.Tensor, router_input: torch.Tensor | None = None,
+                routing: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[int, torch.Tensor]:
+        """Scores [N, E] (logits: only their order and softmax matter) for the experts of each
+        target MoE layer, from the residual x [N, H] at
+        `layer`; at an MoE layer also its router input [N, H] and its routing (weights, ids)."""
         ...
 
 
@@ -84,11 +87,12 @@ class SpeculationStats:
     mode: Execution
     by_depth: dict[int, GuessStats]
     per_layer: dict[tuple[int, int], GuessStats]
+    seconds: float  # spent guessing on the compute thread (predictor, scoring, issuing prefetches)
 
     def as_dict(self) -> dict:
         return {"total": {f"depth {d}": s.as_dict() for d, s in self.by_depth.items()},
                 "per_layer": {f"layer {t} depth {d}": s.as_dict() for (t, d), s in self.per_layer.items()},
-                "mode": self.mode}
+                "mode": self.mode, "guess_seconds": self.seconds}
 
 
 class Speculation(ForwardHooks):
@@ -106,63 +110,84 @@ class Speculation(ForwardHooks):
         self.guesses: dict[int, dict[int, torch.Tensor]] = {}  # target layer -> depth -> ranked ids [N, width]
         self.prefetched: dict[int, dict[int, list[int]]] = {}
         self.guess_stats = {(t, d): GuessStats() for t in spec.moe_layer_ids for d in range(1, depth + 1)}
+        # (target, depth) -> [found_in_topk, found_in_prefetch, prefetched_used], summed as tensors
+        # and read only by `stats()`, so scoring guesses never waits on the device
+        self._found: dict[tuple[int, int], torch.Tensor] = {}
+        self.seconds = 0.0  # time inside these hooks
         # an MoE layer's residual after attention (real tokens) and whether it is a decode step,
         # kept from `after_attention` until its router has chosen
         self._waiting: tuple[torch.Tensor, bool] | None = None
 
     def forward_start(self, rows: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor) -> None:
+        t0 = time.perf_counter()
         self.predictor.forward_start(rows, positions, valid)
+        self.seconds += time.perf_counter() - t0
 
     def after_attention(self, layer: int, x: torch.Tensor, valid: torch.Tensor) -> None:
-        self.predictor.after_attention(layer, x, valid)
         # An MoE layer guesses once its own router has chosen (in `route`): its experts are then
         # known, so prefetches can be kept from evicting them. A dense layer guesses now.
+        t0 = time.perf_counter()
         decoding = x.shape[1] == 1
+        residual = x[:, 0] if decoding and bool(valid.all()) else x[valid]
         if isinstance(self.model.layers[layer].mlp, MoE):
-            self._waiting = (x[valid], decoding)
+            self._waiting = (residual, decoding)
         else:
-            self._guess(layer, x[valid], running=None, decoding=decoding)
+            self._guess(layer, self.predictor.predict(layer, residual), running=None, decoding=decoding)
+        self.seconds += time.perf_counter() - t0
 
-    def _guess(self, layer: int, residual: torch.Tensor, running: int | None, decoding: bool) -> None:
+    def _guess(self, layer: int, predicted: dict[int, torch.Tensor], running: int | None, decoding: bool) -> None:
         """Score the next `depth` MoE layers from the residual at `layer`; prefetch in decode steps.
 
         A prefill step routes many tokens per row, whose guesses together name nearly every expert:
         prefetching them would only churn the cache. Guesses are still made (statistics,
         speculative execution); copies are started in decode steps only.
         """
-        for depth, (target, scores) in enumerate(self.predictor.predict(layer, residual).items(), start=1):
+        for depth, (target, scores) in enumerate(predicted.items(), start=1):
             ranked = scores.topk(self.width, dim=-1).indices
             if len(ranked) == 1:
-                order = ranked[0].tolist()
+                order = ranked[0]
             else:  # pool the batch: experts ranked by the probability mass guessed for them
+                probs = torch.softmax(scores.float(), dim=-1)
                 mass = torch.zeros(scores.shape[1], device=scores.device).index_add_(
-                    0, ranked.flatten(), scores.gather(1, ranked).flatten().float())
-                chosen = mass.argsort(descending=True)[: min(self.max_prefetch, int((mass > 0).sum()))]
-                order = chosen.tolist()
+                    0, ranked.flatten(), probs.gather(1, ranked).flatten())
+                order = mass.argsort(descending=True)[: min(self.max_prefetch, int((mass > 0).sum()))]
             self.guesses.setdefault(target, {})[depth] = ranked
             self.prefetched.setdefault(target, {})[depth] = order
             if decoding:
-                self.cache.prefetch(target, order, running)
+                self.cache.prefetch(target, order.tolist(), running)
 
     def route(self, layer, x, weights, ids):
+        t0 = time.perf_counter()
         guesses, prefetched = self.guesses.pop(layer, {}), self.prefetched.pop(layer, {})
-        needed = set(torch.unique(ids).tolist())
-        for depth, ranked in guesses.items():
-            s = self.guess_stats[(layer, depth)]
-            s.tokens += len(ids)
-            s.true_choices += ids.numel()
-            s.found_in_topk += int((ranked[:, : self.k, None] == ids[:, None, :]).any(dim=1).sum())
-            s.found_in_prefetch += int((ranked[:, :, None] == ids[:, None, :]).any(dim=1).sum())
-            s.prefetched += len(prefetched[depth])
-            s.prefetched_used += len(needed.intersection(prefetched[depth]))
+        if guesses:
+            self._score(layer, ids, guesses, prefetched)
+        true_routing = weights, ids
         if self.mode != "off" and 1 in guesses:
             guess = guesses[1]
             ids = guess[:, : self.k] if self.mode == "on" else self._substitute(layer, ids, guess)
             weights = self._weights_for(layer, x, ids)
+        self.predictor.routed(layer, x)
         residual, decoding = self._waiting
         self._waiting = None
-        self._guess(layer, residual, running=layer, decoding=decoding)
+        self._guess(layer, self.predictor.predict(layer, residual, x, true_routing), running=layer, decoding=decoding)
+        self.seconds += time.perf_counter() - t0
         return weights, ids
+
+    def _score(self, layer: int, ids: torch.Tensor, guesses: dict[int, torch.Tensor],
+               prefetched: dict[int, torch.Tensor]) -> None:
+        """Compare the guesses for `layer` with its true routing ids [N, k]."""
+        needed = torch.zeros(self.model.spec.num_experts, dtype=torch.bool, device=ids.device)
+        needed[ids.flatten()] = True
+        for depth, ranked in guesses.items():
+            s = self.guess_stats[(layer, depth)]
+            s.tokens += len(ids)
+            s.true_choices += ids.numel()
+            s.prefetched += len(prefetched[depth])
+            hit = ranked[:, :, None] == ids[:, None, :]  # [N, width, k]
+            found = torch.stack([hit[:, : self.k].any(dim=1).sum(), hit.any(dim=1).sum(),
+                                 needed[prefetched[depth]].sum()])
+            key = (layer, depth)
+            self._found[key] = found if key not in self._found else self._found[key] + found
 
     def _substitute(self, layer: int, ids: torch.Tensor, guess: torch.Tensor) -> torch.Tensor:
         resident = self.cache.ready(layer)
@@ -176,12 +201,17 @@ class Speculation(ForwardHooks):
 
     def _weights_for(self, layer: int, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         moe: MoE = self.model.layers[layer].mlp
-        weights = torch.softmax(moe.gate(x).float(), dim=-1).gather(1, ids)
-        return weights / weights.sum(dim=-1, keepdim=True) if moe.route is softmax_topk_renorm else weights
+        return moe.router.weights_for(moe.gate(x), ids)
 
     def stats(self) -> SpeculationStats:
+        for key, found in self._found.items():  # fold the tensor counts in: one read of each
+            s = self.guess_stats[key]
+            s.found_in_topk, s.found_in_prefetch, s.prefetched_used = (
+                a + b for a, b in zip((s.found_in_topk, s.found_in_prefetch, s.prefetched_used), found.tolist()))
+        self._found.clear()
         by_depth = {d: GuessStats() for d in range(1, self.depth + 1)}
         for (_, d), s in self.guess_stats.items():
             by_depth[d].add(s)
-        return SpeculationStats(self.mode, by_depth, {k: s for k, s in self.guess_stats.items() if s.tokens})
+        return SpeculationStats(self.mode, by_depth, {k: s for k, s in self.guess_stats.items() if s.tokens},
+                                self.seconds)
 

@@ -14,7 +14,6 @@ from ...experts.base import DeviceExperts, ExpertWeights
 from ...experts.store import ExpertStore
 from ...hooks import ForwardHooks
 from ...model.kv_cache import KVCache
-from ...model.routing import softmax_topk_renorm
 from ...model.transformer import Transformer
 from ..engine import PlainStep
 from ..sampling import RowSampling, filtered_probs
@@ -80,7 +79,7 @@ class _Routing(ForwardHooks):
               ) -> tuple[torch.Tensor, torch.Tensor]:
         if self.drafting and self.affinity == "router":
             moe = self.model.layers[layer].mlp
-            return self.draft.restrict(layer, moe.gate(x), ids, moe.top_k, moe.route is softmax_topk_renorm)
+            return self.draft.restrict(layer, moe.gate(x), ids, moe.router)
         if self.drafting:
             return weights, self.draft.reroute(layer, ids)
         self.draft.observe(layer, ids)

@@ -30,6 +30,7 @@ import torch
 from ...config import DraftPolicy
 from ...errors import MoespecError
 from ...experts.base import ExpertWeights, Key, Pinnable
+from ...model.routing import Router
 
 DRAFT_POLICIES = get_args(DraftPolicy)
 
@@ -151,25 +152,15 @@ class DraftExperts:
         self.substituted += (new != ids).sum()
         return new
 
-    def restrict(self, layer: int, logits: torch.Tensor, ids: torch.Tensor, k: int, renormalize: bool
+    def restrict(self, layer: int, logits: torch.Tensor, ids: torch.Tensor, router: Router
                  ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The draft pass's routing without a table: each token's min(k, N) best draft experts by
-        router logits [N, E], each weighted as the router weighs it (softmax over all experts,
-        renormalised over the chosen ones if the router renormalises); padded with zero-weight
-        repeats to k columns. Masking the softmax instead would inflate the weights of routers that
-        do not renormalise (Qwen's), which costs acceptance."""
+        """The draft pass's routing without a table: the layer's router choosing among its draft
+        experts only (`Router.restrict`) from logits [N, E]; ids [N, k], the routing it replaces,
+        only count towards the substitution rate."""
         members = self.member_ids[layer]
-        n = min(k, len(members))
-        new = members[logits[:, members].topk(n, dim=-1).indices]
-        weights = torch.softmax(logits.float(), dim=-1).gather(1, new)
-        if renormalize:
-            weights = weights / weights.sum(dim=-1, keepdim=True)
-        if n < k:
-            weights = torch.cat([weights, weights.new_zeros(len(weights), k - n)], dim=1)
-            new = torch.cat([new, new[:, :1].expand(-1, k - n)], dim=1)
         self.routed += ids.numel()
         self.substituted += (~torch.isin(ids, members)).sum()
-        return weights, new
+        return router.restrict(logits, members)
 
     def fetch(self, layer: int, ids: list[int], tokens: int) -> Iterator[tuple[int, ExpertWeights]]:
         """ExpertProvider of the draft pass: ids are draft experts (after `reroute`), all pinned."""
