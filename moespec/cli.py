@@ -14,10 +14,15 @@ from .decode.stats import EngineStats
 from .errors import MoespecError
 
 
-def _value(text: str) -> str | int:
+def _value(text: str) -> str | int | float:
     """A flag's text as the config takes it: digits are an integer (a slot count, a depth, a γ),
-    anything else stays a string for the config to check."""
-    return int(text) if text.isdigit() else text
+    a decimal number a float (a threshold), anything else stays a string for the config to check."""
+    if text.isdigit():
+        return int(text)
+    try:
+        return float(text)
+    except ValueError:
+        return text
 
 
 def _engine_args(p: argparse.ArgumentParser) -> None:

@@ -133,6 +133,8 @@ class SpeculationConfig:
                 "fallback: guessed ones only where a true one is missing (changes outputs)"})
     lookahead_depth: int = field(default=1, metadata={"help": "MoE layers ahead to guess for"})
     prefetch_extra: int = field(default=0, metadata={"help": "guesses beyond top-k to prefetch per token"})
+    prefetch_threshold: float = field(default=0.0, metadata={
+        "help": "prefetch only guesses whose expected use (in [0, 1]) reaches this"})
     default_vectors: DefaultVectors = field(default="auto", metadata={
         "help": "lookahead: add default-vector estimates (auto: if the model directory has them)"})
     estimator: str | None = field(default=None, metadata={
@@ -151,6 +153,9 @@ class SpeculationConfig:
         _choice("default_vectors", self.default_vectors, DefaultVectors)
         _integer("lookahead_depth", self.lookahead_depth, 1)
         _integer("prefetch_extra", self.prefetch_extra, 0)
+        if isinstance(self.prefetch_threshold, bool) or not isinstance(self.prefetch_threshold, (int, float)) \
+                or not 0 <= self.prefetch_threshold <= 1:
+            raise MoespecError(f"prefetch_threshold must be a number in [0, 1], got {self.prefetch_threshold!r}")
         if self.speculative_execution != "off" and self.prefetch == "none":
             raise MoespecError(f"speculative_execution={self.speculative_execution!r} needs a speculating "
                                "prefetch policy (lookahead or estimator), got prefetch='none'")

@@ -29,6 +29,7 @@ def model_dir(tmp_path_factory):
     (dict(lookahead_depth="2"), "lookahead_depth must be an integer >= 1, got '2'"),
     (dict(speculative_execution="on"), "needs a speculating prefetch policy"),
     (dict(gamma=-1), "gamma must be an integer >= 0, got -1"),
+    (dict(prefetch_threshold=1.5), "prefetch_threshold must be a number in [0, 1], got 1.5"),
     (dict(draft_affinity="names"), "draft_affinity must be one of weights, outputs, router, got 'names'"),
     (dict(dtype="int3"), "dtype must be one of float32, bfloat16, float16, got 'int3'"),
     (dict(device="cuda", link_bandwidth="1GB/s"), "is emulation for CPU runs"),
@@ -66,12 +67,14 @@ def test_registries_match_their_literals():
 def test_every_option_is_a_cli_flag_with_the_same_values():
     parser = build_parser()
     args = parser.parse_args(["generate", "--prompt", "x", "--expert-cache", "12", "--speculative-execution", "on",
-                              "--prefetch", "lookahead", "--gamma", "3", "--draft-policy", "random"])
+                              "--prefetch", "lookahead", "--gamma", "3", "--draft-policy", "random",
+                              "--prefetch-threshold", "0.25"])
     from moespec.cli import _engine_options
 
     cfg = EngineConfig.build(**_engine_options(args))
     assert cfg.offload.expert_cache == 12 and cfg.speculation.speculative_execution == "on"
     assert cfg.specdecode.gamma == 3 and cfg.specdecode.draft_policy == "random"
+    assert cfg.speculation.prefetch_threshold == 0.25
     names = {f.name for _, f in option_fields()}
     for sub in ("generate", "serve", "bench", "eval"):
         flags = {a.dest for a in parser._subparsers._group_actions[0].choices[sub]._actions}

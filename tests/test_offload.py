@@ -235,3 +235,31 @@ def test_prefetch_never_evicts_the_running_layers_experts(model_dir):
     cache.prefetch(1, [7], running=0)  # only the unused guess (1, 6) may go
     use(cache, 0, 0, 1)
     assert cache.resident() == {(0, 0), (0, 1), (1, 7)} and cache.stats[1].wasted_prefetches == 1
+
+
+def test_a_guess_evicts_only_a_resident_worth_less(model_dir):
+    """Value-aware admission on a scripted pattern: the LRU victim is an expert used at every run
+    of its layer; a weak guess leaves it, a confident one takes its slot."""
+    cache = scripted_cache(model_dir, "lru", slots=2)
+    for _ in range(6):
+        use(cache, 0, 0)  # used at every run: expected use near 1
+    use(cache, 0, 1)
+    assert cache.expected_use((0, 0)) > 0.5 > cache.expected_use((0, 1)) and cache.resident() == {(0, 0), (0, 1)}
+    cache.prefetch(1, [5], scores=[0.3])  # the LRU victim (0, 0) is worth more: nothing moves
+    assert cache.resident() == {(0, 0), (0, 1)} and cache.stats[1].prefetches == 0
+    cache.prefetch(1, [5, 6], scores=[0.99, 0.98])  # each beats its victim: (0, 0), then (0, 1)
+    assert cache.stats[1].prefetches == 2 and cache.resident() == {(1, 5), (1, 6)}
+
+
+def test_a_guess_enters_at_low_priority_and_is_promoted_when_used(model_dir):
+    cache = scripted_cache(model_dir, "lru", slots=3)
+    use(cache, 0, 0)
+    use(cache, 0, 1)
+    cache.prefetch(1, [5])  # a free slot: admitted, but at the LRU end
+    cache.peek((1, 5))  # let it land
+    use(cache, 0, 2)  # a demand miss evicts the unused guess, not the older (0, 0)
+    assert cache.resident() == {(0, 0), (0, 1), (0, 2)} and cache.stats[1].wasted_prefetches == 1
+    cache.prefetch(1, [6], scores=[1.0])  # evicts the LRU (0, 0), whose use rate is low
+    use(cache, 1, 6)  # used: promoted to most recent
+    use(cache, 0, 3)  # the next miss evicts (0, 1), not the promoted guess
+    assert cache.resident() == {(0, 2), (1, 6), (0, 3)}

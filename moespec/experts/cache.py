@@ -4,8 +4,10 @@
 their copies land, so compute on the first experts overlaps the copies of the rest. Slots are
 shared by all MoE layers (scope "global") or split evenly between them (scope "layer"). Experts
 in use by the running layer or still being copied are never evicted; among the others the
-eviction policy chooses. `prefetch(target, ids, running)` starts copies without waiting
-(speculation). The cache owns its transfer engine (CPU worker or CUDA copy stream), which
+eviction policy chooses. `prefetch(target, ids, running, scores)` starts copies without waiting
+(speculation). A guess is admitted by value: it takes a free slot, or evicts the policy's victim
+only if the guess's expected use beats the victim's (a decayed rate of use per run of its layer);
+it enters at the lowest priority and is promoted when used. The cache owns its transfer engine (CPU worker or CUDA copy stream), which
 records every stall; `flush_stats` adds them to the statistics, the same way on both.
 """
 
@@ -24,6 +26,9 @@ from .stats import ExpertStats
 from .store import ExpertStore
 from .trace import Tracer
 from .transfer import CpuTransfers, CudaTransfers
+
+REUSE_DECAY = 0.8  # per run of a layer: an unused expert's use rate halves in about 3 runs
+
 
 def budget_slots(expert_cache: str | int, total_experts: int, expert_bytes: int) -> int:
     """Slots for a budget given as a share ("25%"), a size ("3GiB") or a slot count (int)."""
@@ -78,7 +83,9 @@ class ExpertCache:
         self.pending: dict[Key, object] = {}  # copies in flight
         self.locked: set[Key] = set()  # needed by the running layer
         self.unused_prefetch: set[Key] = set()
-        self._after_fetch: dict[int, list[tuple[int, list[int]]]] = {}  # running layer -> guesses to copy once it fetched
+        self._after_fetch: dict[int, list[tuple[int, list[tuple[int, float]]]]] = {}  # running layer -> guesses
+        self._runs = {layer: 0 for layer in layers}  # fetches per layer: the clock of `expected_use`
+        self._use_rate: dict[Key, tuple[float, int]] = {}  # key -> (rate, run when last updated)
         self.pinned: set[Key] = set()  # never evicted until unpinned (draft experts of speculative decoding)
         # most experts per layer that can be pinned while every domain keeps top_k slots for the rest
         self.pin_limit = per_domain - spec.top_k if scope == "layer" else (slots - spec.top_k) // len(layers)
@@ -91,6 +98,7 @@ class ExpertCache:
             dom.clear()
         self.slot_of.clear()
         self.unused_prefetch.clear()
+        self._use_rate.clear()
         self._after_fetch.clear()
 
     def flush_stats(self) -> None:
@@ -118,8 +126,18 @@ class ExpertCache:
     def _weights(self, slot: int) -> ExpertWeights:
         return ExpertWeights(self.gate_up[slot], self.down[slot])
 
-    def _load(self, key: Key, urgent: bool = True) -> bool:
-        """Start copying `key` into a slot (evicting if needed); False if every slot is busy.
+    def expected_use(self, key: Key) -> float:
+        """Estimated chance that `key` is used the next time its layer runs: an exponential
+        average of its uses per run of the layer (0 for an expert never used)."""
+        rate, last = self._use_rate.get(key, (0.0, 0))
+        return rate * REUSE_DECAY ** (self._runs[key[0]] - last)
+
+    def _record_use(self, key: Key) -> None:
+        self._use_rate[key] = (self.expected_use(key) + 1 - REUSE_DECAY, self._runs[key[0]])  # this run counts
+
+    def _load(self, key: Key, urgent: bool = True, guess: float | None = None) -> bool:
+        """Start copying `key` into a slot (evicting if needed); False if every slot is busy, or,
+        for a `guess` (its expected use), if the victim is worth more than it.
 
         Urgent copies (a layer waits for them) go ahead of queued prefetches where the link can."""
         dom = self.domains[key[0]]
@@ -130,12 +148,14 @@ class ExpertCache:
             if not candidates:
                 return False
             victim = dom.policy.victim(candidates)
+            if guess is not None and self.expected_use(victim) >= guess:
+                return False
             if victim in self.unused_prefetch:
                 self.stats[victim[0]].wasted_prefetches += 1
             slot = self._release(victim)
         self.slot_of[key] = slot
         dom.resident.add(key)
-        dom.policy.admit(key)
+        dom.policy.admit(key, guess=guess is not None)
         read = partial(self.store.__getitem__, key)  # runs on the transfer side, not here
         self.pending[key] = self.transfers.copy(read, self._weights(slot), f"L{key[0]} E{key[1]}", slot, urgent)
         self.stats[key[0]].bytes_moved += self.store.expert_bytes
@@ -170,28 +190,33 @@ class ExpertCache:
         if handle is not None:
             self.transfers.wait(handle, key[0])
 
-    def prefetch(self, target: int, ids: list[int], running: int | None = None) -> None:
-        """Copy experts guessed for `target`, never waiting. With `running`, the copies start only
-        once that layer's fetch has put its own missing experts on the link (and locked its
-        experts), so a guess never delays or evicts an expert needed now."""
+    def prefetch(self, target: int, ids: list[int], running: int | None = None,
+                 scores: list[float] | None = None) -> None:
+        """Copy experts guessed for `target`, best first, never waiting. `scores`: each guess's
+        expected use in [0, 1] (default 1: admit whenever a slot can be had). With `running`,
+        the copies start only once that layer's fetch has put its own missing experts on the link
+        (and locked its experts), so a guess never delays or evicts an expert needed now."""
+        guesses = list(zip(ids, scores if scores is not None else [1.0] * len(ids)))
         if running is not None:
-            self._after_fetch.setdefault(running, []).append((target, ids))
+            self._after_fetch.setdefault(running, []).append((target, guesses))
         else:
-            self._prefetch(target, ids)
+            self._prefetch(target, guesses)
 
-    def _prefetch(self, layer: int, ids: list[int]) -> None:
-        for e in ids:
+    def _prefetch(self, layer: int, guesses: list[tuple[int, float]]) -> None:
+        for e, score in guesses:
             key = (layer, e)
             if key in self.slot_of:
-                self.domains[layer].policy.touch(key)
-            elif self._load(key, urgent=False):
-                self.unused_prefetch.add(key)
-                self.stats[layer].prefetches += 1
+                continue
+            if not self._load(key, urgent=False, guess=score):
+                break  # ranked best first: a guess that could not displace anything stops the rest
+            self.unused_prefetch.add(key)
+            self.stats[layer].prefetches += 1
 
     def fetch(self, layer: int, ids: list[int], tokens: int) -> Iterator[tuple[int, ExpertWeights]]:
         """Yield (id, weights) for every expert in `ids`: resident ones first, then misses as they land."""
         stats = self.stats[layer]
         stats.tokens += tokens
+        self._runs[layer] += 1
         keys = [(layer, e) for e in ids]
         hits = [k for k in keys if k in self.slot_of]
         misses = [k for k in keys if k not in self.slot_of]
@@ -267,6 +292,7 @@ class ExpertCache:
     def _use(self, key: Key) -> Iterator[tuple[int, ExpertWeights]]:
         self._wait(key)
         self.domains[key[0]].policy.touch(key)
+        self._record_use(key)
         slot = self.slot_of[key]
         yield key[1], self._weights(slot)
         self.locked.discard(key)

@@ -17,8 +17,9 @@ class EvictionPolicy(Protocol):
     def touch(self, key: Key) -> None:
         """The expert was used (hit or freshly loaded)."""
 
-    def admit(self, key: Key) -> None:
-        """The expert got a slot (load or prefetch)."""
+    def admit(self, key: Key, guess: bool = False) -> None:
+        """The expert got a slot: needed now (load), or a `guess` (prefetch), which enters at the
+        lowest priority and is promoted by its first use (`touch`)."""
 
     def forget(self, key: Key) -> None:
         """The expert left the cache."""
@@ -37,8 +38,9 @@ class LRU:
         self.order[key] = None
         self.order.move_to_end(key)
 
-    def admit(self, key: Key) -> None:
-        self.touch(key)
+    def admit(self, key: Key, guess: bool = False) -> None:
+        self.order[key] = None
+        self.order.move_to_end(key, last=not guess)
 
     def forget(self, key: Key) -> None:
         self.order.pop(key, None)
@@ -61,9 +63,6 @@ class LFU(LRU):
 
     def touch(self, key: Key) -> None:
         self.uses[key] += 1
-        super().touch(key)
-
-    def admit(self, key: Key) -> None:
         super().touch(key)
 
     def victim(self, candidates: Iterable[Key]) -> Key:

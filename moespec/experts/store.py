@@ -81,7 +81,8 @@ class ResidentExperts:
     def ready(self, layer: int) -> set[int]:
         return {e for (l, e) in self._experts if l == layer}
 
-    def prefetch(self, target: int, ids: list[int], running: int | None = None) -> None:
+    def prefetch(self, target: int, ids: list[int], running: int | None = None,
+                 scores: list[float] | None = None) -> None:
         """Nothing to move: every expert is already on the device."""
 
     def clear(self) -> None:

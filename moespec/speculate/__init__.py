@@ -30,4 +30,4 @@ def make_speculation(model: Transformer, cache: Prefetcher, model_dir: Path,
     if predictor is None:
         return None
     return Speculation(model, cache, predictor.from_config(model, model_dir, cfg), cfg.prefetch_extra,
-                       cfg.speculative_execution)
+                       cfg.speculative_execution, cfg.prefetch_threshold)

@@ -98,8 +98,9 @@ class SpeculationStats:
 class Speculation(ForwardHooks):
     """The prefetch policy as forward hooks: guesses at every layer, copies in decode steps."""
 
-    def __init__(self, model: Transformer, cache: Prefetcher, predictor: Predictor, extra: int, mode: Execution):
-        self.model, self.cache, self.predictor = model, cache, predictor
+    def __init__(self, model: Transformer, cache: Prefetcher, predictor: Predictor, extra: int, mode: Execution,
+                 threshold: float = 0.0):
+        self.model, self.cache, self.predictor, self.threshold = model, cache, predictor, threshold
         depth = self.depth = predictor.depth
         self.extra, self.mode = extra, mode
         spec = model.spec
@@ -111,8 +112,10 @@ class Speculation(ForwardHooks):
         self.prefetched: dict[int, dict[int, list[int]]] = {}
         self.guess_stats = {(t, d): GuessStats() for t in spec.moe_layer_ids for d in range(1, depth + 1)}
         # (target, depth) -> [found_in_topk, found_in_prefetch, prefetched_used], summed as tensors
-        # and read only by `stats()`, so scoring guesses never waits on the device
+        # and read only by `stats()`, so scoring guesses never waits on the device; single-token
+        # guesses (batch-1 decoding) are only kept, and scored together when read
         self._found: dict[tuple[int, int], torch.Tensor] = {}
+        self._unscored: list[tuple[tuple[int, int], torch.Tensor, torch.Tensor]] = []
         self.seconds = 0.0  # time inside these hooks
         # an MoE layer's residual after attention (real tokens) and whether it is a decode step,
         # kept from `after_attention` until its router has chosen
@@ -146,6 +149,7 @@ class Speculation(ForwardHooks):
             ranked = scores.topk(self.width, dim=-1).indices
             if len(ranked) == 1:
                 order = ranked[0]
+                mass = torch.softmax(scores[0].float(), dim=-1) if decoding else None
             else:  # pool the batch: experts ranked by the probability mass guessed for them
                 probs = torch.softmax(scores.float(), dim=-1)
                 mass = torch.zeros(scores.shape[1], device=scores.device).index_add_(
@@ -154,7 +158,11 @@ class Speculation(ForwardHooks):
             self.guesses.setdefault(target, {})[depth] = ranked
             self.prefetched.setdefault(target, {})[depth] = order
             if decoding:
-                self.cache.prefetch(target, order.tolist(), running)
+                # a guess's expected use: k times its probability (a top-k router picks k of the
+                # experts), at most 1; ranked best first, so the threshold cuts a tail
+                use = (mass[order] * self.k).clamp(max=1.0).tolist()
+                n = sum(u >= self.threshold for u in use)
+                self.cache.prefetch(target, order[:n].tolist(), running, use[:n])
 
     def route(self, layer, x, weights, ids):
         t0 = time.perf_counter()
@@ -176,18 +184,40 @@ class Speculation(ForwardHooks):
     def _score(self, layer: int, ids: torch.Tensor, guesses: dict[int, torch.Tensor],
                prefetched: dict[int, torch.Tensor]) -> None:
         """Compare the guesses for `layer` with its true routing ids [N, k]."""
-        needed = torch.zeros(self.model.spec.num_experts, dtype=torch.bool, device=ids.device)
-        needed[ids.flatten()] = True
         for depth, ranked in guesses.items():
-            s = self.guess_stats[(layer, depth)]
+            key = (layer, depth)
+            s = self.guess_stats[key]
             s.tokens += len(ids)
             s.true_choices += ids.numel()
             s.prefetched += len(prefetched[depth])
+            if len(ids) == 1:  # the prefetched set is the token's ranked guesses
+                self._unscored.append((key, ranked[0], ids[0]))
+                if len(self._unscored) >= 1024:
+                    self._score_kept()
+                continue
+            needed = torch.zeros(self.model.spec.num_experts, dtype=torch.bool, device=ids.device)
+            needed[ids.flatten()] = True
             hit = ranked[:, :, None] == ids[:, None, :]  # [N, width, k]
-            found = torch.stack([hit[:, : self.k].any(dim=1).sum(), hit.any(dim=1).sum(),
-                                 needed[prefetched[depth]].sum()])
-            key = (layer, depth)
-            self._found[key] = found if key not in self._found else self._found[key] + found
+            self._add_found(key, torch.stack([hit[:, : self.k].any(dim=1).sum(), hit.any(dim=1).sum(),
+                                              needed[prefetched[depth]].sum()]))
+
+    def _add_found(self, key: tuple[int, int], found: torch.Tensor) -> None:
+        self._found[key] = found if key not in self._found else self._found[key] + found
+
+    def _score_kept(self) -> None:
+        """Score the kept single-token guesses in one batch of tensor ops."""
+        if not self._unscored:
+            return
+        keys = sorted({key for key, _, _ in self._unscored})
+        index = torch.tensor([keys.index(key) for key, _, _ in self._unscored])
+        hit = torch.stack([r for _, r, _ in self._unscored])[:, :, None] == \
+            torch.stack([i for _, _, i in self._unscored])[:, None, :]  # [M, width, k]
+        in_set = hit.any(dim=1).sum(dim=1)
+        per_token = torch.stack([hit[:, : self.k].any(dim=1).sum(dim=1), in_set, in_set], dim=1).cpu()
+        totals = torch.zeros(len(keys), 3, dtype=torch.long).index_add_(0, index, per_token)
+        for key, found in zip(keys, totals):
+            self._add_found(key, found)
+        self._unscored.clear()
 
     def _substitute(self, layer: int, ids: torch.Tensor, guess: torch.Tensor) -> torch.Tensor:
         resident = self.cache.ready(layer)
@@ -204,6 +234,7 @@ class Speculation(ForwardHooks):
         return moe.router.weights_for(moe.gate(x), ids)
 
     def stats(self) -> SpeculationStats:
+        self._score_kept()
         for key, found in self._found.items():  # fold the tensor counts in: one read of each
             s = self.guess_stats[key]
             s.found_in_topk, s.found_in_prefetch, s.prefetched_used = (
