@@ -28,7 +28,7 @@ DType = Literal["float32", "bfloat16", "float16"]
 Eviction = Literal["lru", "lfu", "pinned_hot"]
 CacheScope = Literal["global", "layer"]
 ExpertTier = Literal["ram", "disk"]
-Prefetch = Literal["none", "lookahead", "estimator"]
+Prefetch = Literal["none", "lookahead", "estimator", "auto"]
 Execution = Literal["off", "on", "fallback"]
 DefaultVectors = Literal["auto", "on", "off"]
 Speculative = Literal["off", "self"]
@@ -127,7 +127,8 @@ class SpeculationConfig:
     True / False / None for "on" / "off" / "auto"."""
 
     prefetch: Prefetch = field(default="none", metadata={
-        "help": "none: on-demand loading; lookahead: later layers' routers; estimator: learned estimators"})
+        "help": "none: on-demand loading; lookahead: later layers' routers; estimator: learned estimators; "
+                "auto: the estimators if the model has them, else lookahead, on only while measured to pay"})
     speculative_execution: Execution = field(default="off", metadata={
         "help": "off: run the true experts (exact); on: run the guessed ones; "
                 "fallback: guessed ones only where a true one is missing (changes outputs)"})

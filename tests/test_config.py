@@ -59,7 +59,7 @@ def test_keywords_are_shorthand_for_the_config(model_dir):
 
 def test_registries_match_their_literals():
     assert set(POLICIES) == {"lru", "lfu", "pinned_hot"}
-    assert set(PREDICTORS) == {"none", "lookahead", "estimator"}
+    assert set(PREDICTORS) == {"none", "lookahead", "estimator", "auto"}
     with pytest.raises(TypeError, match="does not match its Literal"):
         registry(Literal["a", "b"], {"a": object})
 

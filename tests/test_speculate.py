@@ -256,3 +256,30 @@ def test_shipped_estimators_load_and_beat_the_lookahead(name):
         llm.engine.teacher_forced(ids)
         recall[prefetch] = llm.stats().as_dict()["speculation"]["total"]["depth 1"]["recall_at_k"]
     assert recall["estimator"] > recall["lookahead"] + 0.05, recall
+
+
+@pytest.mark.parametrize("on_cost,most", [(1.25, False), (0.8, True)])
+def test_auto_prefetch_runs_the_faster_mode(on_cost, most):
+    """Scripted step times: where guessing makes steps slower the switch stays on demand apart
+    from probes that get rarer; where it makes them faster it stays on."""
+    from moespec.speculate.auto import PrefetchSwitch
+
+    switch, chosen = PrefetchSwitch(), []
+    for _ in range(500):
+        on = switch.choose(1)
+        switch.observe(1, on_cost if on else 1.0)
+        chosen.append(on)
+    share = sum(c == most for c in chosen) / len(chosen)
+    assert share > 0.9, share
+    if not most:  # the probes of the losing mode back off: each wait doubles
+        starts = [i for i in range(1, 500) if chosen[i] and not chosen[i - 1]]
+        gaps = [b - a for a, b in zip(starts, starts[1:])]
+        assert gaps == sorted(gaps) and gaps[-1] >= 128, gaps
+
+
+def test_auto_prefetch_is_exact_and_reports_its_switch(model_dir, exact):
+    llm = LLM(model_dir, expert_cache="50%", prefetch="auto")
+    got = llm.generate(PROMPTS, max_new_tokens=16, ignore_eos=True)
+    assert [o.token_ids for o in got] == [o.token_ids for o in exact[0]]
+    auto = llm.stats().as_dict()["speculation"]["auto"]  # on demand first, then guessing is measured
+    assert auto["on_steps"] > 0 and auto["off_steps"] > 0 and auto["on_steps"] + auto["off_steps"] == 15

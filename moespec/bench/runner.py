@@ -29,6 +29,7 @@ POLICIES: dict[str, dict] = {
     "lookahead-d2": {"prefetch": "lookahead", "lookahead_depth": 2},
     "lookahead+2": {"prefetch": "lookahead", "prefetch_extra": 2},
     "estimator": {"prefetch": "estimator"},
+    "auto": {"prefetch": "auto"},
     "speculative": {"prefetch": "lookahead", "speculative_execution": "on"},
     "fallback": {"prefetch": "lookahead", "speculative_execution": "fallback"},
 }

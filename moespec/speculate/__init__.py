@@ -2,7 +2,8 @@
 estimators, and the policy that turns guesses into prefetches (or into speculative execution).
 
 A prefetch policy is a Predictor class (`lookahead.py`, `estimators.py`) registered by name in
-PREDICTORS; `make_speculation` wraps the configured one in the `Speculation` hooks (`policy.py`).
+PREDICTORS; `make_speculation` wraps the configured one in the `Speculation` hooks (`policy.py`),
+with the on/off switch of `auto.py` for prefetch="auto".
 """
 
 from __future__ import annotations
@@ -12,14 +13,25 @@ from pathlib import Path
 from ..config import Prefetch, SpeculationConfig, registry
 from ..experts.base import Prefetcher
 from ..model.transformer import Transformer
-from .estimators import EstimatorPredictor
+from .auto import PrefetchSwitch
+from .estimators import ESTIMATOR_FILE, EstimatorPredictor
 from .lookahead import LookaheadPredictor
 from .policy import Speculation
+
+class AutoPredictor:
+    """For prefetch="auto": the model's estimators where its directory has them, else lookahead."""
+
+    @staticmethod
+    def from_config(model: Transformer, model_dir: Path, cfg: SpeculationConfig):
+        has_estimators = cfg.estimator is not None or (model_dir / ESTIMATOR_FILE).is_file()
+        return (EstimatorPredictor if has_estimators else LookaheadPredictor).from_config(model, model_dir, cfg)
+
 
 PREDICTORS = registry(Prefetch, {  # name -> Predictor class ("none": on-demand loading, no guesses)
     "none": None,
     "lookahead": LookaheadPredictor,
     "estimator": EstimatorPredictor,
+    "auto": AutoPredictor,
 })
 
 
@@ -29,5 +41,6 @@ def make_speculation(model: Transformer, cache: Prefetcher, model_dir: Path,
     predictor = PREDICTORS[cfg.prefetch]
     if predictor is None:
         return None
+    switch = PrefetchSwitch() if cfg.prefetch == "auto" else None
     return Speculation(model, cache, predictor.from_config(model, model_dir, cfg), cfg.prefetch_extra,
-                       cfg.speculative_execution, cfg.prefetch_threshold)
+                       cfg.speculative_execution, cfg.prefetch_threshold, switch)

@@ -29,6 +29,7 @@ from ..experts.base import Prefetcher
 from ..hooks import ForwardHooks
 from ..model.moe import MoE
 from ..model.transformer import Transformer
+from .auto import PrefetchSwitch
 
 
 class Predictor(Protocol):
@@ -88,19 +89,24 @@ class SpeculationStats:
     by_depth: dict[int, GuessStats]
     per_layer: dict[tuple[int, int], GuessStats]
     seconds: float  # spent guessing on the compute thread (predictor, scoring, issuing prefetches)
+    switch: dict | None = None  # prefetch="auto": steps on and off, measured step times
 
     def as_dict(self) -> dict:
-        return {"total": {f"depth {d}": s.as_dict() for d, s in self.by_depth.items()},
-                "per_layer": {f"layer {t} depth {d}": s.as_dict() for (t, d), s in self.per_layer.items()},
-                "mode": self.mode, "guess_seconds": self.seconds}
+        out = {"total": {f"depth {d}": s.as_dict() for d, s in self.by_depth.items()},
+               "per_layer": {f"layer {t} depth {d}": s.as_dict() for (t, d), s in self.per_layer.items()},
+               "mode": self.mode, "guess_seconds": self.seconds}
+        return out if self.switch is None else {**out, "auto": self.switch}
 
 
 class Speculation(ForwardHooks):
     """The prefetch policy as forward hooks: guesses at every layer, copies in decode steps."""
 
     def __init__(self, model: Transformer, cache: Prefetcher, predictor: Predictor, extra: int, mode: Execution,
-                 threshold: float = 0.0):
+                 threshold: float = 0.0, switch: PrefetchSwitch | None = None):
+        """switch: turns guessing on and off per decode step by measured step time (prefetch="auto")."""
         self.model, self.cache, self.predictor, self.threshold = model, cache, predictor, threshold
+        self.switch, self.active = switch, True
+        self._decode_started: tuple[float, int] | None = None  # the running decode step: (start, rows)
         depth = self.depth = predictor.depth
         self.extra, self.mode = extra, mode
         spec = model.spec
@@ -123,12 +129,25 @@ class Speculation(ForwardHooks):
 
     def forward_start(self, rows: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor) -> None:
         t0 = time.perf_counter()
-        self.predictor.forward_start(rows, positions, valid)
+        if self.switch is not None:
+            self._switch(t0, len(rows), positions.shape[1] == 1)
+        if self.active:
+            self.predictor.forward_start(rows, positions, valid)
         self.seconds += time.perf_counter() - t0
+
+    def _switch(self, now: float, rows: int, decoding: bool) -> None:
+        """Time the decode step that just ended (start to start) and choose for the next one."""
+        if self._decode_started is not None:
+            start, previous_rows = self._decode_started
+            self.switch.observe(previous_rows, now - start)
+        self._decode_started = (now, rows) if decoding else None
+        self.active = self.switch.choose(rows) if decoding else True
 
     def after_attention(self, layer: int, x: torch.Tensor, valid: torch.Tensor) -> None:
         # An MoE layer guesses once its own router has chosen (in `route`): its experts are then
         # known, so prefetches can be kept from evicting them. A dense layer guesses now.
+        if not self.active:
+            return
         t0 = time.perf_counter()
         decoding = x.shape[1] == 1
         residual = x[:, 0] if decoding and bool(valid.all()) else x[valid]
@@ -165,6 +184,8 @@ class Speculation(ForwardHooks):
                 self.cache.prefetch(target, order[:n].tolist(), running, use[:n])
 
     def route(self, layer, x, weights, ids):
+        if not self.active:
+            return weights, ids
         t0 = time.perf_counter()
         guesses, prefetched = self.guesses.pop(layer, {}), self.prefetched.pop(layer, {})
         if guesses:
@@ -244,5 +265,5 @@ class Speculation(ForwardHooks):
         for (_, d), s in self.guess_stats.items():
             by_depth[d].add(s)
         return SpeculationStats(self.mode, by_depth, {k: s for k, s in self.guess_stats.items() if s.tokens},
-                                self.seconds)
+                                self.seconds, self.switch.as_dict() if self.switch is not None else None)
 

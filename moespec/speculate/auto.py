@@ -1,0 +1,76 @@
+"""`prefetch="auto"`: measure whether prefetching pays on this model, link and batch, and turn it off when it does not.
+
+Guessing costs compute on every layer; it pays only where the stalls it hides are larger. Which
+side wins depends on the link, the cache size, the batch and the text, so the switch measures it:
+decode steps alternate between phases with guessing on and off, each phase's step time is an
+exponential average per batch-size bucket, and the faster mode runs. The slower mode is probed
+again after a wait that doubles each time the probe confirms it is slower (up to `max_wait`
+steps), so a wrong mode costs a bounded share of the run and a change (the cache warming up,
+another batch size) is still found. The first step of each phase is not measured: it pays for
+the switch (guesses not yet made, or made for nothing).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class PrefetchSwitch:
+    """Decides per decode step whether the speculation guesses (True) or stays on demand (False)."""
+
+    phase_steps: int = 4  # steps per probe (and the first wait)
+    margin: float = 0.02  # prefetching must be this much faster to stay on
+    ema: float = 0.3
+    max_wait: int = 256
+    cost: dict[tuple[int, bool], float] = field(default_factory=dict)  # (bucket, on) -> seconds per step
+    on: bool = False  # on demand first: the baseline is measured before anything is risked
+    switches: int = 0
+    on_steps: int = 0
+    off_steps: int = 0
+    _left: int = 0  # steps left in the current phase
+    _probing: bool = False  # the current phase measures the mode that lost
+    _skip: bool = False  # the next observed step pays for a switch: not measured
+    _wait: dict[int, int] = field(default_factory=dict)  # bucket -> steps the winner runs between probes
+
+    def choose(self, rows: int) -> bool:
+        """Whether the next decode step over `rows` rows guesses."""
+        if self._left <= 0:
+            self._next_phase(rows.bit_length())
+        self._left -= 1
+        self.on_steps += self.on
+        self.off_steps += not self.on
+        return self.on
+
+    def _next_phase(self, b: int) -> None:
+        for mode in (False, True):
+            if (b, mode) not in self.cost:
+                self._start(mode, self.phase_steps, probing=False)
+                return
+        best = self.cost[(b, True)] * (1 + self.margin) < self.cost[(b, False)]
+        if self._probing or self.on != best:
+            # a probe or the exploration ended: the winner runs; a loser confirmed waits twice as long
+            confirmed = self._probing and self.on != best
+            wait = min(2 * self._wait.get(b, self.phase_steps), self.max_wait) if confirmed else self.phase_steps
+            self._wait[b] = wait
+            self._start(best, wait, probing=False)
+        else:
+            self._start(not best, self.phase_steps, probing=True)
+
+    def _start(self, on: bool, steps: int, probing: bool) -> None:
+        if on != self.on:
+            self.switches += 1
+            self._skip = True
+        self.on, self._left, self._probing = on, steps, probing
+
+    def observe(self, rows: int, seconds: float) -> None:
+        """The last decode step over `rows` rows took `seconds`."""
+        if self._skip:
+            self._skip = False
+            return
+        key = (rows.bit_length(), self.on)
+        self.cost[key] = seconds if key not in self.cost else (1 - self.ema) * self.cost[key] + self.ema * seconds
+
+    def as_dict(self) -> dict:
+        return {"on_steps": self.on_steps, "off_steps": self.off_steps, "switches": self.switches,
+                "step_seconds": {f"batch<{2 ** b} {'on' if on else 'off'}": c for (b, on), c in self.cost.items()}}
