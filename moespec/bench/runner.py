@@ -9,6 +9,7 @@ max(compute time, required bytes / link bandwidth) per decode step.
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from dataclasses import dataclass
@@ -124,7 +125,9 @@ def bench(llm: LLM, prompts_for: callable, cfg: BenchConfig) -> dict:
     """Run every policy at every batch size; `prompts_for(B)` gives B prompts of token ids."""
     bandwidth = link_bandwidth(llm)
     results = {"link": llm.link_note(), "link_bandwidth_bytes_per_s": bandwidth, "cache_slots": llm.experts.capacity,
-               "total_experts": len(llm.store.keys), "expert_bytes": llm.store.expert_bytes, "batches": {}}
+               "total_experts": len(llm.store.keys), "expert_bytes": llm.store.expert_bytes,
+               "torch_threads": torch.get_num_threads(), "load_average_before": os.getloadavg(),
+               "engine_config": llm.config.as_dict(), "batches": {}}
     for batch in cfg.batch_sizes:
         prompts = prompts_for(batch)
         prefill = {policy: prefill_bytes(llm, POLICIES[policy], prompts) for policy in cfg.policies}
@@ -147,6 +150,7 @@ def bench(llm: LLM, prompts_for: callable, cfg: BenchConfig) -> dict:
         results["batches"][str(batch)] = {"compute_ms_per_step": 1000 * compute, "link_bound_limit_ms": 1000 * limit,
                                           "required_bytes_per_step": required, "policies": rows}
     llm.reset()
+    results["load_average_after"] = os.getloadavg()
     return results
 
 
