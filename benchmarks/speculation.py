@@ -110,7 +110,7 @@ def main() -> None:
         print(f"\n| {d['link']} | batch | ms/token | vs on-demand | MB/token | hit rate | stall share |\n|---|---|---|---|---|---|---|")
         for batch, b in d["batches"].items():
             for name, r in b["policies"].items():
-                print(f"| {name} | {batch} | {r['ms_per_token_median']:.2f} | x{r['speedup_vs_on_demand']:.2f} | "
+                print(f"| {name} | {batch} | {r['ms_per_step_median']:.2f} | x{r['speedup_vs_on_demand']:.2f} | "
                       f"{r['bytes_per_token'] / 1e6:.3f} | {r['hit_rate']:.3f} | {r['stall_share']:.3f} |")
     print(f"\nwritten to {out}")
 

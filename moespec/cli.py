@@ -207,8 +207,17 @@ def _prompts_for(llm, prompt_tokens: int):
     return prompts
 
 
+def _link_speeds(text: str | None) -> list[str | None]:
+    """'0.25,1,4,16GB/s' -> ['0.25GB/s', '1GB/s', '4GB/s', '16GB/s'] (the last item's unit for all)."""
+    if not text:
+        return [None]
+    items = [t.strip() for t in text.split(",")]
+    unit = items[-1].lstrip("0123456789.")
+    return [t if t.endswith("/s") else t + unit for t in items]
+
+
 def cmd_bench(args: argparse.Namespace) -> None:
-    from .bench.plots import plot_cache_sweep, plot_step_timeline
+    from .bench.plots import plot_cache_sweep, plot_link_sweep, plot_step_timeline
     from .bench.runner import POLICIES, BenchConfig, bench, format_table
 
     unknown = [p for p in args.policies.split(",") if p not in POLICIES]
@@ -217,22 +226,33 @@ def cmd_bench(args: argparse.Namespace) -> None:
     cfg = BenchConfig(policies=args.policies.split(","), batch_sizes=[int(b) for b in args.batch_sizes.split(",")],
                       prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, repeats=args.repeats)
     sizes = args.cache_sizes.split(",") if args.cache_sizes else [args.expert_cache or OffloadConfig.expert_cache]
-    sweep = {}
-    for size in sizes:
-        llm = _load(args, expert_cache=_value(str(size)))
-        result = bench(llm, _prompts_for(llm, cfg.prompt_tokens), cfg)
-        result.update(model=str(llm.path), expert_cache=size, config=cfg.__dict__)
-        for line in format_table(result):
-            print(f"[cache {size}] {line}")
-        sweep[size] = result
-        if args.timeline and size == sizes[-1]:
-            llm.set_policy(**POLICIES[cfg.policies[-1]])
-            llm.reset()
-            tracer = llm.start_trace()
-            llm.generate(_prompts_for(llm, cfg.prompt_tokens)(1), max_new_tokens=4, ignore_eos=True)
-            plot_step_timeline(tracer, args.timeline, f"{llm.path.name}, {cfg.policies[-1]}, cache {size}: "
-                                                      f"one decode step ({llm.link_note()})")
-        llm.close()
+    speeds = _link_speeds(args.link_sweep)
+    sweep: dict[str, dict] = {}
+    for speed in speeds:
+        for size in sizes:
+            options = {"expert_cache": _value(str(size)), **({"link_bandwidth": speed} if speed else {})}
+            llm = _load(args, **options)
+            result = bench(llm, _prompts_for(llm, cfg.prompt_tokens), cfg)
+            result.update(model=str(llm.path), expert_cache=size, config=cfg.__dict__)
+            for line in format_table(result):
+                print(f"[cache {size}] {line}")
+            sweep.setdefault(speed or "", {})[size] = result
+            if args.timeline and size == sizes[-1] and speed == speeds[-1]:
+                llm.set_policy(**POLICIES[cfg.policies[-1]])
+                llm.reset()
+                tracer = llm.start_trace()
+                llm.generate(_prompts_for(llm, cfg.prompt_tokens)(1), max_new_tokens=4, ignore_eos=True)
+                plot_step_timeline(tracer, args.timeline, f"{llm.path.name}, {cfg.policies[-1]}, cache {size}: "
+                                                          f"one decode step ({llm.link_note()})")
+            llm.close()
+    if args.link_sweep:
+        if args.plot:
+            plot_link_sweep(sweep, args.plot, f"{Path(next(iter(sweep[speeds[0]].values()))['model']).name}: "
+                                              "speed-up over on-demand and distance to the link-bound limit "
+                                              "(CPU, emulated link)")
+        _write_json({"link_sweep": sweep}, args.out)
+        return
+    sweep = sweep[""] if "" in sweep else next(iter(sweep.values()))
     if args.plot:
         plot_cache_sweep(sweep, str(cfg.batch_sizes[0]), args.plot,
                          f"{next(iter(sweep.values()))['model']}, batch {cfg.batch_sizes[0]} "
@@ -262,12 +282,12 @@ def cmd_simulate(args: argparse.Namespace) -> None:
                         continue
                     r = sim.simulate(trace, cost, llm.spec.num_layers, result["cache_slots"], policy, int(batch),
                                      result["config"]["new_tokens"], llm.spec.top_k)
-                    err = r["seconds_per_step"] * 1000 / measured["ms_per_token_median"] - 1
+                    err = r["seconds_per_step"] * 1000 / measured["ms_per_step_median"] - 1
                     report["rows"].append(dict(cache=size, batch=int(batch), policy=policy, error=err,
                                                simulated_ms=1000 * r["seconds_per_step"],
-                                               measured_ms=measured["ms_per_token_median"]))
+                                               measured_ms=measured["ms_per_step_median"]))
                     print(f"[{llm.link_note()}] cache {size} batch {batch} {policy}: simulated "
-                          f"{1000 * r['seconds_per_step']:.2f} ms/token, measured {measured['ms_per_token_median']:.2f}"
+                          f"{1000 * r['seconds_per_step']:.2f} ms/step, measured {measured['ms_per_step_median']:.2f}"
                           f" ({100 * err:+.1f}%)")
         errors = [abs(r["error"]) for r in report["rows"]]
         report["mean_abs_error"] = sum(errors) / len(errors) if errors else None
@@ -349,6 +369,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--new-tokens", type=int, default=32)
     b.add_argument("--repeats", type=int, default=3)
     b.add_argument("--cache-sizes", default=None, help="comma list of budgets to sweep (overrides --expert-cache)")
+    b.add_argument("--link-sweep", default=None, metavar="0.25,1,4,16GB/s",
+                   help="CPU: repeat the bench at each emulated link speed; --plot then draws the sweep")
     b.add_argument("--plot", default=None, help="png: ms/token vs cache size per policy")
     b.add_argument("--timeline", default=None, help="png: one decode step's compute and transfer lanes")
     b.add_argument("--out", default=None, help="write JSON here (default: stdout)")

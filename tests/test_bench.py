@@ -49,7 +49,7 @@ def test_bench_reports_every_policy_against_on_demand(model_dir):
         rows = b["policies"]
         assert rows["none"]["speedup_vs_on_demand"] == 1.0
         for row in rows.values():
-            assert row["ms_per_token_min"] <= row["ms_per_token_median"] <= row["ms_per_token_max"]
+            assert row["ms_per_step_min"] <= row["ms_per_step_median"] <= row["ms_per_step_max"]
             assert row["bytes_per_token"] > 0 and 0 <= row["hit_rate"] <= 1
     lines = format_table(result)
     assert len(lines) == 2 * 3 and all(line.startswith("[CPU with an emulated 1 GB/s link]") for line in lines)
@@ -81,3 +81,20 @@ def test_cli_bench_writes_json_and_plots(model_dir, tmp_path, capsys):
     printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[cache")]
     assert printed and all("emulated 1 GB/s" in line for line in printed)
     assert main(["bench", "--model", str(model_dir), "--policies", "none,magic"]) == 2
+
+
+def test_cli_link_sweep_writes_one_result_per_speed_and_a_plot(model_dir, tmp_path):
+    from moespec.cli import _link_speeds
+
+    assert _link_speeds("0.25,1,4,16GB/s") == ["0.25GB/s", "1GB/s", "4GB/s", "16GB/s"]
+    out, plot = tmp_path / "s.json", tmp_path / "s.png"
+    assert main(["bench", "--model", str(model_dir), "--policies", "none,lookahead", "--batch-sizes", "1",
+                 "--new-tokens", "3", "--repeats", "1", "--cache-sizes", "25%", "--link-sweep", "0.5,8GB/s",
+                 "--plot", str(plot), "--out", str(out)]) == 0
+    import json
+
+    sweep = json.loads(out.read_text())["link_sweep"]
+    assert set(sweep) == {"0.5GB/s", "8GB/s"} and plot.stat().st_size > 0
+    result = sweep["0.5GB/s"]["25%"]
+    assert result["link_bandwidth_bytes_per_s"] == 0.5e9 and result["torch_threads"] >= 1
+    assert "ms_per_output_token_median" in result["batches"]["1"]["policies"]["lookahead"]

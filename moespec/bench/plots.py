@@ -1,4 +1,4 @@
-"""PNG plots for benchmark results: time per token vs cache size, and one decode step's timeline."""
+"""PNG plots for benchmark results: step time vs cache size, the link sweep, and one decode step's timeline."""
 
 from __future__ import annotations
 
@@ -18,15 +18,44 @@ def plot_cache_sweep(sweep: dict[str, dict], batch: str, path: str | Path, title
     policies = list(next(iter(sweep.values()))["batches"][batch]["policies"])
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for policy in policies:
-        ax.plot(sizes, [sweep[s]["batches"][batch]["policies"][policy]["ms_per_token_median"] for s in sizes],
+        ax.plot(sizes, [sweep[s]["batches"][batch]["policies"][policy]["ms_per_step_median"] for s in sizes],
                 marker="o", label=policy)
     ax.plot(sizes, [sweep[s]["batches"][batch]["link_bound_limit_ms"] for s in sizes], "k--", label="link-bound limit")
     ax.set_xlabel("expert cache (share of all expert bytes)")
-    ax.set_ylabel("ms per output token (median)")
+    ax.set_ylabel("ms per decode step (median)")
     ax.set_title(title, fontsize=9)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_link_sweep(sweep: dict[str, dict[str, dict]], path: str | Path, title: str) -> None:
+    """sweep: link speed -> cache size -> bench results. One column per (cache, batch): speed-up
+    over on-demand (top) and time over the link-bound limit (bottom) against the link speed."""
+    speeds = list(sweep)
+    gbps = [float(s.rstrip("GB/s")) if s.endswith("GB/s") else float("nan") for s in speeds]
+    first = next(iter(sweep[speeds[0]].values()))
+    panels = [(size, batch) for size in sweep[speeds[0]] for batch in first["batches"]]
+    policies = list(first["batches"][panels[0][1]]["policies"])
+    fig, axes = plt.subplots(2, len(panels), figsize=(3.2 * len(panels), 5.5), squeeze=False, sharex=True)
+    for col, (size, batch) in enumerate(panels):
+        for policy in policies:
+            rows = [sweep[s][size]["batches"][batch]["policies"][policy] for s in speeds]
+            axes[0][col].plot(gbps, [r.get("speedup_vs_on_demand", float("nan")) for r in rows], marker="o",
+                              label=policy)
+            axes[1][col].plot(gbps, [r["times_link_bound_limit"] for r in rows], marker="o", label=policy)
+        axes[0][col].axhline(1.0, color="k", lw=0.8, ls="--")
+        axes[1][col].axhline(1.0, color="k", lw=0.8, ls="--")
+        axes[0][col].set_title(f"cache {size}, batch {batch}", fontsize=9)
+        axes[1][col].set_xscale("log")
+        axes[1][col].set_xlabel("link GB/s")
+    axes[0][0].set_ylabel("× on-demand speed")
+    axes[1][0].set_ylabel("× link-bound limit")
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 

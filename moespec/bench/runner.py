@@ -66,22 +66,21 @@ def _sync(llm: LLM) -> None:
         torch.cuda.synchronize(llm.device)
 
 
-def compute_reference(llm: LLM, prompts: list[list[int]], new_tokens: int, repeats: int) -> float:
-    """Seconds per decode step with every expert resident (no copies at all): median of `repeats` runs."""
+def reference_engine(llm: LLM) -> Engine:
+    """The same model with every expert resident on the device: no copies at all."""
+    return Engine(llm.model, ResidentExperts(llm.store, llm.device, ExpertStats(llm.spec.moe_layer_ids)),
+                  None, llm.context_length, llm.device)
+
+
+def compute_step(llm: LLM, engine: Engine, prompts: list[list[int]], new_tokens: int) -> float:
+    """Seconds per decode step of one run on the reference engine (speculation hooks off)."""
     saved = llm.config.speculation
     llm.set_policy()
-    engine = Engine(llm.model, ResidentExperts(llm.store, llm.device, ExpertStats(llm.spec.moe_layer_ids)),
-                    None, llm.context_length, llm.device)
-    params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
-    generate(engine, prompts, SamplingParams(max_new_tokens=2, ignore_eos=True))  # warm-up
-    steps = []
-    for _ in range(repeats):
-        engine.stats = type(engine.stats)()
-        generate(engine, prompts, params)
-        _sync(llm)
-        steps.append(engine.stats.decode_seconds_per_step)
+    engine.stats = type(engine.stats)()
+    generate(engine, prompts, SamplingParams(max_new_tokens=new_tokens, ignore_eos=True))
+    _sync(llm)
     llm.set_policy(saved)
-    return statistics.median(steps)
+    return engine.stats.decode_seconds_per_step
 
 
 def prefill_bytes(llm: LLM, policy: dict, prompts: list[list[int]]) -> int:
@@ -104,6 +103,7 @@ def one_run(llm: LLM, policy: str, prompts: list[list[int]], new_tokens: int, pr
     decode_bytes = s.experts.bytes_moved - prefill
     return {
         "seconds_per_step": d.decode_seconds_per_step,
+        "seconds_per_output_token": d.decode_seconds_per_token,
         "prefill_tokens_per_s": d.prompt_tokens / d.prefill_seconds,
         "bytes_per_token": decode_bytes / d.decoded_tokens,
         "bytes_per_step": decode_bytes / d.decode_steps,
@@ -116,8 +116,9 @@ def one_run(llm: LLM, policy: str, prompts: list[list[int]], new_tokens: int, pr
 def _summary(runs: list[dict]) -> dict:
     steps = [r["seconds_per_step"] for r in runs]
     out = {key: statistics.median(r[key] for r in runs) for key in runs[0] if runs[0][key] is not None}
-    out["ms_per_token_median"] = 1000 * statistics.median(steps)
-    out["ms_per_token_min"], out["ms_per_token_max"] = 1000 * min(steps), 1000 * max(steps)
+    out["ms_per_step_median"] = 1000 * statistics.median(steps)
+    out["ms_per_step_min"], out["ms_per_step_max"] = 1000 * min(steps), 1000 * max(steps)
+    out["ms_per_output_token_median"] = 1000 * statistics.median(r["seconds_per_output_token"] for r in runs)
     return out
 
 
@@ -131,22 +132,26 @@ def bench(llm: LLM, prompts_for: callable, cfg: BenchConfig) -> dict:
     for batch in cfg.batch_sizes:
         prompts = prompts_for(batch)
         prefill = {policy: prefill_bytes(llm, POLICIES[policy], prompts) for policy in cfg.policies}
+        reference = reference_engine(llm)
         for _ in range(cfg.warmup):
             for policy in cfg.policies:
                 one_run(llm, policy, prompts, 4, prefill[policy])
+            compute_step(llm, reference, prompts, 4)
         runs: dict[str, list[dict]] = {p: [] for p in cfg.policies}
-        for _ in range(cfg.repeats):
+        computes = []
+        for _ in range(cfg.repeats):  # the compute reference interleaved with the policies
             for policy in cfg.policies:
                 runs[policy].append(one_run(llm, policy, prompts, cfg.new_tokens, prefill[policy]))
-        compute = compute_reference(llm, prompts, cfg.new_tokens, cfg.repeats)
+            computes.append(compute_step(llm, reference, prompts, cfg.new_tokens))
+        compute = statistics.median(computes)
         rows = {p: _summary(r) for p, r in runs.items()}
         base = rows.get("none")
         required = base["bytes_per_step"] if base else None
         limit = max(compute, required / bandwidth) if required is not None else compute
         for row in rows.values():
             if base:
-                row["speedup_vs_on_demand"] = base["ms_per_token_median"] / row["ms_per_token_median"]
-            row["times_link_bound_limit"] = row["ms_per_token_median"] / (1000 * limit)
+                row["speedup_vs_on_demand"] = base["ms_per_step_median"] / row["ms_per_step_median"]
+            row["times_link_bound_limit"] = row["ms_per_step_median"] / (1000 * limit)
         results["batches"][str(batch)] = {"compute_ms_per_step": 1000 * compute, "link_bound_limit_ms": 1000 * limit,
                                           "required_bytes_per_step": required, "policies": rows}
     llm.reset()
@@ -163,8 +168,9 @@ def format_table(results: dict) -> list[str]:
                      f"link-bound limit {b['link_bound_limit_ms']:.2f} ms/step")
         for name, r in b["policies"].items():
             lines.append(
-                f"[{link}] batch {batch:>3} {name:<13} {r['ms_per_token_median']:8.2f} ms/tok "
-                f"({r['ms_per_token_min']:.2f}-{r['ms_per_token_max']:.2f})  "
+                f"[{link}] batch {batch:>3} {name:<13} {r['ms_per_step_median']:8.2f} ms/step "
+                f"({r['ms_per_step_min']:.2f}-{r['ms_per_step_max']:.2f}), {r['ms_per_output_token_median']:.2f} "
+                f"ms/output token  "
                 f"x{r.get('speedup_vs_on_demand', float('nan')):.2f} vs on-demand  "
                 f"{r['times_link_bound_limit']:.2f}x limit  prefill {r['prefill_tokens_per_s']:.0f} tok/s  "
                 f"{r['bytes_per_token'] / 1e6:.3f} MB/tok  hit {100 * r['hit_rate']:.1f}%  "
