@@ -101,8 +101,10 @@ class LLM:
         self.tracer = Tracer(note=self.link_note())
         off = cfg.offload
         show = (lambda keys: tqdm(keys, desc="loading experts", unit="expert", leave=False)) if cfg.progress else iter
+        if off.direct_io and not hasattr(checkpoint, "direct"):
+            raise MoespecError(f"direct_io=True needs a checkpoint on disk; {self.path} has no files")
         self.store = ExpertStore(checkpoint, self.dtype, pin=self.device.type == "cuda", tier=off.expert_tier,
-                                 host_cache=off.host_cache, progress=show)
+                                 host_cache=off.host_cache, progress=show, direct_io=off.direct_io)
         self.expert_stats = ExpertStats(self.spec.moe_layer_ids)
         total = len(self.store.keys)
         slots = budget_slots(off.expert_cache, total, self.store.expert_bytes)
@@ -208,9 +210,12 @@ class LLM:
         """How host-to-device copies were timed; every report carries this line."""
         if self.device.type == "cuda":
             return f"GPU {torch.cuda.get_device_name(self.device)}: real host-to-device link"
+        off = self.config.offload
+        tier = "" if off.expert_tier == "ram" else \
+            f"; disk tier{', direct I/O' if off.direct_io else ' (page cache)'}, host cache {off.host_cache} experts"
         if self.link_bandwidth:
-            return f"CPU with an emulated {self.link_bandwidth / 1e9:g} GB/s link"
-        return "CPU, no link emulation (copies are host memcpy)"
+            return f"CPU with an emulated {self.link_bandwidth / 1e9:g} GB/s link{tier}"
+        return f"CPU, no link emulation (copies are host memcpy){tier}"
 
     def stats(self) -> EngineStats:
         """Counters since load or `reset`: decode timings, expert hits/misses, bytes moved, stall
@@ -221,7 +226,17 @@ class LLM:
             per_layer={layer: replace(s) for layer, s in self.expert_stats.layers.items()},
             cache_slots=self.experts.capacity, expert_bytes=self.store.expert_bytes, link=self.link_note(),
             speculation=self.speculation.stats() if self.speculation is not None else None,
-            speculative_decoding=self.spec_decoder.summary() if self.spec_decoder is not None else None)
+            speculative_decoding=self.spec_decoder.summary() if self.spec_decoder is not None else None,
+            disk=self._disk_stats())
+
+    def _disk_stats(self) -> dict | None:
+        """The disk tier's reads since load and the throughput they measured."""
+        store = self.store
+        if store.tier != "disk":
+            return None
+        moved = store.disk_reads * store.expert_bytes
+        return {"reads": store.disk_reads, "seconds": store.disk_seconds, "direct_io": store.direct_io,
+                "gb_per_s": moved / store.disk_seconds / 1e9 if store.disk_seconds else None}
 
     def start_trace(self) -> Tracer:
         """Record from now on a Chrome/Perfetto trace: layer slices, and on CPU one slice per expert

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from .direct_io import DirectReader
 from .errors import MoespecError
 from .spec import ModelSpec, load_spec
 
@@ -99,6 +100,7 @@ class Checkpoint:
         self._file_of = self._index()
         self._handles: dict[Path, object] = {}
         self._handles_lock = threading.Lock()
+        self.direct = DirectReader()  # O_DIRECT reads of experts (the disk tier with direct_io)
         # transformers >= 5 can also store a layer's experts fused into [E, ...] tensors
         self._fused = any(f"model.layers.{i}.mlp.experts.gate_up_proj" in self._file_of for i in spec.moe_layer_ids)
         self._check_complete()
@@ -153,22 +155,32 @@ class Checkpoint:
         """Read one tensor by its checkpoint name, converted to `dtype`, on the CPU."""
         return self._handle(self._file_of[name]).get_tensor(name).to(dtype)
 
-    def expert(self, layer: int, expert: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One routed expert's (gate [I, H], up [I, H], down [H, I]) weights, read alone.
+    def expert(self, layer: int, expert: int, dtype: torch.dtype,
+               direct: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One routed expert's (gate [I, H], up [I, H], down [H, I]) weights, read alone;
+        `direct`: around the page cache (O_DIRECT), so repeated reads still come from the disk.
 
         An ungated expert (Switch: wo(relu(wi x))) comes back as (wi, an empty [0, H] up, wo), so
         `gate_up` built by concatenation is exactly wi and every store and cache works unchanged.
         """
+        names = self._expert_names(layer, expert)
+        index = expert if self._fused and not self.spec.num_encoder_layers else None
+
+        def read(name: str) -> torch.Tensor:
+            if direct:
+                return self.direct.tensor(self._file_of[name], name, index).to(dtype)
+            if index is not None:
+                return self._handle(self._file_of[name]).get_slice(name)[index].to(dtype)
+            return self.tensor(name, dtype)
+
         if not self.spec.gated_mlp:
-            wi, wo = (self.tensor(n, dtype) for n in self._expert_names(layer, expert))
+            wi, wo = (read(n) for n in names)
             return wi, wi[:0], wo
         if self._fused:
-            gate_up_name, down_name = self._expert_names(layer, expert)
-            gate_up = self._handle(self._file_of[gate_up_name]).get_slice(gate_up_name)[expert].to(dtype)
-            down = self._handle(self._file_of[down_name]).get_slice(down_name)[expert].to(dtype)
+            gate_up, down = (read(n) for n in names)
             gate, up = gate_up.chunk(2, dim=0)
             return gate.contiguous(), up.contiguous(), down
-        gate, up, down = (self.tensor(n, dtype) for n in self._expert_names(layer, expert))
+        gate, up, down = (read(n) for n in names)
         return gate, up, down
 
     def dense_state(self, dtype: torch.dtype, device: torch.device | str) -> dict[str, torch.Tensor]:

@@ -101,7 +101,10 @@ class OffloadConfig:
         "help": "global: all layers share the slots; layer: each layer gets an equal part"})
     expert_tier: ExpertTier = field(default="ram", metadata={
         "help": "ram: every expert in host memory; disk: read from the checkpoint when first needed"})
-    host_cache: int = field(default=64, metadata={"help": "disk tier: experts kept in host memory"})
+    host_cache: int = field(default=64, metadata={
+        "help": "disk tier: experts kept in host memory (0: none beyond the device cache)"})
+    direct_io: bool = field(default=False, metadata={
+        "help": "disk tier: read experts around the page cache (O_DIRECT), so the disk is measured, not RAM"})
     link_bandwidth: str | None = field(default=None, metadata={
         "help": "CPU only: emulate a host-to-device link of this speed, e.g. 25GB/s"})
 
@@ -110,7 +113,12 @@ class OffloadConfig:
         _choice("eviction", self.eviction, Eviction)
         _choice("cache_scope", self.cache_scope, CacheScope)
         _choice("expert_tier", self.expert_tier, ExpertTier)
-        _integer("host_cache", self.host_cache, 1)
+        _integer("host_cache", self.host_cache, 0)
+        if not isinstance(self.direct_io, bool):
+            raise MoespecError(f"direct_io must be True or False, got {self.direct_io!r}")
+        if self.direct_io and self.expert_tier != "disk":
+            raise MoespecError(f"direct_io=True reads the disk tier around the page cache; it needs "
+                               f"expert_tier='disk', got expert_tier={self.expert_tier!r}")
         if self.link_bandwidth is not None:
             parse_bandwidth(self.link_bandwidth)
 

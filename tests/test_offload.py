@@ -263,3 +263,42 @@ def test_a_guess_enters_at_low_priority_and_is_promoted_when_used(model_dir):
     use(cache, 1, 6)  # used: promoted to most recent
     use(cache, 0, 3)  # the next miss evicts (0, 1), not the promoted guess
     assert cache.resident() == {(0, 2), (1, 6), (0, 3)}
+
+
+@pytest.mark.parametrize("host_cache", [0, 2])
+def test_disk_tier_with_direct_io_is_exact(model_dir, exact, host_cache):
+    """O_DIRECT reads (no page cache) with and without a host cache: the same tokens as the
+    resident run, every expert read from the file, the throughput measured."""
+    for prefetch in ("none", "lookahead"):
+        llm = LLM(model_dir, expert_cache="25%", expert_tier="disk", host_cache=host_cache, direct_io=True,
+                  prefetch=prefetch)
+        out = llm.generate(PROMPTS, max_new_tokens=12, ignore_eos=True)
+        assert [o.token_ids for o in out] == [o.token_ids[:12] for o in exact[0]]
+        disk = llm.stats().disk
+        assert disk["direct_io"] and disk["reads"] >= llm.stats().experts.misses > 0 and disk["gb_per_s"] > 0
+        assert llm.store.checkpoint.direct.bytes_read > 0 and "direct I/O" in llm.link_note()
+        assert len(llm.store._experts) <= host_cache
+        llm.close()
+
+
+def test_direct_io_needs_the_disk_tier(model_dir):
+    with pytest.raises(MoespecError, match="direct_io=True .* needs expert_tier='disk', got expert_tier='ram'"):
+        LLM(model_dir, expert_cache="25%", direct_io=True)
+
+
+def test_direct_reader_returns_the_stored_tensors(tmp_path):
+    """O_DIRECT reads at unaligned offsets: whole tensors and slices of fused [E, ...] tensors."""
+    from safetensors.torch import save_file
+
+    from moespec.direct_io import DirectReader
+
+    gen = torch.Generator().manual_seed(0)
+    tensors = {"small": torch.randn(3, generator=gen), "fused": torch.randn(5, 7, 9, generator=gen).to(torch.bfloat16),
+               "big": torch.randn(1100, 3, generator=gen)}
+    save_file(tensors, tmp_path / "t.safetensors")
+    reader = DirectReader()
+    for name, t in tensors.items():
+        assert torch.equal(reader.tensor(tmp_path / "t.safetensors", name), t)
+    for e in range(5):
+        assert torch.equal(reader.tensor(tmp_path / "t.safetensors", "fused", e), tensors["fused"][e])
+    reader.close()

@@ -43,6 +43,7 @@ class EngineStats:
     link: str  # how copies were timed: a real link, or an emulated one
     speculation: Any = None  # SpeculationStats while a prefetch policy runs
     speculative_decoding: Any = None  # SpecDecodeStats once self-speculative decoding ran
+    disk: dict | None = None  # the disk tier: reads, seconds, measured GB/s (real disk I/O)
 
     @property
     def hit_rate(self) -> float:
@@ -66,4 +67,6 @@ class EngineStats:
             out["speculation"] = self.speculation.as_dict()
         if self.speculative_decoding is not None:
             out["speculative_decoding"] = self.speculative_decoding.as_dict()
+        if self.disk is not None:
+            out["disk"] = self.disk
         return out

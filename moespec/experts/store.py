@@ -10,6 +10,7 @@ guarded by a lock and a file read happens outside it.
 from __future__ import annotations
 
 import threading
+import time
 from collections import OrderedDict
 from typing import Callable, Iterator
 
@@ -19,17 +20,17 @@ from ..checkpoint import Checkpoint
 from .base import ExpertWeights, Key
 from .stats import ExpertStats
 
-TIERS = ("ram", "disk")
-
-
 class ExpertStore:
     """Expert weights in host memory, keyed by (layer, expert)."""
 
     def __init__(self, checkpoint: Checkpoint, dtype: torch.dtype, pin: bool, tier: str = "ram",
-                 host_cache: int = 64, progress: Callable[[list[Key]], Iterator[Key]] = iter):
+                 host_cache: int = 64, progress: Callable[[list[Key]], Iterator[Key]] = iter, direct_io: bool = False):
+        """host_cache: experts the disk tier keeps in host memory (0: none beyond the device
+        cache). direct_io: the disk tier reads around the page cache (O_DIRECT)."""
         spec = checkpoint.spec
         self.spec, self.dtype, self.pin, self.tier = spec, dtype, pin, tier
-        self.checkpoint, self.host_cache = checkpoint, host_cache
+        self.checkpoint, self.host_cache, self.direct_io = checkpoint, host_cache, direct_io
+        self.disk_seconds = 0.0  # time the disk tier's reads took (on the reader threads)
         self.keys = [(layer, e) for layer in spec.moe_layer_ids for e in range(spec.num_experts)]
         self._experts: OrderedDict[Key, ExpertWeights] = OrderedDict()
         self.disk_reads = 0
@@ -39,7 +40,10 @@ class ExpertStore:
                 self._experts[key] = self._read(key)
 
     def _read(self, key: Key) -> ExpertWeights:
-        gate, up, down = self.checkpoint.expert(*key, self.dtype)
+        if self.direct_io:
+            gate, up, down = self.checkpoint.expert(*key, self.dtype, direct=True)
+        else:
+            gate, up, down = self.checkpoint.expert(*key, self.dtype)
         w = ExpertWeights(torch.cat([gate, up], dim=0), down.contiguous())
         return ExpertWeights(w.gate_up.pin_memory(), w.down.pin_memory()) if self.pin else w
 
@@ -51,11 +55,14 @@ class ExpertStore:
                 self._experts.move_to_end(key)
                 return self._experts[key]
             self.disk_reads += 1
+        start = time.perf_counter()
         w = self._read(key)
         with self._lock:
-            self._experts[key] = w
-            if len(self._experts) > self.host_cache:
-                self._experts.popitem(last=False)
+            self.disk_seconds += time.perf_counter() - start
+            if self.host_cache:
+                self._experts[key] = w
+                if len(self._experts) > self.host_cache:
+                    self._experts.popitem(last=False)
         return w
 
     @property
