@@ -29,7 +29,7 @@ import torch
 
 from ...config import DraftPolicy
 from ...errors import MoespecError
-from ...experts.base import ExpertWeights, Key, Pinnable
+from ...experts.base import ExpertWeights, Pinnable
 from ...model.routing import Router
 
 DRAFT_POLICIES = get_args(DraftPolicy)
