@@ -16,6 +16,7 @@ from safetensors import safe_open
 
 from .direct_io import DirectReader
 from .errors import MoespecError
+from .experts.formats import Dense, ExpertFormat, Packed
 from .spec import ModelSpec, load_spec
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -101,6 +102,7 @@ class Checkpoint:
         self._handles: dict[Path, object] = {}
         self._handles_lock = threading.Lock()
         self.direct = DirectReader()  # O_DIRECT reads of experts (the disk tier with direct_io)
+        self.format: ExpertFormat = Dense()  # how `expert` hands experts out
         # transformers >= 5 can also store a layer's experts fused into [E, ...] tensors
         self._fused = any(f"model.layers.{i}.mlp.experts.gate_up_proj" in self._file_of for i in spec.moe_layer_ids)
         self._check_complete()
@@ -155,13 +157,13 @@ class Checkpoint:
         """Read one tensor by its checkpoint name, converted to `dtype`, on the CPU."""
         return self._handle(self._file_of[name]).get_tensor(name).to(dtype)
 
-    def expert(self, layer: int, expert: int, dtype: torch.dtype,
-               direct: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One routed expert's (gate [I, H], up [I, H], down [H, I]) weights, read alone;
-        `direct`: around the page cache (O_DIRECT), so repeated reads still come from the disk.
+    def expert(self, layer: int, expert: int, dtype: torch.dtype, direct: bool = False) -> Packed:
+        """One routed expert's tensors in `self.format`, read alone (Dense: gate_up [2I, H], gate
+        rows first, and down [H, I] in `dtype`); `direct`: around the page cache (O_DIRECT), so
+        repeated reads still come from the disk.
 
-        An ungated expert (Switch: wo(relu(wi x))) comes back as (wi, an empty [0, H] up, wo), so
-        `gate_up` built by concatenation is exactly wi and every store and cache works unchanged.
+        An ungated expert (Switch: wo(relu(wi x))) comes back with gate_up = wi, so every store
+        and cache works unchanged.
         """
         names = self._expert_names(layer, expert)
         index = expert if self._fused and not self.spec.num_encoder_layers else None
@@ -175,13 +177,12 @@ class Checkpoint:
 
         if not self.spec.gated_mlp:
             wi, wo = (read(n) for n in names)
-            return wi, wi[:0], wo
+            return {"gate_up": wi, "down": wo}
         if self._fused:
             gate_up, down = (read(n) for n in names)
-            gate, up = gate_up.chunk(2, dim=0)
-            return gate.contiguous(), up.contiguous(), down
+            return {"gate_up": gate_up.contiguous(), "down": down.contiguous()}
         gate, up, down = (read(n) for n in names)
-        return gate, up, down
+        return {"gate_up": torch.cat([gate, up]), "down": down.contiguous()}
 
     def dense_state(self, dtype: torch.dtype, device: torch.device | str) -> dict[str, torch.Tensor]:
         """All non-expert tensors on `device`, keyed by the model's parameter names."""

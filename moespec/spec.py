@@ -16,6 +16,32 @@ from .errors import MoespecError
 
 
 @dataclass(frozen=True)
+class Rope:
+    """Rotary position embedding of one model: which dims rotate, how, and its frequency scaling.
+
+    `kind` "default" is plain RoPE; "yarn" and "llama3" rescale the inverse frequencies for a
+    context longer than `original_max_position_embeddings` (see model/rope.py). `dim` is how many
+    of a head's leading dims rotate (partial rotary: the rest pass through; MLA: the rope dims).
+    `interleave`: pairs (x0, x1), (x2, x3), ... rotate together (DeepSeek, Llama-4) instead of
+    the two halves of the rotated dims (Llama, Mixtral)."""
+
+    theta: float = 10000.0
+    dim: int | None = None  # rotated dims of a head; None: all of them
+    kind: str = "default"  # "default" | "yarn" | "llama3"
+    interleave: bool = False
+    factor: float = 1.0
+    original_max_position_embeddings: int = 0
+    beta_fast: float = 32.0  # yarn
+    beta_slow: float = 1.0
+    mscale: float = 0.0
+    mscale_all_dim: float = 0.0
+    attention_factor: float | None = None  # yarn: cos/sin scale; None: derived from factor and mscales
+    truncate: bool = True
+    low_freq_factor: float = 1.0  # llama3
+    high_freq_factor: float = 4.0
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     """Shapes and architectural switches of an MoE transformer (decoder-only, or Switch's encoder-decoder)."""
 
@@ -28,7 +54,7 @@ class ModelSpec:
     head_dim: int
     max_position_embeddings: int
     rms_norm_eps: float
-    rope_theta: float
+    rope: Rope
     # MoE
     num_experts: int
     top_k: int
@@ -38,6 +64,18 @@ class ModelSpec:
     dense_intermediate_size: int = 0  # MLP width of the dense (non-MoE) layers
     shared_expert_intermediate_size: int = 0  # 0 = no shared expert
     shared_expert_gate: bool = False  # sigmoid gate on the shared expert (Qwen2-MoE)
+    # routing (model/routing.py): group limits, weight scale, the gate's parameters
+    routed_scaling_factor: float = 1.0  # the chosen experts' weights are multiplied by it
+    norm_topk_prob: bool = False  # DeepSeek-V3's sigmoid router: renormalise the k weights
+    n_group: int = 1  # experts form n_group groups; tokens choose among their topk_group best
+    topk_group: int = 1
+    router_correction_bias: bool = False  # e_score_correction_bias: shifts the choice, not the weights
+    router_float32: bool = False  # router logits computed in float32 (DeepSeek's reference)
+    router_scales_input: bool = False  # the weight scales the expert's input (Llama-4), not its output
+    # routed experts (model/moe.py expert_forward)
+    expert_act: str = "silu"  # "silu": down(silu(gate) * up); "clamped_swiglu": gpt-oss's
+    swiglu_limit: float = 7.0  # clamped_swiglu: gate <= limit, |up| <= limit
+    expert_bias: bool = False  # biases on gate_up and down (gpt-oss)
     # attention
     attention_bias: bool = False  # bias on q/k/v projections
     qk_norm: str = "none"  # "none" | "head" (per head, Qwen3) | "full" (whole projection, OLMoE)
@@ -77,12 +115,30 @@ def _get(cfg: dict[str, Any], *names: str, default: Any = ...) -> Any:
     return default
 
 
-def _rope_theta(cfg: dict[str, Any]) -> float:
-    params = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
-    rope_type = params.get("rope_type", params.get("type", "default"))
-    if rope_type != "default":
-        raise MoespecError(f"rope_type {rope_type!r} is not supported (only 'default' RoPE)")
-    return float(params.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+ROPE_KINDS = ("default", "yarn", "llama3")
+
+
+def rope_from_config(cfg: dict[str, Any], dim: int | None = None, interleave: bool = False) -> Rope:
+    """The rotary embedding `config.json` describes (`rope_parameters`, or the older
+    `rope_theta` + `rope_scaling`), rotating `dim` dims of each head (None: all)."""
+    params = dict(cfg.get("rope_scaling") or {})
+    params.update(cfg.get("rope_parameters") or {})
+    kind = params.get("rope_type", params.get("type", "default"))
+    if kind not in ROPE_KINDS:
+        raise MoespecError(f"rope_type {kind!r} is not supported (supported: {', '.join(ROPE_KINDS)})")
+    theta = float(params.get("rope_theta", cfg.get("rope_theta") or 10000.0))
+    if kind == "default":
+        return Rope(theta=theta, dim=dim, interleave=interleave)
+    original = params.get("original_max_position_embeddings") or cfg.get("original_max_position_embeddings") \
+        or cfg["max_position_embeddings"]
+    factor = params.get("factor") or cfg["max_position_embeddings"] / original
+    optional = {name: float(params[name]) for name in ("beta_fast", "beta_slow", "mscale", "mscale_all_dim",
+                                                        "low_freq_factor", "high_freq_factor")
+                if params.get(name) is not None}
+    attention_factor = params.get("attention_factor")
+    return Rope(theta=theta, dim=dim, kind=kind, interleave=interleave, factor=float(factor),
+                original_max_position_embeddings=int(original), truncate=bool(params.get("truncate", True)),
+                attention_factor=None if attention_factor is None else float(attention_factor), **optional)
 
 
 def _eos_ids(cfg: dict[str, Any]) -> tuple[int, ...]:
@@ -98,6 +154,7 @@ def _common(cfg: dict[str, Any]) -> dict[str, Any]:
     heads = cfg["num_attention_heads"]
     if cfg.get("hidden_act", "silu") != "silu":
         raise MoespecError(f"hidden_act {cfg['hidden_act']!r} is not supported (only 'silu')")
+    head_dim = _get(cfg, "head_dim", default=hidden // heads)
     return dict(
         model_type=cfg["model_type"],
         vocab_size=cfg["vocab_size"],
@@ -105,10 +162,10 @@ def _common(cfg: dict[str, Any]) -> dict[str, Any]:
         num_layers=cfg["num_hidden_layers"],
         num_heads=heads,
         num_kv_heads=_get(cfg, "num_key_value_heads", default=heads),
-        head_dim=_get(cfg, "head_dim", default=hidden // heads),
+        head_dim=head_dim,
         max_position_embeddings=cfg["max_position_embeddings"],
         rms_norm_eps=cfg["rms_norm_eps"],
-        rope_theta=_rope_theta(cfg),
+        rope=rope_from_config(cfg),
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         bos_token_id=cfg.get("bos_token_id"),
         eos_token_ids=_eos_ids(cfg),
@@ -211,7 +268,7 @@ def _switch_transformers(cfg: dict[str, Any]) -> ModelSpec:
         head_dim=cfg["d_kv"],
         max_position_embeddings=cfg.get("n_positions", 512),  # relative positions: a context default only
         rms_norm_eps=cfg.get("layer_norm_epsilon", 1e-6),
-        rope_theta=0.0,  # no RoPE
+        rope=Rope(),  # unused: relative position bias, no RoPE
         num_experts=cfg["num_experts"],
         top_k=1,
         expert_intermediate_size=cfg["d_ff"],

@@ -70,9 +70,12 @@ def test_restrict_to_fewer_members_than_k_pads_with_zero_weights(cls):
 
 
 def test_make_router_builds_the_named_rule_with_the_spec_k():
-    router = make_router(SimpleNamespace(router="softmax_topk_renorm", top_k=3))
+    spec = SimpleNamespace(router="softmax_topk_renorm", top_k=3, routed_scaling_factor=1.0, n_group=1,
+                           topk_group=1, norm_topk_prob=False)
+    router = make_router(spec)
     assert type(router) is SoftmaxTopKRenorm and router.k == 3
-    assert set(ROUTERS) == {"softmax_topk", "softmax_topk_renorm", "top1"}
+    assert set(ROUTERS) == {"softmax_topk", "softmax_topk_renorm", "softmax_group_topk", "sigmoid_group_topk",
+                            "sigmoid_topk_input", "top1"}
     with pytest.raises(ValueError):
         Top1(2)
 
@@ -87,3 +90,78 @@ def test_only_the_model_knows_which_rule_a_layer_has():
                  for path in sorted(package.rglob("*.py")) if path.relative_to(package).parts[0] != "model"
                  for n, line in enumerate(path.read_text().splitlines(), start=1) if rule.search(line)]
     assert offenders == []
+
+
+def _sorted(weights: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    order = ids.argsort(dim=-1)
+    return weights.gather(1, order), ids.gather(1, order)
+
+
+def _family_cases():
+    """(transformers config, its router module's (weights, ids) for x, our spec fields) per family."""
+    import transformers as tf
+
+    def v3(**kw):
+        cfg = tf.DeepseekV3Config(hidden_size=16, num_attention_heads=2, num_key_value_heads=2, n_routed_experts=16, num_experts_per_tok=4, **kw)
+        module = tf.models.deepseek_v3.modeling_deepseek_v3.DeepseekV3TopkRouter(cfg)
+        return module, lambda x: module(x)[1:], dict(router="sigmoid_group_topk", top_k=4, n_group=cfg.n_group,
+                                                     topk_group=cfg.topk_group, norm_topk_prob=cfg.norm_topk_prob,
+                                                     routed_scaling_factor=cfg.routed_scaling_factor,
+                                                     router_correction_bias=True, router_float32=True)
+
+    def v2(**kw):
+        cfg = tf.DeepseekV2Config(hidden_size=16, num_attention_heads=2, num_key_value_heads=2, n_routed_experts=16, num_experts_per_tok=3, **kw)
+        module = tf.models.deepseek_v2.modeling_deepseek_v2.DeepseekV2TopkRouter(cfg)
+        groups = cfg.n_group if cfg.topk_method == "group_limited_greedy" else 1
+        return module, lambda x: module(x)[1:], dict(router="softmax_group_topk", top_k=3, n_group=groups,
+                                                     topk_group=cfg.topk_group,
+                                                     routed_scaling_factor=cfg.routed_scaling_factor,
+                                                     router_float32=True)
+
+    def llama4():
+        cfg = tf.Llama4TextConfig(hidden_size=16, num_attention_heads=2, num_key_value_heads=2, num_local_experts=16, num_experts_per_tok=2)
+        module = tf.models.llama4.modeling_llama4.Llama4Router(cfg)
+
+        def route(x):
+            scores, _ = module(x)
+            top = scores.topk(2, dim=-1)
+            return top.values, top.indices
+        return module, route, dict(router="sigmoid_topk_input", top_k=2)
+
+    def gpt_oss():
+        cfg = tf.GptOssConfig(hidden_size=16, num_attention_heads=2, num_key_value_heads=2, num_local_experts=16, num_experts_per_tok=4)
+        module = tf.models.gpt_oss.modeling_gpt_oss.GptOssTopKRouter(cfg)
+        return module, lambda x: module(x)[1:], dict(router="softmax_topk_renorm", top_k=4, router_bias=True)
+
+    return {"deepseek_v3": v3(n_group=4, topk_group=2, norm_topk_prob=True, routed_scaling_factor=2.5),
+            "deepseek_v3-ungrouped": v3(n_group=1, topk_group=1, norm_topk_prob=False),
+            "deepseek_v2-group_limited": v2(topk_method="group_limited_greedy", n_group=4, topk_group=2,
+                                            routed_scaling_factor=16.0),
+            "deepseek_v2-greedy": v2(topk_method="greedy"), "llama4": llama4(), "gpt_oss": gpt_oss()}
+
+
+@pytest.mark.parametrize("family", ["deepseek_v3", "deepseek_v3-ungrouped", "deepseek_v2-group_limited",
+                                    "deepseek_v2-greedy", "llama4", "gpt_oss"])
+def test_family_routers_match_transformers(family):
+    """Each family's Gate + Router chooses the reference's experts with the reference's weights."""
+    from moespec.model.routing import make_gate
+    module, reference_route, fields = _family_cases()[family]
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen))
+        for name, b in module.named_buffers():
+            b.copy_(torch.rand(b.shape, generator=gen) * 0.5)  # DeepSeek's correction bias
+    spec = SimpleNamespace(**{**dict(hidden_size=16, num_experts=16, routed_scaling_factor=1.0, n_group=1,
+                                     topk_group=1, norm_topk_prob=False, router_bias=False,
+                                     router_correction_bias=False, router_float32=False), **fields})
+    gate = make_gate(spec)
+    gate.load_state_dict({**dict(module.named_parameters()), **dict(module.named_buffers())}, strict=True)
+    router = make_router(spec, gate)
+    x = torch.randn(40, 16, generator=gen)
+    with torch.no_grad():
+        expected = _sorted(*reference_route(x))
+        got = _sorted(*router.select(gate(x)))
+    assert torch.equal(got[1], expected[1])
+    assert torch.allclose(got[0], expected[0].float(), atol=1e-6)
+    assert torch.allclose(router.weights_for(gate(x), got[1]), got[0])

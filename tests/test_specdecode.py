@@ -238,7 +238,7 @@ def test_output_affinity_measures_the_error_of_standing_in(model_dir):
     table = output_distances(llm.store, {0: [(x[:5], ids[:5]), (x[5:], ids[5:])]}, torch.device("cpu"))[0]
 
     def out(e: int, rows: torch.Tensor) -> torch.Tensor:
-        return expert_forward(x[rows], llm.store[(0, e)].gate_up, llm.store[(0, e)].down)
+        return expert_forward(x[rows], llm.store[(0, e)])
 
     to_2 = ids.eq(2).any(1)
     assert table[2, 5] == pytest.approx(float(((out(5, to_2) - out(2, to_2)) ** 2).sum(-1).mean()), rel=1e-4)

@@ -131,7 +131,7 @@ def test_default_vectors_on_a_hand_made_case(model_dir):
 
     def out(e, *rows):
         weights = llm.store[(0, e)]
-        return expert_forward(torch.stack(rows), weights.gate_up, weights.down)
+        return expert_forward(torch.stack(rows), weights)
 
     expected = {0: out(0, x1[0], x1[2], x2[0]).mean(0), 1: out(1, x1[0], x1[1], x2[0]).mean(0),
                 3: out(3, x1[2]).mean(0), 7: torch.zeros(32)}

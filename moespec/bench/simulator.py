@@ -38,7 +38,7 @@ import torch
 from ..errors import MoespecError
 from ..experts.base import ExpertWeights
 from ..experts.transfer import CpuTransfers
-from ..model.moe import expert_forward
+from ..model.moe import make_expert_fn
 from ..spec import ModelSpec
 from ..speculate.traces import RoutingTrace
 
@@ -115,19 +115,20 @@ class CpuTimings:
 def measure_cpu(llm) -> CpuTimings:
     """Expert call times on the model's own weights (a + b·tokens, fitted over 1..64 tokens) and the
     cost of one expert copy: the median round trip through moespec's own (emulated) link."""
-    w = llm.store[llm.store.keys[0]]
+    key = llm.store.keys[0]
+    w, packed, expert_fn = llm.store[key], llm.store.packed(key), make_expert_fn(llm.spec)
     counts = [1, 4, 16, 64]
     inputs = {n: torch.randn(n, llm.spec.hidden_size, dtype=llm.dtype) for n in counts}
     for _ in range(3):  # warm the thread pool before timing
-        _time(lambda: expert_forward(inputs[64], w.gate_up, w.down))
-    times = [_time(lambda n=n: expert_forward(inputs[n], w.gate_up, w.down)) for n in counts]
+        _time(lambda: expert_fn(inputs[64], w))
+    times = [_time(lambda n=n: expert_fn(inputs[n], w)) for n in counts]
     per_token, fixed = np.polyfit(counts, times, 1)
-    dst = ExpertWeights(torch.empty_like(w.gate_up), torch.empty_like(w.down))
-    link = CpuTransfers(llm.link_bandwidth)
+    dst = ExpertWeights(**{name: torch.empty_like(t) for name, t in w.tensors().items()})
+    link = CpuTransfers(llm.store.format, llm.link_bandwidth)
     roundtrips = []
     for _ in range(30):  # the whole copy as compute sees it: hand-off, memcpy, emulated wire, wake-up
         start = time.perf_counter()
-        link.wait(link.copy(w, dst, "calibration", 0), 0)
+        link.wait(link.copy(lambda: packed, dst, "calibration", 0), 0)
         roundtrips.append(time.perf_counter() - start)
     link.close()
     return CpuTimings(max(float(fixed), 0.0), max(float(per_token), 0.0), statistics.median(roundtrips))

@@ -14,9 +14,10 @@ import torch
 
 from ..checkpoint import dense_tensor_names, model_name
 from ..errors import MoespecError
-from ..spec import ModelSpec
+from ..experts.formats import Dense, Packed
+from ..spec import ModelSpec, Rope
 
-_COMMON = dict(max_position_embeddings=4096, rope_theta=1e6, rms_norm_eps=1e-5, eos_token_ids=())
+_COMMON = dict(max_position_embeddings=4096, rope=Rope(theta=1e6), rms_norm_eps=1e-5, eos_token_ids=())
 PRESETS: dict[str, ModelSpec] = {
     "mixtral-8x7b": ModelSpec(model_type="mixtral", vocab_size=32000, hidden_size=4096, num_layers=32, num_heads=32,
                               num_kv_heads=8, head_dim=128, num_experts=8, top_k=2, expert_intermediate_size=14336,
@@ -47,6 +48,7 @@ class SyntheticCheckpoint:
 
     def __init__(self, spec: ModelSpec, name: str = "synthetic", seed: int = 0):
         self.spec, self.name, self.seed = spec, name, seed
+        self.format = Dense()
 
     def _random(self, shape: tuple[int, ...], key: int, dtype: torch.dtype, std: float = 0.02) -> torch.Tensor:
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + key)
@@ -74,10 +76,9 @@ class SyntheticCheckpoint:
             state[model_name(name)] = tensor.to(device)
         return state
 
-    def expert(self, layer: int, expert: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def expert(self, layer: int, expert: int, dtype: torch.dtype, direct: bool = False) -> Packed:
         s = self.spec
         key = 10_000 + layer * s.num_experts + expert
         gate_up = self._random((2 * s.expert_intermediate_size, s.hidden_size), key, dtype)
         down = self._random((s.hidden_size, s.expert_intermediate_size), key + 5_000_000, dtype)
-        gate, up = gate_up.chunk(2)
-        return gate, up, down
+        return {"gate_up": gate_up, "down": down}

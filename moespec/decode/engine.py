@@ -86,9 +86,7 @@ class Engine:
         self.plain = PlainStep(model, experts)
 
     def new_cache(self, rows: int, max_len: int) -> KVCache:
-        s = self.model.spec
-        return KVCache(s.num_layers, rows, max_len, s.num_kv_heads, s.head_dim,
-                       self.model.embed_tokens.weight.dtype, self.device)
+        return self.model.new_cache(rows, max_len)
 
     def check_prompt(self, prompt: list[int]) -> None:
         if not prompt:

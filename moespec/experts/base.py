@@ -21,10 +21,23 @@ Key = tuple[int, int]  # (MoE layer, expert id)
 
 @dataclass
 class ExpertWeights:
-    """One routed expert on the compute device. gate_up is [2I, H] (gate rows first), down is [H, I]."""
+    """One routed expert in the compute dtype. gate_up is [2I, H] (gate rows first), down is
+    [H, I]; gpt-oss experts also have biases gate_up_bias [2I] and down_bias [H]."""
 
     gate_up: torch.Tensor
     down: torch.Tensor
+    gate_up_bias: torch.Tensor | None = None
+    down_bias: torch.Tensor | None = None
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The expert's tensors by field name (biases only where it has them)."""
+        return {name: t for name, t in vars(self).items() if t is not None}
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> ExpertWeights:
+        return ExpertWeights(**{name: t.to(device, non_blocking=non_blocking) for name, t in self.tensors().items()})
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors().values())
 
 
 class ExpertProvider(Protocol):

@@ -67,12 +67,12 @@ class ExpertCache:
                 f"{spec.top_k} experts of a layer; raise expert_cache"
             )
         self.store, self.stats = store, stats
-        self.transfers = CpuTransfers(link_bandwidth, tracer, readers=2 if store.tier == "disk" else 0) \
-            if device.type == "cpu" else CudaTransfers(device, slots)
-        H, I = spec.hidden_size, spec.expert_intermediate_size
+        self.transfers = CpuTransfers(store.format, link_bandwidth, tracer, readers=2 if store.tier == "disk" else 0) \
+            if device.type == "cpu" else CudaTransfers(store.format, device, slots)
         n = per_domain * len(layers) if scope == "layer" else slots
-        self.gate_up = torch.empty(n, 2 * I, H, dtype=store.dtype, device=device)
-        self.down = torch.empty(n, H, I, dtype=store.dtype, device=device)
+        # every slot's tensors stacked: [n, *shape] per ExpertWeights field
+        self.slots = ExpertWeights(**{name: torch.empty(n, *shape, dtype=store.dtype, device=device)
+                                      for name, shape in store.shapes.items()})
         if scope == "layer":
             self.domains = {layer: Domain(range(i * per_domain, (i + 1) * per_domain), policy)
                             for i, layer in enumerate(layers)}
@@ -110,10 +110,10 @@ class ExpertCache:
 
     @property
     def capacity(self) -> int:
-        return self.gate_up.shape[0]
+        return self.slots.gate_up.shape[0]
 
     def bytes_used(self) -> int:
-        return self.gate_up.numel() * self.gate_up.element_size() + self.down.numel() * self.down.element_size()
+        return self.slots.nbytes()
 
     def resident(self) -> set[Key]:
         """Experts holding a slot (some may still be landing)."""
@@ -124,7 +124,7 @@ class ExpertCache:
                 if l == layer and ((l, e) not in self.pending or self.transfers.done(self.pending[(l, e)]))}
 
     def _weights(self, slot: int) -> ExpertWeights:
-        return ExpertWeights(self.gate_up[slot], self.down[slot])
+        return ExpertWeights(**{name: t[slot] for name, t in self.slots.tensors().items()})
 
     def expected_use(self, key: Key) -> float:
         """Estimated chance that `key` is used the next time its layer runs: an exponential
@@ -156,7 +156,7 @@ class ExpertCache:
         self.slot_of[key] = slot
         dom.resident.add(key)
         dom.policy.admit(key, guess=guess is not None)
-        read = partial(self.store.__getitem__, key)  # runs on the transfer side, not here
+        read = partial(self.store.packed, key)  # runs on the transfer side, not here
         self.pending[key] = self.transfers.copy(read, self._weights(slot), f"L{key[0]} E{key[1]}", slot, urgent)
         self.stats[key[0]].bytes_moved += self.store.expert_bytes
         return True

@@ -1,10 +1,11 @@
-"""The host tier: routed experts' weights in host memory, read from the checkpoint.
+"""The host tier: routed experts in host memory as the checkpoint's format packs them.
 
 tier="ram" reads every expert once at load (pinned on CUDA, so device copies run asynchronously).
 tier="disk" is for models larger than RAM: an expert is read from the safetensors file when
 first needed and kept in a host LRU cache of `host_cache` experts. Reads come from the transfer
 side's reader threads (never the thread that computes), several at once, so the host cache is
-guarded by a lock and a file read happens outside it.
+guarded by a lock and a file read happens outside it. `packed(key)` is what crosses the link;
+`store[key]` is the expert unpacked in the compute dtype, for host-side analysis.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 
 from ..checkpoint import Checkpoint
 from .base import ExpertWeights, Key
+from .formats import Packed, packed_bytes
 from .stats import ExpertStats
 
 class ExpertStore:
@@ -31,23 +33,29 @@ class ExpertStore:
         self.spec, self.dtype, self.pin, self.tier = spec, dtype, pin, tier
         self.checkpoint, self.host_cache, self.direct_io = checkpoint, host_cache, direct_io
         self.disk_seconds = 0.0  # time the disk tier's reads took (on the reader threads)
+        self.format = checkpoint.format
         self.keys = [(layer, e) for layer in spec.moe_layer_ids for e in range(spec.num_experts)]
-        self._experts: OrderedDict[Key, ExpertWeights] = OrderedDict()
+        self._experts: OrderedDict[Key, Packed] = OrderedDict()
         self.disk_reads = 0
         self._lock = threading.Lock()
         if tier == "ram":
             for key in progress(self.keys):
                 self._experts[key] = self._read(key)
+        # all experts of a model have the same shapes: one tells the packed bytes and slot shapes
+        first = self._experts[self.keys[0]] if tier == "ram" else self._read(self.keys[0])
+        self.expert_bytes = packed_bytes(first)
+        self.shapes = {name: tuple(t.shape) for name, t in self.format.unpack(first, dtype).tensors().items()}
 
-    def _read(self, key: Key) -> ExpertWeights:
-        if self.direct_io:
-            gate, up, down = self.checkpoint.expert(*key, self.dtype, direct=True)
-        else:
-            gate, up, down = self.checkpoint.expert(*key, self.dtype)
-        w = ExpertWeights(torch.cat([gate, up], dim=0), down.contiguous())
-        return ExpertWeights(w.gate_up.pin_memory(), w.down.pin_memory()) if self.pin else w
+    def _read(self, key: Key) -> Packed:
+        packed = self.checkpoint.expert(*key, self.dtype, direct=self.direct_io)
+        return {name: t.pin_memory() for name, t in packed.items()} if self.pin else packed
 
     def __getitem__(self, key: Key) -> ExpertWeights:
+        """The expert unpacked in the compute dtype, on the host."""
+        return self.format.unpack(self.packed(key), self.dtype)
+
+    def packed(self, key: Key) -> Packed:
+        """The expert as it is stored and crosses the link."""
         if self.tier == "ram":
             return self._experts[key]
         with self._lock:
@@ -65,11 +73,6 @@ class ExpertStore:
                     self._experts.popitem(last=False)
         return w
 
-    @property
-    def expert_bytes(self) -> int:
-        """Bytes of one expert (all experts of a model have the same shape)."""
-        return self.spec.expert_params * torch.finfo(self.dtype).bits // 8
-
 
 class ResidentExperts:
     """Every expert on the device at once (a DeviceExperts): the budget holds all experts, so
@@ -79,8 +82,7 @@ class ResidentExperts:
         self.stats = stats
         self.pin_limit = store.spec.num_experts
         self.capacity = len(store.keys)
-        self._experts = {key: ExpertWeights(store[key].gate_up.to(device), store[key].down.to(device))
-                         for key in store.keys}
+        self._experts = {key: store[key].to(device) for key in store.keys}
 
     def resident(self) -> set[Key]:
         return set(self._experts)

@@ -5,7 +5,9 @@ a copy's event only where it needs that expert, never with a device-wide sync. O
 no link to measure, so reader threads fetch experts from the store and a link thread does the
 copies, emulating a link of a given bandwidth (each copy then takes bytes / bandwidth seconds),
 which lets the overlap of copies and compute be measured on machines without a GPU. Both take
-a read function rather than weights, so the store is read on the transfer side.
+a read function rather than weights, so the store is read on the transfer side, and both move
+the expert packed (experts/formats.py): the emulated link costs the packed bytes, and the
+format unpacks into the slot at the far end (on CUDA, on the copy stream).
 """
 
 from __future__ import annotations
@@ -20,14 +22,10 @@ from typing import Callable
 import torch
 
 from .base import ExpertWeights
+from .formats import ExpertFormat, Packed, packed_bytes
 from .trace import TRANSFER_LANE, Tracer
 
-
-def _nbytes(w: ExpertWeights) -> int:
-    return w.gate_up.numel() * w.gate_up.element_size() + w.down.numel() * w.down.element_size()
-
-
-ReadFn = Callable[[], ExpertWeights]  # reads an expert from the host store (RAM, or disk)
+ReadFn = Callable[[], Packed]  # reads a packed expert from the host store (RAM, or disk)
 
 
 class _Copy:
@@ -35,7 +33,7 @@ class _Copy:
 
     def __init__(self, read: ReadFn, dst: ExpertWeights, label: str, priority: int):
         self.read, self.dst, self.label, self.priority = read, dst, label, priority
-        self.src: ExpertWeights | None = None
+        self.src: Packed | None = None
         self.future: Future = Future()
         self.started = False  # a reader has taken it (set under the lock)
         self.on_link = False  # the link thread has taken it: it can no longer be cancelled
@@ -54,10 +52,11 @@ class CpuTransfers:
 
     WAITED, DEMAND, PREFETCH = -1, 0, 1  # priorities: lower goes first
 
-    def __init__(self, link_bandwidth: float | None, tracer: Tracer | None = None, readers: int = 0):
+    def __init__(self, fmt: ExpertFormat, link_bandwidth: float | None, tracer: Tracer | None = None,
+                 readers: int = 0):
         """readers: threads reading the store ahead of the link (the disk tier); 0: the link
         thread reads each expert itself (RAM: a lookup, not worth a hand-off)."""
-        self.bandwidth = link_bandwidth
+        self.format, self.bandwidth = fmt, link_bandwidth
         self.tracer = tracer  # one transfer-lane slice per copy, while it records
         self._stalls: dict[int, float] = {}  # layer -> seconds compute waited, since collect_stalls
         self._to_read: list[tuple[int, int, _Copy]] = []  # heaps of (priority, arrival, copy)
@@ -117,13 +116,12 @@ class CpuTransfers:
         if job.src is None:  # no reader stage
             job.src = job.read()
         start = time.perf_counter()
-        job.dst.gate_up.copy_(job.src.gate_up)
-        job.dst.down.copy_(job.src.down)
+        self.format.unpack_into(job.src, job.dst)
         if self.bandwidth:
-            time.sleep(max(0.0, start + _nbytes(job.src) / self.bandwidth - time.perf_counter()))
+            time.sleep(max(0.0, start + packed_bytes(job.src) / self.bandwidth - time.perf_counter()))
         if self.tracer is not None and self.tracer.recording:
             t0 = (start - self.tracer.t0) * 1e6
-            self.tracer.slice(TRANSFER_LANE, job.label, t0, self.tracer.now_us(), bytes=_nbytes(job.src))
+            self.tracer.slice(TRANSFER_LANE, job.label, t0, self.tracer.now_us(), bytes=packed_bytes(job.src))
 
     def wait(self, handle: _Copy, layer: int) -> None:
         """Block until the copy is done (moving it to the front of whichever stage it waits in),
@@ -170,8 +168,8 @@ class CpuTransfers:
 class CudaTransfers:
     """Copies on a high-priority side stream; per-slot events keep copies off slots still in use."""
 
-    def __init__(self, device: torch.device, slots: int):
-        self.device = device
+    def __init__(self, fmt: ExpertFormat, device: torch.device, slots: int):
+        self.format, self.device = fmt, device
         self.stream = torch.cuda.Stream(device=device, priority=-1)
         self._slot_free = [None] * slots  # event recorded on the compute stream when a slot was last used
         self._stalls: list[tuple[int, torch.cuda.Event, torch.cuda.Event]] = []
@@ -186,8 +184,7 @@ class CudaTransfers:
         with torch.cuda.stream(self.stream):
             if self._slot_free[slot] is not None:
                 self.stream.wait_event(self._slot_free[slot])
-            dst.gate_up.copy_(src.gate_up, non_blocking=True)
-            dst.down.copy_(src.down, non_blocking=True)
+            self.format.unpack_into(src, dst)
             done.record(self.stream)
         return done
 

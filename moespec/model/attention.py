@@ -1,4 +1,4 @@
-"""Grouped-query attention with rotary embeddings, optional q/k norms, over the KV cache."""
+"""Grouped-query attention with rotary embeddings (model/rope.py), optional q/k norms, over the KV cache."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from torch import nn
 
 from ..spec import ModelSpec
 from .kv_cache import KVCache
+from .rope import rotate
 
 
 class RMSNorm(nn.Module):
@@ -22,31 +23,6 @@ class RMSNorm(nn.Module):
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(x.dtype)
-
-
-class Rotary(nn.Module):
-    """Default RoPE: cos/sin tables computed per call from absolute positions [B, T].
-
-    No buffers, so a model built on the meta device needs nothing recomputed after loading.
-    """
-
-    def __init__(self, head_dim: int, theta: float):
-        super().__init__()
-        self.head_dim, self.theta = head_dim, theta
-
-    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        exponents = torch.arange(0, self.head_dim, 2, dtype=torch.float, device=positions.device) / self.head_dim
-        inv_freq = 1.0 / (self.theta ** exponents)
-        freqs = positions[..., None].float() * inv_freq
-        emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos().to(dtype), emb.sin().to(dtype)
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, T, heads, D] rotated by cos/sin [B, T, D]."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos[:, :, None] + rotated * sin[:, :, None]
 
 
 class Attention(nn.Module):
@@ -79,7 +55,7 @@ class Attention(nn.Module):
         if spec.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = rope
-        q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+        q, k = rotate(q, cos, sin, spec.rope.interleave), rotate(k, cos, sin, spec.rope.interleave)
 
         cache.write(layer, rows, positions, valid, k, v)
         upto = int(positions[valid].max()) + 1 if bool(valid.any()) else 1

@@ -11,14 +11,15 @@ import torch
 
 
 class KVCache:
-    """Keys and values of shape [layers, rows, max_len, kv_heads, head_dim], plus `lengths` [rows]."""
+    """Keys [layers, rows, max_len, *k_shape] and values [layers, rows, max_len, *v_shape], plus
+    `lengths` [rows]. The shapes are the attention's: (kv_heads, head_dim) for both in GQA; MLA
+    stores its compressed latent and its shared rotary key instead (see model/mla.py)."""
 
-    def __init__(self, num_layers: int, rows: int, max_len: int, num_kv_heads: int, head_dim: int,
+    def __init__(self, num_layers: int, rows: int, max_len: int, k_shape: tuple[int, int], v_shape: tuple[int, int],
                  dtype: torch.dtype, device: torch.device | str):
-        shape = (num_layers, rows, max_len, num_kv_heads, head_dim)
         # zeros, not empty: stale slots are multiplied by a zero attention weight, and 0 * NaN is NaN
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.k = torch.zeros((num_layers, rows, max_len, *k_shape), dtype=dtype, device=device)
+        self.v = torch.zeros((num_layers, rows, max_len, *v_shape), dtype=dtype, device=device)
         self.lengths = torch.zeros(rows, dtype=torch.long, device=device)
         self.max_len = max_len
 
@@ -28,7 +29,7 @@ class KVCache:
 
     def write(self, layer: int, rows: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor,
               k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store k, v [B, T, kv_heads, head_dim] of cache rows `rows` [B] at `positions` [B, T].
+        """Store k [B, T, *k_shape], v [B, T, *v_shape] of cache rows `rows` [B] at `positions` [B, T].
 
         Only positions marked `valid` are written, so padding never overwrites real entries.
         """
@@ -38,7 +39,7 @@ class KVCache:
         self.v[layer, row_idx, pos] = v[valid]
 
     def read(self, layer: int, rows: torch.Tensor, upto: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values of `rows` for positions [0, upto), as [B, kv_heads, upto, head_dim]."""
+        """Keys and values of `rows` for positions [0, upto), as [B, heads, upto, dim]."""
         k = self.k[layer, rows, :upto].transpose(1, 2)
         v = self.v[layer, rows, :upto].transpose(1, 2)
         return k, v

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Callable, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..experts.base import ExpertProvider
+from ..experts.base import ExpertProvider, ExpertWeights
 from ..spec import ModelSpec
 from ..hooks import ForwardHooks
-from .routing import Router, make_router
+from .routing import Router, make_gate, make_router
 
 
 class MLP(nn.Module):
@@ -27,13 +28,30 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-def expert_forward(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
-    """One routed expert applied to tokens x [n, H]."""
-    gate, up = F.linear(x, gate_up).chunk(2, dim=-1)
-    return F.linear(F.silu(gate) * up, down)
+GPT_OSS_ALPHA = 1.702  # gpt-oss's SwiGLU: gate * sigmoid(1.702 gate), a GELU-like gate
 
 
-ExpertFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (x, gate_up, down) -> y
+def expert_forward(x: torch.Tensor, w: ExpertWeights, act: str = "silu", limit: float = 7.0) -> torch.Tensor:
+    """One routed expert applied to tokens x [n, H]. act "silu": down(silu(gate) * up);
+    "clamped_swiglu" (gpt-oss): gate clamped above and up on both sides at `limit`, then
+    down((up + 1) * gate * sigmoid(1.702 gate))."""
+    gate, up = F.linear(x, w.gate_up, w.gate_up_bias).chunk(2, dim=-1)
+    if act == "clamped_swiglu":
+        gate, up = gate.clamp(max=limit), up.clamp(-limit, limit)
+        hidden = (up + 1) * gate * torch.sigmoid(gate * GPT_OSS_ALPHA)
+    else:
+        hidden = F.silu(gate) * up
+    return F.linear(hidden, w.down, w.down_bias)
+
+
+ExpertFn = Callable[[torch.Tensor, ExpertWeights], torch.Tensor]  # (x, weights) -> y
+
+
+def make_expert_fn(spec: ModelSpec) -> ExpertFn:
+    """The routed-expert function of `spec`'s family."""
+    if spec.expert_act == "silu":
+        return expert_forward
+    return partial(expert_forward, act=spec.expert_act, limit=spec.swiglu_limit)
 
 
 @runtime_checkable
@@ -46,23 +64,34 @@ class RoutedExecutor(Protocol):
     """
 
     def run_routed(self, layer: int, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
-                   expert_fn: ExpertFn) -> torch.Tensor: ...
+                   expert_fn: ExpertFn, scales_input: bool = False) -> torch.Tensor: ...
+
+
+def scale_output(expert_fn: ExpertFn, x: torch.Tensor, w: ExpertWeights, weights: torch.Tensor) -> torch.Tensor:
+    """An expert's output times its router weights [n] (every family but Llama-4)."""
+    return expert_fn(x, w) * weights[:, None]
+
+
+def scale_input(expert_fn: ExpertFn, x: torch.Tensor, w: ExpertWeights, weights: torch.Tensor) -> torch.Tensor:
+    """The expert applied to its input times the router weights [n] (Llama-4)."""
+    return expert_fn(x * weights[:, None].to(x.dtype), w)
 
 
 def run_experts(layer: int, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
-                experts: ExpertProvider | RoutedExecutor, expert_fn: ExpertFn = expert_forward) -> torch.Tensor:
+                experts: ExpertProvider | RoutedExecutor, expert_fn: ExpertFn = expert_forward,
+                weighted: Callable = scale_output) -> torch.Tensor:
     """Weighted sum of the chosen experts' outputs; each needed expert is fetched once.
 
     Experts arrive in whatever order the provider has them ready, so each output is kept at its
     (token, k) place and summed over k at the end: the result never depends on arrival order.
+    `weighted` says where the router weight applies (`scale_output` or `scale_input`).
     """
     if isinstance(experts, RoutedExecutor):
-        return experts.run_routed(layer, x, weights, ids, expert_fn)
+        return experts.run_routed(layer, x, weights, ids, expert_fn, weighted is scale_input)
     per_choice = x.new_zeros(ids.shape[0], ids.shape[1], x.shape[1])
     for expert_id, w in experts.fetch(layer, torch.unique(ids).tolist(), x.shape[0]):
         token_idx, k = torch.where(ids == expert_id)
-        y = expert_fn(x[token_idx], w.gate_up, w.down) * weights[token_idx, k, None]
-        per_choice[token_idx, k] = y.to(x.dtype)
+        per_choice[token_idx, k] = weighted(expert_fn, x[token_idx], w, weights[token_idx, k]).to(x.dtype)
     return per_choice.sum(dim=1)
 
 
@@ -76,8 +105,10 @@ class MoE(nn.Module):
     def __init__(self, spec: ModelSpec, layer: int):
         super().__init__()
         self.layer = layer
-        self.router: Router = make_router(spec)
-        self.gate = nn.Linear(spec.hidden_size, spec.num_experts, bias=False)
+        self.gate = make_gate(spec)
+        self.router: Router = make_router(spec, self.gate)
+        self.expert_fn = make_expert_fn(spec)
+        self.weighted = scale_input if spec.router_scales_input else scale_output
         self.shared_expert = MLP(spec.hidden_size, spec.shared_expert_intermediate_size) \
             if spec.shared_expert_intermediate_size else None
         self.shared_expert_gate = nn.Linear(spec.hidden_size, 1, bias=False) if spec.shared_expert_gate else None
@@ -97,4 +128,4 @@ class MoE(nn.Module):
 
     def run_experts(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
                     experts: ExpertProvider | RoutedExecutor) -> torch.Tensor:
-        return run_experts(self.layer, x, weights, ids, experts)
+        return run_experts(self.layer, x, weights, ids, experts, self.expert_fn, self.weighted)

@@ -1,14 +1,17 @@
 """Routers: one object per MoE layer that owns its architecture's routing rule.
 
-The rule ("softmax over all experts, keep the k best, renormalise them or not") is needed in more
-places than the forward pass: the lookahead's guess scores, the weights speculative execution
-gives a substituted id set, the draft pass's routing among its draft experts. Every one of them
-asks the layer's Router instead of re-deriving the rule, so a guess, a substitution, a draft and
-the true routing can never disagree on it, and nothing outside moespec.model needs to know which
-rule a layer has. `ModelSpec.router` names the class in `ROUTERS`; `make_router(spec)` builds one.
+The rule ("softmax over all experts, keep the k best, renormalise them or not"; DeepSeek's
+"sigmoid scores, a bias to choose by, the best groups first") is needed in more places than the
+forward pass: the lookahead's guess scores, the weights speculative execution gives a
+substituted id set, the draft pass's routing among its draft experts. Every one of them asks the
+layer's Router instead of re-deriving the rule, so a guess, a substitution, a draft and the true
+routing can never disagree on it, and nothing outside moespec.model needs to know which rule a
+layer has. `ModelSpec.router` names the class in `ROUTERS`; `make_router(spec, gate)` builds one.
 
-All methods take router logits [N, E]:
-- `probs(logits)`: per-expert scores [N, E] float32, the distribution every choice is made from;
+A layer's `Gate` (its parameters: the router matrix, an optional bias, DeepSeek's optional
+`e_score_correction_bias`) maps hidden states to logits; the Router reads the gate's correction
+bias when it chooses. All Router methods take router logits [N, E]:
+- `probs(logits)`: per-expert scores [N, E] float32 (softmax or sigmoid) the weights come from;
 - `select(logits)`: the routing, (weights [N, k] float32, expert ids [N, k]);
 - `weights_for(logits, ids)`: the router's weights [N, k] for a given (e.g. substituted) id set;
 - `restrict(logits, members)`: the routing when only the experts `members` may be chosen.
@@ -17,25 +20,57 @@ All methods take router logits [N, E]:
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from ..spec import ModelSpec
 
 
+class Gate(nn.Linear):
+    """The router's parameters: logits = x W^T (+ b), in float32 when `float32` (DeepSeek's
+    reference computes its router there). `e_score_correction_bias` [E] (DeepSeek-V3, GLM-4.5)
+    only shifts which experts are chosen, never their weights."""
+
+    def __init__(self, hidden: int, experts: int, bias: bool = False, correction: bool = False,
+                 float32: bool = False):
+        super().__init__(hidden, experts, bias=bias)
+        self.float32 = float32
+        self.e_score_correction_bias = nn.Parameter(torch.zeros(experts)) if correction else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.float32:
+            return F.linear(x.float(), self.weight.float(), None if self.bias is None else self.bias.float())
+        return super().forward(x)
+
+
 class Router:
     """Softmax over all experts (in float32), the k most probable, weighted by their probability;
-    renormalised over the chosen ones when the class `renormalizes`."""
+    renormalised over the chosen ones when the class `renormalizes`, times `scale`."""
 
     renormalizes = False
+    renorm_eps = 0.0  # added to the sum of the k weights before dividing (DeepSeek: 1e-20)
 
-    def __init__(self, k: int):
-        self.k = k
+    def __init__(self, k: int, scale: float = 1.0, groups: int = 1, topk_groups: int = 1, gate: Gate | None = None):
+        """k experts per token; weights times `scale`; experts split into `groups` equal groups of
+        which each token may use `topk_groups` (routers with a group limit); `gate`: the
+        layer's parameters, for a rule that reads its correction bias."""
+        self.k, self.scale, self.gate = k, scale, gate
+        self.groups, self.topk_groups = groups, topk_groups
 
     def probs(self, logits: torch.Tensor) -> torch.Tensor:
         return torch.softmax(logits.float(), dim=-1)
 
+    def preference(self, logits: torch.Tensor) -> torch.Tensor:
+        """What experts are ranked by when choosing [N, E] (before any group limit)."""
+        return self.probs(logits)
+
+    def choice(self, logits: torch.Tensor) -> torch.Tensor:
+        """`preference` with the experts outside each token's chosen groups excluded."""
+        return self.preference(logits)
+
     def select(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        weights, ids = torch.topk(self.probs(logits), self.k, dim=-1)
-        return self._weigh(weights), ids
+        ids = torch.topk(self.choice(logits), self.k, dim=-1).indices
+        return self.weights_for(logits, ids), ids
 
     def weights_for(self, logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """What the router would weigh experts ids [N, k] with, had it chosen them: a perfect
@@ -43,12 +78,12 @@ class Router:
         return self._weigh(self.probs(logits).gather(1, ids))
 
     def restrict(self, logits: torch.Tensor, members: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each token's min(k, len(members)) best `members` by logits, weighted as `weights_for`
-        (probabilities over all experts), padded with zero-weight repeats of the first choice to k
-        columns. Masking the softmax to the members instead would inflate the weights of routers
-        that do not renormalise (Qwen's)."""
+        """Each token's min(k, len(members)) most preferred `members` (no group limit), weighted as
+        `weights_for` (scores over all experts), padded with zero-weight repeats of the first
+        choice to k columns. Masking the softmax to the members instead would inflate the weights
+        of routers that do not renormalise (Qwen's)."""
         n = min(self.k, len(members))
-        ids = members[logits[:, members].topk(n, dim=-1).indices]
+        ids = members[self.preference(logits)[:, members].topk(n, dim=-1).indices]
         weights = self.weights_for(logits, ids)
         if n < self.k:
             weights = torch.cat([weights, weights.new_zeros(len(weights), self.k - n)], dim=1)
@@ -56,7 +91,17 @@ class Router:
         return weights, ids
 
     def _weigh(self, weights: torch.Tensor) -> torch.Tensor:
-        return weights / weights.sum(dim=-1, keepdim=True) if self.renormalizes else weights
+        if self.renormalizes:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + self.renorm_eps)
+        return weights * self.scale if self.scale != 1.0 else weights
+
+    def _limit_to_groups(self, scores: torch.Tensor, group_score: torch.Tensor, excluded: float) -> torch.Tensor:
+        """scores [N, E] with every expert outside each token's `topk_groups` best groups (by
+        `group_score` [N, groups]) set to `excluded`."""
+        best = torch.topk(group_score, self.topk_groups, dim=-1).indices
+        keep = torch.zeros_like(group_score, dtype=torch.bool).scatter_(1, best, True)
+        keep = keep.repeat_interleave(scores.shape[1] // self.groups, dim=1)
+        return scores.masked_fill(~keep, excluded)
 
 
 class SoftmaxTopK(Router):
@@ -64,18 +109,67 @@ class SoftmaxTopK(Router):
 
 
 class SoftmaxTopKRenorm(Router):
-    """The k probabilities renormalised to sum to one (Mixtral; norm_topk_prob=True)."""
+    """The k probabilities renormalised to sum to one (Mixtral; norm_topk_prob=True; gpt-oss,
+    whose softmax over the k chosen logits is the same thing)."""
 
     renormalizes = True
+
+
+class SoftmaxGroupTopK(Router):
+    """DeepSeek-V2: softmax scores; with several groups, only the `topk_groups` groups holding the
+    highest single scores may be chosen from (group_limited_greedy); no renormalisation."""
+
+    def choice(self, logits: torch.Tensor) -> torch.Tensor:
+        scores = self.probs(logits)
+        if self.groups <= 1:
+            return scores
+        group_max = scores.view(len(scores), self.groups, -1).amax(dim=-1)
+        return self._limit_to_groups(scores, group_max, 0.0)  # the reference zeroes, not -inf
+
+
+class SigmoidGroupTopK(Router):
+    """DeepSeek-V3, GLM-4.5, Kimi-K2: sigmoid scores; experts chosen by score + the gate's
+    correction bias within the `topk_groups` groups whose two best biased scores sum highest;
+    weighted by their unbiased scores (renormalised when norm_topk_prob)."""
+
+    renorm_eps = 1e-20
+
+    def __init__(self, k: int, scale: float = 1.0, groups: int = 1, topk_groups: int = 1,
+                 gate: Gate | None = None, renormalize: bool = False):
+        super().__init__(k, scale, groups, topk_groups, gate)
+        self.renormalizes = renormalize
+
+    def probs(self, logits: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(logits.float())
+
+    def preference(self, logits: torch.Tensor) -> torch.Tensor:
+        scores = self.probs(logits)
+        bias = None if self.gate is None else self.gate.e_score_correction_bias
+        return scores if bias is None else scores + bias.float()
+
+    def choice(self, logits: torch.Tensor) -> torch.Tensor:
+        scores = self.preference(logits)
+        if self.groups <= 1:
+            return scores
+        group_score = scores.view(len(scores), self.groups, -1).topk(2, dim=-1).values.sum(dim=-1)
+        return self._limit_to_groups(scores, group_score, float("-inf"))
+
+
+class SigmoidTopKInput(Router):
+    """Llama-4: the k largest logits, each weighted by its sigmoid; the weight scales the expert's
+    input, not its output (`ModelSpec.router_scales_input`)."""
+
+    def probs(self, logits: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(logits.float())
 
 
 class Top1(Router):
     """Switch Transformers: the most probable expert (argmax, as the reference), weighted by its probability."""
 
-    def __init__(self, k: int = 1):
+    def __init__(self, k: int = 1, *args, **kwargs):
         if k != 1:
             raise ValueError(f"top1 routes each token to one expert, got k={k}")
-        super().__init__(k)
+        super().__init__(k, *args, **kwargs)
 
     def select(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         weights, ids = self.probs(logits).max(dim=-1, keepdim=True)
@@ -98,10 +192,22 @@ def within_capacity(ids: torch.Tensor, num_experts: int, capacity: int) -> torch
 ROUTERS: dict[str, type[Router]] = {
     "softmax_topk": SoftmaxTopK,
     "softmax_topk_renorm": SoftmaxTopKRenorm,
+    "softmax_group_topk": SoftmaxGroupTopK,
+    "sigmoid_group_topk": SigmoidGroupTopK,
+    "sigmoid_topk_input": SigmoidTopKInput,
     "top1": Top1,
 }
 
 
-def make_router(spec: ModelSpec) -> Router:
-    """The router `spec.router` names, choosing `spec.top_k` experts per token."""
-    return ROUTERS[spec.router](spec.top_k)
+def make_gate(spec: ModelSpec) -> Gate:
+    """A layer's router parameters, as `spec` describes them."""
+    return Gate(spec.hidden_size, spec.num_experts, bias=spec.router_bias,
+                correction=spec.router_correction_bias, float32=spec.router_float32)
+
+
+def make_router(spec: ModelSpec, gate: Gate | None = None) -> Router:
+    """The router `spec.router` names, choosing `spec.top_k` experts per token (reading the
+    correction bias, if its rule has one, from `gate`)."""
+    cls = ROUTERS[spec.router]
+    options = dict(renormalize=spec.norm_topk_prob) if cls is SigmoidGroupTopK else {}
+    return cls(spec.top_k, spec.routed_scaling_factor, spec.n_group, spec.topk_group, gate, **options)

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..experts.base import ExpertProvider
+from ..experts.base import ExpertProvider, ExpertWeights
 from ..hooks import ForwardHooks
 from ..spec import ModelSpec
 from .attention import RMSNorm
@@ -29,9 +29,9 @@ from .moe import RoutedExecutor, run_experts
 from .routing import make_router, within_capacity
 
 
-def relu_expert(x: torch.Tensor, wi: torch.Tensor, wo: torch.Tensor) -> torch.Tensor:
+def relu_expert(x: torch.Tensor, w: ExpertWeights) -> torch.Tensor:
     """One Switch expert on tokens x [n, H]: wo(relu(wi x)); wi arrives in ExpertWeights.gate_up."""
-    return F.linear(F.relu(F.linear(x, wi)), wo)
+    return F.linear(F.relu(F.linear(x, w.gate_up)), w.down)
 
 
 def relative_position_bucket(relative: torch.Tensor, bidirectional: bool, num_buckets: int,

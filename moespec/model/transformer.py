@@ -12,7 +12,8 @@ from torch import nn
 
 from ..experts.base import ExpertProvider
 from ..spec import ModelSpec
-from .attention import Attention, RMSNorm, Rotary
+from .attention import Attention, RMSNorm
+from .rope import Rotary
 from ..hooks import ForwardHooks
 from .kv_cache import KVCache
 from .moe import MLP, MoE
@@ -55,7 +56,7 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(spec, i) for i in range(spec.num_layers))
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
         self.lm_head = None if spec.tie_word_embeddings else nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
-        self.rotary = Rotary(spec.head_dim, spec.rope_theta)
+        self.rotary = Rotary(spec.rope, spec.head_dim)
         self.hooks: list[ForwardHooks] = []
 
     def forward(self, tokens: torch.Tensor, cache: KVCache, experts: ExpertProvider,
@@ -90,6 +91,12 @@ class Transformer(nn.Module):
                 hook.layer_end(i)
         cache.lengths[rows] = start + valid.sum(dim=1)
         return self.norm(x)
+
+    def new_cache(self, rows: int, max_len: int) -> KVCache:
+        """An empty KV cache for `rows` sequences of up to `max_len` tokens, shaped for this model's attention."""
+        s, weight = self.spec, self.embed_tokens.weight
+        return KVCache(s.num_layers, rows, max_len, (s.num_kv_heads, s.head_dim), (s.num_kv_heads, s.head_dim),
+                       weight.dtype, weight.device)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Vocabulary logits (float32) for final hidden states [..., H]."""

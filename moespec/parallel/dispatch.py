@@ -150,7 +150,7 @@ class ExpertParallel:
     records: dict[int, LayerRecord] = field(default_factory=dict)  # per layer, for the current step
 
     def run_routed(self, layer: int, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
-                   expert_fn: ExpertFn) -> torch.Tensor:
+                   expert_fn: ExpertFn, scales_input: bool = False) -> torch.Tensor:
         placement = self.placements[layer]
         n, k = ids.shape
         E = placement.replicas.shape[0]
@@ -170,13 +170,14 @@ class ExpertParallel:
         recv_counts = rows[:, mine].sum(dim=1).tolist()
 
         received = x.new_empty(sum(recv_counts), x.shape[1])
-        dist.all_to_all_single(received, x[send // k], recv_counts, send_counts, group=self.group)
+        sent = x[send // k] * weights.flatten()[send, None].to(x.dtype) if scales_input else x[send // k]
+        dist.all_to_all_single(received, sent, recv_counts, send_counts, group=self.group)
         out, busy = self._compute(layer, received, rows[:, mine], placement.expert[mine], expert_fn)
         back = x.new_empty(len(send), x.shape[1])
         dist.all_to_all_single(back, out, send_counts, recv_counts, group=self.group)
 
         per_choice = x.new_zeros(n * k, x.shape[1])
-        per_choice[send] = (back * weights.flatten()[send, None]).to(x.dtype)
+        per_choice[send] = (back if scales_input else back * weights.flatten()[send, None]).to(x.dtype)
         self.records[layer] = LayerRecord(counts.sum(dim=0), placement.per_worker(rows.sum(dim=0)), busy)
         return per_choice.view(n, k, -1).sum(dim=1)
 
@@ -189,7 +190,7 @@ class ExpertParallel:
         order = torch.argsort(replica, stable=True)
         out = torch.empty_like(received)
         chunks = received[order].split(rows.sum(dim=0).tolist())
-        results = [expert_fn(chunk, self.weights[(layer, e)].gate_up, self.weights[(layer, e)].down)
+        results = [expert_fn(chunk, self.weights[(layer, e)])
                    for chunk, e in zip(chunks, experts.tolist())]
         if results:
             out[order] = torch.cat(results).to(received.dtype)

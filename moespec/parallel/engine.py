@@ -28,7 +28,6 @@ import torch.distributed as dist
 
 from ..checkpoint import open_checkpoint
 from ..experts.store import ExpertStore
-from ..model.kv_cache import KVCache
 from ..model.load import build_model
 from ..model.switch import SwitchTransformer
 from .dispatch import ExpertParallel, Placement
@@ -122,10 +121,7 @@ class ExpertParallelEngine:
             self.predictor.watch(batch)
         if isinstance(self.model, SwitchTransformer):
             return self.model.score(batch.tokens, batch.decoder_tokens, self.executor)
-        B, T = batch.tokens.shape
-        spec = self.spec
-        cache = KVCache(spec.num_layers, B, T, spec.num_kv_heads, spec.head_dim, self.model.embed_tokens.weight.dtype,
-                        self.device)
+        cache = self.model.new_cache(*batch.tokens.shape)
         return self.model.logits(self.model(batch.tokens, cache, self.executor))
 
     @torch.inference_mode()

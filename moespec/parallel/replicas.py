@@ -32,9 +32,7 @@ class LocalExperts:
         """The experts' weights on the device. On a CPU the device is host memory, so a replica is
         the host store's tensor itself (read from the checkpoint, the real copy, when first needed)."""
         def copy() -> dict[Key, ExpertWeights]:
-            return {key: ExpertWeights(self.store[key].gate_up.to(self.device, non_blocking=True),
-                                       self.store[key].down.to(self.device, non_blocking=True))
-                    for key in keys}
+            return {key: self.store[key].to(self.device, non_blocking=True) for key in keys}
 
         if self.device.type != "cuda":
             return copy()

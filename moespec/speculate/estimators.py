@@ -106,8 +106,9 @@ class Estimators(nn.Module):
                 g_src = model.layers[src].post_attention_layernorm.weight.float()
                 g_t = model.layers[t].post_attention_layernorm.weight.float()
                 head.linear.weight.zero_()
-                head.linear.weight[:, : g_src.numel()] = model.layers[t].mlp.gate.weight.float() * (g_t / g_src)[None]
-                head.linear.bias.zero_()
+                gate = model.layers[t].mlp.gate
+                head.linear.weight[:, : g_src.numel()] = gate.weight.float() * (g_t / g_src)[None]
+                head.linear.bias.zero_() if gate.bias is None else head.linear.bias.copy_(gate.bias.float())
 
     def router_input(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         return self.model[0].layers[layer].post_attention_layernorm(x).float()

@@ -18,7 +18,7 @@ from ..config import SpeculationConfig
 from ..errors import MoespecError
 from ..experts.store import ExpertStore
 from ..hooks import ForwardHooks
-from ..model.moe import MoE, expert_forward
+from ..model.moe import MoE, make_expert_fn
 from ..model.transformer import Transformer
 
 DEFAULT_VECTORS_FILE = "default_vectors.safetensors"
@@ -61,7 +61,7 @@ class DefaultVectorCollector(ForwardHooks):
 
     def __init__(self, model: Transformer, store: ExpertStore):
         spec = model.spec
-        self.store = store
+        self.store, self.expert_fn = store, make_expert_fn(spec)
         self.sums = {i: torch.zeros(spec.num_experts, spec.hidden_size, dtype=torch.float64)
                      for i in spec.moe_layer_ids}
         self.counts = {i: torch.zeros(spec.num_experts, dtype=torch.float64) for i in spec.moe_layer_ids}
@@ -69,8 +69,7 @@ class DefaultVectorCollector(ForwardHooks):
     def route(self, layer, x, weights, ids):
         for e in torch.unique(ids).tolist():
             tokens = (ids == e).any(dim=1)
-            w = self.store[(layer, e)]
-            out = expert_forward(x[tokens], w.gate_up.to(x.device), w.down.to(x.device))
+            out = self.expert_fn(x[tokens], self.store[(layer, e)].to(x.device))
             self.sums[layer][e] += out.double().sum(dim=0).cpu()
             self.counts[layer][e] += int(tokens.sum())
         return weights, ids
@@ -133,13 +132,17 @@ class FoldedRouters:
         layers = model.layers
         self.weights = {t: layers[t].mlp.gate.weight.float() * layers[t].post_attention_layernorm.weight.float()[None]
                         for t in model.spec.moe_layer_ids}
+        self.biases = {t: torch.zeros(len(w), device=w.device) if layers[t].mlp.gate.bias is None
+                       else layers[t].mlp.gate.bias.float() for t, w in self.weights.items()}
         self.eps = model.spec.rms_norm_eps
-        self._stacked: dict[tuple[int, ...], torch.Tensor] = {}
+        self._stacked: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def logits(self, targets: list[int], x: torch.Tensor) -> list[torch.Tensor]:
         """Router logits [N, E] of each target layer for residual x [N, H]."""
         key = tuple(targets)
         if key not in self._stacked:
-            self._stacked[key] = torch.cat([self.weights[t] for t in targets]).T.contiguous()
+            self._stacked[key] = (torch.cat([self.weights[t] for t in targets]).T.contiguous(),
+                                  torch.cat([self.biases[t] for t in targets]))
+        weight, bias = self._stacked[key]
         xn = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
-        return (xn @ self._stacked[key]).split([self.weights[t].shape[0] for t in targets], dim=-1)
+        return torch.addmm(bias, xn, weight).split([self.weights[t].shape[0] for t in targets], dim=-1)

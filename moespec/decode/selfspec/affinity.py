@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from ...experts.store import ExpertStore
-from ...model.moe import expert_forward
+from ...model.moe import make_expert_fn
 
 SAMPLES_PER_LAYER = 512  # router inputs kept per layer for the "outputs" affinity
 
@@ -52,8 +52,8 @@ def output_distances(store: ExpertStore, samples: dict[int, list[tuple[torch.Ten
         x = torch.cat([p[0] for p in parts]).to(device)
         ids = torch.cat([p[1] for p in parts]).to(device)
         E = store.spec.num_experts
-        y = torch.stack([expert_forward(x, w.gate_up.to(device), w.down.to(device)).float()
-                         for w in (store[(layer, e)] for e in range(E))])  # [E, N, H]
+        expert_fn = make_expert_fn(store.spec)
+        y = torch.stack([expert_fn(x, store[(layer, e)].to(device)).float() for e in range(E)])  # [E, N, H]
         routed = (ids[:, :, None] == torch.arange(E, device=device)).any(dim=1)  # [N, E]
         table = torch.empty(E, E)
         for e in range(E):
