@@ -4,6 +4,8 @@ import json
 import threading
 
 import pytest
+import time
+
 import torch
 
 from moespec import LLM, MoespecError
@@ -159,6 +161,23 @@ def test_demand_copies_overtake_queued_prefetches_and_wrong_guesses_are_taken_ba
     s = cache.stats[1]
     assert s.cancelled_prefetches >= 1 and (1, 7) not in cache.resident()
     assert s.bytes_moved == (s.prefetches - s.cancelled_prefetches + s.misses) * cache.store.expert_bytes
+    cache.transfers.close()
+
+
+def test_a_guess_on_the_link_yields_it_to_a_demand_copy_and_resumes(model_dir):
+    """A guess already on a slow link does not delay the copy a layer waits for: the demand copy
+    lands first, the guess finishes afterwards and is used as usual."""
+    spec = load_spec(model_dir)
+    store = ExpertStore(Checkpoint(model_dir, spec), torch.float32, pin=False)
+    cache = ExpertCache(store, torch.device("cpu"), 6, "lru", "global", ExpertStats(spec.moe_layer_ids),
+                        link_bandwidth=store.expert_bytes / 0.2)  # 200 ms per copy
+    cache.prefetch(1, [5])  # on the link at once
+    time.sleep(0.02)
+    assert [e for e, _ in cache.fetch(0, [0], tokens=1)] == [0]
+    assert not cache.transfers.done(cache.pending[(1, 5)])  # it yielded: without that it would land first
+    use(cache, 1, 5)
+    s = cache.stats[1]
+    assert (s.prefetches, s.prefetch_hits, s.cancelled_prefetches) == (1, 1, 0)
     cache.transfers.close()
 
 

@@ -11,7 +11,8 @@ time and bytes per token for each policy and cache size:
   as soon as it has landed (resident ones first).
 - "lookahead": as "none", and once layer L's missing experts are on the link, the guessed experts
   of the next MoE layer are queued behind them (a later demand copy waits for queued guesses:
-  the simulated link is first come, first served, where moespec's CPU link lets demand overtake).
+  the simulated link is first come, first served, where moespec's CPU link lets demand overtake,
+  even a guess already on the link).
 - "speculative": as "lookahead", but layer L+1 runs the guessed top-k experts instead of the
   true ones (exactness traded for no demand misses).
 

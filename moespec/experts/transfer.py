@@ -36,7 +36,9 @@ class _Copy:
         self.src: Packed | None = None
         self.future: Future = Future()
         self.started = False  # a reader has taken it (set under the lock)
-        self.on_link = False  # the link thread has taken it: it can no longer be cancelled
+        self.on_link = False  # the link thread holds it: it cannot be cancelled until it yields the link
+        self.link_left: float | None = None  # seconds of emulated wire time still to go (None: not begun)
+        self.link_start = 0.0
 
 
 class CpuTransfers:
@@ -47,7 +49,10 @@ class CpuTransfers:
     Demand copies (a layer is waiting) go ahead of queued prefetches at both stages, and a
     prefetch that compute starts waiting for is promoted, so wrong guesses never delay a copy the
     model needs now. A prefetch not yet on the link can be cancelled once its guess is known to be
-    wrong. A copy already on the link is never interrupted.
+    wrong. A prefetch on the link yields it to a demand copy the moment one is queued and resumes
+    where it stopped afterwards, as a copy split into chunks would on a real link (CudaTransfers
+    does not split copies yet: one stream runs them in issue order); a demand copy is never
+    interrupted.
     """
 
     WAITED, DEMAND, PREFETCH = -1, 0, 1  # priorities: lower goes first
@@ -107,21 +112,38 @@ class CpuTransfers:
     def _link_loop(self) -> None:
         while (job := self._next(self._to_copy, "on_link")) is not None:
             try:
-                self._run(job)
-                job.future.set_result(None)
+                if self._run(job):
+                    job.future.set_result(None)
             except BaseException as exc:
                 job.future.set_exception(exc)
 
-    def _run(self, job: _Copy) -> None:
+    def _run(self, job: _Copy) -> bool:
+        """Move `job` over the link; False if it yielded the link to a demand copy (requeued)."""
         if job.src is None:  # no reader stage
             job.src = job.read()
-        start = time.perf_counter()
-        self.format.unpack_into(job.src, job.dst)
-        if self.bandwidth:
-            time.sleep(max(0.0, start + packed_bytes(job.src) / self.bandwidth - time.perf_counter()))
+        if job.link_left is None:  # the slot is not read before the copy is done, so land it at once
+            job.link_start = time.perf_counter()
+            self.format.unpack_into(job.src, job.dst)
+            wire = packed_bytes(job.src) / self.bandwidth if self.bandwidth else 0.0
+            job.link_left = wire - (time.perf_counter() - job.link_start)
+        with self._lock:
+            while job.link_left > 0:
+                if job.priority == self.PREFETCH and self._demand_queued():
+                    job.on_link = False
+                    heapq.heappush(self._to_copy, (job.priority, next(self._order), job))
+                    return False
+                start = time.perf_counter()
+                self._lock.wait(job.link_left)  # woken early when a copy is queued or promoted
+                job.link_left -= time.perf_counter() - start
         if self.tracer is not None and self.tracer.recording:
-            t0 = (start - self.tracer.t0) * 1e6
+            t0 = (job.link_start - self.tracer.t0) * 1e6
             self.tracer.slice(TRANSFER_LANE, job.label, t0, self.tracer.now_us(), bytes=packed_bytes(job.src))
+        return True
+
+    def _demand_queued(self) -> bool:
+        """A copy compute needs (demand, or a waited-for prefetch) waits for the link (lock held)."""
+        return any(priority < self.PREFETCH and not job.on_link and not job.future.done()
+                   for priority, _, job in self._to_copy)
 
     def wait(self, handle: _Copy, layer: int) -> None:
         """Block until the copy is done (moving it to the front of whichever stage it waits in),
