@@ -14,7 +14,9 @@ bias when it chooses. All Router methods take router logits [N, E]:
 - `probs(logits)`: per-expert scores [N, E] float32 (softmax or sigmoid) the weights come from;
 - `select(logits)`: the routing, (weights [N, k] float32, expert ids [N, k]);
 - `weights_for(logits, ids)`: the router's weights [N, k] for a given (e.g. substituted) id set;
-- `restrict(logits, members)`: the routing when only the experts `members` may be chosen.
+- `restrict(logits, members)`: the routing when only the experts `members` may be chosen;
+- `guess_logits(logits)`: logits [N, E] ordered as the router chooses, whose softmax a guess
+  takes for each expert's chance of being chosen (what a lookahead's prefetch ranks and admits by).
 """
 
 from __future__ import annotations
@@ -72,6 +74,10 @@ class Router:
         ids = torch.topk(self.choice(logits), self.k, dim=-1).indices
         return self.weights_for(logits, ids), ids
 
+    def guess_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """A softmax router's own logits."""
+        return logits
+
     def weights_for(self, logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """What the router would weigh experts ids [N, k] with, had it chosen them: a perfect
         substitute changes nothing."""
@@ -95,13 +101,11 @@ class Router:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + self.renorm_eps)
         return weights * self.scale if self.scale != 1.0 else weights
 
-    def _limit_to_groups(self, scores: torch.Tensor, group_score: torch.Tensor, excluded: float) -> torch.Tensor:
-        """scores [N, E] with every expert outside each token's `topk_groups` best groups (by
-        `group_score` [N, groups]) set to `excluded`."""
+    def _group_mask(self, group_score: torch.Tensor, experts: int) -> torch.Tensor:
+        """[N, E] True for the experts in each token's `topk_groups` best groups (by `group_score` [N, groups])."""
         best = torch.topk(group_score, self.topk_groups, dim=-1).indices
         keep = torch.zeros_like(group_score, dtype=torch.bool).scatter_(1, best, True)
-        keep = keep.repeat_interleave(scores.shape[1] // self.groups, dim=1)
-        return scores.masked_fill(~keep, excluded)
+        return keep.repeat_interleave(experts // self.groups, dim=1)
 
 
 class SoftmaxTopK(Router):
@@ -121,10 +125,15 @@ class SoftmaxGroupTopK(Router):
 
     def choice(self, logits: torch.Tensor) -> torch.Tensor:
         scores = self.probs(logits)
-        if self.groups <= 1:
-            return scores
-        group_max = scores.view(len(scores), self.groups, -1).amax(dim=-1)
-        return self._limit_to_groups(scores, group_max, 0.0)  # the reference zeroes, not -inf
+        return scores if self.groups <= 1 else scores.masked_fill(~self._allowed(scores), 0.0)  # as the reference
+
+    def guess_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """The logits with the experts outside the token's groups excluded."""
+        return logits if self.groups <= 1 else logits.float().masked_fill(~self._allowed(self.probs(logits)), -torch.inf)
+
+    def _allowed(self, scores: torch.Tensor) -> torch.Tensor:
+        """Groups ranked by their best single score."""
+        return self._group_mask(scores.view(len(scores), self.groups, -1).amax(dim=-1), scores.shape[1])
 
 
 class SigmoidGroupTopK(Router):
@@ -152,7 +161,14 @@ class SigmoidGroupTopK(Router):
         if self.groups <= 1:
             return scores
         group_score = scores.view(len(scores), self.groups, -1).topk(2, dim=-1).values.sum(dim=-1)
-        return self._limit_to_groups(scores, group_score, float("-inf"))
+        return scores.masked_fill(~self._group_mask(group_score, scores.shape[1]), -torch.inf)
+
+    def guess_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """The logits whose sigmoid is the biased choice score (the logits themselves when there
+        is no bias), experts outside the token's groups excluded: ordered as `choice` (scores the
+        bias pushes to 1 or above tie at the top)."""
+        choice = self.choice(logits)
+        return torch.where(choice.isinf(), choice, torch.logit(choice.clamp(1e-6, 1 - 1e-6)))
 
 
 class SigmoidTopKInput(Router):

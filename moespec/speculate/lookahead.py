@@ -104,22 +104,27 @@ class LookaheadPredictor:
 
     def predict(self, layer: int, x: torch.Tensor, router_input: torch.Tensor | None = None,
                 routing: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[int, torch.Tensor]:
-        """Router logits [N, E] per target layer from the residual x [N, H]. With default vectors,
+        """Guess logits [N, E] per target layer (its router's `guess_logits` of the router logits)
+        from the residual x [N, H]. With default vectors,
         the running layer's own routing (weights, ids) adds its estimated MoE output first, and
         each target's guessed routing before the next target; without, one matmul serves all."""
         targets = next_moe_layers(self.model, layer, self.depth)
         if not targets:
             return {}
         if self.dv is None:
-            return dict(zip(targets, self.folded.logits(targets, x)))
-        guess = x if routing is None else x + self.dv.moe_output_estimate(layer, *routing)
-        scores = {}
-        for target in targets:
-            (scores[target],) = self.folded.logits([target], guess)
-            if target != targets[-1]:
-                moe: MoE = self.model.layers[target].mlp
-                guess = guess + self.dv.moe_output_estimate(target, *moe.router.select(scores[target]))
-        return scores
+            logits = dict(zip(targets, self.folded.logits(targets, x)))
+        else:
+            guess = x if routing is None else x + self.dv.moe_output_estimate(layer, *routing)
+            logits = {}
+            for target in targets:
+                (logits[target],) = self.folded.logits([target], guess)
+                if target != targets[-1]:
+                    guess = guess + self.dv.moe_output_estimate(target, *self._router(target).select(logits[target]))
+        return {t: self._router(t).guess_logits(scores) for t, scores in logits.items()}
+
+    def _router(self, layer: int):
+        moe: MoE = self.model.layers[layer].mlp
+        return moe.router
 
 
 class FoldedRouters:
