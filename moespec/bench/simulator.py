@@ -37,7 +37,6 @@ import numpy as np
 import torch
 
 from ..errors import MoespecError
-from ..experts.base import ExpertWeights
 from ..experts.transfer import CpuTransfers
 from ..model.moe import make_expert_fn
 from ..spec import ModelSpec
@@ -124,8 +123,8 @@ def measure_cpu(llm) -> CpuTimings:
         _time(lambda: expert_fn(inputs[64], w))
     times = [_time(lambda n=n: expert_fn(inputs[n], w)) for n in counts]
     per_token, fixed = np.polyfit(counts, times, 1)
-    dst = ExpertWeights(**{name: torch.empty_like(t) for name, t in w.tensors().items()})
-    link = CpuTransfers(llm.store.format, llm.link_bandwidth)
+    dst = {name: torch.empty_like(t) for name, t in packed.items()}
+    link = CpuTransfers(llm.link_bandwidth)
     roundtrips = []
     for _ in range(30):  # the whole copy as compute sees it: hand-off, memcpy, emulated wire, wake-up
         start = time.perf_counter()

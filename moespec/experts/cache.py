@@ -22,6 +22,7 @@ from ..config import parse_budget
 from ..errors import MoespecError
 from .base import ExpertWeights, Key
 from .eviction import EvictionPolicy, make_policy
+from .formats import Dense, Packed, packed_bytes
 from .stats import ExpertStats
 from .store import ExpertStore
 from .trace import Tracer
@@ -67,12 +68,17 @@ class ExpertCache:
                 f"{spec.top_k} experts of a layer; raise expert_cache"
             )
         self.store, self.stats = store, stats
-        self.transfers = CpuTransfers(store.format, link_bandwidth, tracer, readers=2 if store.tier == "disk" else 0) \
-            if device.type == "cpu" else CudaTransfers(store.format, device, slots)
+        self.transfers = CpuTransfers(link_bandwidth, tracer, readers=2 if store.tier == "disk" else 0) \
+            if device.type == "cpu" else CudaTransfers(device, slots)
         n = per_domain * len(layers) if scope == "layer" else slots
-        # every slot's tensors stacked: [n, *shape] per ExpertWeights field
-        self.slots = ExpertWeights(**{name: torch.empty(n, *shape, dtype=store.dtype, device=device)
-                                      for name, shape in store.shapes.items()})
+        # every slot's packed tensors stacked: [n, *shape] per packed tensor; a layer's use unpacks
+        # one expert at a time into `scratch` (Dense experts are used in place)
+        self.slots = {name: torch.empty(n, *shape, dtype=dt, device=device)
+                      for name, (shape, dt) in store.packed_layout.items()}
+        self.format = store.format
+        self.scratch = None if isinstance(store.format, Dense) else \
+            ExpertWeights(**{name: torch.empty(shape, dtype=store.dtype, device=device)
+                             for name, shape in store.shapes.items()})
         if scope == "layer":
             self.domains = {layer: Domain(range(i * per_domain, (i + 1) * per_domain), policy)
                             for i, layer in enumerate(layers)}
@@ -110,10 +116,10 @@ class ExpertCache:
 
     @property
     def capacity(self) -> int:
-        return self.slots.gate_up.shape[0]
+        return next(iter(self.slots.values())).shape[0]
 
     def bytes_used(self) -> int:
-        return self.slots.nbytes()
+        return packed_bytes(self.slots)
 
     def resident(self) -> set[Key]:
         """Experts holding a slot (some may still be landing)."""
@@ -123,8 +129,16 @@ class ExpertCache:
         return {e for (l, e) in self.slot_of
                 if l == layer and ((l, e) not in self.pending or self.transfers.done(self.pending[(l, e)]))}
 
+    def _slot(self, slot: int) -> Packed:
+        return {name: t[slot] for name, t in self.slots.items()}
+
     def _weights(self, slot: int) -> ExpertWeights:
-        return ExpertWeights(**{name: t[slot] for name, t in self.slots.tensors().items()})
+        """The expert in `slot` in the compute dtype: in place, or unpacked into the scratch
+        expert (valid until the next one is asked for, as ExpertProvider promises)."""
+        if self.scratch is None:
+            return ExpertWeights(**self._slot(slot))
+        self.format.unpack_into(self._slot(slot), self.scratch)
+        return self.scratch
 
     def expected_use(self, key: Key) -> float:
         """Estimated chance that `key` is used the next time its layer runs: an exponential
@@ -157,7 +171,7 @@ class ExpertCache:
         dom.resident.add(key)
         dom.policy.admit(key, guess=guess is not None)
         read = partial(self.store.packed, key)  # runs on the transfer side, not here
-        self.pending[key] = self.transfers.copy(read, self._weights(slot), f"L{key[0]} E{key[1]}", slot, urgent)
+        self.pending[key] = self.transfers.copy(read, self._slot(slot), f"L{key[0]} E{key[1]}", slot, urgent)
         self.stats[key[0]].bytes_moved += self.store.expert_bytes
         return True
 

@@ -1,13 +1,14 @@
 """Expert formats: how one expert's weights are held in the host store, cross the link, and land.
 
-An expert is `Packed` on the host (named tensors, e.g. FP8 values and their block scales) and
-crosses the link as it is, so the bytes moved are the packed bytes; the device then unpacks it
-into an `ExpertWeights` slot in the compute dtype. The store, the transfer engines and the
-statistics only use the three methods below, so a format (a checkpoint's native FP8 or MXFP4,
-or a quantization chosen at load) is one class here and nothing else changes.
+An expert is `Packed` (named tensors, e.g. FP8 values and their block scales) in the host store,
+crosses the link as it is (the bytes moved are the packed bytes) and stays packed in its device
+slot, so an expert-cache budget counts packed bytes; when a layer uses it, the format unpacks it
+into one scratch `ExpertWeights` in the compute dtype. `Dense` experts are used in place. The
+store, the cache and the statistics only use the methods below, so a format (a checkpoint's
+native FP8 or MXFP4, or a quantization chosen at load) is one class here and nothing else changes.
 
 ```
-checkpoint ──read──► Packed (host store) ──link: nbytes(packed)──► unpack_into(packed, slot)
+checkpoint ──read──► Packed (host store) ──link: packed bytes──► Packed (device slot) ──unpack_into──► scratch
 ```
 """
 
@@ -31,9 +32,9 @@ class ExpertFormat(Protocol):
     name: str
 
     def unpack_into(self, packed: Packed, dst: ExpertWeights) -> None:
-        """Write the expert into `dst` (a device slot in the compute dtype). `packed` may be in
-        host memory: a format moves what it needs to dst's device first (non-blocking, so on
-        CUDA this runs on whichever stream is current: the copy stream)."""
+        """Write the expert into `dst` (ExpertWeights in the compute dtype, on the device).
+        `packed` is normally on dst's device (a cache slot); one in host memory is moved there
+        first (non-blocking)."""
         ...
 
     def unpack(self, packed: Packed, dtype: torch.dtype) -> ExpertWeights:
@@ -42,8 +43,14 @@ class ExpertFormat(Protocol):
         ...
 
 
+def copy_packed(src: Packed, dst: Packed) -> None:
+    """Land a packed expert in a device slot as it is (on CUDA: on the current stream)."""
+    for name, t in src.items():
+        dst[name].copy_(t, non_blocking=True)
+
+
 class Dense:
-    """Weights already in the compute dtype: the packed tensors are the ExpertWeights fields."""
+    """Weights already in the compute dtype: the packed tensors are the ExpertWeights fields, used in place."""
 
     name = "dense"
 

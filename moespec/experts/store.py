@@ -19,7 +19,7 @@ import torch
 
 from ..checkpoint import Checkpoint
 from .base import ExpertWeights, Key
-from .formats import Packed, packed_bytes
+from .formats import Dense, Packed, packed_bytes
 from .stats import ExpertStats
 
 class ExpertStore:
@@ -44,6 +44,7 @@ class ExpertStore:
         # all experts of a model have the same shapes: one tells the packed bytes and slot shapes
         first = self._experts[self.keys[0]] if tier == "ram" else self._read(self.keys[0])
         self.expert_bytes = packed_bytes(first)
+        self.packed_layout = {name: (tuple(t.shape), t.dtype) for name, t in first.items()}  # one slot's tensors
         self.shapes = {name: tuple(t.shape) for name, t in self.format.unpack(first, dtype).tensors().items()}
 
     def _read(self, key: Key) -> Packed:
@@ -76,19 +77,33 @@ class ExpertStore:
 
 class ResidentExperts:
     """Every expert on the device at once (a DeviceExperts): the budget holds all experts, so
-    nothing is ever moved, evicted or waited for."""
+    nothing is ever moved, evicted or waited for. Packed formats stay packed (the budget counts
+    packed bytes) and are unpacked into one scratch expert when used."""
 
     def __init__(self, store: ExpertStore, device: torch.device, stats: ExpertStats):
         self.stats = stats
         self.pin_limit = store.spec.num_experts
         self.capacity = len(store.keys)
-        self._experts = {key: store[key].to(device) for key in store.keys}
+        self.format = store.format
+        if isinstance(store.format, Dense):
+            self._experts = {key: store[key].to(device) for key in store.keys}
+            self.scratch = None
+        else:
+            self._packed = {key: {name: t.to(device) for name, t in store.packed(key).items()} for key in store.keys}
+            self.scratch = ExpertWeights(**{name: torch.empty(shape, dtype=store.dtype, device=device)
+                                            for name, shape in store.shapes.items()})
+
+    def _weights(self, key: Key) -> ExpertWeights:
+        if self.scratch is None:
+            return self._experts[key]
+        self.format.unpack_into(self._packed[key], self.scratch)
+        return self.scratch
 
     def resident(self) -> set[Key]:
-        return set(self._experts)
+        return set(self._experts if self.scratch is None else self._packed)
 
     def ready(self, layer: int) -> set[int]:
-        return {e for (l, e) in self._experts if l == layer}
+        return {e for (l, e) in self.resident() if l == layer}
 
     def prefetch(self, target: int, ids: list[int], running: int | None = None,
                  scores: list[float] | None = None) -> None:
@@ -111,11 +126,11 @@ class ResidentExperts:
         pass
 
     def peek(self, key: Key) -> ExpertWeights:
-        return self._experts[key]
+        return self._weights(key)
 
     def fetch(self, layer: int, ids: list[int], tokens: int) -> Iterator[tuple[int, ExpertWeights]]:
         stats = self.stats[layer]
         stats.hits += len(ids)
         stats.tokens += tokens
         for e in ids:
-            yield e, self._experts[(layer, e)]
+            yield e, self._weights((layer, e))

@@ -6,8 +6,7 @@ no link to measure, so reader threads fetch experts from the store and a link th
 copies, emulating a link of a given bandwidth (each copy then takes bytes / bandwidth seconds),
 which lets the overlap of copies and compute be measured on machines without a GPU. Both take
 a read function rather than weights, so the store is read on the transfer side, and both move
-the expert packed (experts/formats.py): the emulated link costs the packed bytes, and the
-format unpacks into the slot at the far end (on CUDA, on the copy stream).
+the expert packed (experts/formats.py) into a packed slot: the emulated link costs the packed bytes.
 """
 
 from __future__ import annotations
@@ -21,8 +20,7 @@ from typing import Callable
 
 import torch
 
-from .base import ExpertWeights
-from .formats import ExpertFormat, Packed, packed_bytes
+from .formats import Packed, copy_packed, packed_bytes
 from .trace import TRANSFER_LANE, Tracer
 
 ReadFn = Callable[[], Packed]  # reads a packed expert from the host store (RAM, or disk)
@@ -31,7 +29,7 @@ ReadFn = Callable[[], Packed]  # reads a packed expert from the host store (RAM,
 class _Copy:
     """One expert on its way: read from the store by a reader, then copied over the link."""
 
-    def __init__(self, read: ReadFn, dst: ExpertWeights, label: str, priority: int):
+    def __init__(self, read: ReadFn, dst: Packed, label: str, priority: int):
         self.read, self.dst, self.label, self.priority = read, dst, label, priority
         self.src: Packed | None = None
         self.future: Future = Future()
@@ -57,11 +55,10 @@ class CpuTransfers:
 
     WAITED, DEMAND, PREFETCH = -1, 0, 1  # priorities: lower goes first
 
-    def __init__(self, fmt: ExpertFormat, link_bandwidth: float | None, tracer: Tracer | None = None,
-                 readers: int = 0):
+    def __init__(self, link_bandwidth: float | None, tracer: Tracer | None = None, readers: int = 0):
         """readers: threads reading the store ahead of the link (the disk tier); 0: the link
         thread reads each expert itself (RAM: a lookup, not worth a hand-off)."""
-        self.format, self.bandwidth = fmt, link_bandwidth
+        self.bandwidth = link_bandwidth
         self.tracer = tracer  # one transfer-lane slice per copy, while it records
         self._stalls: dict[int, float] = {}  # layer -> seconds compute waited, since collect_stalls
         self._to_read: list[tuple[int, int, _Copy]] = []  # heaps of (priority, arrival, copy)
@@ -76,7 +73,7 @@ class CpuTransfers:
         for t in self._threads:
             t.start()
 
-    def copy(self, read: ReadFn, dst: ExpertWeights, label: str, slot: int, urgent: bool = True) -> _Copy:
+    def copy(self, read: ReadFn, dst: Packed, label: str, slot: int, urgent: bool = True) -> _Copy:
         job = _Copy(read, dst, label, self.DEMAND if urgent else self.PREFETCH)
         with self._lock:
             heapq.heappush(self._to_read if self._readers else self._to_copy, (job.priority, next(self._order), job))
@@ -123,7 +120,7 @@ class CpuTransfers:
             job.src = job.read()
         if job.link_left is None:  # the slot is not read before the copy is done, so land it at once
             job.link_start = time.perf_counter()
-            self.format.unpack_into(job.src, job.dst)
+            copy_packed(job.src, job.dst)
             wire = packed_bytes(job.src) / self.bandwidth if self.bandwidth else 0.0
             job.link_left = wire - (time.perf_counter() - job.link_start)
         with self._lock:
@@ -190,13 +187,13 @@ class CpuTransfers:
 class CudaTransfers:
     """Copies on a high-priority side stream; per-slot events keep copies off slots still in use."""
 
-    def __init__(self, fmt: ExpertFormat, device: torch.device, slots: int):
-        self.format, self.device = fmt, device
+    def __init__(self, device: torch.device, slots: int):
+        self.device = device
         self.stream = torch.cuda.Stream(device=device, priority=-1)
         self._slot_free = [None] * slots  # event recorded on the compute stream when a slot was last used
         self._stalls: list[tuple[int, torch.cuda.Event, torch.cuda.Event]] = []
 
-    def copy(self, read: ReadFn, dst: ExpertWeights, label: str, slot: int,
+    def copy(self, read: ReadFn, dst: Packed, label: str, slot: int,
              urgent: bool = True) -> torch.cuda.Event:
         """Copies on one stream run in issue order: `urgent` cannot reorder them on a GPU. The
         store is read here, on the calling thread (pinned host memory: a lookup for the RAM
@@ -206,7 +203,7 @@ class CudaTransfers:
         with torch.cuda.stream(self.stream):
             if self._slot_free[slot] is not None:
                 self.stream.wait_event(self._slot_free[slot])
-            self.format.unpack_into(src, dst)
+            copy_packed(src, dst)
             done.record(self.stream)
         return done
 
