@@ -21,6 +21,7 @@ from .decode.stats import DecodeStats, EngineStats
 from .errors import MoespecError
 from .experts.base import DeviceExperts
 from .experts.cache import ExpertCache, budget_slots
+from .experts.quant import make_quantizer, quantized_source
 from .experts.stats import ExpertStats
 from .experts.store import ExpertStore, ResidentExperts
 from .experts.trace import Tracer
@@ -103,11 +104,15 @@ class LLM:
         show = (lambda keys: tqdm(keys, desc="loading experts", unit="expert", leave=False)) if cfg.progress else iter
         if off.direct_io and not hasattr(checkpoint, "direct"):
             raise MoespecError(f"direct_io=True needs a checkpoint on disk; {self.path} has no files")
-        self.store = ExpertStore(checkpoint, self.dtype, pin=self.device.type == "cuda", tier=off.expert_tier,
+        experts = checkpoint if off.expert_dtype == "auto" else quantized_source(
+            checkpoint, make_quantizer(off.expert_dtype, off.expert_group_size, self.spec), self.dtype,
+            (lambda keys: tqdm(keys, desc=f"quantizing experts ({off.expert_dtype})", unit="expert", leave=False))
+            if cfg.progress else iter)
+        self.store = ExpertStore(experts, self.dtype, pin=self.device.type == "cuda", tier=off.expert_tier,
                                  host_cache=off.host_cache, progress=show, direct_io=off.direct_io)
         self.expert_stats = ExpertStats(self.spec.moe_layer_ids)
         total = len(self.store.keys)
-        slots = budget_slots(off.expert_cache, total, self.store.expert_bytes)
+        slots = budget_slots(off.expert_cache, total, self.store.expert_bytes, self.store.dense_bytes)
         self.experts: DeviceExperts = ResidentExperts(self.store, self.device, self.expert_stats) if slots >= total \
             else ExpertCache(self.store, self.device, slots, off.eviction, off.cache_scope, self.expert_stats,
                              off.link_bytes_per_s, self.tracer)

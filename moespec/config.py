@@ -28,6 +28,8 @@ DType = Literal["float32", "bfloat16", "float16"]
 Eviction = Literal["lru", "lfu", "pinned_hot"]
 CacheScope = Literal["global", "layer"]
 ExpertTier = Literal["ram", "disk"]
+Quantized = Literal["int8", "int4"]  # formats experts can be quantized to at load (experts/quant.py)
+ExpertDType = Literal["auto", "int8", "int4"]  # auto: the checkpoint's own format
 Prefetch = Literal["none", "lookahead", "estimator", "auto"]
 Execution = Literal["off", "on", "fallback"]
 DefaultVectors = Literal["auto", "on", "off"]
@@ -107,9 +109,21 @@ class OffloadConfig:
         "help": "disk tier: read experts around the page cache (O_DIRECT), so the disk is measured, not RAM"})
     link_bandwidth: str | None = field(default=None, metadata={
         "help": "CPU only: emulate a host-to-device link of this speed, e.g. 25GB/s"})
+    expert_dtype: ExpertDType = field(default="auto", metadata={
+        "help": "routed experts as the checkpoint has them (auto), or quantized at load to int8 / int4 "
+                "(kept packed in host memory, on the link and in the device cache)"})
+    expert_group_size: int = field(default=0, metadata={
+        "help": "int8/int4: weights per quantization group along the input dimension (0: 128 for int8, 64 for int4)"})
 
     def __post_init__(self) -> None:
         parse_budget(self.expert_cache)
+        _choice("expert_dtype", self.expert_dtype, ExpertDType)
+        _integer("expert_group_size", self.expert_group_size, 0)
+        if self.expert_group_size and self.expert_group_size % 2:
+            raise MoespecError(f"expert_group_size must be even (int4 packs two weights a byte), got {self.expert_group_size}")
+        if self.direct_io and self.expert_dtype != "auto":
+            raise MoespecError(f"direct_io=True reads the checkpoint's own files; with expert_dtype="
+                               f"{self.expert_dtype!r} experts come from the quantized cache instead")
         _choice("eviction", self.eviction, Eviction)
         _choice("cache_scope", self.cache_scope, CacheScope)
         _choice("expert_tier", self.expert_tier, ExpertTier)

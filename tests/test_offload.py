@@ -2,10 +2,9 @@
 
 import json
 import threading
-
-import pytest
 import time
 
+import pytest
 import torch
 
 from moespec import LLM, MoespecError

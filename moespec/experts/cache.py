@@ -31,10 +31,15 @@ from .transfer import CpuTransfers, CudaTransfers
 REUSE_DECAY = 0.8  # per run of a layer: an unused expert's use rate halves in about 3 runs
 
 
-def budget_slots(expert_cache: str | int, total_experts: int, expert_bytes: int) -> int:
-    """Slots for a budget given as a share ("25%"), a size ("3GiB") or a slot count (int)."""
+def budget_slots(expert_cache: str | int, total_experts: int, expert_bytes: int, dense_bytes: int | None = None) -> int:
+    """Slots for a budget given as a share ("25%"), a size ("3GiB") or a slot count (int).
+
+    A share is of the experts' size in the compute dtype (`dense_bytes` each; default
+    `expert_bytes`), spent on packed experts of `expert_bytes`: a 25% budget of int4 experts
+    holds about as many experts as a 100% budget of 16-bit ones would."""
     kind, amount = parse_budget(expert_cache)
-    slots = {"slots": amount, "share": total_experts * amount, "bytes": amount // expert_bytes}[kind]
+    share_bytes = total_experts * amount * (dense_bytes or expert_bytes)
+    slots = {"slots": amount, "share": share_bytes // expert_bytes, "bytes": amount // expert_bytes}[kind]
     return min(int(slots), total_experts)
 
 

@@ -10,6 +10,7 @@ guarded by a lock and a file read happens outside it. `packed(key)` is what cros
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections import OrderedDict
@@ -46,6 +47,7 @@ class ExpertStore:
         self.expert_bytes = packed_bytes(first)
         self.packed_layout = {name: (tuple(t.shape), t.dtype) for name, t in first.items()}  # one slot's tensors
         self.shapes = {name: tuple(t.shape) for name, t in self.format.unpack(first, dtype).tensors().items()}
+        self.dense_bytes = sum(math.prod(shape) for shape in self.shapes.values()) * torch.finfo(dtype).bits // 8
 
     def _read(self, key: Key) -> Packed:
         packed = self.checkpoint.expert(*key, self.dtype, direct=self.direct_io)
