@@ -129,7 +129,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
     llm = _load(args)
     exact = None
-    if llm.speculation is not None or args.compare_exact:
+    if llm.speculation is not None or llm.config.offload.expert_dtype != "auto" or args.compare_exact:
         exact = LLM(args.model, device=llm.config.device, dtype=llm.config.dtype)
     _write_json(evaluate(llm, exact, n_chunks=args.chunks, incremental=args.incremental), args.out)
 

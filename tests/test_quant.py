@@ -30,7 +30,7 @@ def test_dequantized_weights_are_within_half_a_step(fmt):
     back = fmt.unpack(packed, torch.float32)
     for name in ("gate_up", "down"):
         original = getattr(w, name)
-        step = packed[f"{name}.scale"].float().repeat_interleave(fmt.group, dim=1)
+        step = packed[f"{name}.scale"].float().repeat_interleave(fmt.group_for(original.shape[1]), dim=1)
         err = (getattr(back, name) - original).abs()
         assert bool((err <= step / 2 + 1e-3 * original.abs().max()).all())  # + float16 scales' rounding
         assert err.max() > 0  # it did quantize
@@ -65,9 +65,11 @@ def test_bytes_and_budget_count_packed_experts(model, dtype, bits, ratio):
     model_dir, _ = model
     dense = LLM(model_dir, expert_cache="25%")
     llm = LLM(model_dir, expert_dtype=dtype, expert_cache="25%")
-    params, group = llm.spec.expert_params, llm.store.format.group
+    spec, fmt = llm.spec, llm.store.format
     per_group = 2 if dtype == "int8" else 4  # float16 scale (and offset)
-    assert llm.store.expert_bytes == params * bits // 8 + params // group * per_group
+    groups = 2 * spec.expert_intermediate_size * spec.hidden_size // fmt.group_for(spec.hidden_size) \
+        + spec.hidden_size * spec.expert_intermediate_size // fmt.group_for(spec.expert_intermediate_size)
+    assert llm.store.expert_bytes == spec.expert_params * bits // 8 + groups * per_group
     shipped = LLM("models/tiny-mixtral", expert_dtype=dtype, progress=False).store
     assert shipped.expert_bytes <= ratio * shipped.dense_bytes / 2  # of its experts at 16 bits
     assert llm.experts.capacity == min(len(llm.store.keys), int(0.25 * len(llm.store.keys) * llm.store.dense_bytes
@@ -112,5 +114,5 @@ def test_bad_quantization_options_are_one_line_errors(model):
         LLM(model_dir, expert_dtype="int4", expert_group_size=12)
     with pytest.raises(MoespecError, match="expert_group_size must be even"):
         LLM(model_dir, expert_dtype="int4", expert_group_size=7)
-    spec = LLM(model_dir).spec
-    assert make_quantizer("int8", 0, spec).group == 8  # 128 halved until it divides 32 and 24
+    fmt = make_quantizer("int8", 0, LLM(model_dir).spec)
+    assert (fmt.group_for(32), fmt.group_for(24), fmt.group_for(192), fmt.group_for(48)) == (32, 24, 96, 48)

@@ -34,12 +34,14 @@ def evaluate(llm: LLM, exact: LLM | None = None, n_chunks: int = data.EVAL_N_CHU
 
     result = {"model": str(llm.path), "perplexity": data.heldout_perplexity(score, ids, n_chunks=n_chunks),
               "chunks": n_chunks, "chunk_length": data.EVAL_CHUNK_LENGTH, "incremental": incremental,
-              "link": llm.link_note()}
+              "link": llm.link_note(), "expert_dtype": llm.config.offload.expert_dtype,
+              "expert_bytes": llm.store.expert_bytes}
     if exact is not None:
         replay = iter(exact_logits)
         exact_ppl = data.heldout_perplexity(lambda _batch: next(replay), ids, n_chunks=n_chunks)
         result.update(exact_perplexity=exact_ppl, delta_perplexity=result["perplexity"] - exact_ppl,
-                      top1_agreement=agree / positions)
+                      relative_perplexity_rise=result["perplexity"] / exact_ppl - 1,
+                      top1_agreement=agree / positions, exact_expert_bytes=exact.store.expert_bytes)
     if llm.speculation is not None:
         result["speculation"] = llm.speculation.stats().as_dict()["total"]
     return result

@@ -1,8 +1,11 @@
 """Quantized experts chosen at load (`expert_dtype`): group-wise int8 and int4 formats, and the
 cache directory that keeps a quantized model so the next load skips quantizing.
 
-Both formats quantize each weight matrix [rows, cols] in groups of `group` consecutive input
-columns (the reduction dimension of the expert's matmul), one scale per (row, group):
+Both formats quantize each weight matrix [rows, cols] in groups of consecutive input columns (the
+reduction dimension of the expert's matmul), one scale per (row, group). A group size asked for
+must divide both input widths (hidden and expert intermediate); by default each matrix takes the
+largest even divisor of its own width up to the format's default, so a 48-wide matrix is not
+cut into groups of 16:
 - int8: symmetric, q = round(w / s) in [-127, 127], s = max|w| / 127 (a zero is exact);
 - int4: asymmetric, q = round((w - min) / s) in [0, 15], s = (max - min) / 15, w ≈ q s + min,
   two values a byte (even column in the low nibble). At 4 bits an offset buys more accuracy than
@@ -39,7 +42,7 @@ from .base import ExpertWeights, Key
 from .formats import Packed
 
 QUANTIZED = ("gate_up", "down")  # the matrices quantized; biases pass through
-FORMAT_VERSION = 1  # part of the cache key: bump when the packed layout changes
+FORMAT_VERSION = 2  # part of the cache key: bump when the packed layout changes
 
 
 class GroupQuant(ABC):
@@ -50,14 +53,20 @@ class GroupQuant(ABC):
     parts: tuple[str, ...] = ()  # the packed tensors of one matrix
 
     def __init__(self, group: int = 0):
-        self.group = group or self.default_group
+        """group: columns per group; 0: each matrix's largest even divisor up to `default_group`."""
+        self.group = group
 
     def check(self, spec: ModelSpec) -> None:
-        """A one-line error if the group does not divide both reduction dimensions."""
+        """A one-line error if an asked-for group does not divide both input widths."""
         for what, cols in (("hidden_size", spec.hidden_size), ("expert intermediate size", spec.expert_intermediate_size)):
-            if cols % self.group:
+            if self.group and cols % self.group:
                 raise MoespecError(f"expert_group_size={self.group} does not divide the {what} ({cols}) "
                                    f"for expert_dtype={self.name!r}; choose a divisor of {cols}")
+
+    def group_for(self, cols: int) -> int:
+        if self.group:
+            return self.group
+        return max(g for g in range(2, min(cols, self.default_group) + 1, 2) if cols % g == 0)
 
     def pack(self, w: ExpertWeights) -> Packed:
         packed: Packed = {}
@@ -72,8 +81,7 @@ class GroupQuant(ABC):
         device = dst.gate_up.device
         for name, t in dst.tensors().items():
             if name in QUANTIZED:
-                parts = {p: packed[f"{name}.{p}"].to(device, non_blocking=True) for p in self.parts}
-                t.copy_(self.dequantize(parts, t.shape[1]))
+                t.copy_(self.dequantize({p: packed[f"{name}.{p}"].to(device, non_blocking=True) for p in self.parts}))
             else:
                 t.copy_(packed[name], non_blocking=True)
 
@@ -81,27 +89,26 @@ class GroupQuant(ABC):
         fields = {}
         for name in ("gate_up", "down", "gate_up_bias", "down_bias"):
             if name in QUANTIZED:
-                fields[name] = self.dequantize({p: packed[f"{name}.{p}"] for p in self.parts},
-                                               packed[f"{name}.scale"].shape[1] * self.group).to(dtype)
+                fields[name] = self.dequantize({p: packed[f"{name}.{p}"] for p in self.parts}).to(dtype)
             elif name in packed:
                 fields[name] = packed[name].to(dtype)
         return ExpertWeights(**fields)
 
     def _groups(self, w: torch.Tensor) -> torch.Tensor:
         rows, cols = w.shape
-        return w.view(rows, cols // self.group, self.group)
+        return w.view(rows, -1, self.group_for(cols))
 
     @abstractmethod
     def quantize(self, w: torch.Tensor) -> dict[str, torch.Tensor]:
         """One float32 matrix [rows, cols] -> its packed parts."""
 
     @abstractmethod
-    def dequantize(self, parts: dict[str, torch.Tensor], cols: int) -> torch.Tensor:
-        """Packed parts -> the float32 matrix [rows, cols]."""
+    def dequantize(self, parts: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Packed parts -> the float32 matrix (its width and groups follow from the parts' shapes)."""
 
 
 class Int8(GroupQuant):
-    """Symmetric int8, one float16 scale per group (128 columns by default): 8.125 bits a weight."""
+    """Symmetric int8, one float16 scale per group (up to 128 columns by default): about 8.1 bits a weight."""
 
     name = "int8"
     parts = ("q", "scale")
@@ -112,14 +119,14 @@ class Int8(GroupQuant):
         q = torch.round(g / scale.float()[..., None]).clamp(-127, 127).to(torch.int8)
         return {"q": q.view(w.shape), "scale": scale}
 
-    def dequantize(self, parts: dict[str, torch.Tensor], cols: int) -> torch.Tensor:
+    def dequantize(self, parts: dict[str, torch.Tensor]) -> torch.Tensor:
         q, scale = parts["q"], parts["scale"]
-        rows = q.shape[0]
-        return (q.view(rows, -1, self.group).float() * scale.float()[..., None]).view(rows, cols)
+        rows, groups = scale.shape
+        return (q.view(rows, groups, -1).float() * scale.float()[..., None]).view(q.shape)
 
 
 class Int4(GroupQuant):
-    """Asymmetric int4 with a float16 scale and offset per group (64 columns by default): 4.5 bits a weight."""
+    """Asymmetric int4 with a float16 scale and offset per group (up to 64 columns by default): about 4.5 bits a weight."""
 
     name = "int4"
     default_group = 64
@@ -133,25 +140,19 @@ class Int4(GroupQuant):
         q = q.view(w.shape[0], -1, 2)
         return {"q": q[..., 0] | (q[..., 1] << 4), "scale": scale, "offset": offset}
 
-    def dequantize(self, parts: dict[str, torch.Tensor], cols: int) -> torch.Tensor:
+    def dequantize(self, parts: dict[str, torch.Tensor]) -> torch.Tensor:
         packed, scale, offset = parts["q"], parts["scale"], parts["offset"]
-        rows = packed.shape[0]
-        q = torch.stack([packed & 0xF, packed >> 4], dim=-1).view(rows, -1, self.group)
-        return (q.float() * scale.float()[..., None] + offset.float()[..., None]).view(rows, cols)
+        rows, groups = scale.shape
+        q = torch.stack([packed & 0xF, packed >> 4], dim=-1).view(rows, groups, -1)
+        return (q.float() * scale.float()[..., None] + offset.float()[..., None]).view(rows, -1)
 
 
 QUANTIZERS: dict[str, type[GroupQuant]] = registry(Quantized, {"int8": Int8, "int4": Int4})
 
 
 def make_quantizer(expert_dtype: str, group: int, spec: ModelSpec) -> GroupQuant:
-    """The format `expert_dtype` names. group 0: the format's default group, halved until it
-    divides both of the expert's input dimensions (192-wide models get 64)."""
-    cls = QUANTIZERS[expert_dtype]
-    if not group:
-        group = cls.default_group
-        while group > 2 and (spec.hidden_size % group or spec.expert_intermediate_size % group):
-            group //= 2
-    fmt = cls(group)
+    """The format `expert_dtype` names, with `group` columns per group (0: per matrix, see above)."""
+    fmt = QUANTIZERS[expert_dtype](group)
     fmt.check(spec)
     return fmt
 
@@ -209,7 +210,7 @@ def quantized_source(checkpoint, fmt: GroupQuant, dtype: torch.dtype,
         for layer, path in files.items():
             save_file({f"{e}.{name}": t.contiguous() for (l, e), packed in experts.items() if l == layer
                        for name, t in packed.items()}, str(path))
-        (where / "done").write_text(json.dumps({"model": str(model_dir), "format": fmt.name, "group": fmt.group}))
+        (where / "done").write_text(json.dumps({"model": str(model_dir), "format": fmt.name, "group": fmt.group or "auto"}))
     except OSError as e:  # a read-only home still runs, it only quantizes again next time
         print(f"moespec: could not keep quantized experts in {where}: {e}", file=sys.stderr)
     return QuantizedSource(spec, fmt, experts=experts)
