@@ -231,8 +231,10 @@ def cmd_bench(args: argparse.Namespace) -> None:
     for speed in speeds:
         for size in sizes:
             options = {"expert_cache": _value(str(size)), **({"link_bandwidth": speed} if speed else {})}
-            llm = _load(args, **options)
-            result = bench(llm, _prompts_for(llm, cfg.prompt_tokens), cfg)
+            dtypes = args.expert_dtypes.split(",") if args.expert_dtypes else []
+            llm = _load(args, **options, **({"expert_dtype": dtypes[0]} if dtypes else {}))
+            variants = {dt: _load(args, **options, expert_dtype=dt) for dt in dtypes[1:]}
+            result = bench(llm, _prompts_for(llm, cfg.prompt_tokens), cfg, variants)
             result.update(model=str(llm.path), expert_cache=size, config=cfg.__dict__)
             for line in format_table(result):
                 print(f"[cache {size}] {line}")
@@ -245,6 +247,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
                 plot_step_timeline(tracer, args.timeline, f"{llm.path.name}, {cfg.policies[-1]}, cache {size}: "
                                                           f"one decode step ({llm.link_note()})")
             llm.close()
+            for v in variants.values():
+                v.close()
     if args.link_sweep:
         if args.plot:
             plot_link_sweep(sweep, args.plot, f"{Path(next(iter(sweep[speeds[0]].values()))['model']).name}: "
@@ -369,6 +373,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--new-tokens", type=int, default=32)
     b.add_argument("--repeats", type=int, default=3)
     b.add_argument("--cache-sizes", default=None, help="comma list of budgets to sweep (overrides --expert-cache)")
+    b.add_argument("--expert-dtypes", default=None, metavar="auto,int8,int4",
+                   help="run the policies for each expert dtype, interleaved; speed-ups against the first's on-demand")
     b.add_argument("--link-sweep", default=None, metavar="0.25,1,4,16GB/s",
                    help="CPU: repeat the bench at each emulated link speed; --plot then draws the sweep")
     b.add_argument("--plot", default=None, help="png: ms/token vs cache size per policy")

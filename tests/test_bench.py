@@ -55,6 +55,18 @@ def test_bench_reports_every_policy_against_on_demand(model_dir):
     assert len(lines) == 2 * 3 and all(line.startswith("[CPU with an emulated 1 GB/s link]") for line in lines)
 
 
+def test_bench_runs_expert_dtype_variants_interleaved(model_dir):
+    llm = LLM(model_dir, expert_cache=4, link_bandwidth="1GB/s")
+    int4 = LLM(model_dir, expert_cache=4, link_bandwidth="1GB/s", expert_dtype="int4")
+    cfg = BenchConfig(policies=["none", "lookahead"], batch_sizes=[1], new_tokens=6, repeats=1, warmup=0)
+    result = bench(llm, lambda b: [[5 + i, 6, 7, 8] for i in range(b)], cfg, {"int4": int4})
+    rows = result["batches"]["1"]["policies"]
+    assert set(rows) == {"none", "lookahead", "int4/none", "int4/lookahead"}
+    assert rows["int4/none"]["bytes_per_token"] < 0.2 * rows["none"]["bytes_per_token"]  # int4 of float32 experts
+    assert result["variants"]["int4"]["expert_bytes"] == int4.store.expert_bytes
+    assert all("speedup_vs_on_demand" in row for row in rows.values())
+
+
 def test_synthetic_model_at_preset_shapes():
     spec = preset_spec("mixtral-8x7b", layers=2)
     assert (spec.hidden_size, spec.num_experts, spec.num_layers) == (4096, 8, 2)

@@ -122,39 +122,52 @@ def _summary(runs: list[dict]) -> dict:
     return out
 
 
-def bench(llm: LLM, prompts_for: callable, cfg: BenchConfig) -> dict:
-    """Run every policy at every batch size; `prompts_for(B)` gives B prompts of token ids."""
+def bench(llm: LLM, prompts_for: callable, cfg: BenchConfig, variants: dict[str, LLM] | None = None) -> dict:
+    """Run every policy at every batch size; `prompts_for(B)` gives B prompts of token ids.
+
+    `variants`: other loads of the same model (e.g. other expert dtypes) whose policies run
+    interleaved with `llm`'s; their rows are named "name/policy", their speed-ups are against
+    `llm`'s on-demand run and their link-bound limit uses their own on-demand bytes."""
     bandwidth = link_bandwidth(llm)
     results = {"link": llm.link_note(), "link_bandwidth_bytes_per_s": bandwidth, "cache_slots": llm.experts.capacity,
                "total_experts": len(llm.store.keys), "expert_bytes": llm.store.expert_bytes,
                "torch_threads": torch.get_num_threads(), "load_average_before": os.getloadavg(),
                "engine_config": llm.config.as_dict(), "batches": {}}
+    loads = {"": llm, **(variants or {})}
+    if variants:
+        results["variants"] = {name: {"cache_slots": v.experts.capacity, "expert_bytes": v.store.expert_bytes,
+                                      "engine_config": v.config.as_dict()} for name, v in variants.items()}
+    runs_of = [(f"{name}/{policy}" if name else policy, load, policy)
+               for name, load in loads.items() for policy in cfg.policies]
     for batch in cfg.batch_sizes:
         prompts = prompts_for(batch)
-        prefill = {policy: prefill_bytes(llm, POLICIES[policy], prompts) for policy in cfg.policies}
+        prefill = {row: prefill_bytes(load, POLICIES[policy], prompts) for row, load, policy in runs_of}
         reference = reference_engine(llm)
         for _ in range(cfg.warmup):
-            for policy in cfg.policies:
-                one_run(llm, policy, prompts, 4, prefill[policy])
+            for row, load, policy in runs_of:
+                one_run(load, policy, prompts, 4, prefill[row])
             compute_step(llm, reference, prompts, 4)
-        runs: dict[str, list[dict]] = {p: [] for p in cfg.policies}
+        runs: dict[str, list[dict]] = {row: [] for row, _, _ in runs_of}
         computes = []
         for _ in range(cfg.repeats):  # the compute reference interleaved with the policies
-            for policy in cfg.policies:
-                runs[policy].append(one_run(llm, policy, prompts, cfg.new_tokens, prefill[policy]))
+            for row, load, policy in runs_of:
+                runs[row].append(one_run(load, policy, prompts, cfg.new_tokens, prefill[row]))
             computes.append(compute_step(llm, reference, prompts, cfg.new_tokens))
         compute = statistics.median(computes)
         rows = {p: _summary(r) for p, r in runs.items()}
         base = rows.get("none")
         required = base["bytes_per_step"] if base else None
         limit = max(compute, required / bandwidth) if required is not None else compute
-        for row in rows.values():
+        for name, row in rows.items():
+            own_base = rows.get(name.rsplit("/", 1)[0] + "/none") if "/" in name else base
             if base:
                 row["speedup_vs_on_demand"] = base["ms_per_step_median"] / row["ms_per_step_median"]
-            row["times_link_bound_limit"] = row["ms_per_step_median"] / (1000 * limit)
+            own_limit = max(compute, own_base["bytes_per_step"] / bandwidth) if own_base else limit
+            row["times_link_bound_limit"] = row["ms_per_step_median"] / (1000 * own_limit)
         results["batches"][str(batch)] = {"compute_ms_per_step": 1000 * compute, "link_bound_limit_ms": 1000 * limit,
                                           "required_bytes_per_step": required, "policies": rows}
-    llm.reset()
+    for load in loads.values():
+        load.reset()
     results["load_average_after"] = os.getloadavg()
     return results
 
