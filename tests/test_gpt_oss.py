@@ -12,6 +12,7 @@ from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
 from moespec import LLM, MoespecError
 from moespec.experts.mxfp4 import FP4_VALUES, Mxfp4, dequantize, quantize
+from moespec.model.attention import sink_attention
 from test_parity import PROMPTS, reference_greedy
 
 BASE = dict(vocab_size=128, num_hidden_layers=3, max_position_embeddings=256, initializer_range=0.15,
@@ -99,12 +100,15 @@ def test_logits_match_reference(case):
 
 
 @pytest.mark.parametrize("options", [dict(expert_cache="100%"), dict(expert_cache="30%"),
-                                     dict(expert_cache="30%", prefetch="lookahead")], ids=["100%", "30%", "lookahead"])
+                                     dict(expert_cache="50%", prefetch="lookahead"),  # room for guesses
+                                     dict(expert_cache="30%", expert_tier="disk", host_cache=0)],
+                         ids=["100%", "30%", "lookahead", "disk"])
 def test_greedy_batch_matches_reference(case, options):
     out, _, expected = case
     llm = LLM(out, **options)
     got = llm.generate(PROMPTS, max_new_tokens=32, temperature=0.0, ignore_eos=True)
     assert [o.token_ids for o in got] == expected
+    assert llm.stats().as_dict()["prefetches"] > 0 or "prefetch" not in options  # the lookahead did guess
     llm.close()
 
 
@@ -119,7 +123,6 @@ def test_self_speculative_greedy_is_plain_greedy(case):
 
 def test_sink_takes_probability_mass():
     """A sink logit far above every score leaves the head with (almost) no output; far below, plain softmax."""
-    from moespec.model.attention import sink_attention
     q, k, v = (torch.randn(1, 2, 3, 4, generator=torch.Generator().manual_seed(i)) for i in range(3))
     mask = torch.ones(1, 1, 3, 3, dtype=torch.bool).tril()
     plain = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
@@ -160,6 +163,19 @@ def test_mxfp4_experts_stay_packed_and_cross_the_link_packed(mxfp4_case):
     total = llm.expert_stats.total()
     assert total.misses > 0 and total.bytes_moved == total.misses * size
     assert len(llm.store.keys) == 2 * E
+    llm.close()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_mxfp4_unpacks_on_the_cuda_copy_stream(mxfp4_case):
+    out, ref = mxfp4_case
+    want = [reference_greedy(ref, p, 16) for p in PROMPTS]
+    llm = LLM(out, device="cuda", expert_cache="30%")
+    assert [o.token_ids for o in llm.generate(PROMPTS, max_new_tokens=16, ignore_eos=True)] == want
+    stats = llm.stats().as_dict()
+    assert stats["misses"] > 0 and stats["bytes_moved"] == stats["misses"] * llm.store.expert_bytes
+    assert llm.store.packed((0, 0))["gate_up_blocks"].is_pinned() and llm.experts.slots.gate_up.is_cuda
     llm.close()
 
 
