@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import threading
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors import safe_open
@@ -17,10 +18,13 @@ from safetensors import safe_open
 from .direct_io import DirectReader
 from .errors import MoespecError
 from .experts.formats import Dense, ExpertFormat, Packed
+from .experts.mxfp4 import BLOCK, Mxfp4
 from .spec import ModelSpec, load_spec
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
+# config.json's quantization_config.quant_method -> the format its experts are read in (kept packed)
+QUANT_FORMATS: dict[str, type[ExpertFormat]] = {"mxfp4": Mxfp4}
 
 
 def moe_prefix(spec: ModelSpec) -> str:
@@ -33,9 +37,15 @@ def expert_proj_names(spec: ModelSpec) -> tuple[str, str, str]:
     return ("w1", "w3", "w2") if spec.model_type == "mixtral" else ("gate_proj", "up_proj", "down_proj")
 
 
+def router_name(spec: ModelSpec) -> str:
+    """The module name of the router inside the MoE block (moespec's is always `gate`)."""
+    return "router" if spec.model_type == "gpt_oss" else "gate"
+
+
 def model_name(checkpoint_name: str) -> str:
     """The parameter name in moespec's Transformer for a checkpoint tensor name."""
-    return checkpoint_name.removeprefix("model.").replace(".block_sparse_moe.", ".mlp.")
+    name = checkpoint_name.removeprefix("model.").replace(".block_sparse_moe.", ".mlp.")
+    return name.replace(".mlp.router.", ".mlp.gate.") if name.startswith("layers.") else name
 
 
 def switch_ff_prefix(spec: ModelSpec, layer: int) -> str:
@@ -79,10 +89,15 @@ def dense_tensor_names(spec: ModelSpec) -> list[str]:
         names += [p + f"self_attn.{x}_proj.weight" for x in "qkvo"]
         if spec.attention_bias:
             names += [p + f"self_attn.{x}_proj.bias" for x in "qkv"]
+        if spec.attention_out_bias:
+            names.append(p + "self_attn.o_proj.bias")
+        if spec.attention_sinks:
+            names.append(p + "self_attn.sinks")
         if spec.qk_norm != "none":
             names += [p + "self_attn.q_norm.weight", p + "self_attn.k_norm.weight"]
         if is_moe:
-            names.append(p + f"{moe_prefix(spec)}.gate.weight")
+            router = p + f"{moe_prefix(spec)}.{router_name(spec)}."
+            names += [router + "weight"] + ([router + "bias"] if spec.router_bias else [])
             if spec.shared_expert_intermediate_size:
                 names += [p + f"mlp.shared_expert.{x}_proj.weight" for x in ("gate", "up", "down")]
             if spec.shared_expert_gate:
@@ -102,10 +117,55 @@ class Checkpoint:
         self._handles: dict[Path, object] = {}
         self._handles_lock = threading.Lock()
         self.direct = DirectReader()  # O_DIRECT reads of experts (the disk tier with direct_io)
-        self.format: ExpertFormat = Dense()  # how `expert` hands experts out
-        # transformers >= 5 can also store a layer's experts fused into [E, ...] tensors
-        self._fused = any(f"model.layers.{i}.mlp.experts.gate_up_proj" in self._file_of for i in spec.moe_layer_ids)
+        self.format: ExpertFormat = self._expert_format()  # how `expert` hands experts out
+        # transformers >= 5 can also store a layer's experts fused into [E, ...] tensors (gpt-oss always does)
+        self._fused = spec.model_type == "gpt_oss" or \
+            any(f"model.layers.{i}.mlp.experts.gate_up_proj" in self._file_of for i in spec.moe_layer_ids)
+        if isinstance(self.format, Mxfp4):
+            self._check_mxfp4()
         self._check_complete()
+
+    def _expert_format(self) -> ExpertFormat:
+        """Dense, or the packed format config.json's `quantization_config` names."""
+        path = self.dir / "config.json"
+        quant = json.loads(path.read_text()).get("quantization_config") if path.is_file() else None
+        if not quant:
+            return Dense()
+        method = quant.get("quant_method")
+        if method not in QUANT_FORMATS:
+            raise MoespecError(f"{path}: quantization_config.quant_method {method!r} is not supported "
+                               f"(supported: {', '.join(QUANT_FORMATS)})")
+        if method == "mxfp4" and self.spec.model_type != "gpt_oss":
+            raise MoespecError(f"{path}: quant_method 'mxfp4' is read for gpt_oss checkpoints only, "
+                               f"not {self.spec.model_type}")
+        return QUANT_FORMATS[method]()
+
+    def _shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._handle(self._file_of[name]).get_slice(name).get_shape())
+
+    def _check_mxfp4(self) -> None:
+        """Every MXFP4 expert tensor has its scales, both of the shapes the spec's sizes need."""
+        s = self.spec
+        for layer in s.moe_layer_ids:
+            p = f"model.layers.{layer}.mlp.experts."
+            for proj, rows, cols in (("gate_up_proj", 2 * s.expert_intermediate_size, s.hidden_size),
+                                     ("down_proj", s.hidden_size, s.expert_intermediate_size)):
+                blocks, scales = f"{p}{proj}_blocks", f"{p}{proj}_scales"
+                if blocks not in self._file_of:
+                    continue  # reported as missing by _check_complete
+                if scales not in self._file_of:
+                    raise MoespecError(f"checkpoint {self.dir}: MXFP4 tensor {blocks} has no scales ({scales} is missing)")
+                if cols % BLOCK:
+                    raise MoespecError(f"checkpoint {self.dir}: MXFP4 tensor {blocks} needs {cols} columns to be "
+                                       f"a multiple of {BLOCK}")
+                want = (s.num_experts, rows, cols // BLOCK, BLOCK // 2)
+                if self._shape(blocks) != want:
+                    raise MoespecError(f"checkpoint {self.dir}: MXFP4 tensor {blocks} has shape "
+                                       f"{list(self._shape(blocks))}, expected {list(want)}")
+                if self._shape(scales) != want[:3]:
+                    raise MoespecError(f"checkpoint {self.dir}: MXFP4 scales {scales} have shape "
+                                       f"{list(self._shape(scales))}, expected {list(want[:3])} (one per {BLOCK} "
+                                       f"values of {blocks})")
 
     def _index(self) -> dict[str, Path]:
         index = self.dir / INDEX_FILE
@@ -132,6 +192,10 @@ class Checkpoint:
         if self.spec.num_encoder_layers:
             return [f"{switch_ff_prefix(self.spec, layer)}mlp.experts.expert_{expert}.{w}.weight" for w in ("wi", "wo")]
         p = f"model.layers.{layer}.{moe_prefix(self.spec)}.experts."
+        if self.spec.model_type == "gpt_oss":
+            suffixes = ("_blocks", "_scales") if isinstance(self.format, Mxfp4) else ("",)
+            return [f"{p}{proj}{suffix}" for proj in ("gate_up_proj", "down_proj") for suffix in suffixes] \
+                + [p + "gate_up_proj_bias", p + "down_proj_bias"]
         if self._fused:
             return [p + "gate_up_proj", p + "down_proj"]
         return [f"{p}{expert}.{proj}.weight" for proj in expert_proj_names(self.spec)]
@@ -168,13 +232,18 @@ class Checkpoint:
         names = self._expert_names(layer, expert)
         index = expert if self._fused and not self.spec.num_encoder_layers else None
 
-        def read(name: str) -> torch.Tensor:
+        def read(name: str, to: torch.dtype | None = dtype) -> torch.Tensor:
+            """Tensor `name` (this expert's slice of it, if fused) in dtype `to` (None: as stored)."""
             if direct:
-                return self.direct.tensor(self._file_of[name], name, index).to(dtype)
-            if index is not None:
-                return self._handle(self._file_of[name]).get_slice(name)[index].to(dtype)
-            return self.tensor(name, dtype)
+                t = self.direct.tensor(self._file_of[name], name, index)
+            elif index is not None:
+                t = self._handle(self._file_of[name]).get_slice(name)[index]
+            else:
+                t = self._handle(self._file_of[name]).get_tensor(name)
+            return t if to is None else t.to(to)
 
+        if self.spec.model_type == "gpt_oss":
+            return self._gpt_oss_expert(names, read)
         if not self.spec.gated_mlp:
             wi, wo = (read(n) for n in names)
             return {"gate_up": wi, "down": wo}
@@ -183,6 +252,22 @@ class Checkpoint:
             return {"gate_up": gate_up.contiguous(), "down": down.contiguous()}
         gate, up, down = (read(n) for n in names)
         return {"gate_up": torch.cat([gate, up]), "down": down.contiguous()}
+
+    def _gpt_oss_expert(self, names: list[str], read: Callable[..., torch.Tensor]) -> Packed:
+        """gpt-oss interleaves gate and up (gate is every even output unit) and stores unquantized
+        projections transposed ([H, 2I], [I, H]); its MXFP4 blocks are [2I, H/32, 16] and
+        [H, I/32, 16], one row per output unit. Reordered to moespec's gate units first; packed
+        rows stay packed (a row's blocks and scale move together)."""
+        *weights, gate_up_bias, down_bias = names
+        n = 2 * self.spec.expert_intermediate_size
+        gate_first = torch.cat([torch.arange(0, n, 2), torch.arange(1, n, 2)])
+        biases = {"gate_up_bias": read(gate_up_bias)[gate_first], "down_bias": read(down_bias)}
+        if isinstance(self.format, Mxfp4):  # gate_up blocks, scales, down blocks, scales
+            gu_blocks, gu_scales, down_blocks, down_scales = (read(name, None) for name in weights)
+            return {"gate_up_blocks": gu_blocks[gate_first], "gate_up_scales": gu_scales[gate_first],
+                    "down_blocks": down_blocks.contiguous(), "down_scales": down_scales.contiguous(), **biases}
+        gate_up, down = (read(name) for name in weights)
+        return {"gate_up": gate_up.T[gate_first], "down": down.T.contiguous(), **biases}
 
     def dense_state(self, dtype: torch.dtype, device: torch.device | str) -> dict[str, torch.Tensor]:
         """All non-expert tensors on `device`, keyed by the model's parameter names."""

@@ -81,6 +81,10 @@ class ModelSpec:
     qk_norm: str = "none"  # "none" | "head" (per head, Qwen3) | "full" (whole projection, OLMoE)
     clip_qkv: float | None = None
     sliding_window: int | None = None
+    # per layer: its sliding window (None: full attention); empty: every layer uses `sliding_window`
+    layer_sliding_windows: tuple[int | None, ...] = ()
+    attention_out_bias: bool = False  # bias on o_proj (gpt-oss)
+    attention_sinks: bool = False  # a learned logit per head that takes softmax mass but has no value (gpt-oss)
     tie_word_embeddings: bool = False
     hidden_act: str = "silu"
     bos_token_id: int | None = None
@@ -99,6 +103,10 @@ class ModelSpec:
     @property
     def moe_layer_ids(self) -> list[int]:
         return [i for i, is_moe in enumerate(self.moe_layers) if is_moe]
+
+    def window(self, layer: int) -> int | None:
+        """The sliding window of `layer`'s attention (None: it sees the whole context)."""
+        return self.layer_sliding_windows[layer] if self.layer_sliding_windows else self.sliding_window
 
     @property
     def expert_params(self) -> int:
@@ -289,12 +297,55 @@ def _switch_transformers(cfg: dict[str, Any]) -> ModelSpec:
     )
 
 
+GPT_OSS_ALPHA = 1.702  # the sigmoid gain model/moe.py's clamped SwiGLU applies
+LAYER_TYPES = ("sliding_attention", "full_attention")
+
+
+def _gpt_oss_windows(cfg: dict[str, Any]) -> tuple[int | None, ...]:
+    """Each layer's sliding window from `layer_types` (transformers' default: sliding on even layers)."""
+    n = cfg["num_hidden_layers"]
+    types = cfg.get("layer_types") or ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n)]
+    if len(types) != n:
+        raise MoespecError(f"layer_types has {len(types)} entries for num_hidden_layers={n}")
+    for t in types:
+        if t not in LAYER_TYPES:
+            raise MoespecError(f"layer_types entry {t!r} is not supported (supported: {', '.join(LAYER_TYPES)})")
+    window = cfg.get("sliding_window")
+    return tuple(window if t == "sliding_attention" else None for t in types)
+
+
+def _gpt_oss(cfg: dict[str, Any]) -> ModelSpec:
+    """gpt-oss: biased router (top-k logits, softmax over the k), experts with biases and a clamped
+    SwiGLU, attention with q/k/v/o biases and per-head sinks, sliding and full layers alternating."""
+    alpha = cfg.get("swiglu_alpha", GPT_OSS_ALPHA)
+    if alpha != GPT_OSS_ALPHA:
+        raise MoespecError(f"swiglu_alpha={alpha} is not supported (only {GPT_OSS_ALPHA})")
+    bias = bool(cfg.get("attention_bias", True))
+    return ModelSpec(
+        **_common(cfg),
+        num_experts=cfg["num_local_experts"],
+        top_k=cfg["num_experts_per_tok"],
+        expert_intermediate_size=cfg["intermediate_size"],
+        router="softmax_topk_renorm",
+        moe_layers=(True,) * cfg["num_hidden_layers"],
+        router_bias=True,
+        expert_act="clamped_swiglu",
+        swiglu_limit=float(cfg.get("swiglu_limit", 7.0)),
+        expert_bias=True,
+        attention_bias=bias,
+        attention_out_bias=bias,
+        attention_sinks=True,
+        layer_sliding_windows=_gpt_oss_windows(cfg),
+    )
+
+
 PARSERS: dict[str, Callable[[dict[str, Any]], ModelSpec]] = {
     "mixtral": _mixtral,
     "qwen2_moe": _qwen2_moe,
     "qwen3_moe": _qwen3_moe,
     "olmoe": _olmoe,
     "switch_transformers": _switch_transformers,
+    "gpt_oss": _gpt_oss,
 }
 SUPPORTED = tuple(PARSERS)
 

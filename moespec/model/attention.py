@@ -1,4 +1,5 @@
-"""Grouped-query attention with rotary embeddings (model/rope.py), optional q/k norms, over the KV cache."""
+"""Grouped-query attention with rotary embeddings (model/rope.py), optional q/k norms, sliding windows
+(one for the model or one per layer) and attention sinks, over the KV cache."""
 
 from __future__ import annotations
 
@@ -25,6 +26,19 @@ class RMSNorm(nn.Module):
         return self.weight * xf.to(x.dtype)
 
 
+def sink_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
+                   sinks: torch.Tensor) -> torch.Tensor:
+    """Softmax attention whose every row also holds one learned logit per head, `sinks` [heads],
+    that takes probability mass but contributes no value (gpt-oss): a head may attend to nothing.
+    q [B, heads, T, D], keys/values [B, heads, S, D], mask [B, 1, T, S] -> [B, heads, T, D].
+    SDPA has no such logit, so the softmax is written out."""
+    scores = (q @ keys.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    scores = scores.masked_fill(~mask, float("-inf"))
+    sink = sinks.to(scores.dtype).view(1, -1, 1, 1).expand(*scores.shape[:-1], 1)
+    probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
+    return probs @ values
+
+
 class Attention(nn.Module):
     def __init__(self, spec: ModelSpec):
         super().__init__()
@@ -33,7 +47,8 @@ class Attention(nn.Module):
         self.q_proj = nn.Linear(h, spec.num_heads * d, bias=spec.attention_bias)
         self.k_proj = nn.Linear(h, spec.num_kv_heads * d, bias=spec.attention_bias)
         self.v_proj = nn.Linear(h, spec.num_kv_heads * d, bias=spec.attention_bias)
-        self.o_proj = nn.Linear(spec.num_heads * d, h, bias=False)
+        self.o_proj = nn.Linear(spec.num_heads * d, h, bias=spec.attention_out_bias)
+        self.sinks = nn.Parameter(torch.zeros(spec.num_heads)) if spec.attention_sinks else None
         if spec.qk_norm == "head":
             self.q_norm, self.k_norm = RMSNorm(d, spec.rms_norm_eps), RMSNorm(d, spec.rms_norm_eps)
         elif spec.qk_norm == "full":
@@ -62,10 +77,14 @@ class Attention(nn.Module):
         keys, values = cache.read(layer, rows, upto)
         key_pos = torch.arange(upto, device=x.device)
         mask = key_pos[None, None, :] <= positions[:, :, None]  # [B, T, upto]: causal per row
-        if spec.sliding_window is not None:
-            mask &= key_pos[None, None, :] > positions[:, :, None] - spec.sliding_window
+        window = spec.window(layer)
+        if window is not None:
+            mask &= key_pos[None, None, :] > positions[:, :, None] - window
         groups = spec.num_heads // spec.num_kv_heads
         keys = keys.repeat_interleave(groups, dim=1)
         values = values.repeat_interleave(groups, dim=1)
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask[:, None])
+        if self.sinks is not None:
+            out = sink_attention(q.transpose(1, 2), keys, values, mask[:, None], self.sinks)
+        else:
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask[:, None])
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..experts.base import ExpertProvider, ExpertWeights
-from ..spec import ModelSpec
+from ..spec import GPT_OSS_ALPHA, ModelSpec  # gpt-oss's SwiGLU: gate * sigmoid(1.702 gate)
 from ..hooks import ForwardHooks
 from .routing import Router, make_gate, make_router
 
@@ -26,9 +26,6 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-
-
-GPT_OSS_ALPHA = 1.702  # gpt-oss's SwiGLU: gate * sigmoid(1.702 gate), a GELU-like gate
 
 
 def expert_forward(x: torch.Tensor, w: ExpertWeights, act: str = "silu", limit: float = 7.0) -> torch.Tensor:
