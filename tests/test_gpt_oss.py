@@ -10,7 +10,8 @@ from safetensors.torch import save_file
 from transformers import GptOssConfig, GptOssForCausalLM, Mxfp4Config
 from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
-from moespec import LLM, MoespecError
+from moespec import LLM
+from moespec.spec import load_spec, MoespecError
 from moespec.experts.mxfp4 import FP4_VALUES, Mxfp4, dequantize, quantize
 from moespec.model.attention import sink_attention
 from test_parity import PROMPTS, reference_greedy
@@ -105,16 +106,25 @@ def test_logits_match_reference(case):
                          ids=["100%", "30%", "lookahead", "disk"])
 def test_greedy_batch_matches_reference(case, options):
     out, _, expected = case
-    llm = LLM(out, **options)
+    llm = LLM(out, **as_slots(out, options))
     got = llm.generate(PROMPTS, max_new_tokens=32, temperature=0.0, ignore_eos=True)
     assert [o.token_ids for o in got] == expected
     assert llm.stats().as_dict()["prefetches"] > 0 or "prefetch" not in options  # the lookahead did guess
     llm.close()
 
 
+def as_slots(out, options: dict) -> dict:
+    """A share of the experts as a slot count: a share budget is of the experts' float32 size,
+    which MXFP4 experts would fit whole."""
+    share = options.get("expert_cache", "100%")
+    spec = load_spec(out)
+    total = len(spec.moe_layer_ids) * spec.num_experts
+    return {**options, "expert_cache": max(spec.top_k, int(float(share.rstrip("%")) / 100 * total))}
+
+
 def test_self_speculative_greedy_is_plain_greedy(case):
     out, _, expected = case
-    llm = LLM(out, expert_cache="50%")
+    llm = LLM(out, **as_slots(out, dict(expert_cache="50%")))
     got = llm.generate(PROMPTS, max_new_tokens=32, ignore_eos=True, speculative="self", gamma=3, draft_experts=1)
     assert [o.token_ids for o in got] == expected
     assert llm.stats().as_dict()["speculative_decoding"]["accepted"] > 0
@@ -153,7 +163,7 @@ def test_quantize_keeps_representable_weights_and_rounds_the_rest():
 
 
 def test_mxfp4_experts_stay_packed_and_cross_the_link_packed(mxfp4_case):
-    llm = LLM(mxfp4_case[0], expert_cache="30%")
+    llm = LLM(mxfp4_case[0], **as_slots(mxfp4_case[0], dict(expert_cache="30%")))
     E, H, I = MXFP4_CASE["num_local_experts"], MXFP4_CASE["hidden_size"], MXFP4_CASE["intermediate_size"]
     packed = llm.store.packed((0, 0))
     assert isinstance(llm.store.format, Mxfp4) and packed["gate_up_blocks"].dtype == torch.uint8
@@ -171,7 +181,7 @@ def test_mxfp4_experts_stay_packed_and_cross_the_link_packed(mxfp4_case):
 def test_mxfp4_unpacks_on_the_cuda_copy_stream(mxfp4_case):
     out, ref = mxfp4_case
     want = [reference_greedy(ref, p, 16) for p in PROMPTS]
-    llm = LLM(out, device="cuda", expert_cache="30%")
+    llm = LLM(out, device="cuda", **as_slots(out, dict(expert_cache="30%")))
     assert [o.token_ids for o in llm.generate(PROMPTS, max_new_tokens=16, ignore_eos=True)] == want
     stats = llm.stats().as_dict()
     assert stats["misses"] > 0 and stats["bytes_moved"] == stats["misses"] * llm.store.expert_bytes
