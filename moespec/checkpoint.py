@@ -17,6 +17,7 @@ from safetensors import safe_open
 from .direct_io import DirectReader
 from .errors import MoespecError
 from .experts.formats import Dense, ExpertFormat, Packed
+from .experts.fp8 import FP8, PROJECTIONS, SCALE_SUFFIX, Fp8Blocks, check_scale, dequantize
 from .spec import ModelSpec, load_spec
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -33,9 +34,51 @@ def expert_proj_names(spec: ModelSpec) -> tuple[str, str, str]:
     return ("w1", "w3", "w2") if spec.model_type == "mixtral" else ("gate_proj", "up_proj", "down_proj")
 
 
+def shared_expert_name(spec: ModelSpec) -> str:
+    """The shared expert's module name inside the MoE block (DeepSeek's holds n_shared_experts fused)."""
+    return "shared_experts" if spec.model_type in ("deepseek_v2", "deepseek_v3", "kimi_k2", "glm4_moe") \
+        else "shared_expert"
+
+
 def model_name(checkpoint_name: str) -> str:
     """The parameter name in moespec's Transformer for a checkpoint tensor name."""
-    return checkpoint_name.removeprefix("model.").replace(".block_sparse_moe.", ".mlp.")
+    return checkpoint_name.removeprefix("model.").replace(".block_sparse_moe.", ".mlp.") \
+        .replace(".mlp.shared_experts.", ".mlp.shared_expert.")
+
+
+def attention_tensor_names(spec: ModelSpec, prefix: str) -> list[str]:
+    """The attention block's tensors of the decoder layer at `prefix` ("model.layers.<i>.")."""
+    p = prefix + "self_attn."
+    if spec.attention == "mla":
+        query = ["q_a_proj.weight", "q_a_layernorm.weight", "q_b_proj.weight"] if spec.q_lora_rank else ["q_proj.weight"]
+        names = query + ["kv_a_proj_with_mqa.weight", "kv_a_layernorm.weight", "kv_b_proj.weight", "o_proj.weight"]
+        if spec.attention_bias:
+            names += (["q_a_proj.bias"] if spec.q_lora_rank else []) + ["kv_a_proj_with_mqa.bias", "o_proj.bias"]
+        return [p + n for n in names]
+    names = [p + f"{x}_proj.weight" for x in "qkvo"]
+    if spec.attention_bias:
+        names += [p + f"{x}_proj.bias" for x in "qkv"]
+    if spec.qk_norm != "none":
+        names += [p + "q_norm.weight", p + "k_norm.weight"]
+    return names
+
+
+def fp8_block_size(cfg: dict) -> tuple[int, int] | None:
+    """The FP8 weight block config.json's `quantization_config` declares; None: not quantized."""
+    quant = cfg.get("quantization_config")
+    if not quant:
+        return None
+    method = quant.get("quant_method")
+    if method != "fp8":
+        raise MoespecError(f"quantization_config.quant_method {method!r} is not supported (supported: 'fp8')")
+    for field, supported in (("fmt", "e4m3"), ("scale_fmt", "float")):
+        if quant.get(field, supported) != supported:
+            raise MoespecError(f"quantization_config.{field} {quant[field]!r} is not supported (only {supported!r})")
+    block = quant.get("weight_block_size")
+    if not (isinstance(block, (list, tuple)) and len(block) == 2 and all(isinstance(b, int) and b > 0 for b in block)):
+        raise MoespecError(f"quantization_config.weight_block_size {block!r} is not supported "
+                           "(FP8 needs [rows, columns] blocks, e.g. [128, 128])")
+    return block[0], block[1]
 
 
 def switch_ff_prefix(spec: ModelSpec, layer: int) -> str:
@@ -76,15 +119,13 @@ def dense_tensor_names(spec: ModelSpec) -> list[str]:
     for i, is_moe in enumerate(spec.moe_layers):
         p = f"model.layers.{i}."
         names += [p + "input_layernorm.weight", p + "post_attention_layernorm.weight"]
-        names += [p + f"self_attn.{x}_proj.weight" for x in "qkvo"]
-        if spec.attention_bias:
-            names += [p + f"self_attn.{x}_proj.bias" for x in "qkv"]
-        if spec.qk_norm != "none":
-            names += [p + "self_attn.q_norm.weight", p + "self_attn.k_norm.weight"]
+        names += attention_tensor_names(spec, p)
         if is_moe:
             names.append(p + f"{moe_prefix(spec)}.gate.weight")
+            if spec.router_correction_bias:
+                names.append(p + "mlp.gate.e_score_correction_bias")
             if spec.shared_expert_intermediate_size:
-                names += [p + f"mlp.shared_expert.{x}_proj.weight" for x in ("gate", "up", "down")]
+                names += [p + f"mlp.{shared_expert_name(spec)}.{x}_proj.weight" for x in ("gate", "up", "down")]
             if spec.shared_expert_gate:
                 names.append(p + "mlp.shared_expert_gate.weight")
         else:
@@ -102,10 +143,15 @@ class Checkpoint:
         self._handles: dict[Path, object] = {}
         self._handles_lock = threading.Lock()
         self.direct = DirectReader()  # O_DIRECT reads of experts (the disk tier with direct_io)
-        self.format: ExpertFormat = Dense()  # how `expert` hands experts out
         # transformers >= 5 can also store a layer's experts fused into [E, ...] tensors
         self._fused = any(f"model.layers.{i}.mlp.experts.gate_up_proj" in self._file_of for i in spec.moe_layer_ids)
+        config = self.dir / "config.json"
+        self.fp8_block = fp8_block_size(json.loads(config.read_text())) if config.is_file() else None
         self._check_complete()
+        # how `expert` hands experts out: FP8 experts stay packed, anything else in the compute dtype
+        first_expert = self._expert_names(spec.moe_layer_ids[0], 0)[0] if spec.moe_layer_ids else None
+        self.format: ExpertFormat = Fp8Blocks(self.fp8_block) \
+            if first_expert is not None and self._is_fp8(first_expert) else Dense()
 
     def _index(self) -> dict[str, Path]:
         index = self.dir / INDEX_FILE
@@ -146,6 +192,26 @@ class Checkpoint:
             raise MoespecError(
                 f"checkpoint {self.dir} is missing {len(missing)} tensor(s), first: {missing[0]}"
             )
+        for name in needed:
+            if self._is_fp8(name):
+                self._check_fp8(name)
+
+    def _is_fp8(self, name: str) -> bool:
+        return self._handle(self._file_of[name]).get_slice(name).get_dtype() == "F8_E4M3"
+
+    def _check_fp8(self, name: str) -> None:
+        """An FP8 tensor needs the config's block size and its scales, tiling it in those blocks."""
+        if self.fp8_block is None:
+            raise MoespecError(f"{name} is float8_e4m3fn but config.json has no quantization_config "
+                               "with quant_method 'fp8'")
+        if self._fused:
+            raise MoespecError(f"{name}: FP8 experts fused into [E, ...] tensors are not supported "
+                               "(only one tensor per expert projection)")
+        scale = name + SCALE_SUFFIX
+        if scale not in self._file_of:
+            raise MoespecError(f"FP8 weight {name} has no scales ({scale} is not in the checkpoint)")
+        check_scale(name, tuple(self._handle(self._file_of[name]).get_slice(name).get_shape()),
+                    tuple(self._handle(self._file_of[scale]).get_slice(scale).get_shape()), self.fp8_block)
 
     def _handle(self, path: Path):
         with self._handles_lock:  # the transfer side's reader threads open files too
@@ -154,8 +220,15 @@ class Checkpoint:
             return self._handles[path]
 
     def tensor(self, name: str, dtype: torch.dtype) -> torch.Tensor:
-        """Read one tensor by its checkpoint name, converted to `dtype`, on the CPU."""
-        return self._handle(self._file_of[name]).get_tensor(name).to(dtype)
+        """Read one tensor by its checkpoint name, converted to `dtype` (FP8: dequantised), on the CPU."""
+        t = self.stored(name)
+        if t.dtype == FP8:
+            return dequantize(t, self.stored(name + SCALE_SUFFIX), self.fp8_block, dtype)
+        return t.to(dtype)
+
+    def stored(self, name: str) -> torch.Tensor:
+        """One tensor as the file stores it."""
+        return self._handle(self._file_of[name]).get_tensor(name)
 
     def expert(self, layer: int, expert: int, dtype: torch.dtype, direct: bool = False) -> Packed:
         """One routed expert's tensors in `self.format`, read alone (Dense: gate_up [2I, H], gate
@@ -168,12 +241,19 @@ class Checkpoint:
         names = self._expert_names(layer, expert)
         index = expert if self._fused and not self.spec.num_encoder_layers else None
 
-        def read(name: str) -> torch.Tensor:
+        def read(name: str, dtype: torch.dtype | None = dtype) -> torch.Tensor:
+            """`name` in `dtype`; None: as stored."""
             if direct:
-                return self.direct.tensor(self._file_of[name], name, index).to(dtype)
-            if index is not None:
-                return self._handle(self._file_of[name]).get_slice(name)[index].to(dtype)
-            return self.tensor(name, dtype)
+                t = self.direct.tensor(self._file_of[name], name, index)
+            elif index is not None:
+                t = self._handle(self._file_of[name]).get_slice(name)[index]
+            else:
+                t = self.stored(name)
+            return t if dtype is None else t.to(dtype)
+
+        if isinstance(self.format, Fp8Blocks):  # FP8 values and their scales, as stored
+            return {proj + suffix: read(name + suffix, None).contiguous()
+                    for proj, name in zip(PROJECTIONS, names) for suffix in ("", SCALE_SUFFIX)}
 
         if not self.spec.gated_mlp:
             wi, wo = (read(n) for n in names)
