@@ -18,13 +18,15 @@ from safetensors import safe_open
 from .direct_io import DirectReader
 from .errors import MoespecError
 from .experts.formats import Dense, ExpertFormat, Packed
+from .experts.fp8 import FP8, PROJECTIONS, SCALE_SUFFIX, Fp8Blocks, check_scale, dequantize
 from .experts.mxfp4 import BLOCK, Mxfp4
 from .spec import ModelSpec, load_spec
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
-# config.json's quantization_config.quant_method -> the format its experts are read in (kept packed)
-QUANT_FORMATS: dict[str, type[ExpertFormat]] = {"mxfp4": Mxfp4}
+# config.json's quantization_config.quant_method values read: FP8 128x128-block checkpoints
+# (DeepSeek-V3; dense weights dequantised at load, experts kept packed) and gpt-oss's MXFP4 experts
+QUANT_METHODS = ("fp8", "mxfp4")
 
 
 def moe_prefix(spec: ModelSpec) -> str:
@@ -42,10 +44,50 @@ def router_name(spec: ModelSpec) -> str:
     return "router" if spec.model_type == "gpt_oss" else "gate"
 
 
+def shared_expert_name(spec: ModelSpec) -> str:
+    """The shared expert's module name inside the MoE block (DeepSeek's holds n_shared_experts fused)."""
+    return "shared_experts" if spec.model_type in ("deepseek_v2", "deepseek_v3", "kimi_k2", "glm4_moe") \
+        else "shared_expert"
+
+
 def model_name(checkpoint_name: str) -> str:
     """The parameter name in moespec's Transformer for a checkpoint tensor name."""
-    name = checkpoint_name.removeprefix("model.").replace(".block_sparse_moe.", ".mlp.")
+    name = checkpoint_name.removeprefix("model.").replace(".block_sparse_moe.", ".mlp.") \
+        .replace(".mlp.shared_experts.", ".mlp.shared_expert.")
     return name.replace(".mlp.router.", ".mlp.gate.") if name.startswith("layers.") else name
+
+
+def attention_tensor_names(spec: ModelSpec, prefix: str) -> list[str]:
+    """The attention block's tensors of the decoder layer at `prefix` ("model.layers.<i>.")."""
+    p = prefix + "self_attn."
+    if spec.attention == "mla":
+        query = ["q_a_proj.weight", "q_a_layernorm.weight", "q_b_proj.weight"] if spec.q_lora_rank else ["q_proj.weight"]
+        names = query + ["kv_a_proj_with_mqa.weight", "kv_a_layernorm.weight", "kv_b_proj.weight", "o_proj.weight"]
+        if spec.attention_bias:
+            names += (["q_a_proj.bias"] if spec.q_lora_rank else []) + ["kv_a_proj_with_mqa.bias", "o_proj.bias"]
+        return [p + n for n in names]
+    names = [p + f"{x}_proj.weight" for x in "qkvo"]
+    if spec.attention_bias:
+        names += [p + f"{x}_proj.bias" for x in "qkv"]
+    if spec.attention_out_bias:
+        names.append(p + "o_proj.bias")
+    if spec.attention_sinks:
+        names.append(p + "sinks")
+    if spec.qk_norm != "none":
+        names += [p + "q_norm.weight", p + "k_norm.weight"]
+    return names
+
+
+def fp8_block_size(quant: dict) -> tuple[int, int]:
+    """The FP8 weight block an fp8 `quantization_config` declares."""
+    for field, supported in (("fmt", "e4m3"), ("scale_fmt", "float")):
+        if quant.get(field, supported) != supported:
+            raise MoespecError(f"quantization_config.{field} {quant[field]!r} is not supported (only {supported!r})")
+    block = quant.get("weight_block_size")
+    if not (isinstance(block, (list, tuple)) and len(block) == 2 and all(isinstance(b, int) and b > 0 for b in block)):
+        raise MoespecError(f"quantization_config.weight_block_size {block!r} is not supported "
+                           "(FP8 needs [rows, columns] blocks, e.g. [128, 128])")
+    return block[0], block[1]
 
 
 def switch_ff_prefix(spec: ModelSpec, layer: int) -> str:
@@ -86,20 +128,14 @@ def dense_tensor_names(spec: ModelSpec) -> list[str]:
     for i, is_moe in enumerate(spec.moe_layers):
         p = f"model.layers.{i}."
         names += [p + "input_layernorm.weight", p + "post_attention_layernorm.weight"]
-        names += [p + f"self_attn.{x}_proj.weight" for x in "qkvo"]
-        if spec.attention_bias:
-            names += [p + f"self_attn.{x}_proj.bias" for x in "qkv"]
-        if spec.attention_out_bias:
-            names.append(p + "self_attn.o_proj.bias")
-        if spec.attention_sinks:
-            names.append(p + "self_attn.sinks")
-        if spec.qk_norm != "none":
-            names += [p + "self_attn.q_norm.weight", p + "self_attn.k_norm.weight"]
+        names += attention_tensor_names(spec, p)
         if is_moe:
             router = p + f"{moe_prefix(spec)}.{router_name(spec)}."
             names += [router + "weight"] + ([router + "bias"] if spec.router_bias else [])
+            if spec.router_correction_bias:
+                names.append(router + "e_score_correction_bias")
             if spec.shared_expert_intermediate_size:
-                names += [p + f"mlp.shared_expert.{x}_proj.weight" for x in ("gate", "up", "down")]
+                names += [p + f"mlp.{shared_expert_name(spec)}.{x}_proj.weight" for x in ("gate", "up", "down")]
             if spec.shared_expert_gate:
                 names.append(p + "mlp.shared_expert_gate.weight")
         else:
@@ -117,28 +153,34 @@ class Checkpoint:
         self._handles: dict[Path, object] = {}
         self._handles_lock = threading.Lock()
         self.direct = DirectReader()  # O_DIRECT reads of experts (the disk tier with direct_io)
-        self.format: ExpertFormat = self._expert_format()  # how `expert` hands experts out
+        method = self._quant_method()
+        self.fp8_block = fp8_block_size(self._quant) if method == "fp8" else None
+        # how `expert` hands experts out (MXFP4 and FP8 packed, as stored; otherwise in the compute dtype)
+        self.format: ExpertFormat = Mxfp4() if method == "mxfp4" else Dense()
         # transformers >= 5 can also store a layer's experts fused into [E, ...] tensors (gpt-oss always does)
         self._fused = spec.model_type == "gpt_oss" or \
             any(f"model.layers.{i}.mlp.experts.gate_up_proj" in self._file_of for i in spec.moe_layer_ids)
         if isinstance(self.format, Mxfp4):
             self._check_mxfp4()
         self._check_complete()
+        first_expert = self._expert_names(spec.moe_layer_ids[0], 0)[0] if spec.moe_layer_ids else None
+        if self.fp8_block is not None and first_expert is not None and self._is_fp8(first_expert):
+            self.format = Fp8Blocks(self.fp8_block)
 
-    def _expert_format(self) -> ExpertFormat:
-        """Dense, or the packed format config.json's `quantization_config` names."""
+    def _quant_method(self) -> str | None:
+        """config.json's `quantization_config.quant_method` (None: not quantized), if moespec reads it."""
         path = self.dir / "config.json"
-        quant = json.loads(path.read_text()).get("quantization_config") if path.is_file() else None
-        if not quant:
-            return Dense()
-        method = quant.get("quant_method")
-        if method not in QUANT_FORMATS:
+        self._quant = (json.loads(path.read_text()).get("quantization_config") if path.is_file() else None) or {}
+        if not self._quant:
+            return None
+        method = self._quant.get("quant_method")
+        if method not in QUANT_METHODS:
             raise MoespecError(f"{path}: quantization_config.quant_method {method!r} is not supported "
-                               f"(supported: {', '.join(QUANT_FORMATS)})")
+                               f"(supported: {', '.join(QUANT_METHODS)})")
         if method == "mxfp4" and self.spec.model_type != "gpt_oss":
             raise MoespecError(f"{path}: quant_method 'mxfp4' is read for gpt_oss checkpoints only, "
                                f"not {self.spec.model_type}")
-        return QUANT_FORMATS[method]()
+        return method
 
     def _shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._handle(self._file_of[name]).get_slice(name).get_shape())
@@ -210,6 +252,26 @@ class Checkpoint:
             raise MoespecError(
                 f"checkpoint {self.dir} is missing {len(missing)} tensor(s), first: {missing[0]}"
             )
+        for name in needed:
+            if self._is_fp8(name):
+                self._check_fp8(name)
+
+    def _is_fp8(self, name: str) -> bool:
+        return self._handle(self._file_of[name]).get_slice(name).get_dtype() == "F8_E4M3"
+
+    def _check_fp8(self, name: str) -> None:
+        """An FP8 tensor needs the config's block size and its scales, tiling it in those blocks."""
+        if self.fp8_block is None:
+            raise MoespecError(f"{name} is float8_e4m3fn but config.json has no quantization_config "
+                               "with quant_method 'fp8'")
+        if self._fused:
+            raise MoespecError(f"{name}: FP8 experts fused into [E, ...] tensors are not supported "
+                               "(only one tensor per expert projection)")
+        scale = name + SCALE_SUFFIX
+        if scale not in self._file_of:
+            raise MoespecError(f"FP8 weight {name} has no scales ({scale} is not in the checkpoint)")
+        check_scale(name, tuple(self._handle(self._file_of[name]).get_slice(name).get_shape()),
+                    tuple(self._handle(self._file_of[scale]).get_slice(scale).get_shape()), self.fp8_block)
 
     def _handle(self, path: Path):
         with self._handles_lock:  # the transfer side's reader threads open files too
@@ -218,8 +280,15 @@ class Checkpoint:
             return self._handles[path]
 
     def tensor(self, name: str, dtype: torch.dtype) -> torch.Tensor:
-        """Read one tensor by its checkpoint name, converted to `dtype`, on the CPU."""
-        return self._handle(self._file_of[name]).get_tensor(name).to(dtype)
+        """Read one tensor by its checkpoint name, converted to `dtype` (FP8: dequantised), on the CPU."""
+        t = self.stored(name)
+        if t.dtype == FP8:
+            return dequantize(t, self.stored(name + SCALE_SUFFIX), self.fp8_block, dtype)
+        return t.to(dtype)
+
+    def stored(self, name: str) -> torch.Tensor:
+        """One tensor as the file stores it."""
+        return self._handle(self._file_of[name]).get_tensor(name)
 
     def expert(self, layer: int, expert: int, dtype: torch.dtype, direct: bool = False) -> Packed:
         """One routed expert's tensors in `self.format`, read alone (Dense: gate_up [2I, H], gate
@@ -239,8 +308,12 @@ class Checkpoint:
             elif index is not None:
                 t = self._handle(self._file_of[name]).get_slice(name)[index]
             else:
-                t = self._handle(self._file_of[name]).get_tensor(name)
+                t = self.stored(name)
             return t if to is None else t.to(to)
+
+        if isinstance(self.format, Fp8Blocks):  # FP8 values and their scales, as stored
+            return {proj + suffix: read(name + suffix, None).contiguous()
+                    for proj, name in zip(PROJECTIONS, names) for suffix in ("", SCALE_SUFFIX)}
 
         if self.spec.model_type == "gpt_oss":
             return self._gpt_oss_expert(names, read)

@@ -22,7 +22,8 @@ from .errors import MoespecError
 
 ALIGN = 4096  # covers the logical block size of common disks and file systems
 DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
-          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8}
+          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+          "F8_E4M3": torch.float8_e4m3fn}
 
 
 class DirectReader:

@@ -77,7 +77,13 @@ class ModelSpec:
     swiglu_limit: float = 7.0  # clamped_swiglu: gate <= limit, |up| <= limit
     expert_bias: bool = False  # biases on gate_up and down (gpt-oss)
     # attention
-    attention_bias: bool = False  # bias on q/k/v projections
+    attention: str = "gqa"  # "gqa" (model/attention.py) | "mla": DeepSeek's latent attention (model/mla.py)
+    attention_bias: bool = False  # bias on q/k/v projections (MLA: on q_a_proj, kv_a_proj_with_mqa, o_proj)
+    # MLA only: head_dim is qk_nope_head_dim + the rotary dims (rope.dim, qk_rope_head_dim)
+    q_lora_rank: int = 0  # 0: a plain q_proj, else q_a_proj -> norm -> q_b_proj through this rank
+    kv_lora_rank: int = 0  # width of the compressed key/value latent (what the KV cache stores)
+    qk_nope_head_dim: int = 0  # per-head query/key dims that do not rotate
+    v_head_dim: int = 0
     qk_norm: str = "none"  # "none" | "head" (per head, Qwen3) | "full" (whole projection, OLMoE)
     clip_qkv: float | None = None
     sliding_window: int | None = None
@@ -339,6 +345,103 @@ def _gpt_oss(cfg: dict[str, Any]) -> ModelSpec:
     )
 
 
+def _first_k_dense(cfg: dict[str, Any]) -> tuple[bool, ...]:
+    """DeepSeek's rule: layers [0, first_k_dense_replace) are dense, every later one MoE."""
+    freq = cfg.get("moe_layer_freq", 1)
+    if freq != 1:  # the reference (transformers) ignores it; DeepSeek's own code skips layers off the step
+        raise MoespecError(f"moe_layer_freq={freq} is not supported (only 1: every layer from "
+                           "first_k_dense_replace on is an MoE layer)")
+    first, n = cfg.get("first_k_dense_replace") or 0, cfg["num_hidden_layers"]
+    if first >= n:
+        raise MoespecError(f"first_k_dense_replace={first} leaves no MoE layer among num_hidden_layers={n}")
+    return tuple(i >= first for i in range(n))
+
+
+SCORING = {"softmax_group_topk": "softmax", "sigmoid_group_topk": "sigmoid"}
+
+
+def _deepseek_moe(cfg: dict[str, Any], router: str, groups: int, topk_groups: int, **specifics: Any) -> ModelSpec:
+    """The MoE part DeepSeek-V2/V3, Kimi-K2 and GLM-4.5 share: routed experts chosen in float32
+    (optionally within groups), `n_shared_experts` shared experts fused into one MLP, dense first layers."""
+    scoring = cfg.get("scoring_func", SCORING[router])  # DeepSeek's own configs name it; transformers assumes it
+    if scoring != SCORING[router]:
+        raise MoespecError(f"scoring_func {scoring!r} is not supported for {cfg['model_type']} "
+                           f"(only {SCORING[router]!r})")
+    n = cfg["n_routed_experts"]
+    if groups < 1 or n % groups or not 1 <= topk_groups <= groups:
+        raise MoespecError(f"n_group={groups}, topk_group={topk_groups} do not split n_routed_experts={n} into "
+                           "equal groups of which topk_group are kept")
+    if router == "sigmoid_group_topk" and groups > 1 and n // groups < 2:  # a group scores by its best two
+        raise MoespecError(f"n_group={groups} leaves fewer than 2 of n_routed_experts={n} per group")
+    width = cfg["moe_intermediate_size"]
+    return ModelSpec(
+        **{**_common(cfg), **specifics},
+        num_experts=n,
+        top_k=cfg["num_experts_per_tok"],
+        expert_intermediate_size=width,
+        router=router,
+        moe_layers=_first_k_dense(cfg),
+        dense_intermediate_size=cfg["intermediate_size"],
+        shared_expert_intermediate_size=(cfg.get("n_shared_experts") or 0) * width,
+        routed_scaling_factor=float(cfg.get("routed_scaling_factor", 1.0)),
+        n_group=groups,
+        topk_group=topk_groups,
+        router_float32=True,
+    )
+
+
+def _mla(cfg: dict[str, Any], interleave: bool) -> dict[str, Any]:
+    """Multi-head latent attention's shapes: every head has its own keys and values (expanded from
+    one latent), so there are as many key/value heads as query heads."""
+    nope, rope_dim = cfg["qk_nope_head_dim"], cfg["qk_rope_head_dim"]
+    return dict(attention="mla", num_kv_heads=cfg["num_attention_heads"], head_dim=nope + rope_dim,
+                rope=rope_from_config(cfg, dim=rope_dim, interleave=interleave),
+                q_lora_rank=cfg.get("q_lora_rank") or 0, kv_lora_rank=cfg["kv_lora_rank"],
+                qk_nope_head_dim=nope, v_head_dim=cfg["v_head_dim"],
+                attention_bias=bool(cfg.get("attention_bias", False)))
+
+
+def _deepseek_v3(cfg: dict[str, Any]) -> ModelSpec:
+    """DeepSeek-V3/R1 and Kimi-K2: sigmoid router with correction bias and group limit, MLA."""
+    method = cfg.get("topk_method", "noaux_tc")
+    if method != "noaux_tc":
+        raise MoespecError(f"topk_method {method!r} is not supported for {cfg['model_type']} (only 'noaux_tc')")
+    return _deepseek_moe(cfg, "sigmoid_group_topk", cfg.get("n_group") or 1, cfg.get("topk_group") or 1,
+                         **_mla(cfg, interleave=bool(cfg.get("rope_interleave", True))),
+                         norm_topk_prob=bool(cfg.get("norm_topk_prob", True)), router_correction_bias=True)
+
+
+DEEPSEEK_V2_TOPK = ("greedy", "group_limited_greedy")
+
+
+def _deepseek_v2(cfg: dict[str, Any]) -> ModelSpec:
+    """DeepSeek-V2 (and V2-Lite, without q_lora): softmax router, greedy or limited to the groups
+    with the best single scores, never renormalised; MLA with its rope always on interleaved pairs."""
+    method = cfg.get("topk_method", "greedy")
+    if method not in DEEPSEEK_V2_TOPK:
+        raise MoespecError(f"topk_method {method!r} is not supported for deepseek_v2 "
+                           f"(supported: {', '.join(DEEPSEEK_V2_TOPK)})")
+    if cfg.get("norm_topk_prob"):  # transformers' DeepSeek-V2 never renormalises; DeepSeek's code would
+        raise MoespecError("norm_topk_prob=true is not supported for deepseek_v2 (the reference does not renormalise)")
+    if cfg.get("mlp_bias"):
+        raise MoespecError("mlp_bias=true is not supported for deepseek_v2")
+    groups = (cfg.get("n_group") or 1, cfg.get("topk_group") or 1) if method == "group_limited_greedy" else (1, 1)
+    return _deepseek_moe(cfg, "softmax_group_topk", *groups, **_mla(cfg, interleave=True))
+
+
+def _glm4_moe(cfg: dict[str, Any]) -> ModelSpec:
+    """GLM-4.5: DeepSeek-V3's router and shared experts, with GQA attention, partial rotary
+    (half the head by default, as transformers), q/k/v biases and optional per-head q/k norms."""
+    head_dim = _get(cfg, "head_dim", default=cfg["hidden_size"] // cfg["num_attention_heads"])
+    factor = _get(cfg.get("rope_parameters") or {}, "partial_rotary_factor",
+                  default=cfg.get("partial_rotary_factor", 0.5))
+    return _deepseek_moe(cfg, "sigmoid_group_topk", cfg.get("n_group") or 1, cfg.get("topk_group") or 1,
+                         rope=rope_from_config(cfg, dim=int(head_dim * factor)),
+                         attention_bias=bool(cfg.get("attention_bias", False)),
+                         qk_norm="head" if cfg.get("use_qk_norm") else "none",
+                         norm_topk_prob=bool(cfg.get("norm_topk_prob", True)), router_correction_bias=True)
+
+
 PARSERS: dict[str, Callable[[dict[str, Any]], ModelSpec]] = {
     "mixtral": _mixtral,
     "qwen2_moe": _qwen2_moe,
@@ -346,6 +449,10 @@ PARSERS: dict[str, Callable[[dict[str, Any]], ModelSpec]] = {
     "olmoe": _olmoe,
     "switch_transformers": _switch_transformers,
     "gpt_oss": _gpt_oss,
+    "deepseek_v3": _deepseek_v3,
+    "kimi_k2": _deepseek_v3,  # Kimi-K2 ships DeepseekV3ForCausalLM under its own model_type
+    "deepseek_v2": _deepseek_v2,
+    "glm4_moe": _glm4_moe,
 }
 SUPPORTED = tuple(PARSERS)
 

@@ -13,18 +13,27 @@ ARCHS = {
     "qwen2_moe": (transformers.Qwen2MoeConfig, transformers.Qwen2MoeForCausalLM),
     "qwen3_moe": (transformers.Qwen3MoeConfig, transformers.Qwen3MoeForCausalLM),
     "olmoe": (transformers.OlmoeConfig, transformers.OlmoeForCausalLM),
+    "deepseek_v3": (transformers.DeepseekV3Config, transformers.DeepseekV3ForCausalLM),
+    "deepseek_v2": (transformers.DeepseekV2Config, transformers.DeepseekV2ForCausalLM),
+    "glm4_moe": (transformers.Glm4MoeConfig, transformers.Glm4MoeForCausalLM),
 }
 
 BASE = dict(vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=256, initializer_range=0.15, eos_token_id=2,
             bos_token_id=1, pad_token_id=0)
-MOE_WIDTH = {"qwen2_moe": "moe_intermediate_size", "qwen3_moe": "moe_intermediate_size"}
-NUM_EXPERTS = {"mixtral": "num_local_experts"}
+MOE_WIDTH = {"qwen2_moe": "moe_intermediate_size", "qwen3_moe": "moe_intermediate_size",
+             "deepseek_v3": "moe_intermediate_size", "deepseek_v2": "moe_intermediate_size",
+             "glm4_moe": "moe_intermediate_size"}
+NUM_EXPERTS = {"mixtral": "num_local_experts", "deepseek_v3": "n_routed_experts", "deepseek_v2": "n_routed_experts",
+               "glm4_moe": "n_routed_experts"}
+MLA = dict(num_key_value_heads=4, kv_lora_rank=16, q_lora_rank=24, qk_nope_head_dim=12, qk_rope_head_dim=8,
+           v_head_dim=10)  # MLA has a key and value per query head
+FAMILY = {"deepseek_v3": MLA, "deepseek_v2": MLA}  # per-family sizes on top of BASE
 
 
 def make_config(arch: str, experts: int = 4, top_k: int = 2, **overrides):
     cfg_cls, _ = ARCHS[arch]
-    kw = dict(BASE)
+    kw = dict(BASE, **FAMILY.get(arch, {}))
     kw[NUM_EXPERTS.get(arch, "num_experts")] = experts
     kw["num_experts_per_tok"] = top_k
     if arch in MOE_WIDTH:

@@ -55,6 +55,11 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(spec.num_heads * d, spec.rms_norm_eps)
             self.k_norm = RMSNorm(spec.num_kv_heads * d, spec.rms_norm_eps)
 
+    @property
+    def kv_shapes(self) -> tuple[tuple[int, int], tuple[int, int]]:
+        """Per-token cache entries: keys and values [kv_heads, head_dim]."""
+        return (self.spec.num_kv_heads, self.spec.head_dim), (self.spec.num_kv_heads, self.spec.head_dim)
+
     def forward(self, x: torch.Tensor, layer: int, cache: KVCache, rows: torch.Tensor,
                 positions: torch.Tensor, valid: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         spec = self.spec

@@ -16,6 +16,7 @@ from .attention import Attention, RMSNorm
 from .rope import Rotary
 from ..hooks import ForwardHooks
 from .kv_cache import KVCache
+from .mla import MLA
 from .moe import MLP, MoE
 
 
@@ -24,7 +25,7 @@ class Block(nn.Module):
         super().__init__()
         self.layer = layer
         self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
-        self.self_attn = Attention(spec)
+        self.self_attn: Attention | MLA = MLA(spec) if spec.attention == "mla" else Attention(spec)
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
         self.mlp: MoE | MLP = MoE(spec, layer) if spec.moe_layers[layer] \
             else MLP(spec.hidden_size, spec.dense_intermediate_size)
@@ -94,8 +95,8 @@ class Transformer(nn.Module):
 
     def new_cache(self, rows: int, max_len: int) -> KVCache:
         """An empty KV cache for `rows` sequences of up to `max_len` tokens, shaped for this model's attention."""
-        s, weight = self.spec, self.embed_tokens.weight
-        return KVCache(s.num_layers, rows, max_len, (s.num_kv_heads, s.head_dim), (s.num_kv_heads, s.head_dim),
+        weight = self.embed_tokens.weight
+        return KVCache(self.spec.num_layers, rows, max_len, *self.layers[0].self_attn.kv_shapes,
                        weight.dtype, weight.device)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
