@@ -23,9 +23,23 @@ INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 
 
+FF_PREFIX = {"mixtral": "block_sparse_moe", "llama4_text": "feed_forward"}  # default "mlp"
+
+
 def moe_prefix(spec: ModelSpec) -> str:
-    """The module name of the MoE block inside a decoder layer."""
-    return "block_sparse_moe" if spec.model_type == "mixtral" else "mlp"
+    """The module name of the feed-forward block (MoE or dense) inside a decoder layer."""
+    return FF_PREFIX.get(spec.model_type, "mlp")
+
+
+def router_name(spec: ModelSpec) -> str:
+    """The module name of the router inside the MoE block."""
+    return "router" if spec.model_type == "llama4_text" else "gate"
+
+
+def fused_experts_transposed(spec: ModelSpec) -> bool:
+    """Fused experts stored for x @ W (Llama-4: gate_up [E, H, 2I], down [E, I, H]) rather than in
+    F.linear's orientation ([E, 2I, H], [E, H, I]) as transformers' other fused experts are."""
+    return spec.model_type == "llama4_text"
 
 
 def expert_proj_names(spec: ModelSpec) -> tuple[str, str, str]:
@@ -35,7 +49,8 @@ def expert_proj_names(spec: ModelSpec) -> tuple[str, str, str]:
 
 def model_name(checkpoint_name: str) -> str:
     """The parameter name in moespec's Transformer for a checkpoint tensor name."""
-    return checkpoint_name.removeprefix("model.").replace(".block_sparse_moe.", ".mlp.")
+    name = checkpoint_name.removeprefix("model.").replace(".block_sparse_moe.", ".mlp.")
+    return name.replace(".feed_forward.router.", ".mlp.gate.").replace(".feed_forward.", ".mlp.")  # Llama-4
 
 
 def switch_ff_prefix(spec: ModelSpec, layer: int) -> str:
@@ -79,16 +94,19 @@ def dense_tensor_names(spec: ModelSpec) -> list[str]:
         names += [p + f"self_attn.{x}_proj.weight" for x in "qkvo"]
         if spec.attention_bias:
             names += [p + f"self_attn.{x}_proj.bias" for x in "qkv"]
-        if spec.qk_norm != "none":
+        if spec.attention_out_bias:
+            names.append(p + "self_attn.o_proj.bias")
+        if spec.qk_norm in ("head", "full"):  # "l2" has no weight
             names += [p + "self_attn.q_norm.weight", p + "self_attn.k_norm.weight"]
+        ff = f"{p}{moe_prefix(spec)}."
         if is_moe:
-            names.append(p + f"{moe_prefix(spec)}.gate.weight")
+            names.append(f"{ff}{router_name(spec)}.weight")
             if spec.shared_expert_intermediate_size:
-                names += [p + f"mlp.shared_expert.{x}_proj.weight" for x in ("gate", "up", "down")]
+                names += [ff + f"shared_expert.{x}_proj.weight" for x in ("gate", "up", "down")]
             if spec.shared_expert_gate:
                 names.append(p + "mlp.shared_expert_gate.weight")
         else:
-            names += [p + f"mlp.{x}_proj.weight" for x in ("gate", "up", "down")]
+            names += [ff + f"{x}_proj.weight" for x in ("gate", "up", "down")]
     return names
 
 
@@ -104,7 +122,8 @@ class Checkpoint:
         self.direct = DirectReader()  # O_DIRECT reads of experts (the disk tier with direct_io)
         self.format: ExpertFormat = Dense()  # how `expert` hands experts out
         # transformers >= 5 can also store a layer's experts fused into [E, ...] tensors
-        self._fused = any(f"model.layers.{i}.mlp.experts.gate_up_proj" in self._file_of for i in spec.moe_layer_ids)
+        self._fused = any(f"model.layers.{i}.{moe_prefix(spec)}.experts.gate_up_proj" in self._file_of
+                          for i in spec.moe_layer_ids)
         self._check_complete()
 
     def _index(self) -> dict[str, Path]:
@@ -180,6 +199,8 @@ class Checkpoint:
             return {"gate_up": wi, "down": wo}
         if self._fused:
             gate_up, down = (read(n) for n in names)
+            if fused_experts_transposed(self.spec):
+                gate_up, down = gate_up.T, down.T
             return {"gate_up": gate_up.contiguous(), "down": down.contiguous()}
         gate, up, down = (read(n) for n in names)
         return {"gate_up": torch.cat([gate, up]), "down": down.contiguous()}
