@@ -322,7 +322,8 @@ def _llama4_text(cfg: dict[str, Any]) -> ModelSpec:
         ["chunked_attention" if rope and chunk is not None else "full_attention" for rope in uses_rope[:layers]]
     unknown = [t for t in types if t not in LLAMA4_LAYER_TYPES]
     if unknown:
-        raise MoespecError(f"layer_types value {unknown[0]!r} is not supported (supported: {', '.join(LLAMA4_LAYER_TYPES)})")
+        raise MoespecError(f"layer_types value {unknown[0]!r} is not supported "
+                           f"(supported: {', '.join(LLAMA4_LAYER_TYPES)})")
     if "chunked_attention" in types and not chunk:
         raise MoespecError(f"layer_types has chunked_attention layers but attention_chunk_size is {chunk!r}")
     step = cfg.get("interleave_moe_layer_step", 1)
