@@ -29,19 +29,28 @@ SINGLE_FILE = "model.safetensors"
 QUANT_METHODS = ("fp8", "mxfp4")
 
 
+FF_PREFIX = {"mixtral": "block_sparse_moe", "llama4_text": "feed_forward"}  # default "mlp"
+
+
 def moe_prefix(spec: ModelSpec) -> str:
-    """The module name of the MoE block inside a decoder layer."""
-    return "block_sparse_moe" if spec.model_type == "mixtral" else "mlp"
+    """The module name of the feed-forward block (MoE or dense) inside a decoder layer."""
+    return FF_PREFIX.get(spec.model_type, "mlp")
+
+
+def router_name(spec: ModelSpec) -> str:
+    """The module name of the router inside the MoE block (moespec's is always `gate`)."""
+    return "router" if spec.model_type in ("gpt_oss", "llama4_text") else "gate"
+
+
+def fused_experts_transposed(spec: ModelSpec) -> bool:
+    """Fused experts stored for x @ W (Llama-4: gate_up [E, H, 2I], down [E, I, H]) rather than in
+    F.linear's orientation ([E, 2I, H], [E, H, I]) as transformers' other fused experts are."""
+    return spec.model_type == "llama4_text"
 
 
 def expert_proj_names(spec: ModelSpec) -> tuple[str, str, str]:
     """On-disk names of an expert's (gate, up, down) projections."""
     return ("w1", "w3", "w2") if spec.model_type == "mixtral" else ("gate_proj", "up_proj", "down_proj")
-
-
-def router_name(spec: ModelSpec) -> str:
-    """The module name of the router inside the MoE block (moespec's is always `gate`)."""
-    return "router" if spec.model_type == "gpt_oss" else "gate"
 
 
 def shared_expert_name(spec: ModelSpec) -> str:
@@ -53,8 +62,8 @@ def shared_expert_name(spec: ModelSpec) -> str:
 def model_name(checkpoint_name: str) -> str:
     """The parameter name in moespec's Transformer for a checkpoint tensor name."""
     name = checkpoint_name.removeprefix("model.").replace(".block_sparse_moe.", ".mlp.") \
-        .replace(".mlp.shared_experts.", ".mlp.shared_expert.")
-    return name.replace(".mlp.router.", ".mlp.gate.") if name.startswith("layers.") else name
+        .replace(".feed_forward.", ".mlp.").replace(".mlp.shared_experts.", ".mlp.shared_expert.")  # Llama-4, DeepSeek
+    return name.replace(".mlp.router.", ".mlp.gate.") if name.startswith("layers.") else name  # gpt-oss, Llama-4
 
 
 def attention_tensor_names(spec: ModelSpec, prefix: str) -> list[str]:
@@ -73,7 +82,7 @@ def attention_tensor_names(spec: ModelSpec, prefix: str) -> list[str]:
         names.append(p + "o_proj.bias")
     if spec.attention_sinks:
         names.append(p + "sinks")
-    if spec.qk_norm != "none":
+    if spec.qk_norm in ("head", "full"):  # "l2" has no weight
         names += [p + "q_norm.weight", p + "k_norm.weight"]
     return names
 
@@ -129,17 +138,18 @@ def dense_tensor_names(spec: ModelSpec) -> list[str]:
         p = f"model.layers.{i}."
         names += [p + "input_layernorm.weight", p + "post_attention_layernorm.weight"]
         names += attention_tensor_names(spec, p)
+        ff = f"{p}{moe_prefix(spec)}."
         if is_moe:
-            router = p + f"{moe_prefix(spec)}.{router_name(spec)}."
+            router = f"{ff}{router_name(spec)}."
             names += [router + "weight"] + ([router + "bias"] if spec.router_bias else [])
             if spec.router_correction_bias:
                 names.append(router + "e_score_correction_bias")
             if spec.shared_expert_intermediate_size:
-                names += [p + f"mlp.{shared_expert_name(spec)}.{x}_proj.weight" for x in ("gate", "up", "down")]
+                names += [ff + f"{shared_expert_name(spec)}.{x}_proj.weight" for x in ("gate", "up", "down")]
             if spec.shared_expert_gate:
                 names.append(p + "mlp.shared_expert_gate.weight")
         else:
-            names += [p + f"mlp.{x}_proj.weight" for x in ("gate", "up", "down")]
+            names += [ff + f"{x}_proj.weight" for x in ("gate", "up", "down")]
     return names
 
 
@@ -158,8 +168,8 @@ class Checkpoint:
         # how `expert` hands experts out (MXFP4 and FP8 packed, as stored; otherwise in the compute dtype)
         self.format: ExpertFormat = Mxfp4() if method == "mxfp4" else Dense()
         # transformers >= 5 can also store a layer's experts fused into [E, ...] tensors (gpt-oss always does)
-        self._fused = spec.model_type == "gpt_oss" or \
-            any(f"model.layers.{i}.mlp.experts.gate_up_proj" in self._file_of for i in spec.moe_layer_ids)
+        self._fused = spec.model_type == "gpt_oss" or any(
+            f"model.layers.{i}.{moe_prefix(spec)}.experts.gate_up_proj" in self._file_of for i in spec.moe_layer_ids)
         if isinstance(self.format, Mxfp4):
             self._check_mxfp4()
         self._check_complete()
@@ -322,6 +332,8 @@ class Checkpoint:
             return {"gate_up": wi, "down": wo}
         if self._fused:
             gate_up, down = (read(n) for n in names)
+            if fused_experts_transposed(self.spec):
+                gate_up, down = gate_up.T, down.T
             return {"gate_up": gate_up.contiguous(), "down": down.contiguous()}
         gate, up, down = (read(n) for n in names)
         return {"gate_up": torch.cat([gate, up]), "down": down.contiguous()}

@@ -85,12 +85,18 @@ class ModelSpec:
     qk_nope_head_dim: int = 0  # per-head query/key dims that do not rotate
     v_head_dim: int = 0
     qk_norm: str = "none"  # "none" | "head" (per head, Qwen3) | "full" (whole projection, OLMoE)
+    #                        | "l2" (per head, no weight, after the rotary, rotary layers only: Llama-4)
     clip_qkv: float | None = None
     sliding_window: int | None = None
     # per layer: its sliding window (None: full attention); empty: every layer uses `sliding_window`
     layer_sliding_windows: tuple[int | None, ...] = ()
-    attention_out_bias: bool = False  # bias on o_proj (gpt-oss)
+    attention_out_bias: bool = False  # bias on o_proj (gpt-oss; Llama-4's attention_bias)
     attention_sinks: bool = False  # a learned logit per head that takes softmax mass but has no value (gpt-oss)
+    # per-layer attention (Llama-4): NoPE layers, chunked layers, query temperature on NoPE layers
+    nope_layers: tuple[int, ...] = ()  # layers without rotary embedding (and without the "l2" q/k norm)
+    chunked_layers: tuple[int, ...] = ()  # layers where a token attends only within its chunk
+    attention_chunk_size: int = 0  # chunk of position p: p // attention_chunk_size
+    attn_temperature: tuple[float, float] | None = None  # NoPE layers: (floor_scale, attn_scale), see attention.py
     tie_word_embeddings: bool = False
     hidden_act: str = "silu"
     bos_token_id: int | None = None
@@ -442,6 +448,61 @@ def _glm4_moe(cfg: dict[str, Any]) -> ModelSpec:
                          norm_topk_prob=bool(cfg.get("norm_topk_prob", True)), router_correction_bias=True)
 
 
+def _layer_ids(cfg: dict[str, Any], field_name: str, ids: list[int]) -> tuple[int, ...]:
+    """Layer ids named by config field `field_name`, each checked to be a layer of the model."""
+    layers = cfg["num_hidden_layers"]
+    bad = [i for i in ids if not 0 <= i < layers]
+    if bad:
+        raise MoespecError(f"{field_name} names layer {bad[0]}, but the model has {layers} layers")
+    return tuple(sorted(set(ids)))
+
+
+LLAMA4_LAYER_TYPES = ("full_attention", "chunked_attention")
+
+
+def _llama4_text(cfg: dict[str, Any]) -> ModelSpec:
+    """Llama-4's text model (Llama4ForCausalLM). Missing fields take transformers' Llama4TextConfig
+    defaults, as the reference would: every 4th layer NoPE, the others chunked (when
+    attention_chunk_size is set) with q/k L2 norms, query temperature on the NoPE layers."""
+    layers = cfg["num_hidden_layers"]
+    interval = cfg.get("no_rope_layer_interval", 4)
+    uses_rope = cfg.get("no_rope_layers") or [int((i + 1) % interval != 0) for i in range(layers)]  # 1 = rotary
+    if len(uses_rope) < layers:
+        raise MoespecError(f"no_rope_layers has {len(uses_rope)} entries, but the model has {layers} layers")
+    chunk = cfg.get("attention_chunk_size", 8192)
+    types = cfg.get("layer_types") or \
+        ["chunked_attention" if rope and chunk is not None else "full_attention" for rope in uses_rope[:layers]]
+    unknown = [t for t in types if t not in LLAMA4_LAYER_TYPES]
+    if unknown:
+        raise MoespecError(f"layer_types value {unknown[0]!r} is not supported "
+                           f"(supported: {', '.join(LLAMA4_LAYER_TYPES)})")
+    if "chunked_attention" in types and not chunk:
+        raise MoespecError(f"layer_types has chunked_attention layers but attention_chunk_size is {chunk!r}")
+    step = cfg.get("interleave_moe_layer_step", 1)
+    moe = _layer_ids(cfg, "moe_layers", cfg["moe_layers"] if cfg.get("moe_layers") is not None
+                     else list(range(step - 1, layers, step)))
+    bias = bool(cfg.get("attention_bias", False))
+    return ModelSpec(
+        **{**_common(cfg), "rope": rope_from_config(cfg, interleave=True)},  # rotary on complex pairs
+        num_experts=cfg["num_local_experts"],
+        top_k=cfg.get("num_experts_per_tok", 1),
+        expert_intermediate_size=cfg["intermediate_size"],
+        router="sigmoid_topk_input",
+        router_scales_input=True,
+        moe_layers=tuple(i in moe for i in range(layers)),
+        dense_intermediate_size=cfg.get("intermediate_size_mlp", 16384),
+        shared_expert_intermediate_size=cfg["intermediate_size"],
+        attention_bias=bias,
+        attention_out_bias=bias,
+        qk_norm="l2" if cfg.get("use_qk_norm", True) else "none",
+        nope_layers=tuple(i for i in range(layers) if not uses_rope[i]),
+        chunked_layers=tuple(i for i, t in enumerate(types[:layers]) if t == "chunked_attention"),
+        attention_chunk_size=int(chunk or 0),
+        attn_temperature=(float(cfg.get("floor_scale", 8192)), float(cfg.get("attn_scale", 0.1)))
+        if cfg.get("attn_temperature_tuning", True) else None,
+    )
+
+
 PARSERS: dict[str, Callable[[dict[str, Any]], ModelSpec]] = {
     "mixtral": _mixtral,
     "qwen2_moe": _qwen2_moe,
@@ -453,13 +514,20 @@ PARSERS: dict[str, Callable[[dict[str, Any]], ModelSpec]] = {
     "kimi_k2": _deepseek_v3,  # Kimi-K2 ships DeepseekV3ForCausalLM under its own model_type
     "deepseek_v2": _deepseek_v2,
     "glm4_moe": _glm4_moe,
+    "llama4_text": _llama4_text,
 }
 SUPPORTED = tuple(PARSERS)
+REFUSED = {  # model types we recognise but do not run, and why
+    "llama4": "the multimodal Llama4ForConditionalGeneration (text_config + vision_config) is not supported; "
+              "only Llama-4 text checkpoints (model_type 'llama4_text', Llama4ForCausalLM)",
+}
 
 
 def spec_from_config(cfg: dict[str, Any]) -> ModelSpec:
     """Build a ModelSpec from a parsed config.json, or say clearly why we cannot."""
     model_type = cfg.get("model_type")
+    if model_type in REFUSED:
+        raise MoespecError(f"model_type {model_type!r}: {REFUSED[model_type]}")
     if model_type not in PARSERS:
         raise MoespecError(
             f"unsupported architecture {model_type!r} (architectures={cfg.get('architectures')}); "

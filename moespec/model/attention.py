@@ -1,5 +1,6 @@
 """Grouped-query attention with rotary embeddings (model/rope.py), optional q/k norms, sliding windows
-(one for the model or one per layer) and attention sinks, over the KV cache."""
+(one for the model or one per layer) and attention sinks (gpt-oss), over the KV cache; per layer,
+Llama-4's NoPE layers (no rotary, query temperature instead) and chunked attention."""
 
 from __future__ import annotations
 
@@ -39,6 +40,18 @@ def sink_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, ma
     return probs @ values
 
 
+def l2_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMS norm without a weight over the last dim, in float32 (Llama-4's q/k norm)."""
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def query_temperature(positions: torch.Tensor, floor_scale: float, attn_scale: float) -> torch.Tensor:
+    """Llama-4's query scale [B, T] on NoPE layers, growing with the position: without rotary,
+    attention would flatten over long contexts (arXiv 2501.19399)."""
+    return torch.log1p(torch.floor((positions.float() + 1.0) / floor_scale)) * attn_scale + 1.0
+
+
 class Attention(nn.Module):
     def __init__(self, spec: ModelSpec):
         super().__init__()
@@ -74,8 +87,13 @@ class Attention(nn.Module):
         v = v.view(B, T, spec.num_kv_heads, spec.head_dim)
         if spec.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
-        cos, sin = rope
-        q, k = rotate(q, cos, sin, spec.rope.interleave), rotate(k, cos, sin, spec.rope.interleave)
+        if layer not in spec.nope_layers:
+            cos, sin = rope
+            q, k = rotate(q, cos, sin, spec.rope.interleave), rotate(k, cos, sin, spec.rope.interleave)
+            if spec.qk_norm == "l2":
+                q, k = l2_norm(q, spec.rms_norm_eps), l2_norm(k, spec.rms_norm_eps)
+        elif spec.attn_temperature is not None:
+            q = (q * query_temperature(positions, *spec.attn_temperature)[:, :, None, None]).to(q.dtype)
 
         cache.write(layer, rows, positions, valid, k, v)
         upto = int(positions[valid].max()) + 1 if bool(valid.any()) else 1
@@ -85,6 +103,9 @@ class Attention(nn.Module):
         window = spec.window(layer)
         if window is not None:
             mask &= key_pos[None, None, :] > positions[:, :, None] - window
+        if layer in spec.chunked_layers:  # only keys in the query's own chunk
+            chunk = spec.attention_chunk_size
+            mask &= key_pos[None, None, :] // chunk == positions[:, :, None] // chunk
         groups = spec.num_heads // spec.num_kv_heads
         keys = keys.repeat_interleave(groups, dim=1)
         values = values.repeat_interleave(groups, dim=1)
