@@ -17,6 +17,7 @@ from safetensors import safe_open
 from .direct_io import DirectReader
 from .errors import MoespecError
 from .spec import ModelSpec, load_spec
+from .validate import check_expert, check_finite, check_safetensors
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -116,12 +117,14 @@ class Checkpoint:
             for path in sorted(set(files.values())):
                 if not path.is_file():
                     raise MoespecError(f"checkpoint shard listed in {INDEX_FILE} not found: {path}")
+                check_safetensors(path)
             return files
         paths = [self.dir / SINGLE_FILE] if (self.dir / SINGLE_FILE).is_file() else sorted(self.dir.glob("*.safetensors"))
         if not paths:
             raise MoespecError(f"no safetensors weights in {self.dir} (expected {SINGLE_FILE} or {INDEX_FILE})")
         files: dict[str, Path] = {}
         for path in paths:
+            check_safetensors(path)
             with safe_open(path, framework="pt") as f:
                 files.update({name: path for name in f.keys()})
         return files
@@ -175,17 +178,19 @@ class Checkpoint:
 
         if not self.spec.gated_mlp:
             wi, wo = (read(n) for n in names)
-            return wi, wi[:0], wo
-        if self._fused:
+            weights = wi, wi[:0], wo
+        elif self._fused:
             gate_up, down = (read(n) for n in names)
             gate, up = gate_up.chunk(2, dim=0)
-            return gate.contiguous(), up.contiguous(), down
-        gate, up, down = (read(n) for n in names)
-        return gate, up, down
+            weights = gate.contiguous(), up.contiguous(), down
+        else:
+            weights = tuple(read(n) for n in names)
+        return check_expert(self.spec, names, expert, weights)
 
     def dense_state(self, dtype: torch.dtype, device: torch.device | str) -> dict[str, torch.Tensor]:
         """All non-expert tensors on `device`, keyed by the model's parameter names."""
-        return {model_name(name): self.tensor(name, dtype).to(device) for name in dense_tensor_names(self.spec)}
+        return {model_name(name): check_finite(name, self.tensor(name, dtype)).to(device)
+                for name in dense_tensor_names(self.spec)}
 
 
 def open_checkpoint(model_dir: str | Path) -> Checkpoint:
