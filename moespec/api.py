@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 from contextlib import contextmanager
 from dataclasses import fields, replace
 from pathlib import Path
@@ -57,6 +58,18 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
 def load_tokenizer(model_dir: Path) -> Tokenizer | None:
     path = model_dir / "tokenizer.json"
     return Tokenizer.from_file(str(path)) if path.is_file() else None
+
+
+def token_ids(prompt: Any) -> list[int]:
+    """A prompt given as token ids, each an integer (no 1.5, "4" or True)."""
+    try:
+        ids = list(prompt)
+    except TypeError:
+        raise MoespecError(f"a prompt must be text or a list of token ids, got {type(prompt).__name__}") from None
+    for i, t in enumerate(ids):
+        if isinstance(t, bool) or not hasattr(t, "__index__"):
+            raise MoespecError(f"prompt token {i} must be an integer id, got {t!r}")
+    return [operator.index(t) for t in ids]
 
 
 class LLM:
@@ -153,10 +166,23 @@ class LLM:
         self.engine.stats = DecodeStats()
         self.set_policy(self.config.speculation)
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str | bytes, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of a text prompt (bytes must be UTF-8), refusing what no tokenizer can encode."""
         if self.tokenizer is None:
             raise MoespecError(f"tokenizer.json not found in {self.path}: pass prompts as token ids")
-        return self.tokenizer.encode(text).ids
+        if isinstance(text, bytes):
+            try:
+                text = text.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise MoespecError(f"prompt bytes are not valid UTF-8 (bad byte at offset {e.start})") from None
+        if not isinstance(text, str):
+            raise MoespecError(f"a prompt must be text or a list of token ids, got {type(text).__name__}")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise MoespecError(f"prompt is not valid Unicode: unpaired surrogate {text[e.start]!r} at "
+                               f"character {e.start}") from None
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
 
     @contextmanager
     def step_kind(self, **options: Any) -> Iterator[StepKind]:
@@ -190,11 +216,11 @@ class LLM:
         as its nearest draft expert by `draft_affinity`: "weights" (L2) or "outputs" (on the prompts);
         "router" instead re-routes each token among the draft experts with the layer's router.
         """
-        if isinstance(prompts, str):
+        if isinstance(prompts, (str, bytes)):
             prompts = [prompts]
         if not prompts:
             raise MoespecError("no prompts given")
-        ids = [self.encode(p) if isinstance(p, str) else [int(t) for t in p] for p in prompts]
+        ids = [self.encode(p) if isinstance(p, (str, bytes)) else token_ids(p) for p in prompts]
         stop = (stop,) if isinstance(stop, str) else tuple(stop or ())
         params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                 top_k=top_k, seed=seed, stop=stop, ignore_eos=ignore_eos)
@@ -203,13 +229,22 @@ class LLM:
 
     def score(self, token_ids: torch.Tensor) -> torch.Tensor:
         """Logits [B, T, V] (float32) for every position of token_ids [B, T]."""
-        token_ids = torch.as_tensor(token_ids, dtype=torch.long)
-        if token_ids.dim() != 2:
-            raise MoespecError(f"score expects token ids of shape [batch, length], got {tuple(token_ids.shape)}")
+        try:
+            token_ids = torch.as_tensor(token_ids)
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise MoespecError(f"score expects integer token ids of shape [batch, length]: {e}") from None
+        if token_ids.is_floating_point() or token_ids.is_complex() or token_ids.dtype == torch.bool:
+            raise MoespecError(f"score expects integer token ids, got dtype {str(token_ids.dtype).removeprefix('torch.')}")
+        if token_ids.dim() != 2 or token_ids.numel() == 0:
+            raise MoespecError(f"score expects token ids of shape [batch, length] with at least one token, "
+                               f"got {tuple(token_ids.shape)}")
         if token_ids.shape[1] > self.context_length:
             raise MoespecError(f"sequence of {token_ids.shape[1]} tokens is longer than the context window "
                                f"({self.context_length})")
-        return self.engine.score(token_ids)
+        vocab = self.spec.vocab_size
+        if int(token_ids.min()) < 0 or int(token_ids.max()) >= vocab:
+            raise MoespecError(f"token ids must be in [0, {vocab}), got {int(token_ids.min())}..{int(token_ids.max())}")
+        return self.engine.score(token_ids.long())
 
     def link_note(self) -> str:
         """How host-to-device copies were timed; every report carries this line."""

@@ -21,6 +21,7 @@ from .experts.formats import Dense, ExpertFormat, Packed
 from .experts.fp8 import FP8, PROJECTIONS, SCALE_SUFFIX, Fp8Blocks, check_scale, dequantize
 from .experts.mxfp4 import BLOCK, Mxfp4
 from .spec import ModelSpec, load_spec
+from .validate import check_expert, check_expert_parts, check_finite, check_safetensors
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -230,12 +231,14 @@ class Checkpoint:
             for path in sorted(set(files.values())):
                 if not path.is_file():
                     raise MoespecError(f"checkpoint shard listed in {INDEX_FILE} not found: {path}")
+                check_safetensors(path)
             return files
         paths = [self.dir / SINGLE_FILE] if (self.dir / SINGLE_FILE).is_file() else sorted(self.dir.glob("*.safetensors"))
         if not paths:
             raise MoespecError(f"no safetensors weights in {self.dir} (expected {SINGLE_FILE} or {INDEX_FILE})")
         files: dict[str, Path] = {}
         for path in paths:
+            check_safetensors(path)
             with safe_open(path, framework="pt") as f:
                 files.update({name: path for name in f.keys()})
         return files
@@ -302,13 +305,16 @@ class Checkpoint:
 
     def expert(self, layer: int, expert: int, dtype: torch.dtype, direct: bool = False) -> Packed:
         """One routed expert's tensors in `self.format`, read alone (Dense: gate_up [2I, H], gate
-        rows first, and down [H, I] in `dtype`); `direct`: around the page cache (O_DIRECT), so
-        repeated reads still come from the disk.
+        rows first, and down [H, I] in `dtype`), checked (shapes, finite values) as they are read;
+        `direct`: around the page cache (O_DIRECT), so repeated reads still come from the disk.
 
         An ungated expert (Switch: wo(relu(wi x))) comes back with gate_up = wi, so every store
         and cache works unchanged.
         """
         names = self._expert_names(layer, expert)
+        return check_expert(self.spec, names, expert, self._read_expert(names, expert, dtype, direct))
+
+    def _read_expert(self, names: list[str], expert: int, dtype: torch.dtype, direct: bool) -> Packed:
         index = expert if self._fused and not self.spec.num_encoder_layers else None
 
         def read(name: str, to: torch.dtype | None = dtype) -> torch.Tensor:
@@ -336,6 +342,7 @@ class Checkpoint:
                 gate_up, down = gate_up.T, down.T
             return {"gate_up": gate_up.contiguous(), "down": down.contiguous()}
         gate, up, down = (read(n) for n in names)
+        check_expert_parts(self.spec, names, (gate, up, down))
         return {"gate_up": torch.cat([gate, up]), "down": down.contiguous()}
 
     def _gpt_oss_expert(self, names: list[str], read: Callable[..., torch.Tensor]) -> Packed:
@@ -356,7 +363,8 @@ class Checkpoint:
 
     def dense_state(self, dtype: torch.dtype, device: torch.device | str) -> dict[str, torch.Tensor]:
         """All non-expert tensors on `device`, keyed by the model's parameter names."""
-        return {model_name(name): self.tensor(name, dtype).to(device) for name in dense_tensor_names(self.spec)}
+        return {model_name(name): check_finite(name, self.tensor(name, dtype)).to(device)
+                for name in dense_tensor_names(self.spec)}
 
 
 def open_checkpoint(model_dir: str | Path) -> Checkpoint:

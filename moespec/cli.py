@@ -7,11 +7,12 @@ import json
 import math
 import sys
 from pathlib import Path
-from typing import Literal, get_args, get_origin, get_type_hints
+from typing import Literal, NoReturn, get_args, get_origin, get_type_hints
 
 from .config import PARTS, EngineConfig, OffloadConfig, option_fields
 from .decode.stats import EngineStats
 from .errors import MoespecError
+from .serve.app import DEFAULT_MAX_BODY_BYTES
 
 
 def _value(text: str) -> str | int | float:
@@ -84,16 +85,22 @@ def print_summary(stats: EngineStats, file=sys.stderr) -> None:
 
 def cmd_generate(args: argparse.Namespace) -> None:
     llm = _load(args)
-    sys.stdout.write(args.prompt)
-    sys.stdout.flush()
+    shown = False
 
-    def stream(_row: int, text: str) -> None:
+    def show(text: str) -> None:
+        """Write `text` to stdout, the prompt first: only once generation has started, so a
+        bad argument gives its one-line error with nothing on stdout."""
+        nonlocal shown
+        if not shown:
+            sys.stdout.write(args.prompt)
+            shown = True
         sys.stdout.write(text)
         sys.stdout.flush()
 
     out = llm.generate(args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                       top_p=args.top_p, top_k=args.top_k, seed=args.seed, stop=args.stop, on_text=stream)
-    sys.stdout.write("\n")
+                       top_p=args.top_p, top_k=args.top_k, seed=args.seed, stop=args.stop,
+                       on_text=lambda _row, text: show(text))
+    show("\n")
     print(f"[{len(out[0].token_ids)} tokens, finish={out[0].finish_reason}]", file=sys.stderr)
     print_summary(llm.stats())
     if args.trace:
@@ -105,9 +112,16 @@ def cmd_generate(args: argparse.Namespace) -> None:
 def cmd_serve(args: argparse.Namespace) -> None:
     from .serve import serve
 
+    for name, value, low, high in (("--port", args.port, 0, 65535), ("--max-batch-size", args.max_batch_size, 1, None),
+                                   ("--max-queue", args.max_queue, 0, None),
+                                   ("--max-body-bytes", args.max_body_bytes, 1, None)):
+        if value < low or (high is not None and value > high):  # checked before the model loads
+            bounds = f"in [{low}, {high}]" if high is not None else f">= {low}"
+            raise MoespecError(f"{name} must be {bounds}, got {value}")
     llm = _load(args)
     try:
-        serve(llm, host=args.host, port=args.port, max_batch_size=args.max_batch_size, max_queue=args.max_queue)
+        serve(llm, host=args.host, port=args.port, max_batch_size=args.max_batch_size, max_queue=args.max_queue,
+              max_body_bytes=args.max_body_bytes)
     finally:
         if args.trace:
             llm.save_trace(args.trace)
@@ -347,8 +361,15 @@ def cmd_parallel_bench(args: argparse.Namespace) -> None:
     _write_json(out, args.out)
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, with its errors as the one line every moespec error is (exit code 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="moespec", description=__doc__)
+    parser = Parser(prog="moespec", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate", help="complete a prompt, streaming tokens to stdout")
     _engine_args(g)
@@ -360,7 +381,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--max-batch-size", type=int, default=8, help="requests decoded together (KV-cache rows)")
-    s.add_argument("--max-queue", type=int, default=64, help="requests waiting for a row; more get HTTP 429")
+    s.add_argument("--max-queue", type=int, default=64,
+                   help="requests waiting for a row (0: none wait); more get HTTP 429")
+    s.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
+                   help="largest request body; larger ones get HTTP 413")
     s.set_defaults(func=cmd_serve)
 
     b = sub.add_parser("bench", help="time every policy side by side in one process (JSON + table)")

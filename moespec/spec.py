@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .errors import MoespecError
+from .validate import blame_config, check_config_types
 
 
 @dataclass(frozen=True)
@@ -525,6 +526,8 @@ REFUSED = {  # model types we recognise but do not run, and why
 
 def spec_from_config(cfg: dict[str, Any]) -> ModelSpec:
     """Build a ModelSpec from a parsed config.json, or say clearly why we cannot."""
+    if not isinstance(cfg, dict):
+        raise MoespecError(f"config.json must hold a JSON object, got a {type(cfg).__name__}")
     model_type = cfg.get("model_type")
     if model_type in REFUSED:
         raise MoespecError(f"model_type {model_type!r}: {REFUSED[model_type]}")
@@ -537,6 +540,9 @@ def spec_from_config(cfg: dict[str, Any]) -> ModelSpec:
         spec = PARSERS[model_type](cfg)
     except KeyError as e:
         raise MoespecError(f"config.json for {model_type} is missing required field {e.args[0]!r}") from None
+    except (TypeError, ValueError, AttributeError, ZeroDivisionError) as e:  # a field of the wrong type
+        raise blame_config(cfg, PARSERS[model_type], e) from None
+    check_config_types(cfg, spec)
     if spec.top_k > spec.num_experts:
         raise MoespecError(
             f"num_experts_per_tok={spec.top_k} is larger than the number of experts ({spec.num_experts})"

@@ -234,14 +234,20 @@ BAD = [  # (path, body: bytes or JSON-able, status, param)
     ("/v1/completions", _completion(stop=[""]), 400, "stop"),
     ("/v1/completions", _completion(stop=7), 400, "stop"),
     ("/v1/completions", _completion(seed=2**80), 400, "seed"),
-    ("/v1/completions", _completion(n=3), 400, "n"),
+    ("/v1/completions", _completion(n=0), 400, "n"),
+    ("/v1/completions", _completion(n=5), 400, "n"),  # more choices than 2 rows + 2 waiting places
+    ("/v1/completions", _completion(prompt=["a", "b", "c"], n=2), 400, "n"),
+    ("/v1/completions", _completion(logprobs=21), 400, "logprobs"),
+    ("/v1/completions", _completion(best_of=2), 400, "best_of"),
+    ("/v1/chat/completions", _chat(top_logprobs=2), 400, "top_logprobs"),
+
     ("/v1/completions", _completion(stream="yes"), 400, "stream"),
     ("/v1/completions", _completion(prompt=[5] * 300), 400, None),
     ("/v1/completions", _completion(prompt="x = 1\n" * 200), 400, None),
     ("/v1/completions", _completion(prompt=""), 400, None),
     ("/v1/completions", _completion(prompt=[999]), 400, None),
     ("/v1/completions", _completion(prompt=[True]), 400, "prompt"),
-    ("/v1/completions", _completion(prompt=["a", "b"]), 400, "prompt"),
+    ("/v1/completions", _completion(prompt=["a", 5]), 400, "prompt"),
     ("/v1/chat/completions", _chat(messages=[]), 400, "messages"),
     ("/v1/chat/completions", _chat(messages="hi"), 400, "messages"),
     ("/v1/chat/completions", _chat(messages=[{"role": "wizard", "content": "hi"}]), 400, "messages.0.role"),
@@ -505,4 +511,10 @@ def test_cli_serve_runs_the_engine_options_of_generate():
 
 def test_cli_serve_rejects_bad_options(model_dir, capsys):
     assert cli_main(["serve", "--model", str(model_dir), "--max-batch-size", "0"]) == 2
-    assert "max_batch_size must be >= 1" in capsys.readouterr().err
+    assert capsys.readouterr().err == "moespec: error: --max-batch-size must be >= 1, got 0\n"
+    assert cli_main(["serve", "--model", str(model_dir), "--port", "99999"]) == 2
+    assert capsys.readouterr().err == "moespec: error: --port must be in [0, 65535], got 99999\n"
+    with pytest.raises(SystemExit) as e:  # argparse's own errors: one line too, exit code 2
+        cli_main(["serve", "--max-queue", "1.5"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.count("\n") == 1

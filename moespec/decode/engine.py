@@ -149,6 +149,9 @@ class Batch:
             tokens, valid, lengths = pad([s.prompt for s in seqs], e.device)
             rows = self._rows(seqs)
             hidden = self._forward(rows, lambda: e.model(tokens, self.cache, e.experts, rows=rows, valid=valid))
+            for i, seq in enumerate(seqs):  # echo: the prompt's own logprobs, from this pass
+                if seq.params.prompt_logprobs is not None:
+                    seq.record_prompt_logprobs(e.model.logits(hidden[i, : len(seq.prompt) - 1]))
             last = hidden[torch.arange(len(seqs), device=e.device), lengths - 1]
             first = self._sampling(seqs).sample(e.model.logits(last)).tolist()
         except BaseException:
@@ -195,7 +198,8 @@ class Batch:
         return torch.tensor([s.row for s in seqs], device=self.engine.device)
 
     def _sampling(self, seqs: list[Sequence]) -> RowSampling:
-        return RowSampling([s.params for s in seqs], [s.rng for s in seqs], self.engine.device)
+        return RowSampling([s.params for s in seqs], [s.rng for s in seqs], self.engine.device,
+                           [s.record_logprob for s in seqs])
 
     def _forward(self, rows: torch.Tensor, run):
         """Run `run()` over cache rows `rows`; if it raises, their lengths are rolled back."""

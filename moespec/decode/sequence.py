@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from tokenizers import Tokenizer
 
-from .sampling import SamplingParams
+from .sampling import SamplingParams, TokenLogprob, token_logprobs
 
 
 class TextStream:
@@ -58,10 +58,22 @@ class Sequence:
         self.stream = TextStream(tokenizer, params.stop)
         self.finish_reason: str | None = None  # "stop" (EOS or a stop string) | "length"
         self.row = -1
+        self.logprobs: list[TokenLogprob] = []  # one per sampled token, if params.logprobs is set
+        self.prompt_logprobs: list[TokenLogprob] = []  # prompt tokens 1.., if params.prompt_logprobs is set
 
     @property
     def remaining(self) -> int:
         return self.budget - len(self.token_ids)
+
+    def record_logprob(self, record: TokenLogprob) -> None:
+        """The log-probability of the token about to be appended (called as it is sampled)."""
+        self.logprobs.append(record)
+
+    def record_prompt_logprobs(self, logits: torch.Tensor) -> None:
+        """Prompt tokens 1.. under the prefill's logits [len(prompt) - 1, V] (replacing any earlier
+        attempt: a failed prefill is retried)."""
+        top = self.params.prompt_logprobs or 0
+        self.prompt_logprobs = token_logprobs(logits, torch.tensor(self.prompt[1:]), top)
 
     def append(self, token: int) -> str:
         """Record a sampled token; return the text that became final (all of it once finished)."""

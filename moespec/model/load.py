@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from ..spec import ModelSpec
+from ..validate import check_shapes
 from .switch import SwitchTransformer
 from .transformer import Transformer
 
@@ -26,5 +27,7 @@ def build_model(source: DenseSource, dtype: torch.dtype, device: torch.device | 
     cls = SwitchTransformer if source.spec.num_encoder_layers else Transformer
     with torch.device("meta"):
         model = cls(source.spec)
-    model.load_state_dict(source.dense_state(dtype, device), strict=True, assign=True)
+    state = source.dense_state(dtype, device)
+    check_shapes(model.state_dict(), state)  # a one-line error naming the tensor, not load_state_dict's
+    model.load_state_dict(state, strict=True, assign=True)
     return model.eval()

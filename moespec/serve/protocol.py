@@ -4,7 +4,8 @@ Bodies are parsed by hand (UTF-8, then JSON, then pydantic in strict mode) so ev
 can be wrong gets a 400 with OpenAI's error shape and a message naming the offending field,
 instead of the framework's own 422 format. Unknown fields are ignored, as OpenAI-compatible
 servers commonly do; known OpenAI options this server cannot honour are refused unless they are
-given their neutral value.
+given their neutral value. The response models below are the served OpenAPI schema's; the
+bodies themselves are built by the format classes at the end.
 """
 
 from __future__ import annotations
@@ -12,15 +13,17 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from typing import Any, Literal, TypeVar
+from typing import Any, Callable, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from ..decode.sampling import MAX_LOGPROBS, TokenLogprob
 
 T = TypeVar("T", bound=BaseModel)
 
 # options refused unless absent, null or one of these neutral values
 UNSUPPORTED: dict[str, tuple[Any, ...]] = {
-    "n": (1,), "best_of": (1,), "echo": (False,), "logprobs": (False,), "top_logprobs": (0,), "suffix": ("",),
+    "best_of": (1,), "suffix": ("",),
     "logit_bias": ({},), "presence_penalty": (0,), "frequency_penalty": (0,), "tools": ([],), "functions": ([],),
     "response_format": ({"type": "text"},),
 }
@@ -64,10 +67,13 @@ class SamplingRequest(_Strict):
     stream: bool | None = None
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False
+    n: int = Field(1, ge=1)  # choices per prompt, each a row of the batch
 
 
 class CompletionRequest(SamplingRequest):
     prompt: str | list[int] | list[str] | list[list[int]]
+    echo: bool = False  # the prompt before the completion (with its logprobs if asked)
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)  # the n most likely tokens per position
 
 
 class TextPart(_Strict):
@@ -88,6 +94,125 @@ class ChatMessage(_Strict):
 class ChatRequest(SamplingRequest):
     messages: list[ChatMessage]
     max_completion_tokens: int | None = None  # OpenAI's newer name for max_tokens; wins if both are given
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+
+
+class TokenizeRequest(_Strict):
+    """vLLM's /tokenize: a prompt, or chat messages rendered with the model's template."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool = True
+
+
+class DetokenizeRequest(_Strict):
+    model: str | None = None
+    tokens: list[int]
+
+
+# --- response bodies (for the OpenAPI schema) ----------------------------------------------------
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+
+
+class ModelList(BaseModel):
+    object: Literal["list"]
+    data: list[ModelCard]
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None
+    finish_reason: Literal["stop", "length"] | None
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob]
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"]
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: ChatLogprobs | None
+    finish_reason: Literal["stop", "length"]
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
 
 
 def parse_body(raw: bytes, model: type[T]) -> T:
@@ -146,31 +271,65 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
+LOGPROB_FLOOR = -9999.0  # how a log-probability of -inf (probability 0 in float32) is written: JSON has no inf
+TokenText = Callable[[int], str]  # a token id's text
+Tokens = list[tuple[int, TokenLogprob | None]]  # (token id, its logprobs; None for a prompt's first token)
+
+
+def _finite(logprob: float) -> float:
+    return max(logprob, LOGPROB_FLOOR)
+
+
 class CompletionFormat:
-    """Response and stream-chunk bodies of /v1/completions, for one request."""
+    """Response and stream-chunk bodies of /v1/completions, for one request. `top`: the request's
+    `logprobs` (None: no logprobs in the answer)."""
 
     prefix, object, chunk_object = "cmpl", "text_completion", "text_completion"
 
-    def __init__(self, model: str):
+    def __init__(self, model: str, token_text: TokenText, top: int | None = None):
         self.id = f"{self.prefix}-{uuid.uuid4().hex}"
         self.created = int(time.time())
-        self.model = model
+        self.model, self.token_text, self.top = model, token_text, top
+        self._offsets: dict[int, int] = {}  # per choice: the text offset of its next token
 
     def _head(self, obj: str) -> dict:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
 
-    def _choice(self, text: str, finish_reason: str | None, stream: bool) -> dict:
-        return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+    def logprobs(self, index: int, tokens: Tokens) -> dict | None:
+        """OpenAI's legacy logprobs object for the next `tokens` of choice `index`."""
+        if self.top is None:
+            return None
+        out: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        offset = self._offsets.get(index, 0)
+        for token, record in tokens:
+            text = self.token_text(token)
+            top = None
+            if record is not None:
+                top = {}
+                for alt, logprob in record.top:  # two ids may share a text: the likelier one stays
+                    top.setdefault(self.token_text(alt), _finite(logprob))
+            out["tokens"].append(text)
+            out["token_logprobs"].append(None if record is None else _finite(record.logprob))
+            out["top_logprobs"].append(top)
+            out["text_offset"].append(offset)
+            offset += len(text)
+        self._offsets[index] = offset
+        return out
 
-    def response(self, text: str, finish_reason: str, usage: dict) -> dict:
-        return {**self._head(self.object), "choices": [self._choice(text, finish_reason, False)], "usage": usage}
+    def _choice(self, index: int, text: str, tokens: Tokens, finish_reason: str | None, stream: bool) -> dict:
+        return {"index": index, "text": text, "logprobs": self.logprobs(index, tokens), "finish_reason": finish_reason}
 
-    def opening(self) -> list[dict]:
+    def response(self, choices: list[tuple[str, Tokens, str]], usage: dict) -> dict:
+        """The whole answer: (text, tokens, finish_reason) per choice."""
+        return {**self._head(self.object), "usage": usage,
+                "choices": [self._choice(i, text, tokens, reason, False) for i, (text, tokens, reason) in enumerate(choices)]}
+
+    def opening(self, choices: int) -> list[dict]:
         """Chunks sent before any text."""
         return []
 
-    def chunk(self, text: str, finish_reason: str | None) -> dict:
-        return {**self._head(self.chunk_object), "choices": [self._choice(text, finish_reason, True)]}
+    def chunk(self, index: int, text: str, tokens: Tokens, finish_reason: str | None) -> dict:
+        return {**self._head(self.chunk_object), "choices": [self._choice(index, text, tokens, finish_reason, True)]}
 
     def usage_chunk(self, usage: dict) -> dict:
         """The last chunk when the client asked for stream_options.include_usage: no choices."""
@@ -178,17 +337,31 @@ class CompletionFormat:
 
 
 class ChatCompletionFormat(CompletionFormat):
-    """Response and stream-chunk bodies of /v1/chat/completions: text goes in message / delta."""
+    """Response and stream-chunk bodies of /v1/chat/completions: text goes in message / delta,
+    logprobs in the chat shape (`top` is the request's top_logprobs, 0 if only logprobs=true)."""
 
     prefix, object, chunk_object = "chatcmpl", "chat.completion", "chat.completion.chunk"
 
-    def _choice(self, text: str, finish_reason: str | None, stream: bool) -> dict:
+    def _entry(self, token: int, logprob: float) -> dict:
+        text = self.token_text(token)
+        return {"token": text, "logprob": _finite(logprob), "bytes": list(text.encode("utf-8"))}
+
+    def logprobs(self, index: int, tokens: Tokens) -> dict | None:
+        if self.top is None:
+            return None
+        return {"content": [{**self._entry(token, record.logprob),
+                             "top_logprobs": [self._entry(alt, logprob) for alt, logprob in record.top]}
+                            for token, record in tokens if record is not None]}
+
+    def _choice(self, index: int, text: str, tokens: Tokens, finish_reason: str | None, stream: bool) -> dict:
+        logprobs = self.logprobs(index, tokens)
         if stream:
-            return {"index": 0, "delta": {"content": text} if text else {}, "logprobs": None,
+            return {"index": index, "delta": {"content": text} if text else {}, "logprobs": logprobs,
                     "finish_reason": finish_reason}
-        return {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+        return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
                 "finish_reason": finish_reason}
 
-    def opening(self) -> list[dict]:
+    def opening(self, choices: int) -> list[dict]:
         return [{**self._head(self.chunk_object), "choices": [
-            {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}]}]
+            {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}]}
+            for i in range(choices)]

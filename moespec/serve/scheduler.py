@@ -10,6 +10,9 @@ request's own parameters and random generator. Finished requests free their rows
 Requests talk to HTTP handlers through a sink callback, so this module knows nothing of asyncio.
 A step that raises is retried row by row, so only the requests that fail on their own are failed
 (with a `Failure` event) and the engine goes on serving the others.
+
+The scheduler holds at most `max_batch_size + max_queue` requests: `max_batch_size` running and
+`max_queue` waiting for a row (0: none wait; a request is taken only while a row is free).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from typing import TYPE_CHECKING, Callable
 
 import torch
 
-from ..decode.sampling import SamplingParams
+from ..decode.sampling import SamplingParams, TokenLogprob
 from ..decode.sequence import Sequence
 from ..errors import MoespecError
 from .metrics import Metrics
@@ -38,11 +41,15 @@ STATS_INTERVAL = 0.5  # seconds between engine-stats snapshots while busy
 
 @dataclass(frozen=True)
 class Output:
-    """New final text of a request; `finish_reason` is set on its last output."""
+    """New final text of a request; `finish_reason` is set on its last output. `logprobs`: the
+    tokens sampled since the previous output (when the request asked for logprobs);
+    `prompt_logprobs`: on the first output of a request that asked for them."""
 
     text: str
     finish_reason: str | None
     completion_tokens: int
+    logprobs: tuple[TokenLogprob, ...] = ()
+    prompt_logprobs: tuple[TokenLogprob, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -69,6 +76,7 @@ class Request:
     cancelled: bool = False
     finished: bool = False  # its last event was sent
     seq: Sequence | None = None  # set when it is admitted into the batch
+    sent_logprobs: int = 0  # of seq.logprobs, how many went out in earlier outputs
 
 
 class QueueFull(Exception):
@@ -76,19 +84,22 @@ class QueueFull(Exception):
 
 
 class SchedulerStopped(Exception):
-    """The scheduler is shutting down or its thread has died (HTTP 503)."""
+    """The scheduler is draining for shutdown, stopped, or its thread has died (HTTP 503)."""
 
 
 class Scheduler:
     def __init__(self, llm: LLM, max_batch_size: int, max_queue: int, metrics: Metrics):
         if max_batch_size < 1 or max_queue < 0:
             raise MoespecError(f"max_batch_size must be >= 1 and max_queue >= 0, got {max_batch_size}, {max_queue}")
-        self.llm, self.metrics, self.max_queue = llm, metrics, max_queue
+        self.llm, self.metrics, self.max_batch_size, self.max_queue = llm, metrics, max_batch_size, max_queue
+        self.capacity = max_batch_size + max_queue
         self.batch = llm.engine.batch(max_batch_size, llm.context_length)
         self._waiting: deque[Request] = deque()
         self._running: list[Request] = []  # touched only by the scheduler thread
+        self._held = 0  # requests taken and not finished: running, being admitted or waiting
         self._cond = threading.Condition()
         self._stopping = False
+        self._draining = False
         self._stats_due = 0.0
         self._thread = threading.Thread(target=self._loop, name="moespec-scheduler", daemon=True)
 
@@ -109,9 +120,18 @@ class Scheduler:
         self._waiting.clear()
         self._running.clear()
 
+    def drain(self) -> None:
+        """Take no new requests (SchedulerStopped: 503) and finish the ones held (shutdown)."""
+        with self._cond:
+            self._draining = True
+
+    @property
+    def idle(self) -> bool:
+        return self._held == 0
+
     @property
     def alive(self) -> bool:
-        return self._thread.is_alive() and not self._stopping
+        return self._thread.is_alive() and not self._stopping and not self._draining
 
     @property
     def queue_length(self) -> int:
@@ -121,14 +141,19 @@ class Scheduler:
     def running(self) -> int:
         return len(self._running)
 
-    def submit(self, req: Request) -> None:
-        """Queue a request, or raise QueueFull / SchedulerStopped at once."""
+    def submit(self, reqs: list[Request]) -> None:
+        """Queue requests, all or none (the choices of one HTTP request), or raise QueueFull /
+        SchedulerStopped at once."""
         with self._cond:
+            if self._draining:
+                raise SchedulerStopped("the server is shutting down")
             if not self.alive:
                 raise SchedulerStopped("the engine is not running")
-            if len(self._waiting) >= self.max_queue:
-                raise QueueFull(f"the request queue is full ({self.max_queue} waiting): retry later")
-            self._waiting.append(req)
+            if self._held + len(reqs) > self.capacity:
+                raise QueueFull(f"the server is full ({self.max_batch_size} running, "
+                                f"{self.max_queue} waiting at most): retry later")
+            self._held += len(reqs)
+            self._waiting.extend(reqs)
             self._cond.notify()
 
     def cancel(self, req: Request) -> None:
@@ -137,6 +162,8 @@ class Scheduler:
             req.cancelled = True
             if req in self._waiting:
                 self._waiting.remove(req)
+                req.finished = True
+                self._held -= 1
                 self.metrics.request_done("cancelled")
 
     # --- the scheduler thread ------------------------------------------------------------------
@@ -208,18 +235,28 @@ class Scheduler:
             if prefill:
                 self.metrics.prefilled(len(req.prompt), now - req.arrival)
             if seq.finish_reason is not None:
-                req.sink(Output(text, seq.finish_reason, len(seq.token_ids)))
+                req.sink(self._output(req, text))
                 self._finish(req, seq.finish_reason)
             elif text:
-                req.sink(Output(text, None, len(seq.token_ids)))
+                req.sink(self._output(req, text))
         if not prefill:
             self.metrics.decoded(sum(len(s.token_ids) for s in seqs) - tokens_before, now - t0)
+
+    @staticmethod
+    def _output(req: Request, text: str) -> Output:
+        """An output event with the text and the logprobs not sent before."""
+        seq = req.seq
+        first, req.sent_logprobs = req.sent_logprobs, len(seq.logprobs)
+        prompt = tuple(seq.prompt_logprobs) if first == 0 and seq.params.prompt_logprobs is not None else None
+        return Output(text, seq.finish_reason, len(seq.token_ids), tuple(seq.logprobs[first:]), prompt)
 
     def _finish(self, req: Request, outcome: str, failure: Failure | None = None) -> None:
         """Take a request out of the batch and free its cache row (once: later calls do nothing)."""
         if req.finished:
             return
         req.finished = True
+        with self._cond:
+            self._held -= 1
         if failure is not None:
             req.sink(failure)
         if req in self._running:
