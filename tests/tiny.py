@@ -65,3 +65,14 @@ def save_tokenizer(out: Path, vocab_size: int = 128) -> Tokenizer:
     tok.train_from_iterator(text, trainer)
     tok.save(str(out / "tokenizer.json"))
     return tok
+
+
+def logit_gap(ref, llm) -> float:
+    """Max |logit difference| between transformers' model `ref` and moespec's `llm` on three fixed
+    random rows of 17 tokens (shapes must agree)."""
+    ids = torch.randint(3, 128, (3, 17), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = ref(ids).logits
+    got = llm.score(ids)
+    assert got.shape == expected.shape
+    return (got - expected).abs().max().item()
