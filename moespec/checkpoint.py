@@ -164,8 +164,9 @@ class Checkpoint:
         self._handles: dict[Path, object] = {}
         self._handles_lock = threading.Lock()
         self.direct = DirectReader()  # O_DIRECT reads of experts (the disk tier with direct_io)
-        method = self._quant_method()
-        self.fp8_block = fp8_block_size(self._quant) if method == "fp8" else None
+        quant = self._quantization()
+        method = quant.get("quant_method")
+        self.fp8_block = fp8_block_size(quant) if method == "fp8" else None
         # how `expert` hands experts out (MXFP4 and FP8 packed, as stored; otherwise in the compute dtype)
         self.format: ExpertFormat = Mxfp4() if method == "mxfp4" else Dense()
         # transformers >= 5 can also store a layer's experts fused into [E, ...] tensors (gpt-oss always does)
@@ -178,20 +179,18 @@ class Checkpoint:
         if self.fp8_block is not None and first_expert is not None and self._is_fp8(first_expert):
             self.format = Fp8Blocks(self.fp8_block)
 
-    def _quant_method(self) -> str | None:
-        """config.json's `quantization_config.quant_method` (None: not quantized), if moespec reads it."""
+    def _quantization(self) -> dict:
+        """config.json's `quantization_config` ({}: not quantized), if moespec reads its method."""
         path = self.dir / "config.json"
-        self._quant = (json.loads(path.read_text()).get("quantization_config") if path.is_file() else None) or {}
-        if not self._quant:
-            return None
-        method = self._quant.get("quant_method")
-        if method not in QUANT_METHODS:
+        quant = (json.loads(path.read_text()).get("quantization_config") if path.is_file() else None) or {}
+        method = quant.get("quant_method")
+        if quant and method not in QUANT_METHODS:
             raise MoespecError(f"{path}: quantization_config.quant_method {method!r} is not supported "
                                f"(supported: {', '.join(QUANT_METHODS)})")
         if method == "mxfp4" and self.spec.model_type != "gpt_oss":
             raise MoespecError(f"{path}: quant_method 'mxfp4' is read for gpt_oss checkpoints only, "
                                f"not {self.spec.model_type}")
-        return method
+        return quant
 
     def _shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._handle(self._file_of[name]).get_slice(name).get_shape())
