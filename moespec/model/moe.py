@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from functools import partial
-from typing import Callable, Protocol, runtime_checkable
+from typing import Callable, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -51,7 +51,6 @@ def make_expert_fn(spec: ModelSpec) -> ExpertFn:
     return partial(expert_forward, act=spec.expert_act, limit=spec.swiglu_limit)
 
 
-@runtime_checkable
 class RoutedExecutor(Protocol):
     """Runs a layer's routed experts itself instead of lending their weights to the model.
 
@@ -83,8 +82,9 @@ def run_experts(layer: int, x: torch.Tensor, weights: torch.Tensor, ids: torch.T
     (token, k) place and summed over k at the end: the result never depends on arrival order.
     `weighted` says where the router weight applies (`scale_output` or `scale_input`).
     """
-    if isinstance(experts, RoutedExecutor):
-        return experts.run_routed(layer, x, weights, ids, expert_fn, weighted is scale_input)
+    run_routed = getattr(experts, "run_routed", None)  # a RoutedExecutor (isinstance on a Protocol is slow)
+    if run_routed is not None:
+        return run_routed(layer, x, weights, ids, expert_fn, weighted is scale_input)
     per_choice = x.new_zeros(ids.shape[0], ids.shape[1], x.shape[1])
     for expert_id, w in experts.fetch(layer, torch.unique(ids).tolist(), x.shape[0]):
         token_idx, k = torch.where(ids == expert_id)
