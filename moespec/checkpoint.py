@@ -361,8 +361,14 @@ class Checkpoint:
         return {"gate_up": gate_up.T[gate_first], "down": down.T.contiguous(), **biases}
 
     def dense_state(self, dtype: torch.dtype, device: torch.device | str) -> dict[str, torch.Tensor]:
-        """All non-expert tensors on `device`, keyed by the model's parameter names."""
-        return {model_name(name): check_finite(name, self.tensor(name, dtype)).to(device)
+        """All non-expert tensors on `device`, keyed by the model's parameter names. Routers that
+        choose in float32 (DeepSeek's) keep their parameters in float32 whatever `dtype` is, as
+        the reference does: a bf16 correction bias would change which experts are chosen."""
+        def dtype_of(name: str) -> torch.dtype:
+            router = f".{router_name(self.spec)}."
+            return torch.float32 if self.spec.router_float32 and router in name and ".mlp." in name else dtype
+
+        return {model_name(name): check_finite(name, self.tensor(name, dtype_of(name))).to(device)
                 for name in dense_tensor_names(self.spec)}
 
 

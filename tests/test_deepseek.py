@@ -95,6 +95,17 @@ def test_greedy_batch_matches_reference(built, budget):
     assert [o.token_ids for o in outs] == expected
 
 
+def test_router_stays_float32_in_half_precision(built):
+    """DeepSeek's routers choose in float32 from float32 parameters, as the reference keeps them."""
+    _, path, _ = built
+    llm = LLM(path, dtype="bfloat16")
+    gates = [block.mlp.gate for block in llm.model.layers if hasattr(block.mlp, "gate")]
+    assert gates and all(g.weight.dtype == torch.float32 for g in gates)
+    assert all(g.e_score_correction_bias is None or g.e_score_correction_bias.dtype == torch.float32 for g in gates)
+    assert llm.model.layers[-1].self_attn.o_proj.weight.dtype == torch.bfloat16
+    assert llm.generate(PROMPTS[:1], max_new_tokens=4, ignore_eos=True)[0].token_ids
+
+
 def test_mla_cache_holds_the_latent_and_the_shared_rotary_key(built):
     _, path, _ = built
     llm = LLM(path)
