@@ -193,7 +193,7 @@ class Checkpoint:
         return quant
 
     def _shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._handle(self._file_of[name]).get_slice(name).get_shape())
+        return tuple(self._slice(name).get_shape())
 
     def _check_mxfp4(self) -> None:
         """Every MXFP4 expert tensor has its scales, both of the shapes the spec's sizes need."""
@@ -220,6 +220,13 @@ class Checkpoint:
                                        f"values of {blocks})")
 
     def _index(self) -> dict[str, Path]:
+        """Which file holds each tensor, by the text model's name: a checkpoint whose text model
+        sits under `spec.weights_prefix` (multimodal Llama-4) is read without its other towers."""
+        prefix = self.spec.weights_prefix
+        files = self._files()
+        return {name[len(prefix):]: path for name, path in files.items() if name.startswith(prefix)} if prefix else files
+
+    def _files(self) -> dict[str, Path]:
         index = self.dir / INDEX_FILE
         if index.is_file():
             try:
@@ -269,7 +276,7 @@ class Checkpoint:
                 self._check_fp8(name)
 
     def _is_fp8(self, name: str) -> bool:
-        return self._handle(self._file_of[name]).get_slice(name).get_dtype() == "F8_E4M3"
+        return self._slice(name).get_dtype() == "F8_E4M3"
 
     def _check_fp8(self, name: str) -> None:
         """An FP8 tensor needs the config's block size and its scales, tiling it in those blocks."""
@@ -282,8 +289,7 @@ class Checkpoint:
         scale = name + SCALE_SUFFIX
         if scale not in self._file_of:
             raise MoespecError(f"FP8 weight {name} has no scales ({scale} is not in the checkpoint)")
-        check_scale(name, tuple(self._handle(self._file_of[name]).get_slice(name).get_shape()),
-                    tuple(self._handle(self._file_of[scale]).get_slice(scale).get_shape()), self.fp8_block)
+        check_scale(name, self._shape(name), self._shape(scale), self.fp8_block)
 
     def _handle(self, path: Path):
         with self._handles_lock:  # the transfer side's reader threads open files too
@@ -300,7 +306,11 @@ class Checkpoint:
 
     def stored(self, name: str) -> torch.Tensor:
         """One tensor as the file stores it."""
-        return self._handle(self._file_of[name]).get_tensor(name)
+        return self._handle(self._file_of[name]).get_tensor(self.spec.weights_prefix + name)
+
+    def _slice(self, name: str):
+        """Tensor `name` of the text model, memory-mapped, unread."""
+        return self._handle(self._file_of[name]).get_slice(self.spec.weights_prefix + name)
 
     def expert(self, layer: int, expert: int, dtype: torch.dtype, direct: bool = False) -> Packed:
         """One routed expert's tensors in `self.format`, read alone (Dense: gate_up [2I, H], gate
@@ -319,9 +329,9 @@ class Checkpoint:
         def read(name: str, to: torch.dtype | None = dtype) -> torch.Tensor:
             """Tensor `name` (this expert's slice of it, if fused) in dtype `to` (None: as stored)."""
             if direct:
-                t = self.direct.tensor(self._file_of[name], name, index)
+                t = self.direct.tensor(self._file_of[name], self.spec.weights_prefix + name, index)
             elif index is not None:
-                t = self._handle(self._file_of[name]).get_slice(name)[index]
+                t = self._slice(name)[index]
             else:
                 t = self.stored(name)
             return t if to is None else t.to(to)

@@ -8,7 +8,7 @@ the differences between Mixtral, Qwen2-MoE, Qwen3-MoE and OLMoE are written down
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -99,6 +99,7 @@ class ModelSpec:
     attention_chunk_size: int = 0  # chunk of position p: p // attention_chunk_size
     attn_temperature: tuple[float, float] | None = None  # NoPE layers: (floor_scale, attn_scale), see attention.py
     tie_word_embeddings: bool = False
+    weights_prefix: str = ""  # where the text model's tensors sit in the files (multimodal Llama-4: "language_model.")
     hidden_act: str = "silu"
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
@@ -504,6 +505,15 @@ def _llama4_text(cfg: dict[str, Any]) -> ModelSpec:
     )
 
 
+def _llama4(cfg: dict[str, Any]) -> ModelSpec:
+    """Llama4ForConditionalGeneration (Meta's Llama-4 releases): its text model, `text_config`,
+    whose tensors sit under `language_model.`; the vision tower is not read (text prompts only)."""
+    text = cfg.get("text_config")
+    if not isinstance(text, dict):
+        raise MoespecError("config.json for llama4 has no text_config object (the text model's settings)")
+    return replace(_llama4_text({**text, "model_type": "llama4_text"}), weights_prefix="language_model.")
+
+
 PARSERS: dict[str, Callable[[dict[str, Any]], ModelSpec]] = {
     "mixtral": _mixtral,
     "qwen2_moe": _qwen2_moe,
@@ -516,21 +526,14 @@ PARSERS: dict[str, Callable[[dict[str, Any]], ModelSpec]] = {
     "deepseek_v2": _deepseek_v2,
     "glm4_moe": _glm4_moe,
     "llama4_text": _llama4_text,
+    "llama4": _llama4,
 }
 SUPPORTED = tuple(PARSERS)
-REFUSED = {  # model types we recognise but do not run, and why
-    "llama4": "the multimodal Llama4ForConditionalGeneration (text_config + vision_config) is not supported; "
-              "only Llama-4 text checkpoints (model_type 'llama4_text', Llama4ForCausalLM)",
-}
-
-
 def spec_from_config(cfg: dict[str, Any]) -> ModelSpec:
     """Build a ModelSpec from a parsed config.json, or say clearly why we cannot."""
     if not isinstance(cfg, dict):
         raise MoespecError(f"config.json must hold a JSON object, got a {type(cfg).__name__}")
     model_type = cfg.get("model_type")
-    if model_type in REFUSED:
-        raise MoespecError(f"model_type {model_type!r}: {REFUSED[model_type]}")
     if model_type not in PARSERS:
         raise MoespecError(
             f"unsupported architecture {model_type!r} (architectures={cfg.get('architectures')}); "
