@@ -1,0 +1,102 @@
+"""Per-step engine cost: moespec against transformers on the same model, every expert resident.
+
+Side by side in one process, interleaved (moespec, transformers, moespec, ...), medians of
+`--repeats`: batch-1 and batch-8 greedy decode (decode time = a run of N new tokens minus a run of
+one, over N - 1 steps) and a prefill of 512 tokens (or the model's context, if shorter), at each
+torch thread count. The ratio is
+moespec's speed over transformers'; above 1 moespec is faster. llama.cpp is not measured here
+(llama-cpp-python needs a source build on this machine). JSON under benchmarks/results/.
+
+    python benchmarks/runtime.py --models models/tiny-mixtral,models/tiny-qwen2moe --threads 1,2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from moespec import LLM
+
+
+def _prompts(batch: int, length: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(batch)
+    return torch.randint(3, 500, (batch, length), generator=gen)
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def moespec_runs(llm: LLM, prompts: torch.Tensor, new: int) -> float:
+    rows = prompts.tolist()
+    return _timed(lambda: llm.generate(rows, max_new_tokens=new, temperature=0.0, ignore_eos=True))
+
+
+def transformers_runs(model, prompts: torch.Tensor, new: int) -> float:
+    with torch.inference_mode():
+        return _timed(lambda: model.generate(prompts, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                                             attention_mask=torch.ones_like(prompts), pad_token_id=0))
+
+
+def measure(path: str, threads: int, repeats: int, new: int) -> dict:
+    torch.set_num_threads(threads)
+    llm = LLM(path, progress=False)
+    ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    cases = {"decode_b1": _prompts(1, 32), "decode_b8": _prompts(8, 32)}
+    prefill = _prompts(1, min(512, llm.context_length))  # the shipped models hold 256 tokens
+    systems = {"moespec": (llm, moespec_runs), "transformers": (ref, transformers_runs)}
+    times: dict[str, dict[str, list[float]]] = {s: {c: [] for c in [*cases, "prefill"]} for s in systems}
+    for rep in range(repeats + 1):  # the first round warms up and is dropped
+        for name, (engine, run) in systems.items():
+            for case, prompts in cases.items():
+                per_step = (run(engine, prompts, new) - run(engine, prompts, 1)) / (new - 1)
+                if rep:
+                    times[name][case].append(per_step)
+            forward = (lambda: llm.score(prefill)) if name == "moespec" else \
+                (lambda: ref(prefill).logits)
+            with torch.inference_mode():
+                seconds = _timed(forward)
+            if rep:
+                times[name]["prefill"].append(seconds)
+    out = {"model": path, "torch_threads": threads, "repeats": repeats, "new_tokens": new,
+           "prefill_tokens": prefill.shape[1], "cases": {}}
+    for case in times["moespec"]:
+        ours, theirs = (statistics.median(times[s][case]) for s in systems)
+        out["cases"][case] = {"moespec_ms": 1000 * ours, "transformers_ms": 1000 * theirs,
+                              "speed_ratio_moespec_over_transformers": theirs / ours}
+    llm.close()
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default="models/tiny-mixtral,models/tiny-qwen2moe")
+    ap.add_argument("--threads", default="1,2")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--out", default="benchmarks/results/runtime-cpu.json")
+    args = ap.parse_args()
+    results = {"machine": "CPU", "load_average_before": os.getloadavg(), "runs": []}
+    for path in args.models.split(","):
+        for threads in map(int, args.threads.split(",")):
+            r = measure(path, threads, args.repeats, args.new_tokens)
+            results["runs"].append(r)
+            for case, c in r["cases"].items():
+                print(f"{Path(path).name} threads={threads} {case}: moespec {c['moespec_ms']:.2f} ms, transformers "
+                      f"{c['transformers_ms']:.2f} ms, x{c['speed_ratio_moespec_over_transformers']:.2f}")
+    results["load_average_after"] = os.getloadavg()
+    Path(args.out).write_text(json.dumps(results, indent=1))
+    print(f"written to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
