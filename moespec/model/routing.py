@@ -62,17 +62,18 @@ class Router:
     def probs(self, logits: torch.Tensor) -> torch.Tensor:
         return torch.softmax(logits.float(), dim=-1)
 
-    def preference(self, logits: torch.Tensor) -> torch.Tensor:
-        """What experts are ranked by when choosing [N, E] (before any group limit)."""
-        return self.probs(logits)
+    def preference(self, probs: torch.Tensor) -> torch.Tensor:
+        """What experts are ranked by when choosing [N, E] (before any group limit), from `probs`."""
+        return probs
 
-    def choice(self, logits: torch.Tensor) -> torch.Tensor:
+    def choice(self, probs: torch.Tensor) -> torch.Tensor:
         """`preference` with the experts outside each token's chosen groups excluded."""
-        return self.preference(logits)
+        return self.preference(probs)
 
     def select(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        ids = torch.topk(self.choice(logits), self.k, dim=-1).indices
-        return self.weights_for(logits, ids), ids
+        probs = self.probs(logits)  # once: the choice and the weights both come from it
+        ids = torch.topk(self.choice(probs), self.k, dim=-1).indices
+        return self._weigh(probs.gather(1, ids)), ids
 
     def guess_logits(self, logits: torch.Tensor) -> torch.Tensor:
         """A softmax router's own logits."""
@@ -89,8 +90,9 @@ class Router:
         choice to k columns. Masking the softmax to the members instead would inflate the weights
         of routers that do not renormalise (Qwen's)."""
         n = min(self.k, len(members))
-        ids = members[self.preference(logits)[:, members].topk(n, dim=-1).indices]
-        weights = self.weights_for(logits, ids)
+        probs = self.probs(logits)
+        ids = members[self.preference(probs)[:, members].topk(n, dim=-1).indices]
+        weights = self._weigh(probs.gather(1, ids))
         if n < self.k:
             weights = torch.cat([weights, weights.new_zeros(len(weights), self.k - n)], dim=1)
             ids = torch.cat([ids, ids[:, :1].expand(-1, self.k - n)], dim=1)
@@ -123,9 +125,8 @@ class SoftmaxGroupTopK(Router):
     """DeepSeek-V2: softmax scores; with several groups, only the `topk_groups` groups holding the
     highest single scores may be chosen from (group_limited_greedy); no renormalisation."""
 
-    def choice(self, logits: torch.Tensor) -> torch.Tensor:
-        scores = self.probs(logits)
-        return scores if self.groups <= 1 else scores.masked_fill(~self._allowed(scores), 0.0)  # as the reference
+    def choice(self, probs: torch.Tensor) -> torch.Tensor:
+        return probs if self.groups <= 1 else probs.masked_fill(~self._allowed(probs), 0.0)  # as the reference
 
     def guess_logits(self, logits: torch.Tensor) -> torch.Tensor:
         """The logits with the experts outside the token's groups excluded."""
@@ -151,13 +152,12 @@ class SigmoidGroupTopK(Router):
     def probs(self, logits: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(logits.float())
 
-    def preference(self, logits: torch.Tensor) -> torch.Tensor:
-        scores = self.probs(logits)
+    def preference(self, probs: torch.Tensor) -> torch.Tensor:
         bias = None if self.gate is None else self.gate.e_score_correction_bias
-        return scores if bias is None else scores + bias.float()
+        return probs if bias is None else probs + bias.float()
 
-    def choice(self, logits: torch.Tensor) -> torch.Tensor:
-        scores = self.preference(logits)
+    def choice(self, probs: torch.Tensor) -> torch.Tensor:
+        scores = self.preference(probs)
         if self.groups <= 1:
             return scores
         group_score = scores.view(len(scores), self.groups, -1).topk(2, dim=-1).values.sum(dim=-1)
@@ -167,7 +167,7 @@ class SigmoidGroupTopK(Router):
         """The logits whose sigmoid is the biased choice score (the logits themselves when there
         is no bias), experts outside the token's groups excluded: ordered as `choice` (scores the
         bias pushes to 1 or above tie at the top)."""
-        choice = self.choice(logits)
+        choice = self.choice(self.probs(logits))
         return torch.where(choice.isinf(), choice, torch.logit(choice.clamp(1e-6, 1 - 1e-6)))
 
 
