@@ -22,7 +22,7 @@ from ..config import parse_budget
 from ..errors import MoespecError
 from .base import ExpertWeights, Key
 from .eviction import EvictionPolicy, make_policy
-from .formats import Dense, Packed, packed_bytes
+from .formats import Packed, Unpacker, packed_bytes
 from .stats import ExpertStats
 from .store import ExpertStore
 from .trace import Tracer
@@ -77,13 +77,10 @@ class ExpertCache:
             if device.type == "cpu" else CudaTransfers(device, slots)
         n = per_domain * len(layers) if scope == "layer" else slots
         # every slot's packed tensors stacked: [n, *shape] per packed tensor; a layer's use unpacks
-        # one expert at a time into `scratch` (Dense experts are used in place)
+        # one expert at a time (formats.Unpacker: Dense experts are used in place)
         self.slots = {name: torch.empty(n, *shape, dtype=dt, device=device)
                       for name, (shape, dt) in store.packed_layout.items()}
-        self.format = store.format
-        self.scratch = None if isinstance(store.format, Dense) else \
-            ExpertWeights(**{name: torch.empty(shape, dtype=store.dtype, device=device)
-                             for name, shape in store.shapes.items()})
+        self.unpack = Unpacker(store.format, store.shapes, store.dtype, device)
         if scope == "layer":
             self.domains = {layer: Domain(range(i * per_domain, (i + 1) * per_domain), policy)
                             for i, layer in enumerate(layers)}
@@ -138,12 +135,8 @@ class ExpertCache:
         return {name: t[slot] for name, t in self.slots.items()}
 
     def _weights(self, slot: int) -> ExpertWeights:
-        """The expert in `slot` in the compute dtype: in place, or unpacked into the scratch
-        expert (valid until the next one is asked for, as ExpertProvider promises)."""
-        if self.scratch is None:
-            return ExpertWeights(**self._slot(slot))
-        self.format.unpack_into(self._slot(slot), self.scratch)
-        return self.scratch
+        """The expert in `slot` in the compute dtype (see formats.Unpacker)."""
+        return self.unpack(self._slot(slot))
 
     def expected_use(self, key: Key) -> float:
         """Estimated chance that `key` is used the next time its layer runs: an exponential

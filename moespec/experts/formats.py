@@ -14,6 +14,7 @@ checkpoint ──read──► Packed (host store) ──link: packed bytes─�
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import Protocol
 
 import torch
@@ -43,6 +44,38 @@ class ExpertFormat(Protocol):
         ...
 
 
+class UnpacksWhole(ABC):
+    """`unpack_into` for a format that dequantizes an expert whole (its `unpack`): run it where
+    `dst` is and copy the fields in."""
+
+    @abstractmethod
+    def unpack(self, packed: Packed, dtype: torch.dtype) -> ExpertWeights:
+        """The expert as ExpertWeights in `dtype`, computed where `packed` is."""
+
+    def unpack_into(self, packed: Packed, dst: ExpertWeights) -> None:
+        on_device = {name: t.to(dst.gate_up.device, non_blocking=True) for name, t in packed.items()}
+        for name, t in self.unpack(on_device, dst.gate_up.dtype).tensors().items():
+            getattr(dst, name).copy_(t)
+
+
+class Unpacker:
+    """Packed experts on the device -> the ExpertWeights a layer computes with: `Dense` ones in
+    place, any other format unpacked into one scratch expert (valid until the next is asked
+    for, as ExpertProvider promises)."""
+
+    def __init__(self, fmt: ExpertFormat, shapes: dict[str, tuple[int, ...]], dtype: torch.dtype,
+                 device: torch.device):
+        self.format = fmt
+        self.scratch = None if isinstance(fmt, Dense) else \
+            ExpertWeights(**{name: torch.empty(shape, dtype=dtype, device=device) for name, shape in shapes.items()})
+
+    def __call__(self, packed: Packed) -> ExpertWeights:
+        if self.scratch is None:
+            return ExpertWeights(**packed)
+        self.format.unpack_into(packed, self.scratch)
+        return self.scratch
+
+
 def copy_packed(src: Packed, dst: Packed) -> None:
     """Land a packed expert in a device slot as it is (on CUDA: on the current stream)."""
     for name, t in src.items():
@@ -53,10 +86,6 @@ class Dense:
     """Weights already in the compute dtype: the packed tensors are the ExpertWeights fields, used in place."""
 
     name = "dense"
-
-    @staticmethod
-    def pack(w: ExpertWeights) -> Packed:
-        return w.tensors()
 
     def unpack_into(self, packed: Packed, dst: ExpertWeights) -> None:
         for name, t in packed.items():

@@ -14,7 +14,7 @@ import torch
 
 from ..errors import MoespecError
 from .base import ExpertWeights
-from .formats import Packed
+from .formats import Packed, UnpacksWhole
 
 FP8 = torch.float8_e4m3fn
 SCALE_SUFFIX = "_scale_inv"  # "x.weight" -> "x.weight_scale_inv"
@@ -41,7 +41,7 @@ def dequantize(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, 
     return (weight.float() * scale).to(dtype)
 
 
-class Fp8Blocks:
+class Fp8Blocks(UnpacksWhole):
     """Routed experts as FP8 projections with their block scales: gate [I, H], up [I, H], down [H, I],
     each with "<name>_scale_inv". Gate and up keep separate scales, so an I that is not a multiple
     of the block needs no re-blocking."""
@@ -55,8 +55,3 @@ class Fp8Blocks:
         gate, up, down = (dequantize(packed[p], packed[p + SCALE_SUFFIX], self.block, dtype) for p in PROJECTIONS)
         return ExpertWeights(gate_up=torch.cat([gate, up]), down=down)
 
-    def unpack_into(self, packed: Packed, dst: ExpertWeights) -> None:
-        on_device = {name: t.to(dst.gate_up.device, non_blocking=True) for name, t in packed.items()}
-        w = self.unpack(on_device, dst.gate_up.dtype)
-        dst.gate_up.copy_(w.gate_up)
-        dst.down.copy_(w.down)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from .base import ExpertWeights
-from .formats import Packed
+from .formats import Packed, UnpacksWhole
 
 BLOCK = 32  # values sharing one scale
 FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
@@ -59,7 +59,7 @@ def quantize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return blocks, (exponent + SCALE_BIAS).to(torch.uint8)
 
 
-class Mxfp4:
+class Mxfp4(UnpacksWhole):
     """Experts whose gate_up [2I, H] and down [H, I] are MXFP4 (`<proj>_blocks`, `<proj>_scales`),
     gate rows first as everywhere in moespec; biases, if any, in the compute dtype."""
 
@@ -72,11 +72,6 @@ class Mxfp4:
             packed[f"{proj}_blocks"], packed[f"{proj}_scales"] = quantize(getattr(w, proj))
         packed.update({name: t for name, t in w.tensors().items() if name not in PROJECTIONS})
         return packed
-
-    def unpack_into(self, packed: Packed, dst: ExpertWeights) -> None:
-        on_device = {name: t.to(dst.gate_up.device, non_blocking=True) for name, t in packed.items()}
-        for name, t in self._unpacked(on_device, dst.gate_up.dtype).items():
-            getattr(dst, name).copy_(t)
 
     def unpack(self, packed: Packed, dtype: torch.dtype) -> ExpertWeights:
         return ExpertWeights(**self._unpacked(packed, dtype))

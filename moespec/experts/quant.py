@@ -78,6 +78,9 @@ class GroupQuant(ABC):
         return packed
 
     def unpack_into(self, packed: Packed, dst: ExpertWeights) -> None:
+        """Matrix by matrix, each dequantized in float32 and converted as it is copied into `dst`
+        (not formats.UnpacksWhole: that would convert to the compute dtype first, one more pass
+        per use on the hot path)."""
         device = dst.gate_up.device
         for name, t in dst.tensors().items():
             if name in QUANTIZED:

@@ -20,7 +20,7 @@ import torch
 
 from ..checkpoint import Checkpoint
 from .base import ExpertWeights, Key
-from .formats import Dense, Packed, packed_bytes
+from .formats import Packed, Unpacker, packed_bytes
 from .stats import ExpertStats
 
 class ExpertStore:
@@ -86,23 +86,14 @@ class ResidentExperts:
         self.stats = stats
         self.pin_limit = store.spec.num_experts
         self.capacity = len(store.keys)
-        self.format = store.format
-        if isinstance(store.format, Dense):
-            self._experts = {key: store[key].to(device) for key in store.keys}
-            self.scratch = None
-        else:
-            self._packed = {key: {name: t.to(device) for name, t in store.packed(key).items()} for key in store.keys}
-            self.scratch = ExpertWeights(**{name: torch.empty(shape, dtype=store.dtype, device=device)
-                                            for name, shape in store.shapes.items()})
+        self._packed = {key: {name: t.to(device) for name, t in store.packed(key).items()} for key in store.keys}
+        self.unpack = Unpacker(store.format, store.shapes, store.dtype, device)
 
     def _weights(self, key: Key) -> ExpertWeights:
-        if self.scratch is None:
-            return self._experts[key]
-        self.format.unpack_into(self._packed[key], self.scratch)
-        return self.scratch
+        return self.unpack(self._packed[key])
 
     def resident(self) -> set[Key]:
-        return set(self._experts if self.scratch is None else self._packed)
+        return set(self._packed)
 
     def ready(self, layer: int) -> set[int]:
         return {e for (l, e) in self.resident() if l == layer}
