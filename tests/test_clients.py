@@ -25,7 +25,7 @@ import torch
 
 from moespec import LLM
 from moespec.serve import BackgroundServer, create_app
-from tiny import save_model, save_tokenizer
+from tiny import save_served_model
 
 MODEL = "tiny-client"
 DATA = Path(__file__).parent / "data"
@@ -36,10 +36,7 @@ NO_EOS = {"ignore_eos": True}
 def model_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("clients") / MODEL
     d.mkdir()
-    save_model("qwen3_moe", d, experts=8, top_k=2, vocab_size=300, max_position_embeddings=128)
-    save_tokenizer(d, vocab_size=300)
-    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>"}
-    (d / "tokenizer_config.json").write_text(json.dumps(config))
+    save_served_model(d, max_position_embeddings=128)
     return d
 
 

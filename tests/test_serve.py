@@ -26,7 +26,7 @@ from moespec import LLM
 from moespec.cli import main as cli_main
 from moespec.serve import BackgroundServer, create_app
 from moespec.serve.chat import ChatFormat
-from tiny import save_model, save_tokenizer
+from tiny import save_served_model
 
 MODEL = "tiny-qwen"
 TEMPLATE = ("{% if messages[0]['role'] == 'assistant' %}{{ raise_exception('the first message must not be "
@@ -41,11 +41,7 @@ NO_EOS = {"ignore_eos": True}
 def model_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("serve") / MODEL
     d.mkdir()
-    save_model("qwen3_moe", d, experts=8, top_k=2, vocab_size=300)
-    save_tokenizer(d, vocab_size=300)
-    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
-              "chat_template": TEMPLATE}
-    (d / "tokenizer_config.json").write_text(json.dumps(config))
+    save_served_model(d, chat_template=TEMPLATE)
     return d
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -65,6 +66,15 @@ def save_tokenizer(out: Path, vocab_size: int = 128) -> Tokenizer:
     tok.train_from_iterator(text, trainer)
     tok.save(str(out / "tokenizer.json"))
     return tok
+
+
+def save_served_model(out: Path, chat_template: str | None = None, **config_kw) -> None:
+    """A tiny Qwen3-MoE with a BPE tokenizer and its tokenizer_config.json, as a server loads one."""
+    save_model("qwen3_moe", out, experts=8, top_k=2, vocab_size=300, **config_kw)
+    save_tokenizer(out, vocab_size=300)
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
+              **({"chat_template": chat_template} if chat_template else {})}
+    (out / "tokenizer_config.json").write_text(json.dumps(config))
 
 
 def logit_gap(ref, llm) -> float:
