@@ -35,7 +35,7 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
         choices = get_args(kind) if get_origin(kind) is Literal else None
         default = f.default if f.default is not None else "unset"
         p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=None, choices=choices,
-                       type=None if choices else _value, help=f"{f.metadata['help']} (default: {default})")
+                       type=None if choices else _value, help=f"{f.metadata['help']} (default: {str(default).replace('%', '%%')})")
     p.add_argument("--trace", default=None, metavar="OUT.json", help="write a Chrome/Perfetto trace")
 
 

@@ -73,3 +73,11 @@ def test_simulate_projects_from_a_trace(model_dir, tmp_path):
     result = json.loads(out.read_text())
     assert set(result["results"]) == {"25% batch 1", "25% batch 4", "50% batch 1", "50% batch 4"}
     assert main(["simulate", "--routes", str(routes), "--hardware", "tpu-v9"]) == 2
+
+
+@pytest.mark.parametrize("command", ["generate", "serve", "bench", "simulate", "eval", "trace", "calibrate",
+                                     "fit-estimator", "parallel-bench"])
+def test_every_subcommand_prints_its_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main([command, "--help"])
+    assert exit_.value.code == 0 and "--model" in capsys.readouterr().out
