@@ -269,6 +269,24 @@ def test_a_guess_evicts_only_a_resident_worth_less(model_dir):
     assert cache.stats[1].prefetches == 2 and cache.resident() == {(1, 5), (1, 6)}
 
 
+def test_a_prediction_values_its_layers_residents(model_dir):
+    """A guess for layer 1 displaces the layer-1 resident the prediction calls unneeded, never the
+    one it calls needed, however recently either was used; the layer's run spends the prediction."""
+    cache = scripted_cache(model_dir, "lru", slots=3)
+    use(cache, 1, 2)
+    use(cache, 1, 3)
+    use(cache, 0, 0)
+    predicted = [0.0] * 8
+    predicted[2], predicted[4] = 0.9, 0.8  # 2 stays needed, 3 is not, 4 is the new guess
+    cache.prefetch(1, [2, 4], scores=[0.9, 0.8], predicted=predicted)
+    assert cache.resident() == {(1, 2), (1, 4), (0, 0)} and cache.expected_use((1, 2)) == 0.9
+    cache.peek((1, 4))  # let it land: evictable now
+    cache.prefetch(1, [5], scores=[0.5], predicted=predicted[:5] + [0.5, 0.0, 0.0])
+    assert cache.resident() == {(1, 2), (1, 4), (1, 5)}  # (0, 0) went (use rate 0.2), not 2 or 4
+    use(cache, 1, 2, 4)
+    assert cache.expected_use((1, 4)) < 0.5  # spent: back to its use rate
+
+
 def test_a_guess_enters_at_low_priority_and_is_promoted_when_used(model_dir):
     cache = scripted_cache(model_dir, "lru", slots=3)
     use(cache, 0, 0)

@@ -94,6 +94,7 @@ class ExpertCache:
         self._after_fetch: dict[int, list[tuple[int, list[tuple[int, float]]]]] = {}  # running layer -> guesses
         self._runs = {layer: 0 for layer in layers}  # fetches per layer: the clock of `expected_use`
         self._use_rate: dict[Key, tuple[float, int]] = {}  # key -> (rate, run when last updated)
+        self._predicted: dict[int, list[float]] = {}  # layer -> each expert's predicted use at its next run
         self.pinned: set[Key] = set()  # never evicted until unpinned (draft experts of speculative decoding)
         # most experts per layer that can be pinned while every domain keeps top_k slots for the rest
         self.pin_limit = per_domain - spec.top_k if scope == "layer" else (slots - spec.top_k) // len(layers)
@@ -107,6 +108,7 @@ class ExpertCache:
         self.slot_of.clear()
         self.unused_prefetch.clear()
         self._use_rate.clear()
+        self._predicted.clear()
         self._after_fetch.clear()
 
     def flush_stats(self) -> None:
@@ -139,13 +141,18 @@ class ExpertCache:
         return self.unpack(self._slot(slot))
 
     def expected_use(self, key: Key) -> float:
-        """Estimated chance that `key` is used the next time its layer runs: an exponential
-        average of its uses per run of the layer (0 for an expert never used)."""
+        """Estimated chance that `key` is used the next time its layer runs: the predictor's, if
+        it has guessed for that layer since the layer last ran, else the expert's past rate."""
+        predicted = self._predicted.get(key[0])
+        return predicted[key[1]] if predicted is not None else self._use_rate_now(key)
+
+    def _use_rate_now(self, key: Key) -> float:
+        """An exponential average of the expert's uses per run of its layer (0 if never used)."""
         rate, last = self._use_rate.get(key, (0.0, 0))
         return rate * REUSE_DECAY ** (self._runs[key[0]] - last)
 
     def _record_use(self, key: Key) -> None:
-        self._use_rate[key] = (self.expected_use(key) + 1 - REUSE_DECAY, self._runs[key[0]])  # this run counts
+        self._use_rate[key] = (self._use_rate_now(key) + 1 - REUSE_DECAY, self._runs[key[0]])  # this run counts
 
     def _load(self, key: Key, urgent: bool = True, guess: float | None = None) -> bool:
         """Start copying `key` into a slot (evicting if needed); False if every slot is busy, or,
@@ -156,11 +163,8 @@ class ExpertCache:
         if dom.free:
             slot = dom.free.pop()
         else:
-            candidates = [k for k in dom.resident if not self._busy(k)]
-            if not candidates:
-                return False
-            victim = dom.policy.victim(candidates)
-            if guess is not None and self.expected_use(victim) >= guess:
+            victim = dom.policy.victim(self._evictable) if guess is None else self._guess_victim(key[0], dom)
+            if victim is None or (guess is not None and self.expected_use(victim) >= guess):
                 return False
             if victim in self.unused_prefetch:
                 self.stats[victim[0]].wasted_prefetches += 1
@@ -172,6 +176,23 @@ class ExpertCache:
         self.pending[key] = self.transfers.copy(read, self._slot(slot), f"L{key[0]} E{key[1]}", slot, urgent)
         self.stats[key[0]].bytes_moved += self.store.expert_bytes
         return True
+
+    def _guess_victim(self, layer: int, dom: Domain) -> Key | None:
+        """Whom a guess for `layer` would displace: of the residents of layers with a live
+        prediction and the policy's victim among the rest, the one least likely to be used soon
+        (`expected_use`). Only those: a prediction is the best estimate there is, and the
+        policy's victim stands for the rest, so the choice costs a few lookups, not a pass over
+        every slot."""
+        experts = self.store.spec.num_experts
+        candidates = [(t, e) for t in self._predicted if self.domains[t] is dom
+                      for e in range(experts) if (t, e) in self.slot_of and self._evictable((t, e))]
+        fallback = dom.policy.victim(lambda k: k[0] not in self._predicted and self._evictable(k))
+        if fallback is not None:
+            candidates.append(fallback)
+        return min(candidates, key=self.expected_use, default=None)
+
+    def _evictable(self, key: Key) -> bool:
+        return not self._busy(key)
 
     def _busy(self, key: Key) -> bool:
         """Needed by the running layer, pinned, or its copy has not landed yet."""
@@ -203,11 +224,16 @@ class ExpertCache:
             self.transfers.wait(handle, key[0])
 
     def prefetch(self, target: int, ids: list[int], running: int | None = None,
-                 scores: list[float] | None = None) -> None:
+                 scores: list[float] | None = None, predicted: list[float] | None = None) -> None:
         """Copy experts guessed for `target`, best first, never waiting. `scores`: each guess's
         expected use in [0, 1] (default 1: admit whenever a slot can be had). With `running`,
         the copies start only once that layer's fetch has put its own missing experts on the link
-        (and locked its experts), so a guess never delays or evicts an expert needed now."""
+        (and locked its experts), so a guess never delays or evicts an expert needed now.
+        `predicted`: every expert of `target`'s expected use at its next run; until then it values
+        that layer's residents, so a guess displaces the resident it predicts unneeded, never one it
+        predicts needed."""
+        if predicted is not None:
+            self._predicted[target] = predicted
         guesses = list(zip(ids, scores if scores is not None else [1.0] * len(ids)))
         if running is not None:
             self._after_fetch.setdefault(running, []).append((target, guesses))
@@ -229,6 +255,7 @@ class ExpertCache:
         stats = self.stats[layer]
         stats.tokens += tokens
         self._runs[layer] += 1
+        self._predicted.pop(layer, None)  # the layer runs: its prediction is spent
         keys = [(layer, e) for e in ids]
         hits = [k for k in keys if k in self.slot_of]
         misses = [k for k in keys if k not in self.slot_of]

@@ -7,7 +7,7 @@ off-limits (those in use by the running layer or still being copied).
 from __future__ import annotations
 
 from collections import Counter, OrderedDict
-from typing import Callable, Iterable, Protocol
+from typing import Callable, Protocol
 
 from ..config import Eviction, registry
 from .base import Key
@@ -24,8 +24,8 @@ class EvictionPolicy(Protocol):
     def forget(self, key: Key) -> None:
         """The expert left the cache."""
 
-    def victim(self, candidates: Iterable[Key]) -> Key:
-        """Which of the evictable resident experts should go."""
+    def victim(self, evictable: Callable[[Key], bool]) -> Key | None:
+        """Which of the resident experts that are `evictable` should go (None: none is)."""
 
 
 class LRU:
@@ -45,9 +45,8 @@ class LRU:
     def forget(self, key: Key) -> None:
         self.order.pop(key, None)
 
-    def victim(self, candidates: Iterable[Key]) -> Key:
-        allowed = set(candidates)
-        return next(k for k in self.order if k in allowed)
+    def victim(self, evictable: Callable[[Key], bool]) -> Key | None:
+        return next((k for k in self.order if evictable(k)), None)  # usually the first few
 
 
 class LFU(LRU):
@@ -65,10 +64,9 @@ class LFU(LRU):
         self.uses[key] += 1
         super().touch(key)
 
-    def victim(self, candidates: Iterable[Key]) -> Key:
-        allowed = set(candidates)
-        recency = {k: i for i, k in enumerate(self.order) if k in allowed}
-        return min(recency, key=lambda k: (self.uses[k], recency[k]))
+    def victim(self, evictable: Callable[[Key], bool]) -> Key | None:
+        recency = {k: i for i, k in enumerate(self.order) if evictable(k)}
+        return min(recency, key=lambda k: (self.uses[k], recency[k]), default=None)
 
 
 class PinnedHot(LFU):
@@ -78,11 +76,10 @@ class PinnedHot(LFU):
         super().__init__()
         self.hot_slots = int(capacity * hot_share)
 
-    def victim(self, candidates: Iterable[Key]) -> Key:
-        allowed = set(candidates)
+    def victim(self, evictable: Callable[[Key], bool]) -> Key | None:
         hot = {k for k, _ in self.uses.most_common(self.hot_slots)}
-        cold = [k for k in self.order if k in allowed and k not in hot]
-        return cold[0] if cold else next(k for k in self.order if k in allowed)
+        allowed = [k for k in self.order if evictable(k)]
+        return next((k for k in allowed if k not in hot), allowed[0] if allowed else None)
 
 
 POLICIES: dict[str, Callable[[int], EvictionPolicy]] = registry(Eviction, {  # name -> factory(capacity)

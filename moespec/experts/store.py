@@ -99,7 +99,7 @@ class ResidentExperts:
         return {e for (l, e) in self.resident() if l == layer}
 
     def prefetch(self, target: int, ids: list[int], running: int | None = None,
-                 scores: list[float] | None = None) -> None:
+                 scores: list[float] | None = None, predicted: list[float] | None = None) -> None:
         """Nothing to move: every expert is already on the device."""
 
     def clear(self) -> None:

@@ -38,7 +38,7 @@ class DefaultVectors:
     def moe_output_estimate(self, layer: int, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Σ_k weight_k · default_vector[ids_k] for routing [N, k] -> [N, H]."""
         table = self.vectors[layer]
-        return (weights[..., None].to(table.dtype) * table[ids]).sum(dim=1)
+        return torch.bmm(weights[:, None].to(table.dtype), table[ids])[:, 0]  # [N, 1, k] @ [N, k, H]
 
     def save(self, path: str | Path) -> None:
         save_file({f"layer.{i}": v.contiguous() for i, v in self.vectors.items()}, str(path))

@@ -18,6 +18,7 @@ what it really needed is compared with the guesses (recall per token, precision 
 
 from __future__ import annotations
 
+import heapq
 import time
 from dataclasses import asdict, dataclass, fields
 from typing import Protocol
@@ -114,14 +115,13 @@ class Speculation(ForwardHooks):
         # at most this many experts prefetched per target layer per step, so a long prefill cannot
         # push out the experts the running layer is about to use
         self.max_prefetch = max(self.width, cache.capacity // (depth + 1))
-        self.guesses: dict[int, dict[int, torch.Tensor]] = {}  # target layer -> depth -> ranked ids [N, width]
+        # target layer -> depth -> ranked ids [N, width] (one token's: a list of `width` ids)
+        self.guesses: dict[int, dict[int, torch.Tensor | list[int]]] = {}
         self.prefetched: dict[int, dict[int, list[int]]] = {}
         self.guess_stats = {(t, d): GuessStats() for t in spec.moe_layer_ids for d in range(1, depth + 1)}
-        # (target, depth) -> [found_in_topk, found_in_prefetch, prefetched_used], summed as tensors
-        # and read only by `stats()`, so scoring guesses never waits on the device; single-token
-        # guesses (batch-1 decoding) are only kept, and scored together when read
+        # (target, depth) -> [found_in_topk, found_in_prefetch, prefetched_used] of batched guesses,
+        # summed as tensors and read only by `stats()`, so scoring them never waits on the device
         self._found: dict[tuple[int, int], torch.Tensor] = {}
-        self._unscored: list[tuple[tuple[int, int], torch.Tensor, torch.Tensor]] = []
         self.seconds = 0.0  # time inside these hooks
         # an MoE layer's residual after attention (real tokens) and whether it is a decode step,
         # kept from `after_attention` until its router has chosen
@@ -150,7 +150,7 @@ class Speculation(ForwardHooks):
             return
         t0 = time.perf_counter()
         decoding = x.shape[1] == 1
-        residual = x[:, 0] if decoding and bool(valid.all()) else x[valid]
+        residual = x[:, 0] if decoding and (len(x) == 1 or bool(valid.all())) else x[valid]
         if isinstance(self.model.layers[layer].mlp, MoE):
             self._waiting = (residual, decoding)
         else:
@@ -165,23 +165,34 @@ class Speculation(ForwardHooks):
         speculative execution); copies are started in decode steps only.
         """
         for depth, (target, scores) in enumerate(predicted.items(), start=1):
-            ranked = scores.topk(self.width, dim=-1).indices
-            if len(ranked) == 1:
-                order = ranked[0]
-                mass = torch.softmax(scores[0].float(), dim=-1) if decoding else None
-            else:  # pool the batch: experts ranked by the probability mass guessed for them
-                probs = torch.softmax(scores.float(), dim=-1)
-                mass = torch.zeros(scores.shape[1], device=scores.device).index_add_(
-                    0, ranked.flatten(), probs.gather(1, ranked).flatten())
-                order = mass.argsort(descending=True)[: min(self.max_prefetch, int((mass > 0).sum()))]
+            if len(scores) == 1 and decoding:
+                ranked, order, use = self._rank_one(scores[0])
+            else:
+                ranked, order, use = self._rank_pooled(scores, decoding)
             self.guesses.setdefault(target, {})[depth] = ranked
             self.prefetched.setdefault(target, {})[depth] = order
-            if decoding:
-                # a guess's expected use: k times its probability (a top-k router picks k of the
-                # experts), at most 1; ranked best first, so the threshold cuts a tail
-                use = (mass[order] * self.k).clamp(max=1.0).tolist()
-                n = sum(u >= self.threshold for u in use)
-                self.cache.prefetch(target, order[:n].tolist(), running, use[:n])
+            if decoding:  # guesses ranked best first, so the threshold cuts a tail
+                ids = [e for e in order if use[e] >= self.threshold]
+                self.cache.prefetch(target, ids, running, [use[e] for e in ids], use)
+
+    def _rank_one(self, scores: torch.Tensor) -> tuple[list[int], list[int], list[float]]:
+        """One token's guess (batch-1 decoding) in plain Python after one read of its
+        probabilities: its `width` best experts (ranked and prefetched alike) and every expert's
+        expected use, k times its probability (a top-k router picks k of the experts), at most 1.
+        At batch 1 a few tensor ops more per layer would cost more than the guess can hide."""
+        probs = torch.softmax(scores.float(), dim=-1).tolist()
+        ranked = heapq.nlargest(self.width, range(len(probs)), key=probs.__getitem__)
+        return ranked, ranked, [min(self.k * p, 1.0) for p in probs]
+
+    def _rank_pooled(self, scores: torch.Tensor, decoding: bool) -> tuple[torch.Tensor, list[int], list[float]]:
+        """Several tokens' guesses [N, width], and the batch's experts ranked by the probability
+        mass guessed for them, with each expert's expected use (in decode steps)."""
+        ranked = scores.topk(self.width, dim=-1).indices
+        probs = torch.softmax(scores.float(), dim=-1)
+        mass = torch.zeros(scores.shape[1], device=scores.device).index_add_(
+            0, ranked.flatten(), probs.gather(1, ranked).flatten())
+        order = mass.argsort(descending=True)[: min(self.max_prefetch, int((mass > 0).sum()))].tolist()
+        return ranked, order, (mass * self.k).clamp(max=1.0).tolist() if decoding else []
 
     def route(self, layer, x, weights, ids):
         if not self.active:
@@ -193,6 +204,8 @@ class Speculation(ForwardHooks):
         true_routing = weights, ids
         if self.mode != "off" and 1 in guesses:
             guess = guesses[1]
+            if isinstance(guess, list):
+                guess = torch.tensor([guess], device=ids.device)
             ids = guess[:, : self.k] if self.mode == "on" else self._substitute(layer, ids, guess)
             weights = self._weights_for(layer, x, ids)
         self.predictor.routed(layer, x)
@@ -202,8 +215,8 @@ class Speculation(ForwardHooks):
         self.seconds += time.perf_counter() - t0
         return weights, ids
 
-    def _score(self, layer: int, ids: torch.Tensor, guesses: dict[int, torch.Tensor],
-               prefetched: dict[int, torch.Tensor]) -> None:
+    def _score(self, layer: int, ids: torch.Tensor, guesses: dict[int, torch.Tensor | list[int]],
+               prefetched: dict[int, list[int]]) -> None:
         """Compare the guesses for `layer` with its true routing ids [N, k]."""
         for depth, ranked in guesses.items():
             key = (layer, depth)
@@ -211,34 +224,19 @@ class Speculation(ForwardHooks):
             s.tokens += len(ids)
             s.true_choices += ids.numel()
             s.prefetched += len(prefetched[depth])
-            if len(ids) == 1:  # the prefetched set is the token's ranked guesses
-                self._unscored.append((key, ranked[0], ids[0]))
-                if len(self._unscored) >= 1024:
-                    self._score_kept()
+            if isinstance(ranked, list):  # one token's guess: its ranked experts are the prefetched set
+                true = set(ids[0].tolist())
+                s.found_in_topk += len(true.intersection(ranked[: self.k]))
+                found = len(true.intersection(ranked))
+                s.found_in_prefetch += found
+                s.prefetched_used += found
                 continue
             needed = torch.zeros(self.model.spec.num_experts, dtype=torch.bool, device=ids.device)
             needed[ids.flatten()] = True
             hit = ranked[:, :, None] == ids[:, None, :]  # [N, width, k]
-            self._add_found(key, torch.stack([hit[:, : self.k].any(dim=1).sum(), hit.any(dim=1).sum(),
-                                              needed[prefetched[depth]].sum()]))
-
-    def _add_found(self, key: tuple[int, int], found: torch.Tensor) -> None:
-        self._found[key] = found if key not in self._found else self._found[key] + found
-
-    def _score_kept(self) -> None:
-        """Score the kept single-token guesses in one batch of tensor ops."""
-        if not self._unscored:
-            return
-        keys = sorted({key for key, _, _ in self._unscored})
-        index = torch.tensor([keys.index(key) for key, _, _ in self._unscored])
-        hit = torch.stack([r for _, r, _ in self._unscored])[:, :, None] == \
-            torch.stack([i for _, _, i in self._unscored])[:, None, :]  # [M, width, k]
-        in_set = hit.any(dim=1).sum(dim=1)
-        per_token = torch.stack([hit[:, : self.k].any(dim=1).sum(dim=1), in_set, in_set], dim=1).cpu()
-        totals = torch.zeros(len(keys), 3, dtype=torch.long).index_add_(0, index, per_token)
-        for key, found in zip(keys, totals):
-            self._add_found(key, found)
-        self._unscored.clear()
+            found = torch.stack([hit[:, : self.k].any(dim=1).sum(), hit.any(dim=1).sum(),
+                                 needed[prefetched[depth]].sum()])
+            self._found[key] = found if key not in self._found else self._found[key] + found
 
     def _substitute(self, layer: int, ids: torch.Tensor, guess: torch.Tensor) -> torch.Tensor:
         resident = self.cache.ready(layer)
@@ -255,7 +253,6 @@ class Speculation(ForwardHooks):
         return moe.router.weights_for(moe.gate(x), ids)
 
     def stats(self) -> SpeculationStats:
-        self._score_kept()
         for key, found in self._found.items():  # fold the tensor counts in: one read of each
             s = self.guess_stats[key]
             s.found_in_topk, s.found_in_prefetch, s.prefetched_used = (
