@@ -279,12 +279,30 @@ def test_a_prediction_values_its_layers_residents(model_dir):
     predicted = [0.0] * 8
     predicted[2], predicted[4] = 0.9, 0.8  # 2 stays needed, 3 is not, 4 is the new guess
     cache.prefetch(1, [2, 4], scores=[0.9, 0.8], predicted=predicted)
-    assert cache.resident() == {(1, 2), (1, 4), (0, 0)} and cache.expected_use((1, 2)) == 0.9
+    assert cache.resident() == {(1, 2), (1, 4), (0, 0)} and cache.expected_use((1, 2)) > 0.5
     cache.peek((1, 4))  # let it land: evictable now
     cache.prefetch(1, [5], scores=[0.5], predicted=predicted[:5] + [0.5, 0.0, 0.0])
     assert cache.resident() == {(1, 2), (1, 4), (1, 5)}  # (0, 0) went (use rate 0.2), not 2 or 4
     use(cache, 1, 2, 4)
     assert cache.expected_use((1, 4)) < 0.5  # spent: back to its use rate
+
+
+def test_a_prediction_is_worth_what_it_measured(model_dir):
+    """Odds, not raw scores: a predictor that keeps calling a resident unneeded (score 0) while the
+    layer keeps using it loses its word, so a middling guess no longer displaces that resident."""
+    cache = scripted_cache(model_dir, "lru", slots=2)
+    wrong = [0.0] * 8
+    use(cache, 1, 3)
+    cache.prefetch(1, [], predicted=wrong)
+    assert cache.expected_use((1, 3)) < 0.1  # an unmeasured score of 0 means what it says
+    for _ in range(20):
+        use(cache, 1, 3)  # ... but the layer uses it every time
+        cache.prefetch(1, [], predicted=wrong)
+    assert cache.expected_use((1, 3)) > 0.8
+    cache.prefetch(1, [4], scores=[0.5], predicted=wrong[:4] + [0.5] + wrong[5:])  # a free slot
+    cache.peek((1, 4))  # landed: evictable
+    cache.prefetch(1, [5], scores=[0.5], predicted=wrong[:4] + [0.5, 0.5] + wrong[6:])
+    assert cache.resident() == {(1, 3), (1, 4)} and cache.stats[1].prefetches == 1  # 5 found nothing worth less
 
 
 def test_a_guess_enters_at_low_priority_and_is_promoted_when_used(model_dir):

@@ -68,6 +68,11 @@ class Prefetcher(Protocol):
         """Experts of `layer` on the device whose copy has landed: usable without waiting."""
         ...
 
+    def stalled_seconds(self) -> float | None:
+        """Seconds compute has waited for copies so far; None where that is not known without a
+        device sync (CUDA)."""
+        ...
+
 
 class Pinnable(Protocol):
     """Keeps chosen experts on the device (self-speculative decoding's draft experts)."""

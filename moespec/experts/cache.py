@@ -13,6 +13,7 @@ records every stall; `flush_stats` adds them to the statistics, the same way on 
 
 from __future__ import annotations
 
+import time
 from functools import partial
 from typing import Iterator
 
@@ -20,6 +21,7 @@ import torch
 
 from ..config import parse_budget
 from ..errors import MoespecError
+from ..odds import Odds
 from .base import ExpertWeights, Key
 from .eviction import EvictionPolicy, make_policy
 from .formats import Packed, Unpacker, packed_bytes
@@ -95,6 +97,15 @@ class ExpertCache:
         self._runs = {layer: 0 for layer in layers}  # fetches per layer: the clock of `expected_use`
         self._use_rate: dict[Key, tuple[float, int]] = {}  # key -> (rate, run when last updated)
         self._predicted: dict[int, list[float]] = {}  # layer -> each expert's predicted use at its next run
+        # layer -> {expert: its predicted use} for residents evicted while the prediction was live:
+        # whether the layer then needed them is evidence for the prediction's odds too
+        self._displaced: dict[int, dict[int, float]] = {}
+        self.link_busy = 0.0  # share of recent wall time the link was copying (an average)
+        self._busy_mark = (time.perf_counter(), 0.0)  # (when, transfers.busy_seconds then)
+        # what a use rate, or a prediction, is worth for a resident: measured on this run's
+        # residents (see odds.py; a resident the predictor did not guess may still be reused)
+        self._reuse, self._on_prediction = Odds(), Odds()
+        self._resident_of: dict[int, set[int]] = {layer: set() for layer in layers}  # layer -> resident ids
         self.pinned: set[Key] = set()  # never evicted until unpinned (draft experts of speculative decoding)
         # most experts per layer that can be pinned while every domain keeps top_k slots for the rest
         self.pin_limit = per_domain - spec.top_k if scope == "layer" else (slots - spec.top_k) // len(layers)
@@ -109,6 +120,11 @@ class ExpertCache:
         self.unused_prefetch.clear()
         self._use_rate.clear()
         self._predicted.clear()
+        self._displaced.clear()
+        self.link_busy = 0.0
+        self._reuse, self._on_prediction = Odds(), Odds()
+        for ids in self._resident_of.values():
+            ids.clear()
         self._after_fetch.clear()
 
     def flush_stats(self) -> None:
@@ -133,6 +149,9 @@ class ExpertCache:
         return {e for (l, e) in self.slot_of
                 if l == layer and ((l, e) not in self.pending or self.transfers.done(self.pending[(l, e)]))}
 
+    def stalled_seconds(self) -> float | None:
+        return self.transfers.stalled_seconds
+
     def _slot(self, slot: int) -> Packed:
         return {name: t[slot] for name, t in self.slots.items()}
 
@@ -141,10 +160,11 @@ class ExpertCache:
         return self.unpack(self._slot(slot))
 
     def expected_use(self, key: Key) -> float:
-        """Estimated chance that `key` is used the next time its layer runs: the predictor's, if
-        it has guessed for that layer since the layer last ran, else the expert's past rate."""
+        """Estimated chance that `key` is used the next time its layer runs: the measured odds
+        (odds.py) of the predictor's score for it, if it has guessed for that layer since the
+        layer last ran, else of its decayed use rate."""
         predicted = self._predicted.get(key[0])
-        return predicted[key[1]] if predicted is not None else self._use_rate_now(key)
+        return self._on_prediction(predicted[key[1]]) if predicted is not None else self._reuse(self._use_rate_now(key))
 
     def _use_rate_now(self, key: Key) -> float:
         """An exponential average of the expert's uses per run of its layer (0 if never used)."""
@@ -164,18 +184,30 @@ class ExpertCache:
             slot = dom.free.pop()
         else:
             victim = dom.policy.victim(self._evictable) if guess is None else self._guess_victim(key[0], dom)
-            if victim is None or (guess is not None and self.expected_use(victim) >= guess):
+            if victim is None or (guess is not None and not self._worth_it(guess, self.expected_use(victim))):
                 return False
+            if victim[0] in self._predicted:
+                self._displaced.setdefault(victim[0], {})[victim[1]] = self._predicted[victim[0]][victim[1]]
             if victim in self.unused_prefetch:
                 self.stats[victim[0]].wasted_prefetches += 1
             slot = self._release(victim)
         self.slot_of[key] = slot
         dom.resident.add(key)
+        self._resident_of[key[0]].add(key[1])
         dom.policy.admit(key, guess=guess is not None)
         read = partial(self.store.packed, key)  # runs on the transfer side, not here
         self.pending[key] = self.transfers.copy(read, self._slot(slot), f"L{key[0]} E{key[1]}", slot, urgent)
         self.stats[key[0]].bytes_moved += self.store.expert_bytes
         return True
+
+    def _worth_it(self, guess: float, victim: float) -> bool:
+        """Whether a guess used with chance `guess` should replace a resident used with chance
+        `victim`. Prefetching never saves bytes: it spends one copy now against a copy the guess
+        would need later, and the victim may need one back, so it adds 1 - guess + victim copies
+        on average. On an idle link that is free and any gain in hits pays; on a busy link every
+        extra copy delays the ones compute waits for. So the gain must beat the extra copies
+        weighed by how busy the link has been."""
+        return guess - victim > self.link_busy * (1 - guess + victim)
 
     def _guess_victim(self, layer: int, dom: Domain) -> Key | None:
         """Whom a guess for `layer` would displace: of the residents of layers with a live
@@ -254,6 +286,15 @@ class ExpertCache:
         """Yield (id, weights) for every expert in `ids`: resident ones first, then misses as they land."""
         stats = self.stats[layer]
         stats.tokens += tokens
+        self._measure_link()
+        predicted = self._predicted.get(layer)
+        for e in self._resident_of[layer]:  # how the residents' scores fared: the odds' evidence
+            if predicted is not None:
+                self._on_prediction.observe(predicted[e], e in ids)
+            else:
+                self._reuse.observe(self._use_rate_now((layer, e)), e in ids)
+        for e, score in self._displaced.pop(layer, {}).items():
+            self._on_prediction.observe(score, e in ids)
         self._runs[layer] += 1
         self._predicted.pop(layer, None)  # the layer runs: its prediction is spent
         keys = [(layer, e) for e in ids]
@@ -292,6 +333,14 @@ class ExpertCache:
             self.locked.difference_update(keys)
             self._cancel_wrong_prefetches(layer)
 
+    def _measure_link(self, every: float = 0.005) -> None:
+        """Update `link_busy` from the transfer engine's busy time, at most every `every` seconds."""
+        now, busy = time.perf_counter(), self.transfers.busy_seconds
+        then, busy_then = self._busy_mark
+        if now - then >= every:
+            self.link_busy = 0.8 * self.link_busy + 0.2 * min((busy - busy_then) / (now - then), 1.0)
+            self._busy_mark = (now, busy)
+
     def _make_room(self, layer: int) -> None:
         """Free a slot of `layer`'s domain held by a prefetch still in flight: cancel it if it has
         not reached the link, else wait for it to land (it then becomes evictable)."""
@@ -325,6 +374,7 @@ class ExpertCache:
         self.pending.pop(key, None)
         self.unused_prefetch.discard(key)
         dom.resident.discard(key)
+        self._resident_of[key[0]].discard(key[1])
         dom.policy.forget(key)
         return self.slot_of.pop(key)
 

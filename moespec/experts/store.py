@@ -102,6 +102,9 @@ class ResidentExperts:
                  scores: list[float] | None = None, predicted: list[float] | None = None) -> None:
         """Nothing to move: every expert is already on the device."""
 
+    def stalled_seconds(self) -> float | None:
+        return 0.0
+
     def clear(self) -> None:
         """Nothing is ever evicted, so there is no cold state to return to."""
 

@@ -36,6 +36,7 @@ class _Copy:
         self.started = False  # a reader has taken it (set under the lock)
         self.on_link = False  # the link thread holds it: it cannot be cancelled until it yields the link
         self.link_left: float | None = None  # seconds of emulated wire time still to go (None: not begun)
+        self.wire = 0.0  # seconds of emulated wire time in all
         self.link_start = 0.0
 
 
@@ -61,6 +62,8 @@ class CpuTransfers:
         self.bandwidth = link_bandwidth
         self.tracer = tracer  # one transfer-lane slice per copy, while it records
         self._stalls: dict[int, float] = {}  # layer -> seconds compute waited, since collect_stalls
+        self.busy_seconds = 0.0  # wire time of every copy done: the link's busy time
+        self.stalled_seconds: float | None = 0.0  # compute's waits for copies, in all
         self._to_read: list[tuple[int, int, _Copy]] = []  # heaps of (priority, arrival, copy)
         self._to_copy: list[tuple[int, int, _Copy]] = []
         self._order = itertools.count()
@@ -121,8 +124,8 @@ class CpuTransfers:
         if job.link_left is None:  # the slot is not read before the copy is done, so land it at once
             job.link_start = time.perf_counter()
             copy_packed(job.src, job.dst)
-            wire = packed_bytes(job.src) / self.bandwidth if self.bandwidth else 0.0
-            job.link_left = wire - (time.perf_counter() - job.link_start)
+            job.wire = packed_bytes(job.src) / self.bandwidth if self.bandwidth else 0.0
+            job.link_left = job.wire - (time.perf_counter() - job.link_start)
         with self._lock:
             while job.link_left > 0:
                 if job.priority == self.PREFETCH and self._demand_queued():
@@ -132,6 +135,7 @@ class CpuTransfers:
                 start = time.perf_counter()
                 self._lock.wait(job.link_left)  # woken early when a copy is queued or promoted
                 job.link_left -= time.perf_counter() - start
+            self.busy_seconds += job.wire
         if self.tracer is not None and self.tracer.recording:
             t0 = (job.link_start - self.tracer.t0) * 1e6
             self.tracer.slice(TRANSFER_LANE, job.label, t0, self.tracer.now_us(), bytes=packed_bytes(job.src))
@@ -157,7 +161,9 @@ class CpuTransfers:
                 heapq.heappush(self._to_copy, (self.WAITED, next(self._order), handle))
             self._lock.notify_all()
         handle.future.result()
-        self._stalls[layer] = self._stalls.get(layer, 0.0) + time.perf_counter() - start
+        waited = time.perf_counter() - start
+        self._stalls[layer] = self._stalls.get(layer, 0.0) + waited
+        self.stalled_seconds += waited
 
     def done(self, handle: _Copy) -> bool:
         return handle.future.done()
@@ -191,6 +197,8 @@ class CudaTransfers:
         self.device = device
         self.stream = torch.cuda.Stream(device=device, priority=-1)
         self._slot_free = [None] * slots  # event recorded on the compute stream when a slot was last used
+        self.busy_seconds = 0.0  # not measured on the GPU (it would need timed events per copy): guesses see an idle link
+        self.stalled_seconds: float | None = None  # known only after a sync (collect_stalls)
         self._stalls: list[tuple[int, torch.cuda.Event, torch.cuda.Event]] = []
 
     def copy(self, read: ReadFn, dst: Packed, label: str, slot: int,

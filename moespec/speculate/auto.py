@@ -8,6 +8,11 @@ again after a wait that doubles each time the probe confirms it is slower (up to
 steps), so a wrong mode costs a bounded share of the run and a change (the cache warming up,
 another batch size) is still found. The first step of each phase is not measured: it pays for
 the switch (guesses not yet made, or made for nothing).
+
+Prefetching can at most win back the time compute waits for copies. So where on-demand steps
+stall for less than `min_stall` of their time (a fast link, a cache that holds what the text
+uses), guessing is not tried at all, and a probe is skipped (its wait still doubles) while that
+holds: a run of 32 tokens cannot amortise a probe that cannot pay.
 """
 
 from __future__ import annotations
@@ -21,9 +26,11 @@ class PrefetchSwitch:
 
     phase_steps: int = 4  # steps per probe (and the first wait)
     margin: float = 0.02  # prefetching must be this much faster to stay on
+    min_stall: float = 0.05  # on-demand steps must stall this share of their time for guessing to be tried
     ema: float = 0.3
     max_wait: int = 256
     cost: dict[tuple[int, bool], float] = field(default_factory=dict)  # (bucket, on) -> seconds per step
+    stall: dict[int, float] = field(default_factory=dict)  # bucket -> on-demand steps' stall seconds per step
     on: bool = False  # on demand first: the baseline is measured before anything is risked
     switches: int = 0
     on_steps: int = 0
@@ -43,10 +50,16 @@ class PrefetchSwitch:
         return self.on
 
     def _next_phase(self, b: int) -> None:
-        for mode in (False, True):
-            if (b, mode) not in self.cost:
-                self._start(mode, self.phase_steps, probing=False)
-                return
+        if (b, False) not in self.cost:
+            self._start(False, self.phase_steps, probing=False)
+            return
+        if self._hopeless(b):  # counts as a probe that confirmed on demand
+            self._wait[b] = min(2 * self._wait.get(b, self.phase_steps), self.max_wait)
+            self._start(False, self._wait[b], probing=False)
+            return
+        if (b, True) not in self.cost:
+            self._start(True, self.phase_steps, probing=False)
+            return
         best = self.cost[(b, True)] * (1 + self.margin) < self.cost[(b, False)]
         if self._probing or self.on != best:
             # a probe or the exploration ended: the winner runs; a loser confirmed waits twice as long
@@ -57,20 +70,31 @@ class PrefetchSwitch:
         else:
             self._start(not best, self.phase_steps, probing=True)
 
+    def _hopeless(self, b: int) -> bool:
+        """On demand stalls too little for guessing to win it back (unknown stalls: not hopeless)."""
+        return b in self.stall and self.stall[b] < self.min_stall * self.cost[(b, False)]
+
     def _start(self, on: bool, steps: int, probing: bool) -> None:
         if on != self.on:
             self.switches += 1
             self._skip = True
         self.on, self._left, self._probing = on, steps, probing
 
-    def observe(self, rows: int, seconds: float) -> None:
-        """The last decode step over `rows` rows took `seconds`."""
+    def observe(self, rows: int, seconds: float, stalled: float | None = None) -> None:
+        """The last decode step over `rows` rows took `seconds`, `stalled` of them waiting for
+        copies (None: not known)."""
         if self._skip:
             self._skip = False
             return
         key = (rows.bit_length(), self.on)
-        self.cost[key] = seconds if key not in self.cost else (1 - self.ema) * self.cost[key] + self.ema * seconds
+        self.cost[key] = self._average(self.cost.get(key), seconds)
+        if stalled is not None and not self.on:
+            self.stall[key[0]] = self._average(self.stall.get(key[0]), stalled)
+
+    def _average(self, old: float | None, new: float) -> float:
+        return new if old is None else (1 - self.ema) * old + self.ema * new
 
     def as_dict(self) -> dict:
         return {"on_steps": self.on_steps, "off_steps": self.off_steps, "switches": self.switches,
-                "step_seconds": {f"batch<{2 ** b} {'on' if on else 'off'}": c for (b, on), c in self.cost.items()}}
+                "step_seconds": {f"batch<{2 ** b} {'on' if on else 'off'}": c for (b, on), c in self.cost.items()},
+                "on_demand_stall_seconds": {f"batch<{2 ** b}": s for b, s in self.stall.items()}}

@@ -25,24 +25,35 @@ class PreviousToken:
 
     def __init__(self) -> None:
         self._memory: dict[Hashable, tuple[torch.Tensor, torch.Tensor]] = {}  # key -> (values [R, ...], position [R])
-        self._rows = self._start = self._counts = self._first = torch.zeros(0, dtype=torch.long)
+        self._rows = self._start = self._counts = self._first = self._last = torch.zeros(0, dtype=torch.long)
+        self._need = 0  # memory rows this pass needs (its highest row + 1)
+        self._one_each = False  # every row of this pass has one token (a decode step)
 
     def start(self, rows: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor) -> None:
+        """Per pass, what every key's `remembered` and `remember` share, computed once: a decode
+        step then costs each key a handful of tensor ops (estimators ask per layer per step)."""
         counts = valid.sum(dim=1)
         keep = counts > 0
         self._rows, self._start, self._counts = rows[keep], positions[keep, 0], counts[keep]
         self._first = self._counts.cumsum(0) - self._counts  # index of each row's first token
+        self._last = self._first + self._counts - 1  # index of each row's last token
+        self._need = int(self._rows.max()) + 1 if len(self._rows) else 0
+        self._one_each = positions.shape[1] == 1
 
     def remembered(self, key: Hashable, like: torch.Tensor, fill: float) -> torch.Tensor:
         """Shaped like `like` [N, ...]: a row's first token gets its predecessor's values if they
         were remembered in an earlier pass; every other token gets `fill`."""
+        if key not in self._memory:
+            return torch.full_like(like, fill)
+        values, position = self._memory[key]
+        if self._one_each and self._need <= len(position):  # a decode step of known rows: one gather
+            match = position[self._rows] == self._start - 1  # (never-written rows hold position -2)
+            return torch.where(match.view(-1, *[1] * (like.dim() - 1)), values[self._rows].to(like.dtype), fill)
         out = torch.full_like(like, fill)
-        if key in self._memory:
-            values, position = self._memory[key]
-            known = self._rows < len(position)
-            rows = self._rows[known]
-            match = (self._start[known] > 0) & (position[rows] == self._start[known] - 1)
-            out[self._first[known][match]] = values[rows[match]].to(out.dtype)
+        known = self._rows < len(position)
+        rows = self._rows[known]
+        match = position[rows] == self._start[known] - 1
+        out[self._first[known][match]] = values[rows[match]].to(out.dtype)
         return out
 
     def previous(self, key: Hashable, values: torch.Tensor, fill: float) -> torch.Tensor:
@@ -56,13 +67,12 @@ class PreviousToken:
 
     def remember(self, key: Hashable, values: torch.Tensor) -> None:
         """Keep each row's last token's values [N, ...] under `key` for the next pass."""
-        need = int(self._rows.max()) + 1 if len(self._rows) else 0
         stored, position = self._memory.get(key, (values.new_empty((0, *values.shape[1:])),
                                                   torch.empty(0, dtype=torch.long, device=values.device)))
-        if len(position) < need:
-            grow = need - len(position)
+        if len(position) < self._need:
+            grow = self._need - len(position)
             stored = torch.cat([stored, values.new_zeros((grow, *values.shape[1:]))])
-            position = torch.cat([position, position.new_full((grow,), -1)])
-        stored[self._rows] = values[self._first + self._counts - 1]
+            position = torch.cat([position, position.new_full((grow,), -2)])  # -2: no token is at -1
+        stored[self._rows] = values if self._one_each else values[self._last]
         position[self._rows] = self._start + self._counts - 1
         self._memory[key] = (stored, position)

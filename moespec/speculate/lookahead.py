@@ -131,7 +131,9 @@ class FoldedRouters:
     """Each MoE layer's pre-MoE RMSNorm folded into its router, so "layer t's norm and router
     applied to x" is one matmul: router(g ⊙ x / rms(x)) = (W · diag(g)) · (x / rms(x)). The
     normalised x is shared by every target, so all targets of one guess stack into one matmul.
-    Computed in float32 (the router's input precision in the reference)."""
+    Computed in float32 (the router's input precision in the reference), with `F.linear`
+    (`torch.addmm` with a broadcast bias is pathologically slow on one-token inputs with two CPU
+    threads in torch 2.13)."""
 
     def __init__(self, model: Transformer):
         layers = model.layers
@@ -146,8 +148,8 @@ class FoldedRouters:
         """Router logits [N, E] of each target layer for residual x [N, H]."""
         key = tuple(targets)
         if key not in self._stacked:
-            self._stacked[key] = (torch.cat([self.weights[t] for t in targets]).T.contiguous(),
+            self._stacked[key] = (torch.cat([self.weights[t] for t in targets]),
                                   torch.cat([self.biases[t] for t in targets]))
         weight, bias = self._stacked[key]
         xn = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
-        return torch.addmm(bias, xn, weight).split([self.weights[t].shape[0] for t in targets], dim=-1)
+        return F.linear(xn, weight, bias).split([self.weights[t].shape[0] for t in targets], dim=-1)

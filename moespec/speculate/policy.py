@@ -30,6 +30,7 @@ from ..experts.base import Prefetcher
 from ..hooks import ForwardHooks
 from ..model.moe import MoE
 from ..model.transformer import Transformer
+from ..odds import Odds
 from .auto import PrefetchSwitch
 
 
@@ -99,6 +100,14 @@ class SpeculationStats:
         return out if self.switch is None else {**out, "auto": self.switch}
 
 
+@dataclass
+class OneGuess:
+    """One token's guess for a layer: the `width` best experts, best first, and their scores."""
+
+    ids: list[int]
+    scores: list[float]
+
+
 class Speculation(ForwardHooks):
     """The prefetch policy as forward hooks: guesses at every layer, copies in decode steps."""
 
@@ -107,7 +116,8 @@ class Speculation(ForwardHooks):
         """switch: turns guessing on and off per decode step by measured step time (prefetch="auto")."""
         self.model, self.cache, self.predictor, self.threshold = model, cache, predictor, threshold
         self.switch, self.active = switch, True
-        self._decode_started: tuple[float, int] | None = None  # the running decode step: (start, rows)
+        # the running decode step: (start, rows, compute's waits for copies so far then)
+        self._decode_started: tuple[float, int, float | None] | None = None
         depth = self.depth = predictor.depth
         self.extra, self.mode = extra, mode
         spec = model.spec
@@ -115,13 +125,18 @@ class Speculation(ForwardHooks):
         # at most this many experts prefetched per target layer per step, so a long prefill cannot
         # push out the experts the running layer is about to use
         self.max_prefetch = max(self.width, cache.capacity // (depth + 1))
-        # target layer -> depth -> ranked ids [N, width] (one token's: a list of `width` ids)
-        self.guesses: dict[int, dict[int, torch.Tensor | list[int]]] = {}
+        # target layer -> depth -> ranked ids [N, width] (one token's: its `width` ids and their scores)
+        self.guesses: dict[int, dict[int, torch.Tensor | OneGuess]] = {}
         self.prefetched: dict[int, dict[int, list[int]]] = {}
         self.guess_stats = {(t, d): GuessStats() for t in spec.moe_layer_ids for d in range(1, depth + 1)}
         # (target, depth) -> [found_in_topk, found_in_prefetch, prefetched_used] of batched guesses,
         # summed as tensors and read only by `stats()`, so scoring them never waits on the device
         self._found: dict[tuple[int, int], torch.Tensor] = {}
+        # what a one-token guess's score (k × its probability) is worth, per depth, measured on this
+        # run; and how often an expert outside the guesses is used (see odds.py): admission then
+        # weighs a guess by how often such guesses were right, not by the predictor's confidence
+        self.odds = {d: Odds() for d in range(1, depth + 1)}
+        self.tail_odds = {d: Odds() for d in range(1, depth + 1)}  # one bin (score 0)
         self.seconds = 0.0  # time inside these hooks
         # an MoE layer's residual after attention (real tokens) and whether it is a decode step,
         # kept from `after_attention` until its router has chosen
@@ -137,10 +152,12 @@ class Speculation(ForwardHooks):
 
     def _switch(self, now: float, rows: int, decoding: bool) -> None:
         """Time the decode step that just ended (start to start) and choose for the next one."""
+        stalled = self.cache.stalled_seconds()
         if self._decode_started is not None:
-            start, previous_rows = self._decode_started
-            self.switch.observe(previous_rows, now - start)
-        self._decode_started = (now, rows) if decoding else None
+            start, previous_rows, stalled_before = self._decode_started
+            self.switch.observe(previous_rows, now - start,
+                                None if stalled is None or stalled_before is None else stalled - stalled_before)
+        self._decode_started = (now, rows, stalled) if decoding else None
         self.active = self.switch.choose(rows) if decoding else True
 
     def after_attention(self, layer: int, x: torch.Tensor, valid: torch.Tensor) -> None:
@@ -166,7 +183,7 @@ class Speculation(ForwardHooks):
         """
         for depth, (target, scores) in enumerate(predicted.items(), start=1):
             if len(scores) == 1 and decoding:
-                ranked, order, use = self._rank_one(scores[0])
+                ranked, order, use = self._rank_one(scores[0], depth)
             else:
                 ranked, order, use = self._rank_pooled(scores, decoding)
             self.guesses.setdefault(target, {})[depth] = ranked
@@ -175,14 +192,20 @@ class Speculation(ForwardHooks):
                 ids = [e for e in order if use[e] >= self.threshold]
                 self.cache.prefetch(target, ids, running, [use[e] for e in ids], use)
 
-    def _rank_one(self, scores: torch.Tensor) -> tuple[list[int], list[int], list[float]]:
+    def _rank_one(self, scores: torch.Tensor, depth: int) -> tuple[OneGuess, list[int], list[float]]:
         """One token's guess (batch-1 decoding) in plain Python after one read of its
-        probabilities: its `width` best experts (ranked and prefetched alike) and every expert's
-        expected use, k times its probability (a top-k router picks k of the experts), at most 1.
-        At batch 1 a few tensor ops more per layer would cost more than the guess can hide."""
+        probabilities: its `width` best experts (ranked and prefetched alike) with their scores,
+        k times their probability (a top-k router picks k of the experts), at most 1; and every
+        expert's expected use: the measured odds of its score for the guessed ones, the measured
+        share of the rest. At batch 1 a few tensor ops more per layer would cost more than the
+        guess can hide."""
         probs = torch.softmax(scores.float(), dim=-1).tolist()
         ranked = heapq.nlargest(self.width, range(len(probs)), key=probs.__getitem__)
-        return ranked, ranked, [min(self.k * p, 1.0) for p in probs]
+        score = [min(self.k * probs[e], 1.0) for e in ranked]
+        use = [self.tail_odds[depth](0.0)] * len(probs)
+        for e, s in zip(ranked, score):
+            use[e] = self.odds[depth](s)
+        return OneGuess(ranked, score), ranked, use
 
     def _rank_pooled(self, scores: torch.Tensor, decoding: bool) -> tuple[torch.Tensor, list[int], list[float]]:
         """Several tokens' guesses [N, width], and the batch's experts ranked by the probability
@@ -204,8 +227,8 @@ class Speculation(ForwardHooks):
         true_routing = weights, ids
         if self.mode != "off" and 1 in guesses:
             guess = guesses[1]
-            if isinstance(guess, list):
-                guess = torch.tensor([guess], device=ids.device)
+            if isinstance(guess, OneGuess):
+                guess = torch.tensor([guess.ids], device=ids.device)
             ids = guess[:, : self.k] if self.mode == "on" else self._substitute(layer, ids, guess)
             weights = self._weights_for(layer, x, ids)
         self.predictor.routed(layer, x)
@@ -215,21 +238,25 @@ class Speculation(ForwardHooks):
         self.seconds += time.perf_counter() - t0
         return weights, ids
 
-    def _score(self, layer: int, ids: torch.Tensor, guesses: dict[int, torch.Tensor | list[int]],
+    def _score(self, layer: int, ids: torch.Tensor, guesses: dict[int, torch.Tensor | OneGuess],
                prefetched: dict[int, list[int]]) -> None:
-        """Compare the guesses for `layer` with its true routing ids [N, k]."""
+        """Compare the guesses for `layer` with its true routing ids [N, k] (and, for one token's
+        guess, count how its scores fared: the odds admission uses)."""
         for depth, ranked in guesses.items():
             key = (layer, depth)
             s = self.guess_stats[key]
             s.tokens += len(ids)
             s.true_choices += ids.numel()
             s.prefetched += len(prefetched[depth])
-            if isinstance(ranked, list):  # one token's guess: its ranked experts are the prefetched set
+            if isinstance(ranked, OneGuess):  # one token's guess: its ranked experts are the prefetched set
                 true = set(ids[0].tolist())
-                s.found_in_topk += len(true.intersection(ranked[: self.k]))
-                found = len(true.intersection(ranked))
+                s.found_in_topk += len(true.intersection(ranked.ids[: self.k]))
+                found = len(true.intersection(ranked.ids))
                 s.found_in_prefetch += found
                 s.prefetched_used += found
+                for e, score in zip(ranked.ids, ranked.scores):
+                    self.odds[depth].observe(score, e in true)
+                self.tail_odds[depth].observe(0.0, len(true) - found, self.model.spec.num_experts - len(ranked.ids))
                 continue
             needed = torch.zeros(self.model.spec.num_experts, dtype=torch.bool, device=ids.device)
             needed[ids.flatten()] = True
