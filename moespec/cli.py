@@ -237,6 +237,12 @@ def cmd_bench(args: argparse.Namespace) -> None:
     unknown = [p for p in args.policies.split(",") if p not in POLICIES]
     if unknown:
         raise MoespecError(f"unknown policy {unknown[0]!r}; available: {', '.join(POLICIES)}")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise MoespecError(f"--threads must be at least 1, got {args.threads}")
+        import torch
+
+        torch.set_num_threads(args.threads)
     cfg = BenchConfig(policies=args.policies.split(","), batch_sizes=[int(b) for b in args.batch_sizes.split(",")],
                       prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, repeats=args.repeats)
     sizes = args.cache_sizes.split(",") if args.cache_sizes else [args.expert_cache or OffloadConfig.expert_cache]
@@ -396,6 +402,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--prompt-tokens", type=int, default=32)
     b.add_argument("--new-tokens", type=int, default=32)
     b.add_argument("--repeats", type=int, default=3)
+    b.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads (default: torch's); recorded in the JSON")
     b.add_argument("--cache-sizes", default=None, help="comma list of budgets to sweep (overrides --expert-cache)")
     b.add_argument("--expert-dtypes", default=None, metavar="auto,int8,int4",
                    help="run the policies for each expert dtype, interleaved; speed-ups against the first's on-demand")

@@ -21,39 +21,52 @@ class PreviousToken:
     pass's tokens are then its valid ones in row-major order, as `x[valid]` flattens them. A row's
     first token has a remembered predecessor only if the remembered token sits at the position just
     before it: a new sequence (position 0) or a step after rolled-back draft tokens gets `fill`.
+
+    The memory is per row in plain Python (row -> (position, values)): estimators ask for it at
+    every layer of every decode step, where a handful of tensor ops per ask would cost more than
+    the guess it serves. A decode step of one row then costs no tensor op at all.
     """
 
     def __init__(self) -> None:
-        self._memory: dict[Hashable, tuple[torch.Tensor, torch.Tensor]] = {}  # key -> (values [R, ...], position [R])
-        self._rows = self._start = self._counts = self._first = self._last = torch.zeros(0, dtype=torch.long)
-        self._need = 0  # memory rows this pass needs (its highest row + 1)
-        self._one_each = False  # every row of this pass has one token (a decode step)
+        self._memory: dict[Hashable, dict[int, tuple[int, torch.Tensor]]] = {}  # key -> row -> (position, values)
+        self._rows: list[int] = []  # this pass's rows that have tokens
+        self._start: list[int] = []  # position of each such row's first token
+        self._first: list[int] = []  # index of each such row's first token among the pass's tokens
+        self._last = torch.zeros(0, dtype=torch.long)  # index of each such row's last token
+        self._end: list[int] = []  # position of each such row's last token
+        self._one_each = False  # every row has one token (a decode step)
 
     def start(self, rows: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor) -> None:
-        """Per pass, what every key's `remembered` and `remember` share, computed once: a decode
-        step then costs each key a handful of tensor ops (estimators ask per layer per step)."""
         counts = valid.sum(dim=1)
         keep = counts > 0
-        self._rows, self._start, self._counts = rows[keep], positions[keep, 0], counts[keep]
-        self._first = self._counts.cumsum(0) - self._counts  # index of each row's first token
-        self._last = self._first + self._counts - 1  # index of each row's last token
-        self._need = int(self._rows.max()) + 1 if len(self._rows) else 0
+        counts = counts[keep]
+        first = counts.cumsum(0) - counts
+        self._last = first + counts - 1
+        self._rows, self._start = rows[keep].tolist(), positions[keep, 0].tolist()
+        self._first = first.tolist()
+        self._end = [s + c - 1 for s, c in zip(self._start, counts.tolist())]
         self._one_each = positions.shape[1] == 1
+
+    def _found(self, key: Hashable) -> list[torch.Tensor | None]:
+        """Per row of this pass, its predecessor's remembered values, or None."""
+        memory = self._memory.get(key, {})
+        found = []
+        for row, start in zip(self._rows, self._start):
+            position, values = memory.get(row, (-1, None))
+            found.append(values if start > 0 and position == start - 1 else None)
+        return found
 
     def remembered(self, key: Hashable, like: torch.Tensor, fill: float) -> torch.Tensor:
         """Shaped like `like` [N, ...]: a row's first token gets its predecessor's values if they
         were remembered in an earlier pass; every other token gets `fill`."""
-        if key not in self._memory:
-            return torch.full_like(like, fill)
-        values, position = self._memory[key]
-        if self._one_each and self._need <= len(position):  # a decode step of known rows: one gather
-            match = position[self._rows] == self._start - 1  # (never-written rows hold position -2)
-            return torch.where(match.view(-1, *[1] * (like.dim() - 1)), values[self._rows].to(like.dtype), fill)
+        found = self._found(key)
+        if self._one_each and len(found) == len(like) and all(v is not None for v in found):
+            out = found[0][None] if len(found) == 1 else torch.stack(found)
+            return out if out.dtype == like.dtype else out.to(like.dtype)
         out = torch.full_like(like, fill)
-        known = self._rows < len(position)
-        rows = self._rows[known]
-        match = position[rows] == self._start[known] - 1
-        out[self._first[known][match]] = values[rows[match]].to(out.dtype)
+        at = [i for i, v in zip(self._first, found) if v is not None]
+        if at:
+            out[at] = torch.stack([v for v in found if v is not None]).to(out.dtype)
         return out
 
     def previous(self, key: Hashable, values: torch.Tensor, fill: float) -> torch.Tensor:
@@ -67,12 +80,9 @@ class PreviousToken:
 
     def remember(self, key: Hashable, values: torch.Tensor) -> None:
         """Keep each row's last token's values [N, ...] under `key` for the next pass."""
-        stored, position = self._memory.get(key, (values.new_empty((0, *values.shape[1:])),
-                                                  torch.empty(0, dtype=torch.long, device=values.device)))
-        if len(position) < self._need:
-            grow = self._need - len(position)
-            stored = torch.cat([stored, values.new_zeros((grow, *values.shape[1:]))])
-            position = torch.cat([position, position.new_full((grow,), -2)])  # -2: no token is at -1
-        stored[self._rows] = values if self._one_each else values[self._last]
-        position[self._rows] = self._start + self._counts - 1
-        self._memory[key] = (stored, position)
+        if not self._rows:
+            return
+        last = values if self._one_each else values[self._last]
+        memory = self._memory.setdefault(key, {})
+        for row, end, v in zip(self._rows, self._end, last.unbind(0) if len(self._rows) > 1 else [last[0]]):
+            memory[row] = (end, v)

@@ -197,10 +197,10 @@ class EstimatorPredictor:
 
     def predict(self, layer: int, x: torch.Tensor, router_input: torch.Tensor | None = None,
                 routing: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[int, torch.Tensor]:
-        zeros = x.new_zeros(x.shape, dtype=torch.float32)
-        context = {t: self.context.remembered(t, zeros, 0.0) for t in next_moe_layers(
+        h = self.estimators.router_input(layer, x) if router_input is None else router_input.float()
+        context = {t: self.context.remembered(t, h, 0.0) for t in next_moe_layers(
             self.estimators.model[0], layer, self.depth)}
-        return self.estimators.predict(layer, x, context, router_input, self.heads)
+        return self.estimators.predict(layer, x, context, h, self.heads)
 
 
 def recall_at_k(scores: torch.Tensor, true_ids: torch.Tensor, width: int) -> float:

@@ -108,6 +108,11 @@ class OneGuess:
     scores: list[float]
 
 
+def ranked_ids(guess: torch.Tensor | OneGuess, device: torch.device) -> torch.Tensor:
+    """A layer's guess as ranked expert ids [N, width]."""
+    return torch.tensor([guess.ids], device=device) if isinstance(guess, OneGuess) else guess
+
+
 class Speculation(ForwardHooks):
     """The prefetch policy as forward hooks: guesses at every layer, copies in decode steps."""
 
@@ -226,9 +231,7 @@ class Speculation(ForwardHooks):
             self._score(layer, ids, guesses, prefetched)
         true_routing = weights, ids
         if self.mode != "off" and 1 in guesses:
-            guess = guesses[1]
-            if isinstance(guess, OneGuess):
-                guess = torch.tensor([guess.ids], device=ids.device)
+            guess = ranked_ids(guesses[1], ids.device)
             ids = guess[:, : self.k] if self.mode == "on" else self._substitute(layer, ids, guess)
             weights = self._weights_for(layer, x, ids)
         self.predictor.routed(layer, x)
@@ -249,7 +252,7 @@ class Speculation(ForwardHooks):
             s.true_choices += ids.numel()
             s.prefetched += len(prefetched[depth])
             if isinstance(ranked, OneGuess):  # one token's guess: its ranked experts are the prefetched set
-                true = set(ids[0].tolist())
+                true = set(ids.tolist()[0])
                 s.found_in_topk += len(true.intersection(ranked.ids[: self.k]))
                 found = len(true.intersection(ranked.ids))
                 s.found_in_prefetch += found

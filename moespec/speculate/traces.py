@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -21,9 +20,7 @@ import torch
 from ..hooks import ForwardHooks
 from ..model.transformer import Transformer
 from .context import PreviousToken
-
-if TYPE_CHECKING:
-    from .policy import Speculation
+from .policy import Speculation, ranked_ids
 
 
 @dataclass
@@ -87,8 +84,7 @@ class RouteRecorder(ForwardHooks):
     def route(self, layer, x, weights, ids):
         if self.speculation is not None:
             guess = self.speculation.guesses.get(layer, {}).get(1)
-            if guess is None:
-                guess = torch.full((len(ids), self.speculation.width), -1)
+            guess = torch.full((len(ids), self.speculation.width), -1) if guess is None else ranked_ids(guess, ids.device)
             self.guesses[layer].append(guess.to(torch.int16).cpu())
         self.ids[layer].append(ids.to(torch.int16).cpu())
         self.weights[layer].append(weights.float().cpu())
