@@ -34,8 +34,13 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
         kind = hints[f.name]
         choices = get_args(kind) if get_origin(kind) is Literal else None
         default = f.default if f.default is not None else "unset"
-        p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=None, choices=choices,
-                       type=None if choices else _value, help=f"{f.metadata['help']} (default: {str(default).replace('%', '%%')})")
+        help = f"{f.metadata['help']} (default: {str(default).replace('%', '%%')})"
+        if kind is bool:  # --direct-io / --no-direct-io
+            p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=None,
+                           action=argparse.BooleanOptionalAction, help=help)
+        else:
+            p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=None, choices=choices,
+                           type=None if choices else _value, help=help)
     p.add_argument("--trace", default=None, metavar="OUT.json", help="write a Chrome/Perfetto trace")
 
 
@@ -65,8 +70,10 @@ def _load(args: argparse.Namespace, **overrides):
     return LLM(model, trace=args.trace is not None, progress=True, **options)
 
 
-def print_summary(stats: EngineStats, file=sys.stderr) -> None:
-    """Per-layer expert traffic table (hits, misses, bytes, stalls), then the total."""
+def print_summary(stats: EngineStats, file=None) -> None:
+    """Per-layer expert traffic table (hits, misses, bytes, stalls), then the total; on stderr
+    (looked up when called, so a redirected sys.stderr gets it)."""
+    file = file or sys.stderr
     print(f"expert traffic ({stats.link}; {stats.cache_slots} expert slots on the device)", file=file)
     print(f"{'layer':>6} {'tokens':>7} {'hits':>7} {'misses':>7} {'hit%':>6} {'MB moved':>9} {'stall s':>8}", file=file)
     for name, s in [(str(layer), s) for layer, s in stats.per_layer.items()] + [("total", stats.experts)]:

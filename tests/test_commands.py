@@ -81,3 +81,13 @@ def test_every_subcommand_prints_its_help(command, capsys):
     with pytest.raises(SystemExit) as exit_:
         main([command, "--help"])
     assert exit_.value.code == 0 and "--model" in capsys.readouterr().out
+
+
+def test_boolean_engine_flags_reach_the_engine(model_dir, capfd):
+    """--direct-io is a switch (--no-direct-io its negation), not a value the config would refuse."""
+    args = ["generate", "--model", str(model_dir), "--prompt", "a", "--max-new-tokens", "2", "--expert-cache", "50%",
+            "--expert-tier", "disk"]
+    assert main(args + ["--direct-io"]) == 0
+    assert "direct I/O" in capfd.readouterr().err
+    assert main(args + ["--no-direct-io"]) == 0
+    assert "direct I/O" not in capfd.readouterr().err
