@@ -163,6 +163,7 @@ class Checkpoint:
         self._file_of = self._index()
         self._handles: dict[Path, object] = {}
         self._handles_lock = threading.Lock()
+        self._checked: set[tuple[int, int]] = set()  # experts whose values were checked at a first read
         self.direct = DirectReader()  # O_DIRECT reads of experts (the disk tier with direct_io)
         quant = self._quantization()
         method = quant.get("quant_method")
@@ -314,14 +315,19 @@ class Checkpoint:
 
     def expert(self, layer: int, expert: int, dtype: torch.dtype, direct: bool = False) -> Packed:
         """One routed expert's tensors in `self.format`, read alone (Dense: gate_up [2I, H], gate
-        rows first, and down [H, I] in `dtype`), checked (shapes, finite values) as they are read;
+        rows first, and down [H, I] in `dtype`), checked (shapes, finite values) when first read;
         `direct`: around the page cache (O_DIRECT), so repeated reads still come from the disk.
 
         An ungated expert (Switch: wo(relu(wi x))) comes back with gate_up = wi, so every store
         and cache works unchanged.
         """
         names = self._expert_names(layer, expert)
-        return check_expert(self.spec, names, expert, self._read_expert(names, expert, dtype, direct))
+        packed = self._read_expert(names, expert, dtype, direct)
+        if (layer, expert) in self._checked:  # the disk tier reads again: the file has not changed
+            return packed
+        check_expert(self.spec, names, expert, packed)
+        self._checked.add((layer, expert))  # only once it passed: a bad expert fails every read
+        return packed
 
     def _read_expert(self, names: list[str], expert: int, dtype: torch.dtype, direct: bool) -> Packed:
         index = expert if self._fused and not self.spec.num_encoder_layers else None
