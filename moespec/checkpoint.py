@@ -54,6 +54,11 @@ def expert_proj_names(spec: ModelSpec) -> tuple[str, str, str]:
     return ("w1", "w3", "w2") if spec.model_type == "mixtral" else ("gate_proj", "up_proj", "down_proj")
 
 
+def expert_tensor_names(spec: ModelSpec, layer: int, expert: int) -> list[str]:
+    """An unfused expert's (gate, up, down) tensor names in the checkpoint."""
+    return [f"model.layers.{layer}.{moe_prefix(spec)}.experts.{expert}.{proj}.weight" for proj in expert_proj_names(spec)]
+
+
 def shared_expert_name(spec: ModelSpec) -> str:
     """The shared expert's module name inside the MoE block (DeepSeek's holds n_shared_experts fused)."""
     return "shared_experts" if spec.model_type in ("deepseek_v2", "deepseek_v3", "kimi_k2", "glm4_moe") \
@@ -260,7 +265,7 @@ class Checkpoint:
                 + [p + "gate_up_proj_bias", p + "down_proj_bias"]
         if self._fused:
             return [p + "gate_up_proj", p + "down_proj"]
-        return [f"{p}{expert}.{proj}.weight" for proj in expert_proj_names(self.spec)]
+        return expert_tensor_names(self.spec, layer, expert)
 
     def _check_complete(self) -> None:
         needed = dense_tensor_names(self.spec) + [

@@ -63,9 +63,14 @@ def _load(args: argparse.Namespace, **overrides):
 
     model = args.model
     if getattr(args, "synthetic", None):
-        from .bench.synthetic import SyntheticCheckpoint, preset_spec
+        from .bench.synthetic import SyntheticCheckpoint, preset_spec, write_checkpoint
 
         model = SyntheticCheckpoint(preset_spec(args.synthetic, args.layers), f"synthetic-{args.synthetic}")
+        if getattr(args, "write_checkpoint", None):  # a real directory on a real disk, for the disk tier
+            import torch
+
+            dtype = getattr(torch, args.dtype or EngineConfig.dtype)
+            model = write_checkpoint(model, args.write_checkpoint, dtype)
     options = {**_engine_options(args), **overrides}
     return LLM(model, trace=args.trace is not None, progress=True, **options)
 
@@ -404,6 +409,9 @@ def build_parser() -> argparse.ArgumentParser:
     _engine_args(b)
     b.add_argument("--synthetic", default=None, help="random weights at a real model's shapes, e.g. mixtral-8x7b")
     b.add_argument("--layers", type=int, default=None, help="synthetic: keep only the first N layers")
+    b.add_argument("--write-checkpoint", default=None, metavar="DIR",
+                   help="synthetic: write the model as a Hugging Face directory here (reused if it already "
+                        "holds it) and run from it, so --expert-tier disk reads a real file")
     b.add_argument("--policies", default="none,lookahead", help="comma list; see moespec.bench.runner.POLICIES")
     b.add_argument("--batch-sizes", default="1,4,16")
     b.add_argument("--prompt-tokens", type=int, default=32)

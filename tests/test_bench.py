@@ -7,8 +7,9 @@ import torch
 
 from moespec import LLM, MoespecError
 from moespec.bench.runner import BenchConfig, bench, format_table
-from moespec.bench.synthetic import SyntheticCheckpoint, preset_spec
+from moespec.bench.synthetic import SyntheticCheckpoint, preset_spec, write_checkpoint
 from moespec.cli import main
+from moespec.spec import load_spec
 from tiny import save_model
 
 
@@ -79,6 +80,28 @@ def test_synthetic_model_at_preset_shapes():
     assert torch.allclose(a.score(ids), b.score(ids), atol=1e-6)
     with pytest.raises(MoespecError, match="unknown synthetic model"):
         preset_spec("gpt-5")
+
+
+@pytest.mark.parametrize("preset", ["mixtral-8x7b", "qwen3-30b-a3b", "olmoe-1b-7b"])
+def test_synthetic_checkpoint_written_to_disk_is_the_same_model(preset, tmp_path):
+    """A preset shrunk to a few KB, written as a Hugging Face directory: the spec read back from
+    its config.json is the preset's, its logits are the in-memory synthetic model's, and the disk
+    tier with direct I/O reads the same experts from the file; a second write reuses it."""
+    small = replace(preset_spec(preset, layers=2), hidden_size=64, num_heads=4, num_kv_heads=2, head_dim=16,
+                    expert_intermediate_size=48, dense_intermediate_size=96, vocab_size=300)
+    synthetic = SyntheticCheckpoint(small, "s")
+    path = write_checkpoint(synthetic, tmp_path / preset, torch.float32)
+    spec = load_spec(path)
+    for field in ("model_type", "hidden_size", "num_layers", "num_experts", "top_k", "expert_intermediate_size",
+                  "router", "moe_layers", "qk_norm", "num_kv_heads", "head_dim", "rope"):
+        assert getattr(spec, field) == getattr(small, field), field
+    ids = torch.randint(0, 300, (2, 9), generator=torch.Generator().manual_seed(0))
+    expected = LLM(synthetic).score(ids)
+    assert torch.equal(LLM(path).score(ids), expected)
+    disk = LLM(path, expert_cache="25%", expert_tier="disk", direct_io=True, host_cache=0)
+    assert torch.allclose(disk.score(ids), expected, atol=1e-6) and disk.store.checkpoint.direct.bytes_read > 0
+    stamp = (path / "config.json").stat().st_mtime_ns
+    assert write_checkpoint(synthetic, path, torch.float32) == path and (path / "config.json").stat().st_mtime_ns == stamp
 
 
 def test_cli_bench_writes_json_and_plots(model_dir, tmp_path, capsys):

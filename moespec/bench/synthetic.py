@@ -1,18 +1,24 @@
-"""Synthetic checkpoints: random weights at the shapes of real models, generated in memory.
+"""Synthetic checkpoints: random weights at the shapes of real models, generated in memory or
+written to a directory.
 
 On a GPU machine this measures the true transfer/compute balance of a model that cannot be
 downloaded here. Routing of random weights is arbitrary, so synthetic runs measure speed and
 bytes, never hit rates that mean anything. `layers` cuts the model short (8 layers of
-Mixtral-8x7B already hold 22.5 GB of bf16 experts).
+Mixtral-8x7B already hold 22.5 GB of bf16 experts). `write_checkpoint` writes the same weights as
+a Hugging Face directory (config.json + one safetensors shard per layer), so the disk tier reads a
+real file of the real expert size from a real disk.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
+from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
-from ..checkpoint import dense_tensor_names, model_name
+from ..checkpoint import dense_tensor_names, expert_tensor_names, model_name
 from ..errors import MoespecError
 from ..experts.formats import Dense, Packed
 from ..spec import ModelSpec, Rope
@@ -82,3 +88,59 @@ class SyntheticCheckpoint:
         gate_up = self._random((2 * s.expert_intermediate_size, s.hidden_size), key, dtype)
         down = self._random((s.hidden_size, s.expert_intermediate_size), key + 5_000_000, dtype)
         return {"gate_up": gate_up, "down": down}
+
+
+def hf_config(spec: ModelSpec) -> dict:
+    """config.json for a preset's family (what `moespec.spec` reads back to `spec`)."""
+    common = {"model_type": spec.model_type, "vocab_size": spec.vocab_size, "hidden_size": spec.hidden_size,
+              "num_hidden_layers": spec.num_layers, "num_attention_heads": spec.num_heads,
+              "num_key_value_heads": spec.num_kv_heads, "head_dim": spec.head_dim,
+              "max_position_embeddings": spec.max_position_embeddings, "rms_norm_eps": spec.rms_norm_eps,
+              "rope_theta": spec.rope.theta, "tie_word_embeddings": False, "hidden_act": "silu",
+              "num_experts_per_tok": spec.top_k, "norm_topk_prob": spec.router == "softmax_topk_renorm"}
+    family = {
+        "mixtral": {"architectures": ["MixtralForCausalLM"], "num_local_experts": spec.num_experts,
+                    "intermediate_size": spec.expert_intermediate_size},
+        "qwen3_moe": {"architectures": ["Qwen3MoeForCausalLM"], "num_experts": spec.num_experts,
+                      "moe_intermediate_size": spec.expert_intermediate_size,
+                      "intermediate_size": spec.dense_intermediate_size, "decoder_sparse_step": 1,
+                      "mlp_only_layers": []},
+        "olmoe": {"architectures": ["OlmoeForCausalLM"], "num_experts": spec.num_experts,
+                  "intermediate_size": spec.expert_intermediate_size},
+    }
+    if spec.model_type not in family:
+        raise MoespecError(f"no config.json writer for model_type {spec.model_type!r}; "
+                           f"available: {', '.join(family)}")
+    return {**common, **family[spec.model_type]}
+
+
+def write_checkpoint(checkpoint: SyntheticCheckpoint, directory: str | Path, dtype: torch.dtype) -> Path:
+    """Write `checkpoint`'s weights in `dtype` as a Hugging Face directory, one shard per layer
+    (plus one for embeddings, final norm and LM head), and return it. A directory that already
+    holds the same config.json is reused as it is (the weights are seeded, so they match)."""
+    spec, directory = checkpoint.spec, Path(directory)
+    config = {**hf_config(spec), "torch_dtype": str(dtype).removeprefix("torch.")}
+    if (directory / "config.json").is_file() and json.loads((directory / "config.json").read_text()) == config:
+        return directory
+    directory.mkdir(parents=True, exist_ok=True)
+    dense = checkpoint.dense_state(dtype, "cpu")  # moespec's names: map back to the checkpoint's
+    by_model_name = {model_name(name): name for name in dense_tensor_names(spec)}
+    shards: dict[str, dict[str, torch.Tensor]] = {}
+    for name, tensor in dense.items():
+        original = by_model_name[name]
+        layer = original.split(".")[2] if original.startswith("model.layers.") else "rest"
+        shards.setdefault(layer, {})[original] = tensor
+    weight_map = {}
+    for n, layer in enumerate(shards):
+        tensors = shards[layer]
+        if layer != "rest":
+            for e in range(spec.num_experts):
+                w = checkpoint.expert(int(layer), e, dtype)
+                gate, up = w["gate_up"].chunk(2)
+                tensors.update(zip(expert_tensor_names(spec, int(layer), e), (gate, up, w["down"])))
+        file = f"model-{n + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(directory / file))
+        weight_map.update(dict.fromkeys(tensors, file))
+    (directory / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}, indent=1))
+    (directory / "config.json").write_text(json.dumps(config, indent=1))  # last: marks the directory complete
+    return directory
