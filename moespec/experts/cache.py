@@ -4,11 +4,17 @@
 their copies land, so compute on the first experts overlaps the copies of the rest. Slots are
 shared by all MoE layers (scope "global") or split evenly between them (scope "layer"). Experts
 in use by the running layer or still being copied are never evicted; among the others the
-eviction policy chooses. `prefetch(target, ids, running, scores)` starts copies without waiting
-(speculation). A guess is admitted by value: it takes a free slot, or evicts the policy's victim
-only if the guess's expected use beats the victim's (a decayed rate of use per run of its layer);
-it enters at the lowest priority and is promoted when used. The cache owns its transfer engine (CPU worker or CUDA copy stream), which
-records every stall; `flush_stats` adds them to the statistics, the same way on both.
+eviction policy chooses. `prefetch(target, ids, running, scores, predicted)` starts copies
+without waiting (speculation).
+
+A guess is admitted by value. Both sides are chances of the same event, "used the next time its
+layer runs", measured on this run (odds.py): the guess's from its predictor's score, a resident's
+from the predictor's score for it (its layer has a live prediction) or else from its decayed use
+rate. A guess takes a free slot, or displaces the least valuable of its target layer's residents
+and the policy's victim, if it beats that victim by the extra copies it costs, weighed by how busy
+the link has been; it enters at the lowest priority and is promoted when used. The cache owns its
+transfer engine (CPU worker or CUDA copy stream), which records every stall; `flush_stats` adds
+them to the statistics, the same way on both.
 """
 
 from __future__ import annotations
