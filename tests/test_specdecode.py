@@ -296,14 +296,32 @@ def test_adaptive_gamma_finds_the_best_and_turns_speculation_off():
 
 def test_auto_turns_speculation_off_when_it_cannot_pay():
     """Drafts that are never accepted, or that are accepted but cost a plain step each: plain
-    decoding, with probes that get rarer as they keep failing."""
+    decoding, with probes that get rarer as they keep failing; and a short run never probes."""
     for alpha, cost in ((0.0, lambda g: 1.0 + 0.05 * g), (0.9, lambda g: 1.0 + 1.0 * g)):
         chosen = simulate(GammaChooser("auto"), cost, alpha=alpha, steps=400, rows=16)
-        assert chosen[:3] == [0, 0, 0] and chosen[3] > 0  # plain is measured first, then drafting is tried
         probes = [i for i, g in enumerate(chosen) if g]
+        # plain first; the first probe once its failure (about a plain step) fits the 3% budget
+        assert 1 / 0.03 <= probes[0] <= 1 / 0.03 + 4, probes
         assert len(probes) <= 8, probes
         gaps = [b - a for a, b in zip(probes, probes[1:])]
         assert gaps == sorted(gaps) and gaps[-1] >= 64, gaps  # each failure doubles the wait
+        assert not any(simulate(GammaChooser("auto"), cost, alpha=alpha, steps=32, rows=16))
+
+
+def test_auto_counts_the_plain_step_after_drafting_in_a_probes_cost():
+    """Drafting displaces experts plain steps use, so the plain step after a probe costs more;
+    that cost is measured and lengthens the wait before the next probe."""
+    def probes(settle: float) -> list[int]:
+        chooser, chosen, previous = GammaChooser("auto"), [], 0
+        for _ in range(400):
+            g = chooser.choose(16)
+            cost = 1.0 + 1.0 * g + (settle if g == 0 and previous else 0.0)
+            chooser.observe(g, 16, 0, 16 * g, cost, 1.0 * g)
+            chosen.append(g)
+            previous = g
+        return [i for i, g in enumerate(chosen) if g]
+
+    assert len(probes(settle=3.0)) < len(probes(settle=0.0))
 
 
 def test_auto_releases_the_draft_set_when_drafts_are_never_accepted(model_dir, monkeypatch):

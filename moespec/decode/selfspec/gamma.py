@@ -22,9 +22,12 @@ class GammaChooser:
     Speculation is on only while some γ promises E(γ)/t(γ) > (1 + margin)/t(0): drafting passes
     cost about as much compute as plain steps, so it pays only where verification amortises what
     plain steps spend on the link (large batches, slow links), and at batch 1 it mostly does not.
-    It starts plain (to know t(0)), then probes γ=`start`. While off it probes the most
-    promising γ again after enough plain steps that a failed probe, its excess time t(γ) + the
-    refill's time − E(γ)·t(0), stays within `probe_budget` of the time spent plain; each failure in
+    It starts plain (to know t(0)). Every probe of drafting, the first included, waits for enough
+    plain steps that its failure would cost at most `probe_budget` of the time spent plain: its
+    excess time t(γ) + the refill's time + the extra cost of the plain step after it (drafting
+    displaced experts plain steps use) − E(γ)·t(0), and before anything is measured one plain
+    step's time. So a short run never pays for a probe (auto is never much slower than plain
+    decoding), and a long one tries drafting after about 1/`probe_budget` steps; each failure in
     a row doubles the wait. While on, every `probe_every` steps it re-measures plain, γ−1 or γ+1 in
     turn, since the best γ moves with the text and the cache state; plain first, since the first
     plain steps ran on the cache the prefill left and may have cost more than plain steps do later.
@@ -32,7 +35,7 @@ class GammaChooser:
 
     def __init__(self, gamma: int | str = "auto", max_gamma: int = AUTO_MAX_GAMMA, start: int = 1,
                  probe_every: int = 8, ema: float = 0.3, decay: float = 0.9, margin: float = 0.05,
-                 probe_budget: float = 0.02, max_wait: int = 512):
+                 probe_budget: float = 0.03, max_wait: int = 512):
         if gamma != "auto" and not (isinstance(gamma, int) and not isinstance(gamma, bool) and gamma >= 0):
             raise MoespecError(f"gamma must be a non-negative integer or 'auto', got {gamma!r}")
         self.setting = gamma
@@ -43,6 +46,7 @@ class GammaChooser:
         self.samples: dict[int, dict[int, int]] = {}  # batch bucket -> γ -> steps measured
         self.draft_pass: dict[int, float] = {}  # batch bucket -> seconds per draft pass (EMA)
         self.fill_seconds = 0.0  # pinning the draft set again after a plain phase (EMA)
+        self.settle_seconds = 0.0  # what the first plain step after drafting costs beyond t(0) (EMA)
         self.accepted, self.tried = 1.0, 2.0  # a uniform prior on α
         self.steps = 0
         self.next_probe: int | None = None  # while off: the step that tries drafting again
@@ -102,8 +106,8 @@ class GammaChooser:
         costs = self.cost[bucket]
         if self.settling or (len(costs) <= 1 and self.samples[bucket].get(0, 0) < 2):
             return 0
-        if len(costs) == 1:
-            return self.start
+        if len(costs) == 1:  # only plain measured: a first probe, once it fits the budget
+            return self._probe(self.start, excess=costs[0], t0=costs[0])
         gamma, rate = self._best_drafting(bucket)
         if rate > (1 + self.margin) / costs[0]:
             self.next_probe, self.failures = None, 0
@@ -111,9 +115,15 @@ class GammaChooser:
                 return gamma
             turn = (self.steps // self.probe_every) % 3
             return (min(gamma + 1, self.max_gamma), 0, max(gamma - 1, 0))[turn]
-        if self.next_probe is None:  # drafting does not pay (any more): plain steps until the next probe
-            excess = self.predicted_cost(bucket, gamma) + self.fill_seconds - self.expected_tokens(gamma) * costs[0]
-            wait = max(1, math.ceil(excess / (self.probe_budget * costs[0])))
+        excess = self.predicted_cost(bucket, gamma) + self.fill_seconds + self.settle_seconds \
+            - self.expected_tokens(gamma) * costs[0]
+        return self._probe(gamma, excess, costs[0])
+
+    def _probe(self, gamma: int, excess: float, t0: float) -> int:
+        """Drafting does not pay, or is unmeasured: plain steps (of `t0` seconds) until a probe of
+        `gamma`, whose failure would cost `excess` seconds, fits the budget; then `gamma` once."""
+        if self.next_probe is None:
+            wait = max(1, math.ceil(excess / (self.probe_budget * t0)))
             self.next_probe = self.steps + min(wait << self.failures, self.max_wait)
             self.failures += 1
         if self.steps < self.next_probe:
@@ -137,10 +147,13 @@ class GammaChooser:
         # a colder cache
         fresh = gamma == 0 and self.settling
         self.settling = gamma == 0 and self.previous != 0
+        bucket = self._bucket(rows)
+        if self.settling and self.previous and seconds is not None and 0 in self.cost[bucket]:
+            extra = max(0.0, seconds - self.cost[bucket][0])
+            self.settle_seconds = self._average(self.settle_seconds, extra, self.ema if self.settle_seconds else 1.0)
         self.previous = gamma
         if seconds is None or self.settling:
             return
-        bucket = self._bucket(rows)
         costs, n = self.cost[bucket], self.samples[bucket]
         n[gamma] = 1 if fresh else n.get(gamma, 0) + 1
         w = max(self.ema, 1 / n[gamma])  # the mean of the first few, then an EMA
