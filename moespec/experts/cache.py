@@ -186,7 +186,9 @@ class ExpertCache:
 
         Urgent copies (a layer waits for them) go ahead of queued prefetches where the link can."""
         dom = self.domains[key[0]]
-        if dom.free:
+        if dom.free:  # a guess still costs its copy: on a busy link only a likely one pays
+            if guess is not None and not self._worth_it(guess, 0.0):
+                return False
             slot = dom.free.pop()
         else:
             victim = dom.policy.victim(self._evictable) if guess is None else self._guess_victim(key[0], dom)

@@ -62,7 +62,8 @@ class CpuTransfers:
         self.bandwidth = link_bandwidth
         self.tracer = tracer  # one transfer-lane slice per copy, while it records
         self._stalls: dict[int, float] = {}  # layer -> seconds compute waited, since collect_stalls
-        self.busy_seconds = 0.0  # wire time of every copy done: the link's busy time
+        # the link's busy time: wire time of every copy done, plus reading time (per reader) on the disk tier
+        self.busy_seconds = 0.0
         self.stalled_seconds: float | None = 0.0  # compute's waits for copies, in all
         self._to_read: list[tuple[int, int, _Copy]] = []  # heaps of (priority, arrival, copy)
         self._to_copy: list[tuple[int, int, _Copy]] = []
@@ -99,13 +100,16 @@ class CpuTransfers:
     def _read_loop(self) -> None:
         while (job := self._next(self._to_read, "started")) is not None:
             try:
+                start = time.perf_counter()
                 job.src = job.read()
+                reading = time.perf_counter() - start
             except BaseException as exc:  # surfaces in `wait`, on the compute thread
                 with self._lock:
                     if not job.future.cancelled():
                         job.future.set_exception(exc)
                 continue
             with self._lock:
+                self.busy_seconds += reading / self._readers  # the disk is a link too
                 heapq.heappush(self._to_copy, (job.priority, next(self._order), job))
                 self._lock.notify_all()
 
