@@ -110,6 +110,8 @@ def one_run(llm: LLM, policy: str, prompts: list[list[int]], new_tokens: int, pr
         "hit_rate": s.hit_rate,
         "stall_share": s.experts.stall_seconds / (d.prefill_seconds + d.decode_seconds),
         "recall_at_k": s.speculation.by_depth[1].recall_at_k if s.speculation is not None else None,
+        # the speculation hooks' own time (guessing, scoring, issuing prefetches), prefill included
+        "guess_ms_per_step": 1000 * s.speculation.seconds / d.decode_steps if s.speculation is not None else None,
     }
 
 
@@ -162,6 +164,8 @@ def bench(llm: LLM, prompts_for: callable, cfg: BenchConfig, variants: dict[str,
             own_base = rows.get(name.rsplit("/", 1)[0] + "/none") if "/" in name else base
             if base:
                 row["speedup_vs_on_demand"] = base["ms_per_step_median"] / row["ms_per_step_median"]
+                if "guess_ms_per_step" in row:
+                    row["guess_share_of_on_demand_step"] = row["guess_ms_per_step"] / base["ms_per_step_median"]
             own_limit = max(compute, own_base["bytes_per_step"] / bandwidth) if own_base else limit
             row["times_link_bound_limit"] = row["ms_per_step_median"] / (1000 * own_limit)
         results["batches"][str(batch)] = {"compute_ms_per_step": 1000 * compute, "link_bound_limit_ms": 1000 * limit,
@@ -187,5 +191,6 @@ def format_table(results: dict) -> list[str]:
                 f"x{r.get('speedup_vs_on_demand', float('nan')):.2f} vs on-demand  "
                 f"{r['times_link_bound_limit']:.2f}x limit  prefill {r['prefill_tokens_per_s']:.0f} tok/s  "
                 f"{r['bytes_per_token'] / 1e6:.3f} MB/tok  hit {100 * r['hit_rate']:.1f}%  "
-                f"stall {100 * r['stall_share']:.1f}%")
+                f"stall {100 * r['stall_share']:.1f}%"
+                + (f"  guess {r['guess_ms_per_step']:.2f} ms/step" if r.get("guess_ms_per_step") is not None else ""))
     return lines

@@ -223,9 +223,8 @@ class ExpertCache:
         (`expected_use`). Only those: a prediction is the best estimate there is, and the
         policy's victim stands for the rest, so the choice costs a few lookups, not a pass over
         every slot."""
-        experts = self.store.spec.num_experts
         candidates = [(t, e) for t in self._predicted if self.domains[t] is dom
-                      for e in range(experts) if (t, e) in self.slot_of and self._evictable((t, e))]
+                      for e in self._resident_of[t] if self._evictable((t, e))]
         fallback = dom.policy.victim(lambda k: k[0] not in self._predicted and self._evictable(k))
         if fallback is not None:
             candidates.append(fallback)
