@@ -103,10 +103,12 @@ class ExpertCache:
         self._runs = {layer: 0 for layer in layers}  # fetches per layer: the clock of `expected_use`
         self._use_rate: dict[Key, tuple[float, int]] = {}  # key -> (rate, run when last updated)
         self._predicted: dict[int, list[float]] = {}  # layer -> each expert's predicted use at its next run
-        # layer -> {expert: its predicted use} for residents evicted while the prediction was live:
-        # whether the layer then needed them is evidence for the prediction's odds too
-        self._displaced: dict[int, dict[int, float]] = {}
+        # layer -> experts evicted since the layer last ran: whether it then needed them is
+        # evidence too (counting only the residents that survived would value the others by a
+        # prior that is never tested: an expert always evicted before reuse would look worth keeping)
+        self._displaced: dict[int, set[int]] = {}
         self.link_busy = 0.0  # share of recent wall time the link was copying (an average)
+        self.hit_rate = 0.5  # share of recent fetches' experts found resident (an average)
         self._busy_mark = (time.perf_counter(), 0.0)  # (when, transfers.busy_seconds then)
         # what a use rate, or a prediction, is worth for a resident: measured on this run's
         # residents (see odds.py; a resident the predictor did not guess may still be reused)
@@ -127,7 +129,7 @@ class ExpertCache:
         self._use_rate.clear()
         self._predicted.clear()
         self._displaced.clear()
-        self.link_busy = 0.0
+        self.link_busy, self.hit_rate = 0.0, 0.5
         self._reuse, self._on_prediction = Odds(), Odds()
         for ids in self._resident_of.values():
             ids.clear()
@@ -166,11 +168,16 @@ class ExpertCache:
         return self.unpack(self._slot(slot))
 
     def expected_use(self, key: Key) -> float:
-        """Estimated chance that `key` is used the next time its layer runs: the measured odds
-        (odds.py) of the predictor's score for it, if it has guessed for that layer since the
-        layer last ran, else of its decayed use rate."""
+        """Estimated chance that keeping `key` makes it a hit the next time its layer runs. With
+        a live prediction for its layer (which runs within a few layers) that is the measured
+        odds (odds.py) of the predictor's score for it. Otherwise it is the measured odds of its
+        decayed use rate times the chance it is still resident then, estimated by the recent hit
+        rate: where every layer misses (a batch whose experts overflow the cache), demand misses
+        would evict it before its next use anyway, and a guess may take its slot for free."""
         predicted = self._predicted.get(key[0])
-        return self._on_prediction(predicted[key[1]]) if predicted is not None else self._reuse(self._use_rate_now(key))
+        if predicted is not None:
+            return self._on_prediction(predicted[key[1]])
+        return self._reuse(self._use_rate_now(key)) * self.hit_rate
 
     def _use_rate_now(self, key: Key) -> float:
         """An exponential average of the expert's uses per run of its layer (0 if never used)."""
@@ -194,8 +201,7 @@ class ExpertCache:
             victim = dom.policy.victim(self._evictable) if guess is None else self._guess_victim(key[0], dom)
             if victim is None or (guess is not None and not self._worth_it(guess, self.expected_use(victim))):
                 return False
-            if victim[0] in self._predicted:
-                self._displaced.setdefault(victim[0], {})[victim[1]] = self._predicted[victim[0]][victim[1]]
+            self._displaced.setdefault(victim[0], set()).add(victim[1])
             if victim in self.unused_prefetch:
                 self.stats[victim[0]].wasted_prefetches += 1
             slot = self._release(victim)
@@ -295,18 +301,18 @@ class ExpertCache:
         stats.tokens += tokens
         self._measure_link()
         predicted = self._predicted.get(layer)
-        for e in self._resident_of[layer]:  # how the residents' scores fared: the odds' evidence
+        # how the scores of this layer's residents, and of those evicted since its last run, fared
+        for e in self._resident_of[layer] | self._displaced.pop(layer, set()):
             if predicted is not None:
                 self._on_prediction.observe(predicted[e], e in ids)
             else:
                 self._reuse.observe(self._use_rate_now((layer, e)), e in ids)
-        for e, score in self._displaced.pop(layer, {}).items():
-            self._on_prediction.observe(score, e in ids)
         self._runs[layer] += 1
         self._predicted.pop(layer, None)  # the layer runs: its prediction is spent
         keys = [(layer, e) for e in ids]
         hits = [k for k in keys if k in self.slot_of]
         misses = [k for k in keys if k not in self.slot_of]
+        self.hit_rate = 0.9 * self.hit_rate + 0.1 * len(hits) / max(len(keys), 1)
         stats.hits += len(hits)
         stats.misses += len(misses)
         stats.prefetch_hits += sum(k in self.unused_prefetch for k in hits)
