@@ -215,13 +215,17 @@ class ExpertCache:
         return True
 
     def _worth_it(self, guess: float, victim: float) -> bool:
-        """Whether a guess used with chance `guess` should replace a resident used with chance
-        `victim`. Prefetching never saves bytes: it spends one copy now against a copy the guess
-        would need later, and the victim may need one back, so it adds 1 - guess + victim copies
-        on average. On an idle link that is free and any gain in hits pays; on a busy link every
-        extra copy delays the ones compute waits for. So the gain must beat the extra copies
-        weighed by how busy the link has been."""
-        return guess - victim > self.link_busy * (1 - guess + victim)
+        """Whether a guess used with chance `guess` should take the slot of a resident that would
+        be a hit with chance `victim` (0: a free slot), in units of one copy's time, with the link
+        busy a share `link_busy` of the time. Gain: a right guess hides its copy, but only as much
+        as the link's idle time can (on a saturated link a copy moved earlier saves nothing).
+        Cost: an evicted hit becomes a whole miss; and where demand copies cannot overtake a
+        guess on the link (CUDA: one stream in issue order), a wrong guess's copy delays them as
+        much as the link is busy. So on an idle link any guess likelier than its victim pays, and
+        on a saturated one none does."""
+        busy = self.link_busy
+        wasted = 0.0 if self.transfers.preempts else (1 - guess) * busy
+        return guess * (1 - busy) > wasted + victim
 
     def _guess_victim(self, layer: int, dom: Domain) -> Key | None:
         """Whom a guess for `layer` would displace: of the residents of layers with a live

@@ -55,6 +55,7 @@ class CpuTransfers:
     """
 
     WAITED, DEMAND, PREFETCH = -1, 0, 1  # priorities: lower goes first
+    preempts = True  # a demand copy overtakes prefetches, even one already on the link
 
     def __init__(self, link_bandwidth: float | None, tracer: Tracer | None = None, readers: int = 0):
         """readers: threads reading the store ahead of the link (the disk tier); 0: the link
@@ -196,6 +197,8 @@ class CpuTransfers:
 
 class CudaTransfers:
     """Copies on a high-priority side stream; per-slot events keep copies off slots still in use."""
+
+    preempts = False  # one stream runs copies in issue order: a queued guess delays a later demand copy
 
     def __init__(self, device: torch.device, slots: int):
         self.device = device
