@@ -146,8 +146,14 @@ class Int4(GroupQuant):
     def dequantize(self, parts: dict[str, torch.Tensor]) -> torch.Tensor:
         packed, scale, offset = parts["q"], parts["scale"], parts["offset"]
         rows, groups = scale.shape
-        q = torch.stack([packed & 0xF, packed >> 4], dim=-1).view(rows, groups, -1)
+        q = nibbles(packed).view(rows, groups, -1)
         return (q.float() * scale.float()[..., None] + offset.float()[..., None]).view(rows, -1)
+
+
+def nibbles(packed: torch.Tensor) -> torch.Tensor:
+    """uint8 [rows, n] -> the 4-bit codes [rows, 2n], each byte's low nibble first (Int4's layout,
+    and compressed-tensors' on a little-endian host)."""
+    return torch.stack([packed & 0xF, packed >> 4], dim=-1).view(packed.shape[0], -1)
 
 
 QUANTIZERS: dict[str, type[GroupQuant]] = registry(Quantized, {"int8": Int8, "int4": Int4})
