@@ -85,11 +85,14 @@ def test_logits_and_greedy_tokens_match_transformers_on_the_decompressed_weights
     with torch.no_grad():
         expected = ref(ids).logits
     expected_tokens = [reference_greedy(ref, p, 16) for p in PROMPTS]
-    for cache in ("100%", 5):  # 5 of 16 slots (a share is of the experts' compute-dtype bytes, which int4 fits whole)
-        llm = LLM(model_dir, expert_cache=cache)
-        assert (llm.score(ids) - expected).abs().max() <= 1e-4, cache
+    # 5 of 16 slots (a share is of the experts' compute-dtype bytes, which int4 fits whole); the disk tier
+    # reads the packed tensors with O_DIRECT
+    for options in (dict(expert_cache="100%"), dict(expert_cache=5),
+                    dict(expert_cache=5, expert_tier="disk", host_cache=4, direct_io=True)):
+        llm = LLM(model_dir, **options)
+        assert (llm.score(ids) - expected).abs().max() <= 1e-4, options
         out = llm.generate(PROMPTS, max_new_tokens=16, temperature=0.0, ignore_eos=True)
-        assert [o.token_ids for o in out] == expected_tokens, cache
+        assert [o.token_ids for o in out] == expected_tokens, options
     assert llm.stats().experts.misses > 0  # really offloaded
 
 
