@@ -139,14 +139,23 @@ def test_unsupported_quantization_is_a_one_line_error(tmp_path, args, extra, mes
         LLM(tmp_path / "packed")
 
 
-def test_activation_order_groups_are_refused(tmp_path):
+EXPERT = "model.layers.0.block_sparse_moe.experts.1.w1.weight"
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda state: state.update({EXPERT + "_g_idx": torch.arange(32, dtype=torch.int32) % 2}),  # interleaved groups
+     rf"{EXPERT}_g_idx: activation-order groups .* are not supported"),
+    (lambda state: state.pop(EXPERT + "_scale"), rf"pack-quantized weight {EXPERT}_packed has no {EXPERT}_scale"),
+    (lambda state: state.update({EXPERT + "_scale": state[EXPERT + "_scale"][:, :1].repeat(1, 3)}),
+     rf"{EXPERT}_packed \[48, 4\] \(torch.int32\) with scales \[48, 3\] does not hold a \[48, 32\] weight"),
+], ids=["g_idx", "missing-scale", "scale-shape"])
+def test_bad_packed_tensors_are_one_line_errors(tmp_path, edit, message):
     write_pack_quantized("mixtral", dict(num_bits=4, symmetric=True, strategy="group", group_size=16),
                          torch.bfloat16, tmp_path / "packed", tmp_path / "reference")
     path = tmp_path / "packed" / "model.safetensors"
     with safe_open(path, framework="pt") as f:
         state = {n: f.get_tensor(n) for n in f.keys()}
-    name = "model.layers.0.block_sparse_moe.experts.1.w1.weight"
-    state[name + "_g_idx"] = torch.arange(32, dtype=torch.int32) % 2  # columns interleaved between two groups
+    edit(state)
     save_file(state, path, metadata={"format": "pt"})
-    with pytest.raises(MoespecError, match=rf"{name}_g_idx: activation-order groups .* are not supported"):
+    with pytest.raises(MoespecError, match=message):
         LLM(tmp_path / "packed").generate(PROMPTS, max_new_tokens=2)

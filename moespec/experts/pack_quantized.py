@@ -1,13 +1,14 @@
 """Pre-quantized int4 / int8 checkpoints in compressed-tensors' `pack-quantized` format, repacked
 once at load into moespec's own group formats (experts/quant.py) without changing any weight.
 
-Why this format: it is what the maintained quantization toolchain writes. llm-compressor (the
-successor that AutoGPTQ's and AutoAWQ's maintainers point to) saves both its GPTQ and its AWQ
-results as compressed-tensors `pack-quantized` W4A16 / W8A16, and so do the published MoE
-W4A16 releases made with it (RedHatAI's / neuralmagic's Mixtral, Qwen3-MoE, DeepSeek, Llama-4
-ones); vLLM and transformers read it through the `compressed-tensors` library. The older AutoGPTQ
-layout (`quant_method: "gptq"`: `qweight` [in/8, out], `qzeros`, `g_idx`) is refused with a
-one-line error; one format read well rather than two read badly.
+Why this format: one layout covers both algorithms. vLLM's llm-compressor (which AutoAWQ is
+deprecated in favour of) saves its GPTQ and its AWQ results alike as compressed-tensors
+`pack-quantized` W4A16 / W8A16, as do the MoE W4A16 releases made with it (RedHatAI's /
+neuralmagic's Mixtral, Qwen3-MoE, DeepSeek, Llama-4 ones); vLLM and transformers read it through
+the maintained `compressed-tensors` library, whose compressor also writes the tests' checkpoints.
+The `quant_method: "gptq"` layout (`qweight` [in/8, out], `qzeros`, `g_idx`) that AutoGPTQ and
+GPTQModel write, Qwen's `*-GPTQ-Int4` MoE releases among them, is not read yet (a one-line error):
+one format read well rather than two read badly.
 
 A quantized Linear weight `X.weight` [out, in] is stored as:
 - `X.weight_packed` int32 [out, ceil(in * bits / 32)]: the row's codes u = q + 2^(bits-1) back to
@@ -100,33 +101,40 @@ class PackQuantized:
         return Int4() if self.bits == 4 else Int8()
 
     def parts(self, name: str, read: Callable[[str], torch.Tensor]) -> tuple[tuple[int, int], dict[str, torch.Tensor]]:
-        """Weight `name` ("X.weight", its tensors read as stored by `read`) -> its shape [out, in]
-        and its parts in `self.format`, unchanged in value."""
-        packed, scale = read(name + PACKED), read(name + "_scale")
+        """Weight `name` ("X.weight", its tensors read as stored by `read`, which raises KeyError
+        for one the checkpoint lacks) -> its shape [out, in] and its parts in `self.format`,
+        unchanged in value."""
+        def tensor(suffix: str, required: bool = True) -> torch.Tensor | None:
+            try:
+                return read(name + suffix)
+            except KeyError:
+                if required:
+                    raise MoespecError(f"pack-quantized weight {name}{PACKED} has no {name}{suffix} "
+                                       "in the checkpoint") from None
+                return None
+
+        packed, scale = tensor(PACKED), tensor("_scale")
         rows = packed.shape[0]
-        cols = int(read(name + "_shape")[-1])
+        cols = int(tensor("_shape")[-1])
         groups = scale.shape[-1] if scale.dim() == 2 else 0
         words = -(-cols * self.bits // 32)
         if packed.dtype != torch.int32 or tuple(packed.shape) != (rows, words) or scale.shape[0] != rows \
-                or not groups or cols % groups or (cols // groups) % 2:
+                or not groups or cols % groups or cols * self.bits % 8:
             raise MoespecError(f"{name}{PACKED} {list(packed.shape)} ({packed.dtype}) with scales {list(scale.shape)} "
-                               f"does not hold a [{rows}, {cols}] weight in {self.bits}-bit groups of an even width")
-        self._check_plain_order(name, read, cols, cols // groups)
+                               f"does not hold a [{rows}, {cols}] weight in whole groups of {self.bits}-bit codes")
+        self._check_plain_order(name, tensor("_g_idx", required=False), cols, cols // groups)
         codes = packed.view(torch.uint8)[:, :cols * self.bits // 8]
         if self.bits == 8:
             return (rows, cols), {"q": (codes.short() - 128).to(torch.int8), "scale": scale}
         if self.symmetric:
             return (rows, cols), {"q": codes.contiguous(), "scale": scale, "offset": scale * -8}
-        zero = nibbles(read(name + "_zero_point").T.contiguous().view(torch.uint8))[:, :rows].T  # [rows, groups]
+        zero = nibbles(tensor("_zero_point").T.contiguous().view(torch.uint8))[:, :rows].T  # [rows, groups]
         return (rows, cols), {"q": codes.contiguous(), "scale": scale, "offset": -(zero * scale.float())}
 
     @staticmethod
-    def _check_plain_order(name: str, read: Callable[[str], torch.Tensor], cols: int, group: int) -> None:
-        try:
-            g_idx = read(name + "_g_idx")
-        except KeyError:
-            return
-        if not torch.equal(g_idx.long(), torch.arange(cols) // group):
+    def _check_plain_order(name: str, g_idx: torch.Tensor | None, cols: int, group: int) -> None:
+        """Activation-order checkpoints store each column's group; only the plain order is read."""
+        if g_idx is not None and not torch.equal(g_idx.long(), torch.arange(cols) // group):
             raise MoespecError(f"{name}_g_idx: activation-order groups (quantization_config actorder 'group') are "
                                "not supported; only weights whose columns are grouped in order")
 
