@@ -24,7 +24,7 @@ QUANTIZED = ("experts.", "self_attn.", "shared_expert.")  # Linear weights quant
 CASES = {
     "mixtral-w4a16-sym-g16-bf16": ("mixtral", dict(num_bits=4, symmetric=True, strategy="group", group_size=16), torch.bfloat16),
     "qwen2moe-w4a16-asym-g8": ("qwen2_moe", dict(num_bits=4, symmetric=False, strategy="group", group_size=8), torch.float16),
-    "qwen2moe-w8a16-channel": ("qwen2_moe", dict(num_bits=8, symmetric=True, strategy="channel"), torch.bfloat16),
+    "qwen3moe-w8a16-channel": ("qwen3_moe", dict(num_bits=8, symmetric=True, strategy="channel"), torch.bfloat16),
 }
 
 
@@ -53,7 +53,7 @@ def write_pack_quantized(arch: str, args: dict, scale_dtype: torch.dtype, out: P
         state = {name: f.get_tensor(name) for name in f.keys()}
     packed_state, dense_state = {}, {}
     for name, t in state.items():
-        if name.endswith(".weight") and any(q in name for q in QUANTIZED):
+        if name.endswith(".weight") and t.dim() == 2 and any(q in name for q in QUANTIZED):  # Linear, not norms
             packed, dense_state[name] = quantize(t, weights_args, scale_dtype)
             packed_state.update({name.removesuffix("weight") + k: v.contiguous() for k, v in packed.items()})
         else:
