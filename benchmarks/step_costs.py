@@ -4,7 +4,9 @@
    threshold (it guesses, nothing is copied), and the lookahead, interleaved in one process on an
    emulated link; the difference of the first two is the guess's own cost.
 2. Unpacking: one expert of the model unpacked into the compute dtype per format (int8, int4),
-   against the same expert's matmul for one token.
+   against the same expert's matmul for one token; and, for int4, the expert's gate/up matmul
+   of 1, 4 and 16 tokens computed from the codes group by group without a dense weight
+   (y = sum_g s_g (x_g . q_g) + o_g sum x_g, in float32) against unpacking then multiplying.
 JSON under benchmarks/results/.
 
     python benchmarks/step_costs.py --model models/tiny-mixtral --link-bandwidth 1GB/s
@@ -24,7 +26,7 @@ import torch
 from moespec import LLM
 from moespec.bench.runner import POLICIES, one_run, prefill_bytes
 from moespec.experts.base import ExpertWeights
-from moespec.experts.quant import make_quantizer
+from moespec.experts.quant import make_quantizer, nibbles
 from moespec.model.moe import make_expert_fn
 
 VARIANTS = {"none": POLICIES["none"], "guess-only": {"prefetch": "lookahead", "prefetch_threshold": 1.0},
@@ -69,7 +71,31 @@ def unpack_cost(llm: LLM, dtype: torch.dtype, repeats: int = 200) -> dict:
         fmt = make_quantizer(name, 0, llm.spec)
         packed, dst = fmt.pack(w), ExpertWeights(**{n: torch.empty_like(t) for n, t in dense.tensors().items()})
         out[f"unpack_{name}_s"] = per_call(lambda: fmt.unpack_into(packed, dst))
+    fmt = make_quantizer("int4", 0, llm.spec)
+    parts = {p: t for p, t in fmt.pack(w).items() if p.startswith("gate_up.")}
+    scratch = torch.empty_like(dense.gate_up)
+    for tokens in (1, 4, 16):
+        x = torch.randn(tokens, llm.spec.hidden_size, dtype=dtype)
+        out[f"int4_gate_up_{tokens}_tokens"] = {
+            "unpack_then_matmul_s": per_call(lambda: unpacked_linear(fmt, parts, scratch, x)),
+            "grouped_from_codes_s": per_call(lambda: grouped_linear(parts, x))}
     return out
+
+
+def unpacked_linear(fmt, parts: dict, scratch: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """What moespec does: dequantize into the compute dtype, then an ordinary matmul."""
+    scratch.copy_(fmt.dequantize({p.split(".")[1]: t for p, t in parts.items()}))
+    return torch.nn.functional.linear(x, scratch)
+
+
+def grouped_linear(parts: dict, x: torch.Tensor) -> torch.Tensor:
+    """The alternative measured: per-group dot products with the codes, then scales and offsets."""
+    scale, offset = parts["gate_up.scale"].float(), parts["gate_up.offset"].float()
+    rows, groups = scale.shape
+    codes = nibbles(parts["gate_up.q"]).view(rows, groups, -1).float()
+    xg = x.float().view(x.shape[0], groups, -1)
+    y = (torch.einsum("tgc,rgc->trg", xg, codes) * scale).sum(-1) + xg.sum(-1) @ offset.T
+    return y.to(x.dtype)
 
 
 def main() -> None:
@@ -92,7 +118,8 @@ def main() -> None:
     for name, r in result["batch1_guess_cost"].items():
         print(f"{name}: {1000 * r['seconds_per_step']:.2f} ms/step, stall {100 * r['stall_share']:.1f}%, "
               f"{r['bytes_per_token'] / 1e6:.3f} MB/token")
-    print({k: f"{1000 * v:.3f} ms" for k, v in result["unpack_bfloat16"].items()})
+    for what, cost in result["unpack_bfloat16"].items():
+        print(what, {k: f"{1000 * v:.3f} ms" for k, v in cost.items()} if isinstance(cost, dict) else f"{1000 * cost:.3f} ms")
     print(f"written to {args.out}")
 
 

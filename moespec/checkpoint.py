@@ -20,14 +20,17 @@ from .errors import MoespecError
 from .experts.formats import Dense, ExpertFormat, Packed
 from .experts.fp8 import FP8, PROJECTIONS, SCALE_SUFFIX, Fp8Blocks, check_scale, dequantize
 from .experts.mxfp4 import BLOCK, Mxfp4
+from .experts.pack_quantized import PACKED, PackQuantized
 from .spec import ModelSpec, load_spec
 from .validate import check_expert, check_expert_parts, check_finite, check_safetensors
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 # config.json's quantization_config.quant_method values read: FP8 128x128-block checkpoints
-# (DeepSeek-V3; dense weights dequantised at load, experts kept packed) and gpt-oss's MXFP4 experts
-QUANT_METHODS = ("fp8", "mxfp4")
+# (DeepSeek-V3; dense weights dequantised at load, experts kept packed), gpt-oss's MXFP4 experts,
+# and compressed-tensors' pack-quantized int4/int8 (experts/pack_quantized.py: GPTQ and AWQ
+# checkpoints as llm-compressor writes them)
+QUANT_METHODS = ("fp8", "mxfp4", "compressed-tensors")
 
 
 FF_PREFIX = {"mixtral": "block_sparse_moe", "llama4_text": "feed_forward"}  # default "mlp"
@@ -173,7 +176,8 @@ class Checkpoint:
         quant = self._quantization()
         method = quant.get("quant_method")
         self.fp8_block = fp8_block_size(quant) if method == "fp8" else None
-        # how `expert` hands experts out (MXFP4 and FP8 packed, as stored; otherwise in the compute dtype)
+        self.pack_quantized = PackQuantized.from_config(quant) if method == "compressed-tensors" else None
+        # how `expert` hands experts out (MXFP4, FP8 and pack-quantized packed; otherwise in the compute dtype)
         self.format: ExpertFormat = Mxfp4() if method == "mxfp4" else Dense()
         # transformers >= 5 can also store a layer's experts fused into [E, ...] tensors (gpt-oss always does)
         self._fused = spec.model_type == "gpt_oss" or any(
@@ -184,6 +188,8 @@ class Checkpoint:
         first_expert = self._expert_names(spec.moe_layer_ids[0], 0)[0] if spec.moe_layer_ids else None
         if self.fp8_block is not None and first_expert is not None and self._is_fp8(first_expert):
             self.format = Fp8Blocks(self.fp8_block)
+        if self.pack_quantized is not None and first_expert is not None and self._is_packed(first_expert):
+            self.format = self.pack_quantized.format
 
     def _quantization(self) -> dict:
         """config.json's `quantization_config` ({}: not quantized), if moespec reads its method."""
@@ -272,14 +278,20 @@ class Checkpoint:
             n for layer in self.spec.moe_layer_ids for e in range(self.spec.num_experts)
             for n in self._expert_names(layer, e)
         ]
-        missing = [n for n in dict.fromkeys(needed) if n not in self._file_of]
+        missing = [n for n in dict.fromkeys(needed) if n not in self._file_of and not self._is_packed(n)]
         if missing:
             raise MoespecError(
                 f"checkpoint {self.dir} is missing {len(missing)} tensor(s), first: {missing[0]}"
             )
         for name in needed:
+            if name not in self._file_of:  # packed: its parts are checked as they are read
+                continue
             if self._is_fp8(name):
                 self._check_fp8(name)
+
+    def _is_packed(self, name: str) -> bool:
+        """Weight `name` is stored pack-quantized (as `name`_packed, `name`_scale, ...)."""
+        return self.pack_quantized is not None and name + PACKED in self._file_of
 
     def _is_fp8(self, name: str) -> bool:
         return self._slice(name).get_dtype() == "F8_E4M3"
@@ -304,7 +316,10 @@ class Checkpoint:
             return self._handles[path]
 
     def tensor(self, name: str, dtype: torch.dtype) -> torch.Tensor:
-        """Read one tensor by its checkpoint name, converted to `dtype` (FP8: dequantised), on the CPU."""
+        """Read one tensor by its checkpoint name, converted to `dtype` (FP8, pack-quantized:
+        dequantised), on the CPU."""
+        if self._is_packed(name):
+            return self.pack_quantized.dequantize(name, self.stored, dtype)
         t = self.stored(name)
         if t.dtype == FP8:
             return dequantize(t, self.stored(name + SCALE_SUFFIX), self.fp8_block, dtype)
@@ -353,6 +368,8 @@ class Checkpoint:
 
         if self.spec.model_type == "gpt_oss":
             return self._gpt_oss_expert(names, read)
+        if self._is_packed(names[0]):
+            return self._pack_quantized_expert(names, read)
         if not self.spec.gated_mlp:
             wi, wo = (read(n) for n in names)
             return {"gate_up": wi, "down": wo}
@@ -362,8 +379,18 @@ class Checkpoint:
                 gate_up, down = gate_up.T, down.T
             return {"gate_up": gate_up.contiguous(), "down": down.contiguous()}
         gate, up, down = (read(n) for n in names)
-        check_expert_parts(self.spec, names, (gate, up, down))
+        check_expert_parts(self.spec, names, (gate.shape, up.shape, down.shape))
         return {"gate_up": torch.cat([gate, up]), "down": down.contiguous()}
+
+    def _pack_quantized_expert(self, names: list[str], read: Callable[..., torch.Tensor]) -> Packed:
+        """An expert whose projections are pack-quantized, repacked into `self.format`'s parts
+        (gate rows first, then up; an ungated expert's wi is gate_up)."""
+        shapes, parts = zip(*(self.pack_quantized.parts(name, lambda n: read(n, None)) for name in names))
+        if self.spec.gated_mlp:
+            check_expert_parts(self.spec, names, shapes)
+        *gate_up, down = parts
+        return {**{f"gate_up.{p}": torch.cat([t[p] for t in gate_up]) for p in down},
+                **{f"down.{p}": t for p, t in down.items()}}
 
     def _gpt_oss_expert(self, names: list[str], read: Callable[..., torch.Tensor]) -> Packed:
         """gpt-oss interleaves gate and up (gate is every even output unit) and stores unquantized

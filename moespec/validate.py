@@ -86,12 +86,12 @@ def _shape_error(spec: ModelSpec, name: str, found: tuple[int, ...], expected: t
                         "in config.json)")
 
 
-def check_expert_parts(spec: ModelSpec, names: list[str], parts: tuple[torch.Tensor, ...]) -> None:
-    """An unfused gated expert's (gate, up, down) tensors, each as read: [I, H], [I, H], [H, I]."""
+def check_expert_parts(spec: ModelSpec, names: list[str], shapes: tuple[tuple[int, ...], ...]) -> None:
+    """An unfused gated expert's (gate, up, down) weight shapes, as read: [I, H], [I, H], [H, I]."""
     hidden, inter = spec.hidden_size, spec.expert_intermediate_size
-    for name, tensor, shape in zip(names, parts, ((inter, hidden), (inter, hidden), (hidden, inter))):
-        if tuple(tensor.shape) != shape:
-            raise _shape_error(spec, name, tuple(tensor.shape), shape)
+    for name, found, shape in zip(names, shapes, ((inter, hidden), (inter, hidden), (hidden, inter))):
+        if tuple(found) != shape:
+            raise _shape_error(spec, name, tuple(found), shape)
 
 
 def check_expert(spec: ModelSpec, names: list[str], expert: int, packed: Packed) -> Packed:

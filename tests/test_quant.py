@@ -38,6 +38,20 @@ def test_dequantized_weights_are_within_half_a_step(fmt):
     assert packed["gate_up.q"].numel() * packed["gate_up.q"].element_size() == 48 * 64 * (1 if levels == 255 else 0.5)
 
 
+@pytest.mark.parametrize("fmt", [Int8(16), Int4(8)], ids=lambda f: f.name)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_unpacking_into_a_slot_rounds_once_to_the_compute_dtype(fmt, dtype):
+    """The hot path (unpack_into: in place for float32, one conversion otherwise) gives exactly
+    the float32 dequantized weights rounded once, as the host-side unpack does."""
+    gen = torch.Generator().manual_seed(1)
+    packed = fmt.pack(ExpertWeights(torch.randn(48, 64, generator=gen), torch.randn(64, 32, generator=gen)))
+    dst = ExpertWeights(torch.full((48, 64), float("nan"), dtype=dtype), torch.full((64, 32), float("nan"), dtype=dtype))
+    fmt.unpack_into(packed, dst)
+    exact = fmt.unpack(packed, torch.float32)
+    for name in ("gate_up", "down"):
+        assert torch.equal(getattr(dst, name), getattr(exact, name).to(dtype))
+
+
 @pytest.mark.parametrize("dtype", ["int8", "int4"])
 def test_quantized_experts_match_transformers_on_the_same_dequantized_weights(model, tmp_path, dtype):
     """Packed experts unpacked on use give the logits transformers computes from the dequantized

@@ -78,15 +78,20 @@ class GroupQuant(ABC):
         return packed
 
     def unpack_into(self, packed: Packed, dst: ExpertWeights) -> None:
-        """Matrix by matrix, each dequantized in float32 and converted as it is copied into `dst`
-        (not formats.UnpacksWhole: that would convert to the compute dtype first, one more pass
-        per use on the hot path)."""
+        """Matrix by matrix, each dequantized in float32 (into `dst` itself when it is float32)
+        and converted as it is copied into `dst` otherwise: one rounding to the compute dtype,
+        and no pass more than that needs on the hot path (not formats.UnpacksWhole, which would
+        convert a whole float32 expert first)."""
         device = dst.gate_up.device
         for name, t in dst.tensors().items():
-            if name in QUANTIZED:
-                t.copy_(self.dequantize({p: packed[f"{name}.{p}"].to(device, non_blocking=True) for p in self.parts}))
-            else:
+            if name not in QUANTIZED:
                 t.copy_(packed[name], non_blocking=True)
+                continue
+            parts = {p: packed[f"{name}.{p}"].to(device, non_blocking=True) for p in self.parts}
+            if t.dtype == torch.float32:
+                self.dequantize(parts, out=t)
+            else:
+                t.copy_(self.dequantize(parts))
 
     def unpack(self, packed: Packed, dtype: torch.dtype) -> ExpertWeights:
         fields = {}
@@ -106,8 +111,13 @@ class GroupQuant(ABC):
         """One float32 matrix [rows, cols] -> its packed parts."""
 
     @abstractmethod
-    def dequantize(self, parts: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Packed parts -> the float32 matrix (its width and groups follow from the parts' shapes)."""
+    def dequantize(self, parts: dict[str, torch.Tensor], out: torch.Tensor | None = None) -> torch.Tensor:
+        """Packed parts -> the float32 matrix (its width and groups follow from the parts' shapes),
+        written into `out` if given (float32, contiguous)."""
+
+    @staticmethod
+    def _grouped(out: torch.Tensor | None, rows: int, groups: int) -> torch.Tensor | None:
+        return None if out is None else out.view(rows, groups, -1)
 
 
 class Int8(GroupQuant):
@@ -122,10 +132,11 @@ class Int8(GroupQuant):
         q = torch.round(g / scale.float()[..., None]).clamp(-127, 127).to(torch.int8)
         return {"q": q.view(w.shape), "scale": scale}
 
-    def dequantize(self, parts: dict[str, torch.Tensor]) -> torch.Tensor:
+    def dequantize(self, parts: dict[str, torch.Tensor], out: torch.Tensor | None = None) -> torch.Tensor:
         q, scale = parts["q"], parts["scale"]
         rows, groups = scale.shape
-        return (q.view(rows, groups, -1).float() * scale.float()[..., None]).view(q.shape)
+        w = torch.mul(q.view(rows, groups, -1), scale.float()[..., None], out=self._grouped(out, rows, groups))
+        return w.view(q.shape)
 
 
 class Int4(GroupQuant):
@@ -143,11 +154,24 @@ class Int4(GroupQuant):
         q = q.view(w.shape[0], -1, 2)
         return {"q": q[..., 0] | (q[..., 1] << 4), "scale": scale, "offset": offset}
 
-    def dequantize(self, parts: dict[str, torch.Tensor]) -> torch.Tensor:
+    def dequantize(self, parts: dict[str, torch.Tensor], out: torch.Tensor | None = None) -> torch.Tensor:
         packed, scale, offset = parts["q"], parts["scale"], parts["offset"]
         rows, groups = scale.shape
-        q = torch.stack([packed & 0xF, packed >> 4], dim=-1).view(rows, groups, -1)
-        return (q.float() * scale.float()[..., None] + offset.float()[..., None]).view(rows, -1)
+        q = nibbles(packed).view(rows, groups, -1)
+        w = torch.mul(q, scale.float()[..., None], out=self._grouped(out, rows, groups))
+        return w.add_(offset.float()[..., None]).view(rows, -1)
+
+
+def nibbles(packed: torch.Tensor) -> torch.Tensor:
+    """uint8 [rows, n] -> the 4-bit codes [rows, 2n], each byte's low nibble first (Int4's layout,
+    and compressed-tensors' on a little-endian host).
+
+    Spread in 16-bit words: b | b << 4 masked with 0x0F0F puts the low nibble in the low byte and
+    the high nibble in the high byte, which a little-endian host stores in that order; four
+    passes over half-width words, about 3x faster on the CPU than splitting and interleaving
+    two byte tensors (torch.stack)."""
+    x = packed.to(torch.int16)
+    return (x | (x << 4)).bitwise_and_(0x0F0F).view(torch.uint8).view(packed.shape[0], -1)
 
 
 QUANTIZERS: dict[str, type[GroupQuant]] = registry(Quantized, {"int8": Int8, "int4": Int4})
