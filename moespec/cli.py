@@ -244,7 +244,7 @@ def _link_speeds(text: str | None) -> list[str | None]:
 
 def cmd_bench(args: argparse.Namespace) -> None:
     from .bench.plots import plot_cache_sweep, plot_link_sweep, plot_step_timeline
-    from .bench.runner import POLICIES, BenchConfig, bench, format_table
+    from .bench.runner import POLICIES, BenchConfig, bench, format_sweep, format_table
 
     unknown = [p for p in args.policies.split(",") if p not in POLICIES]
     if unknown:
@@ -282,6 +282,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
             for v in variants.values():
                 v.close()
     if args.link_sweep:
+        print("\n".join(format_sweep(sweep)))
         if args.plot:
             plot_link_sweep(sweep, args.plot, f"{Path(next(iter(sweep[speeds[0]].values()))['model']).name}: "
                                               "speed-up over on-demand and distance to the link-bound limit "

@@ -118,7 +118,7 @@ def test_cli_bench_writes_json_and_plots(model_dir, tmp_path, capsys):
     assert main(["bench", "--model", str(model_dir), "--policies", "none,magic"]) == 2
 
 
-def test_cli_link_sweep_writes_one_result_per_speed_and_a_plot(model_dir, tmp_path):
+def test_cli_link_sweep_writes_one_result_per_speed_and_a_plot(model_dir, tmp_path, capsys):
     from moespec.cli import _link_speeds
 
     assert _link_speeds("0.25,1,4,16GB/s") == ["0.25GB/s", "1GB/s", "4GB/s", "16GB/s"]
@@ -133,3 +133,6 @@ def test_cli_link_sweep_writes_one_result_per_speed_and_a_plot(model_dir, tmp_pa
     result = sweep["0.5GB/s"]["25%"]
     assert result["link_bandwidth_bytes_per_s"] == 0.5e9 and result["torch_threads"] >= 1
     assert "ms_per_output_token_median" in result["batches"]["1"]["policies"]["lookahead"]
+    table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "GB/s" in line]
+    assert [line.split(" | ")[0] for line in table] == ["| 0.5GB/s", "| 8GB/s"]  # one row per point
+    assert all(line.split(" | ")[4] in ("none", "lookahead") for line in table)  # the best exact policy
