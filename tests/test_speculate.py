@@ -298,3 +298,17 @@ def test_auto_prefetch_is_exact_and_reports_its_switch(model_dir, exact):
     assert [o.token_ids for o in got] == [o.token_ids for o in exact[0]]
     auto = llm.stats().as_dict()["speculation"]["auto"]  # on demand first, then guessing is measured
     assert auto["on_steps"] > 0 and auto["off_steps"] > 0 and auto["on_steps"] + auto["off_steps"] == 15
+
+
+def test_guess_odds_are_measured_on_the_run_and_reported(model_dir):
+    """Batch-1 decoding scores each guess against the true routing: the odds admission uses move
+    off their prior and are reported per depth, beside how often unguessed experts were used."""
+    from moespec.odds import Odds
+
+    llm = LLM(model_dir, expert_cache="50%", prefetch="lookahead")
+    llm.generate(PROMPTS[:1], max_new_tokens=24, ignore_eos=True)
+    s = llm.stats().speculation
+    prior = Odds().as_dict()
+    assert set(s.odds) == {1} and s.odds[1] != prior and all(0 <= p <= 1 for p in s.odds[1].values())
+    assert s.outside_guesses[1] < max(s.odds[1].values())
+    assert "guess_odds" in s.as_dict() and "outside_guesses_used" in s.as_dict()

@@ -92,11 +92,17 @@ class SpeculationStats:
     per_layer: dict[tuple[int, int], GuessStats]
     seconds: float  # spent guessing on the compute thread (predictor, scoring, issuing prefetches)
     switch: dict | None = None  # prefetch="auto": steps on and off, measured step times
+    # per depth, the measured chance that a one-token guess with a score in each tenth was used
+    # (what admission weighs it by), and that an expert outside the guesses was
+    odds: dict[int, dict[str, float]] | None = None
+    outside_guesses: dict[int, float] | None = None
 
     def as_dict(self) -> dict:
         out = {"total": {f"depth {d}": s.as_dict() for d, s in self.by_depth.items()},
                "per_layer": {f"layer {t} depth {d}": s.as_dict() for (t, d), s in self.per_layer.items()},
-               "mode": self.mode, "guess_seconds": self.seconds}
+               "mode": self.mode, "guess_seconds": self.seconds,
+               "guess_odds": {f"depth {d}": o for d, o in (self.odds or {}).items()},
+               "outside_guesses_used": {f"depth {d}": p for d, p in (self.outside_guesses or {}).items()}}
         return out if self.switch is None else {**out, "auto": self.switch}
 
 
@@ -292,5 +298,7 @@ class Speculation(ForwardHooks):
         for (_, d), s in self.guess_stats.items():
             by_depth[d].add(s)
         return SpeculationStats(self.mode, by_depth, {k: s for k, s in self.guess_stats.items() if s.tokens},
-                                self.seconds, self.switch.as_dict() if self.switch is not None else None)
+                                self.seconds, self.switch.as_dict() if self.switch is not None else None,
+                                {d: o.as_dict() for d, o in self.odds.items()},
+                                {d: o(0.0) for d, o in self.tail_odds.items()})
 
