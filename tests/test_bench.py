@@ -135,4 +135,4 @@ def test_cli_link_sweep_writes_one_result_per_speed_and_a_plot(model_dir, tmp_pa
     assert "ms_per_output_token_median" in result["batches"]["1"]["policies"]["lookahead"]
     table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "GB/s" in line]
     assert [line.split(" | ")[0] for line in table] == ["| 0.5GB/s", "| 8GB/s"]  # one row per point
-    assert all(line.split(" | ")[4] in ("none", "lookahead") for line in table)  # the best exact policy
+    assert all(line.split(" | ")[5] == "lookahead" for line in table)  # the best prefetching policy

@@ -289,6 +289,13 @@ def test_auto_prefetch_does_not_try_guessing_where_on_demand_hardly_stalls():
         switch.observe(1, 1.0, stalled=0.01)
     switch = PrefetchSwitch()  # stalling 30%: tried
     assert any(switch.choose(1) or switch.observe(1, 1.0, stalled=0.3) for _ in range(20))
+    # ... but once guessing is measured to cost more than that stall, no longer
+    switch, chosen = PrefetchSwitch(), []
+    for _ in range(300):
+        on = switch.choose(1)
+        switch.observe(1, 1.0, stalled=None if on else 0.3, guessing=0.4 if on else 0.0)
+        chosen.append(on)
+    assert 0 < sum(chosen) <= 2 * switch.phase_steps, sum(chosen)
 
 
 def test_auto_prefetch_is_exact_and_reports_its_switch(model_dir, exact):

@@ -198,10 +198,11 @@ def format_table(results: dict) -> list[str]:
 
 def format_sweep(sweep: dict[str, dict[str, dict]]) -> list[str]:
     """A link sweep (link speed -> cache size -> bench results) as a Markdown table: per point,
-    how much on-demand stalls, the best exact policy (speculative execution excluded) with its
-    speed-up, bytes per token against on-demand's and distance to the link-bound limit."""
-    lines = ["| link | cache | batch | on-demand stall | best exact policy | × on-demand | bytes × on-demand "
-             "| × link-bound limit |", "|---|---|---|---|---|---|---|---|"]
+    how much on-demand stalls and how far it is from the link-bound limit, then the best exact
+    prefetching policy (on-demand and speculative execution excluded) with its speed-up, bytes per
+    token against on-demand's and distance to the limit."""
+    lines = ["| link | cache | batch | on-demand stall | on-demand × limit | best exact prefetching policy "
+             "| × on-demand | bytes × on-demand | × link-bound limit |", "|---|---|---|---|---|---|---|---|---|"]
     for speed, sizes in sweep.items():
         for size, result in sizes.items():
             for batch, b in result["batches"].items():
@@ -209,10 +210,13 @@ def format_sweep(sweep: dict[str, dict[str, dict]]) -> list[str]:
                 base = rows.get("none")
                 if base is None:  # nothing to compare with
                     continue
-                exact = {name: r for name, r in rows.items() if name not in ("speculative", "fallback")}
+                exact = {name: r for name, r in rows.items() if name not in ("none", "speculative", "fallback")}
+                if not exact:
+                    continue
                 name, best = max(exact.items(), key=lambda item: item[1]["speedup_vs_on_demand"])
                 bytes_ratio = best["bytes_per_token"] / base["bytes_per_token"] if base["bytes_per_token"] else 1.0
-                lines.append(f"| {speed} | {size} | {batch} | {100 * base['stall_share']:.0f}% | {name} | "
+                lines.append(f"| {speed} | {size} | {batch} | {100 * base['stall_share']:.0f}% | "
+                             f"{base['times_link_bound_limit']:.2f} | {name} | "
                              f"{best['speedup_vs_on_demand']:.2f} | {bytes_ratio:.2f} | "
                              f"{best['times_link_bound_limit']:.2f} |")
     return lines

@@ -9,10 +9,11 @@ steps), so a wrong mode costs a bounded share of the run and a change (the cache
 another batch size) is still found. The first step of each phase is not measured: it pays for
 the switch (guesses not yet made, or made for nothing).
 
-Prefetching can at most win back the time compute waits for copies. So where on-demand steps
-stall for less than `min_stall` of their time (a fast link, a cache that holds what the text
-uses), guessing is not tried at all, and a probe is skipped (its wait still doubles) while that
-holds: a run of 32 tokens cannot amortise a probe that cannot pay.
+Prefetching can at most win back the time compute waits for copies, and guessing costs its own
+time. So where on-demand steps stall for less than `min_stall` of their time (a fast link, a
+cache that holds what the text uses), or for less than guessing was measured to cost a step,
+guessing is not tried, and a probe is skipped (its wait still doubles) while that holds: a run of
+32 tokens cannot amortise a probe that cannot pay.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ class PrefetchSwitch:
     max_wait: int = 256
     cost: dict[tuple[int, bool], float] = field(default_factory=dict)  # (bucket, on) -> seconds per step
     stall: dict[int, float] = field(default_factory=dict)  # bucket -> on-demand steps' stall seconds per step
+    guess: dict[int, float] = field(default_factory=dict)  # bucket -> guessing steps' own guess seconds per step
     on: bool = False  # on demand first: the baseline is measured before anything is risked
     switches: int = 0
     on_steps: int = 0
@@ -72,7 +74,7 @@ class PrefetchSwitch:
 
     def _hopeless(self, b: int) -> bool:
         """On demand stalls too little for guessing to win it back (unknown stalls: not hopeless)."""
-        return b in self.stall and self.stall[b] < self.min_stall * self.cost[(b, False)]
+        return b in self.stall and self.stall[b] < max(self.min_stall * self.cost[(b, False)], self.guess.get(b, 0.0))
 
     def _start(self, on: bool, steps: int, probing: bool) -> None:
         if on != self.on:
@@ -80,9 +82,9 @@ class PrefetchSwitch:
             self._skip = True
         self.on, self._left, self._probing = on, steps, probing
 
-    def observe(self, rows: int, seconds: float, stalled: float | None = None) -> None:
+    def observe(self, rows: int, seconds: float, stalled: float | None = None, guessing: float = 0.0) -> None:
         """The last decode step over `rows` rows took `seconds`, `stalled` of them waiting for
-        copies (None: not known)."""
+        copies (None: not known) and `guessing` of them guessing."""
         if self._skip:
             self._skip = False
             return
@@ -90,6 +92,8 @@ class PrefetchSwitch:
         self.cost[key] = self._average(self.cost.get(key), seconds)
         if stalled is not None and not self.on:
             self.stall[key[0]] = self._average(self.stall.get(key[0]), stalled)
+        if self.on:
+            self.guess[key[0]] = self._average(self.guess.get(key[0]), guessing)
 
     def _average(self, old: float | None, new: float) -> float:
         return new if old is None else (1 - self.ema) * old + self.ema * new
@@ -97,4 +101,5 @@ class PrefetchSwitch:
     def as_dict(self) -> dict:
         return {"on_steps": self.on_steps, "off_steps": self.off_steps, "switches": self.switches,
                 "step_seconds": {f"batch<{2 ** b} {'on' if on else 'off'}": c for (b, on), c in self.cost.items()},
-                "on_demand_stall_seconds": {f"batch<{2 ** b}": s for b, s in self.stall.items()}}
+                "on_demand_stall_seconds": {f"batch<{2 ** b}": s for b, s in self.stall.items()},
+                "guess_seconds": {f"batch<{2 ** b}": g for b, g in self.guess.items()}}

@@ -127,8 +127,8 @@ class Speculation(ForwardHooks):
         """switch: turns guessing on and off per decode step by measured step time (prefetch="auto")."""
         self.model, self.cache, self.predictor, self.threshold = model, cache, predictor, threshold
         self.switch, self.active = switch, True
-        # the running decode step: (start, rows, compute's waits for copies so far then)
-        self._decode_started: tuple[float, int, float | None] | None = None
+        # the running decode step: (start, rows, compute's waits for copies and time guessing so far then)
+        self._decode_started: tuple[float, int, float | None, float] | None = None
         depth = self.depth = predictor.depth
         self.extra, self.mode = extra, mode
         spec = model.spec
@@ -165,10 +165,11 @@ class Speculation(ForwardHooks):
         """Time the decode step that just ended (start to start) and choose for the next one."""
         stalled = self.cache.stalled_seconds()
         if self._decode_started is not None:
-            start, previous_rows, stalled_before = self._decode_started
+            start, previous_rows, stalled_before, guessed_before = self._decode_started
             self.switch.observe(previous_rows, now - start,
-                                None if stalled is None or stalled_before is None else stalled - stalled_before)
-        self._decode_started = (now, rows, stalled) if decoding else None
+                                None if stalled is None or stalled_before is None else stalled - stalled_before,
+                                self.seconds - guessed_before)
+        self._decode_started = (now, rows, stalled, self.seconds) if decoding else None
         self.active = self.switch.choose(rows) if decoding else True
 
     def after_attention(self, layer: int, x: torch.Tensor, valid: torch.Tensor) -> None:
