@@ -319,3 +319,17 @@ def test_guess_odds_are_measured_on_the_run_and_reported(model_dir):
     assert set(s.odds) == {1} and s.odds[1] != prior and all(0 <= p <= 1 for p in s.odds[1].values())
     assert s.outside_guesses[1] < max(s.odds[1].values())
     assert "guess_odds" in s.as_dict() and "outside_guesses_used" in s.as_dict()
+
+
+def test_auto_prefetch_measures_on_demand_again_after_the_cold_start():
+    """Scripted: the first steps after a prefill are slow whatever the mode (a cold cache), later
+    on-demand steps are faster than guessing ones. Judged on the cold steps alone, guessing would
+    win; measured again, on demand does."""
+    from moespec.speculate.auto import PrefetchSwitch
+
+    switch, chosen = PrefetchSwitch(), []
+    for step in range(40):
+        on = switch.choose(1)
+        switch.observe(1, (1.1 if on else 1.0) + (0.5 if step < 5 else 0.0), stalled=0.3)
+        chosen.append(on)
+    assert sum(chosen[12:]) <= 8, chosen  # after off, on, off: on demand runs, guessing only probed

@@ -7,7 +7,9 @@ exponential average per batch-size bucket, and the faster mode runs. The slower 
 again after a wait that doubles each time the probe confirms it is slower (up to `max_wait`
 steps), so a wrong mode costs a bounded share of the run and a change (the cache warming up,
 another batch size) is still found. The first step of each phase is not measured: it pays for
-the switch (guesses not yet made, or made for nothing).
+the switch (guesses not yet made, or made for nothing). Exploration measures on demand, then
+guessing, then on demand again, afresh: the first steps after a prefill run on a colder cache
+than later ones, and judged on them alone on demand would look slower than it is.
 
 Prefetching can at most win back the time compute waits for copies, and guessing costs its own
 time. So where on-demand steps stall for less than `min_stall` of their time (a fast link, a
@@ -41,6 +43,7 @@ class PrefetchSwitch:
     _probing: bool = False  # the current phase measures the mode that lost
     _skip: bool = False  # the next observed step pays for a switch: not measured
     _wait: dict[int, int] = field(default_factory=dict)  # bucket -> steps the winner runs between probes
+    _rechecked: set[int] = field(default_factory=set)  # buckets whose on-demand cost was measured again
 
     def choose(self, rows: int) -> bool:
         """Whether the next decode step over `rows` rows guesses."""
@@ -61,6 +64,11 @@ class PrefetchSwitch:
             return
         if (b, True) not in self.cost:
             self._start(True, self.phase_steps, probing=False)
+            return
+        if b not in self._rechecked:  # on demand again, on the warmer cache guessing ran on
+            self._rechecked.add(b)
+            del self.cost[(b, False)]
+            self._start(False, self.phase_steps, probing=False)
             return
         best = self.cost[(b, True)] * (1 + self.margin) < self.cost[(b, False)]
         if self._probing or self.on != best:
