@@ -55,7 +55,6 @@ class CpuTransfers:
     """
 
     WAITED, DEMAND, PREFETCH = -1, 0, 1  # priorities: lower goes first
-    preempts = True  # a demand copy overtakes prefetches, even one already on the link
 
     def __init__(self, link_bandwidth: float | None, tracer: Tracer | None = None, readers: int = 0):
         """readers: threads reading the store ahead of the link (the disk tier); 0: the link
@@ -70,6 +69,9 @@ class CpuTransfers:
         self._to_copy: list[tuple[int, int, _Copy]] = []
         self._order = itertools.count()
         self._readers = readers
+        # a demand copy overtakes prefetches, even one already on the link; but a disk read once
+        # started runs to its end, so on the disk tier a wrong guess's read can delay one compute needs
+        self.preempts = readers == 0
         self._lock = threading.Condition()
         self._closed = False
         self._threads = [threading.Thread(target=self._read_loop, name=f"moespec-read-{i}", daemon=True)
@@ -110,7 +112,7 @@ class CpuTransfers:
                         job.future.set_exception(exc)
                 continue
             with self._lock:
-                self.busy_seconds += reading / self._readers  # the disk is a link too
+                self.busy_seconds += reading  # the disk is a link too (busy while any reader reads)
                 heapq.heappush(self._to_copy, (job.priority, next(self._order), job))
                 self._lock.notify_all()
 
