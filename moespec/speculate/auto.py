@@ -7,9 +7,10 @@ exponential average per batch-size bucket, and the faster mode runs. The slower 
 again after a wait that doubles each time the probe confirms it is slower (up to `max_wait`
 steps), so a wrong mode costs a bounded share of the run and a change (the cache warming up,
 another batch size) is still found. The first step of each phase is not measured: it pays for
-the switch (guesses not yet made, or made for nothing). Exploration measures on demand, then
-guessing, then on demand again, afresh: the first steps after a prefill run on a colder cache
-than later ones, and judged on them alone on demand would look slower than it is.
+the switch (guesses not yet made, or made for nothing). The first `_warming` decode steps
+are not measured at all, and exploration measures on demand, then guessing, then on demand
+again, afresh: steps soon after a prefill run on a colder cache than later ones (more misses,
+more stall), and judged on them on demand would look slower, and stall more, than it does.
 
 Prefetching can at most win back the time compute waits for copies, and guessing costs its own
 time. So where on-demand steps stall for less than `min_stall` of their time (a fast link, a
@@ -42,6 +43,7 @@ class PrefetchSwitch:
     _left: int = 0  # steps left in the current phase
     _probing: bool = False  # the current phase measures the mode that lost
     _skip: bool = False  # the next observed step pays for a switch: not measured
+    _warming: int = 4  # the first decode steps run on the cache a prefill left: not measured
     _wait: dict[int, int] = field(default_factory=dict)  # bucket -> steps the winner runs between probes
     _rechecked: set[int] = field(default_factory=set)  # buckets whose on-demand cost was measured again
 
@@ -93,6 +95,9 @@ class PrefetchSwitch:
     def observe(self, rows: int, seconds: float, stalled: float | None = None, guessing: float = 0.0) -> None:
         """The last decode step over `rows` rows took `seconds`, `stalled` of them waiting for
         copies (None: not known) and `guessing` of them guessing."""
+        if self._warming > 0:
+            self._warming -= 1
+            return
         if self._skip:
             self._skip = False
             return

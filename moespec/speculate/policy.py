@@ -170,7 +170,8 @@ class Speculation(ForwardHooks):
                                 None if stalled is None or stalled_before is None else stalled - stalled_before,
                                 self.seconds - guessed_before)
         self._decode_started = (now, rows, stalled, self.seconds) if decoding else None
-        self.active = self.switch.choose(rows) if decoding else True
+        # a prefill guesses (statistics, speculative execution) only while guessing is on
+        self.active = self.switch.choose(rows) if decoding else self.switch.on
 
     def after_attention(self, layer: int, x: torch.Tensor, valid: torch.Tensor) -> None:
         # An MoE layer guesses once its own router has chosen (in `route`): its experts are then
