@@ -299,7 +299,22 @@ def test_a_resident_that_would_not_survive_to_its_next_use_is_worth_little(model
             for layer in (0, 1, 2):
                 use(cache, layer, layer)
         cache.prefetch(1, [5], scores=[0.5])
-        assert cache.stats[1].prefetches == admitted, (slots, cache.hit_rate)
+        assert cache.stats[1].prefetches == admitted, (slots, cache.survival)
+
+
+def test_confident_guesses_of_missing_experts_that_keep_failing_stop_displacing_hot_ones(model_dir):
+    """A predictor whose confident guesses name experts that are not resident and are never used
+    (its right guesses would be of resident ones): the odds of such guesses are measured on them
+    alone, so they soon stop displacing the layer's two hot experts, which are then always found
+    (a slot no hot expert needs may still take guesses: on an idle link that costs nothing)."""
+    cache = scripted_cache(model_dir, "lru", slots=3)
+    misses = []
+    for round_ in range(40):
+        before = cache.stats[1].misses
+        use(cache, 1, 2, 3)  # two hot experts, used at every run
+        misses.append(cache.stats[1].misses - before)
+        cache.prefetch(1, [4 + round_ % 4, 4 + (round_ + 1) % 4], scores=[0.99, 0.98])
+    assert sum(misses[1:10]) > 0 and sum(misses[-20:]) == 0, misses
 
 
 def test_a_prediction_is_worth_what_it_measured(model_dir):

@@ -108,11 +108,19 @@ class ExpertCache:
         # prior that is never tested: an expert always evicted before reuse would look worth keeping)
         self._displaced: dict[int, set[int]] = {}
         self.link_busy = 0.0  # share of recent wall time the link was copying (an average)
-        self.hit_rate = 0.5  # share of recent fetches' experts found resident (an average)
+        # share of recent fetches' experts found resident, or evicted only by a guess (an average):
+        # the chance a resident survives demand misses until its next use
+        self.survival = 0.5
+        self._evicted_by_guess: set[Key] = set()
         self._busy_mark = (time.perf_counter(), 0.0)  # (when, transfers.busy_seconds then)
         # what a use rate, or a prediction, is worth for a resident: measured on this run's
         # residents (see odds.py; a resident the predictor did not guess may still be reused)
         self._reuse, self._on_prediction = Odds(), Odds()
+        # what a guess is worth when it names an expert that is not resident, the only kind that
+        # costs a copy: right guesses are mostly of experts already resident, so a predictor's
+        # overall precision flatters the guesses it copies (layer -> {expert: score} until it runs)
+        self._on_missing_guess = Odds()
+        self._missing_guesses: dict[int, dict[int, float]] = {}
         self._resident_of: dict[int, set[int]] = {layer: set() for layer in layers}  # layer -> resident ids
         self.pinned: set[Key] = set()  # never evicted until unpinned (draft experts of speculative decoding)
         # most experts per layer that can be pinned while every domain keeps top_k slots for the rest
@@ -129,8 +137,10 @@ class ExpertCache:
         self._use_rate.clear()
         self._predicted.clear()
         self._displaced.clear()
-        self.link_busy, self.hit_rate = 0.0, 0.5
-        self._reuse, self._on_prediction = Odds(), Odds()
+        self.link_busy, self.survival = 0.0, 0.5
+        self._evicted_by_guess.clear()
+        self._reuse, self._on_prediction, self._on_missing_guess = Odds(), Odds(), Odds()
+        self._missing_guesses.clear()
         for ids in self._resident_of.values():
             ids.clear()
         self._after_fetch.clear()
@@ -171,13 +181,15 @@ class ExpertCache:
         """Estimated chance that keeping `key` makes it a hit the next time its layer runs. With
         a live prediction for its layer (which runs within a few layers) that is the measured
         odds (odds.py) of the predictor's score for it. Otherwise it is the measured odds of its
-        decayed use rate times the chance it is still resident then, estimated by the recent hit
-        rate: where every layer misses (a batch whose experts overflow the cache), demand misses
-        would evict it before its next use anyway, and a guess may take its slot for free."""
+        decayed use rate times the chance that demand misses leave it resident until then
+        (`survival`): where every layer misses (a batch whose experts overflow the cache), they
+        would evict it before its next use anyway, and a guess may take its slot for free.
+        Evictions by guesses do not count against survival, or guesses would cheapen their own
+        victims."""
         predicted = self._predicted.get(key[0])
         if predicted is not None:
             return self._on_prediction(predicted[key[1]])
-        return self._reuse(self._use_rate_now(key)) * self.hit_rate
+        return self._reuse(self._use_rate_now(key)) * self.survival
 
     def _use_rate_now(self, key: Key) -> float:
         """An exponential average of the expert's uses per run of its layer (0 if never used)."""
@@ -202,6 +214,8 @@ class ExpertCache:
             if victim is None or (guess is not None and not self._worth_it(guess, self.expected_use(victim))):
                 return False
             self._displaced.setdefault(victim[0], set()).add(victim[1])
+            if guess is not None:
+                self._evicted_by_guess.add(victim)
             if victim in self.unused_prefetch:
                 self.stats[victim[0]].wasted_prefetches += 1
             slot = self._release(victim)
@@ -290,11 +304,11 @@ class ExpertCache:
             self._prefetch(target, guesses)
 
     def _prefetch(self, layer: int, guesses: list[tuple[int, float]]) -> None:
-        for e, score in guesses:
+        missing = [(e, score) for e, score in guesses if (layer, e) not in self.slot_of]
+        self._missing_guesses.setdefault(layer, {}).update(missing)  # evidence, copied or not
+        for e, score in missing:
             key = (layer, e)
-            if key in self.slot_of:
-                continue
-            if not self._load(key, urgent=False, guess=score):
+            if not self._load(key, urgent=False, guess=self._on_missing_guess(score)):
                 break  # ranked best first: a guess that could not displace anything stops the rest
             self.unused_prefetch.add(key)
             self.stats[layer].prefetches += 1
@@ -311,12 +325,16 @@ class ExpertCache:
                 self._on_prediction.observe(predicted[e], e in ids)
             else:
                 self._reuse.observe(self._use_rate_now((layer, e)), e in ids)
+        for e, score in self._missing_guesses.pop(layer, {}).items():
+            self._on_missing_guess.observe(score, e in ids)
         self._runs[layer] += 1
         self._predicted.pop(layer, None)  # the layer runs: its prediction is spent
         keys = [(layer, e) for e in ids]
         hits = [k for k in keys if k in self.slot_of]
         misses = [k for k in keys if k not in self.slot_of]
-        self.hit_rate = 0.9 * self.hit_rate + 0.1 * len(hits) / max(len(keys), 1)
+        lost_to_guesses = sum(k in self._evicted_by_guess for k in misses)
+        self._evicted_by_guess.difference_update(keys)
+        self.survival = 0.9 * self.survival + 0.1 * (len(hits) + lost_to_guesses) / max(len(keys), 1)
         stats.hits += len(hits)
         stats.misses += len(misses)
         stats.prefetch_hits += sum(k in self.unused_prefetch for k in hits)
