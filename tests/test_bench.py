@@ -136,3 +136,14 @@ def test_cli_link_sweep_writes_one_result_per_speed_and_a_plot(model_dir, tmp_pa
     table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "GB/s" in line]
     assert [line.split(" | ")[0] for line in table] == ["| 0.5GB/s", "| 8GB/s"]  # one row per point
     assert all(line.split(" | ")[5] == "lookahead" for line in table)  # the best prefetching policy
+
+
+def test_summary_takes_medians_over_the_runs_that_have_a_value():
+    """prefetch="auto" may guess in one run and not in the next: a statistic missing from some
+    runs is the median of the others, and one missing from all is left out."""
+    from moespec.bench.runner import _summary
+
+    runs = [{"seconds_per_step": s, "seconds_per_output_token": s, "recall_at_k": r, "guess_ms_per_step": None}
+            for s, r in ((0.01, None), (0.02, 0.8), (0.03, 0.6))]
+    out = _summary(runs)
+    assert out["recall_at_k"] == 0.7 and "guess_ms_per_step" not in out and out["ms_per_step_median"] == 20.0

@@ -117,7 +117,9 @@ def one_run(llm: LLM, policy: str, prompts: list[list[int]], new_tokens: int, pr
 
 def _summary(runs: list[dict]) -> dict:
     steps = [r["seconds_per_step"] for r in runs]
-    out = {key: statistics.median(r[key] for r in runs) for key in runs[0] if runs[0][key] is not None}
+    # medians over the runs that have a value (auto may guess in one run and not in another)
+    values = {key: [r[key] for r in runs if r[key] is not None] for key in runs[0]}
+    out = {key: statistics.median(v) for key, v in values.items() if v}
     out["ms_per_step_median"] = 1000 * statistics.median(steps)
     out["ms_per_step_min"], out["ms_per_step_max"] = 1000 * min(steps), 1000 * max(steps)
     out["ms_per_output_token_median"] = 1000 * statistics.median(r["seconds_per_output_token"] for r in runs)
