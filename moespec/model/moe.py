@@ -63,33 +63,62 @@ class RoutedExecutor(Protocol):
                    expert_fn: ExpertFn, scales_input: bool = False) -> torch.Tensor: ...
 
 
-def scale_output(expert_fn: ExpertFn, x: torch.Tensor, w: ExpertWeights, weights: torch.Tensor) -> torch.Tensor:
-    """An expert's output times its router weights [n] (every family but Llama-4)."""
-    return expert_fn(x, w) * weights[:, None]
+def routed_inputs(x: torch.Tensor, weights: torch.Tensor, order: torch.Tensor, k: int,
+                  scales_input: bool) -> torch.Tensor:
+    """The expert inputs [len(order), H] of the token-choices `order` (flat indices into
+    weights [N, k]): each choice's token, times its router weight when the router
+    `scales_input` (Llama-4)."""
+    inputs = x[order // k]
+    return inputs * weights.flatten()[order, None].to(x.dtype) if scales_input else inputs
 
 
-def scale_input(expert_fn: ExpertFn, x: torch.Tensor, w: ExpertWeights, weights: torch.Tensor) -> torch.Tensor:
-    """The expert applied to its input times the router weights [n] (Llama-4)."""
-    return expert_fn(x * weights[:, None].to(x.dtype), w)
+def combine_choices(outputs: torch.Tensor, weights: torch.Tensor, order: torch.Tensor,
+                    scales_input: bool, dtype: torch.dtype) -> torch.Tensor:
+    """Expert outputs [N * k, H] of the token-choices `order` -> the MoE output [N, H]: each times
+    its router weight (unless the input was scaled), put back at its (token, k) place and summed
+    over k, so the sum's order never depends on the order the outputs were computed in."""
+    n, k = weights.shape
+    if not scales_input:
+        outputs = outputs * weights.flatten()[order, None]
+    per_choice = torch.empty_like(outputs, dtype=dtype).index_copy_(0, order, outputs.to(dtype))
+    return per_choice.view(n, k, -1).sum(dim=1)
+
+
+def expert_runs(ids: torch.Tensor) -> tuple[torch.Tensor, dict[int, slice]]:
+    """Token-choices ids [N, k] sorted by expert, once per layer: (order [N * k], the flat choice
+    index at each sorted place; each chosen expert's run of sorted places). One host
+    synchronisation (the counts), which the provider needs anyway to know what to fetch."""
+    flat = ids.flatten()
+    order = torch.argsort(flat, stable=True)
+    runs, start = {}, 0
+    for expert, count in enumerate(torch.bincount(flat).tolist()):
+        if count:
+            runs[expert] = slice(start, start + count)
+            start += count
+    return order, runs
 
 
 def run_experts(layer: int, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
                 experts: ExpertProvider | RoutedExecutor, expert_fn: ExpertFn = expert_forward,
-                weighted: Callable = scale_output) -> torch.Tensor:
-    """Weighted sum of the chosen experts' outputs; each needed expert is fetched once.
+                scales_input: bool = False) -> torch.Tensor:
+    """Weighted sum [N, H] of the chosen experts' outputs; each needed expert is fetched once.
 
-    Experts arrive in whatever order the provider has them ready, so each output is kept at its
-    (token, k) place and summed over k at the end: the result never depends on arrival order.
-    `weighted` says where the router weight applies (`scale_output` or `scale_input`).
+    The token-choices are sorted by expert once, so each expert computes on one contiguous run
+    of rows (no per-expert search or gather). Experts are computed as the provider yields them
+    (resident ones first, then misses as their copies land), each into its own run, and the
+    outputs are weighted and summed only at the end: the result never depends on arrival order.
+    `scales_input`: the router weight scales the expert's input (Llama-4), not its output.
     """
     run_routed = getattr(experts, "run_routed", None)  # a RoutedExecutor (isinstance on a Protocol is slow)
     if run_routed is not None:
-        return run_routed(layer, x, weights, ids, expert_fn, weighted is scale_input)
-    per_choice = x.new_zeros(ids.shape[0], ids.shape[1], x.shape[1])
-    for expert_id, w in experts.fetch(layer, torch.unique(ids).tolist(), x.shape[0]):
-        token_idx, k = torch.where(ids == expert_id)
-        per_choice[token_idx, k] = weighted(expert_fn, x[token_idx], w, weights[token_idx, k]).to(x.dtype)
-    return per_choice.sum(dim=1)
+        return run_routed(layer, x, weights, ids, expert_fn, scales_input)
+    order, runs = expert_runs(ids)
+    inputs = routed_inputs(x, weights, order, ids.shape[1], scales_input)  # [N * k, H], sorted by expert
+    outputs = torch.empty_like(inputs)
+    for expert_id, w in experts.fetch(layer, list(runs), x.shape[0]):
+        run = runs[expert_id]
+        outputs[run] = expert_fn(inputs[run], w)
+    return combine_choices(outputs, weights, order, scales_input, x.dtype)
 
 
 class MoE(nn.Module):
@@ -105,7 +134,7 @@ class MoE(nn.Module):
         self.gate = make_gate(spec)
         self.router: Router = make_router(spec, self.gate)
         self.expert_fn = make_expert_fn(spec)
-        self.weighted = scale_input if spec.router_scales_input else scale_output
+        self.scales_input = spec.router_scales_input
         self.shared_expert = MLP(spec.hidden_size, spec.shared_expert_intermediate_size) \
             if spec.shared_expert_intermediate_size else None
         self.shared_expert_gate = nn.Linear(spec.hidden_size, 1, bias=False) if spec.shared_expert_gate else None
@@ -125,4 +154,4 @@ class MoE(nn.Module):
 
     def run_experts(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
                     experts: ExpertProvider | RoutedExecutor) -> torch.Tensor:
-        return run_experts(self.layer, x, weights, ids, experts, self.expert_fn, self.weighted)
+        return run_experts(self.layer, x, weights, ids, experts, self.expert_fn, self.scales_input)
