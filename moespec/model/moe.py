@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from functools import partial
+from dataclasses import dataclass
 from typing import Callable, Protocol
 
 import torch
@@ -28,27 +28,49 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-def expert_forward(x: torch.Tensor, w: ExpertWeights, act: str = "silu", limit: float = 7.0) -> torch.Tensor:
-    """One routed expert applied to tokens x [n, H]. act "silu": down(silu(gate) * up);
-    "clamped_swiglu" (gpt-oss): gate clamped above and up on both sides at `limit`, then
-    down((up + 1) * gate * sigmoid(1.702 gate))."""
-    gate, up = F.linear(x, w.gate_up, w.gate_up_bias).chunk(2, dim=-1)
-    if act == "clamped_swiglu":
-        gate, up = gate.clamp(max=limit), up.clamp(-limit, limit)
-        hidden = (up + 1) * gate * torch.sigmoid(gate * GPT_OSS_ALPHA)
-    else:
-        hidden = F.silu(gate) * up
-    return F.linear(hidden, w.down, w.down_bias)
-
-
 ExpertFn = Callable[[torch.Tensor, ExpertWeights], torch.Tensor]  # (x, weights) -> y
 
 
-def make_expert_fn(spec: ModelSpec) -> ExpertFn:
+@dataclass(frozen=True)
+class SwiGLUExperts:
+    """The routed experts' function (an ExpertFn). act "silu": down(silu(gate) * up);
+    "clamped_swiglu" (gpt-oss): gate clamped above and up on both sides at `limit`, then
+    down((up + 1) * gate * sigmoid(1.702 gate)). Called with one expert's weights, or `grouped`
+    with every expert of a layer stacked."""
+
+    act: str = "silu"
+    limit: float = 7.0
+
+    def hidden(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """The gate and up projections [n, 2I] (gate first) -> the activation [n, I]."""
+        gate, up = gate_up.chunk(2, dim=-1)
+        if self.act == "clamped_swiglu":
+            gate, up = gate.clamp(max=self.limit), up.clamp(-self.limit, self.limit)
+            return (up + 1) * gate * torch.sigmoid(gate * GPT_OSS_ALPHA)
+        return F.silu(gate) * up
+
+    def __call__(self, x: torch.Tensor, w: ExpertWeights) -> torch.Tensor:
+        """One expert applied to its tokens x [n, H] -> [n, H]."""
+        return F.linear(self.hidden(F.linear(x, w.gate_up, w.gate_up_bias)), w.down, w.down_bias)
+
+    def grouped(self, x: torch.Tensor, stack: ExpertWeights, ends: torch.Tensor,
+                row_expert: torch.Tensor) -> torch.Tensor:
+        """Experts stacked [E, ...] applied to rows x [n, H] sorted by expert: expert e's rows end
+        at ends[e] (int32 [E]; an unused expert's run is empty), row_expert [n] is each row's
+        expert (for the biases). Two grouped matmuls for the layer instead of two per expert."""
+        gate_up = F.grouped_mm(x, stack.gate_up.transpose(1, 2), offs=ends)
+        if stack.gate_up_bias is not None:  # grouped_mm takes no per-group bias
+            gate_up = gate_up + stack.gate_up_bias[row_expert]
+        out = F.grouped_mm(self.hidden(gate_up), stack.down.transpose(1, 2), offs=ends)
+        return out if stack.down_bias is None else out + stack.down_bias[row_expert]
+
+
+expert_forward = SwiGLUExperts()  # silu: every family but gpt-oss
+
+
+def make_expert_fn(spec: ModelSpec) -> SwiGLUExperts:
     """The routed-expert function of `spec`'s family."""
-    if spec.expert_act == "silu":
-        return expert_forward
-    return partial(expert_forward, act=spec.expert_act, limit=spec.swiglu_limit)
+    return SwiGLUExperts(spec.expert_act, spec.swiglu_limit)
 
 
 class RoutedExecutor(Protocol):
@@ -98,15 +120,48 @@ def expert_runs(ids: torch.Tensor) -> tuple[torch.Tensor, dict[int, slice]]:
     return order, runs
 
 
+# One grouped matmul over a stack of S experts beats a Python loop over the u experts used once
+# u >= S / GROUPED_SHARE: an unused expert still costs its empty group (about 1 us on this
+# project's 2-core CPU, torch 2.13), a used one looped over about 15 us of Python and small ops.
+GROUPED_SHARE = 3
+
+
+def grouped_stack(experts: ExpertProvider, expert_fn: ExpertFn, layer: int, ids: list[int], tokens: int,
+                  device: torch.device) -> ExpertWeights | None:
+    """Every expert of `layer` stacked, fetched for one grouped computation, where that pays off
+    (see GROUPED_SHARE), torch has `grouped_mm` and it runs on the CPU (measured there; CUDA's
+    grouped_mm wants bfloat16 on recent GPUs and is not measured here), the provider keeps each
+    layer's experts in one stack (`ResidentExperts` of dense, aligned experts) and `expert_fn` has
+    a grouped form; else None:
+    the experts are computed one by one as they arrive (an offloading cache overlaps that
+    compute with the copies of the experts still missing)."""
+    fetch_stack = getattr(experts, "fetch_stack", None)
+    if fetch_stack is None or not hasattr(expert_fn, "grouped") or not hasattr(F, "grouped_mm") \
+            or device.type != "cpu" or len(ids) * GROUPED_SHARE < experts.num_experts:
+        return None
+    return fetch_stack(layer, ids, tokens)
+
+
+def run_ends(runs: dict[int, slice], experts: int, device: torch.device) -> torch.Tensor:
+    """Where each of `experts` experts' run of sorted rows ends, int32 [experts] (grouped_mm's offsets)."""
+    ends, end = [], 0
+    for e in range(experts):
+        end = runs[e].stop if e in runs else end
+        ends.append(end)
+    return torch.tensor(ends, dtype=torch.int32, device=device)
+
+
 def run_experts(layer: int, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
                 experts: ExpertProvider | RoutedExecutor, expert_fn: ExpertFn = expert_forward,
                 scales_input: bool = False) -> torch.Tensor:
     """Weighted sum [N, H] of the chosen experts' outputs; each needed expert is fetched once.
 
     The token-choices are sorted by expert once, so each expert computes on one contiguous run
-    of rows (no per-expert search or gather). Experts are computed as the provider yields them
-    (resident ones first, then misses as their copies land), each into its own run, and the
-    outputs are weighted and summed only at the end: the result never depends on arrival order.
+    of rows (no per-expert search or gather). Where every expert of the layer is on the device in
+    one stack, they all run in one grouped computation (`grouped_stack`). Else experts are
+    computed as the provider yields them (resident ones first, then misses as their copies land),
+    each into its own run. The outputs are weighted and summed only at the end: the result never
+    depends on arrival order.
     `scales_input`: the router weight scales the expert's input (Llama-4), not its output.
     """
     run_routed = getattr(experts, "run_routed", None)  # a RoutedExecutor (isinstance on a Protocol is slow)
@@ -114,10 +169,15 @@ def run_experts(layer: int, x: torch.Tensor, weights: torch.Tensor, ids: torch.T
         return run_routed(layer, x, weights, ids, expert_fn, scales_input)
     order, runs = expert_runs(ids)
     inputs = routed_inputs(x, weights, order, ids.shape[1], scales_input)  # [N * k, H], sorted by expert
-    outputs = torch.empty_like(inputs)
-    for expert_id, w in experts.fetch(layer, list(runs), x.shape[0]):
-        run = runs[expert_id]
-        outputs[run] = expert_fn(inputs[run], w)
+    stack = grouped_stack(experts, expert_fn, layer, list(runs), x.shape[0], x.device)
+    if stack is not None:
+        ends = run_ends(runs, stack.gate_up.shape[0], x.device)
+        outputs = expert_fn.grouped(inputs, stack, ends, ids.flatten()[order])
+    else:
+        outputs = torch.empty_like(inputs)
+        for expert_id, w in experts.fetch(layer, list(runs), x.shape[0]):
+            run = runs[expert_id]
+            outputs[run] = expert_fn(inputs[run], w)
     return combine_choices(outputs, weights, order, scales_input, x.dtype)
 
 
