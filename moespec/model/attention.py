@@ -98,9 +98,12 @@ class Attention(nn.Module):
         cache.write(layer, step, k, v)
         keys, values = cache.read(layer, step)  # [B, kv_heads, upto, D]
         chunk = spec.attention_chunk_size if layer in spec.chunked_layers else None  # keys of the query's chunk only
-        mask = step.mask(spec.window(layer), chunk)
+        window = spec.window(layer)
+        mask = step.mask(window, chunk)
         if self.sinks is not None:
             out = sink_attention(q.transpose(1, 2), keys, values, mask, self.sinks)
+        elif step.square and window is None and chunk is None:  # a fresh prefill: SDPA skips the masked half
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, is_causal=True, enable_gqa=True)
         else:  # SDPA shares each kv head among its query heads itself: no repeated copy of the keys
             out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask, enable_gqa=True)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))

@@ -29,6 +29,7 @@ class StepPositions:
     write_rows: torch.Tensor  # [valid tokens] the row ...
     write_positions: torch.Tensor  # ... and position of each valid token's cache entry
     causal: torch.Tensor | None  # [B, 1, T, upto] key position <= query position; None where always true
+    square: bool  # every row starts empty and has no padding: `causal` is the plain lower triangle
 
     @classmethod
     def of(cls, rows: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor) -> StepPositions:
@@ -44,7 +45,8 @@ class StepPositions:
         write_rows = rows[:, None].expand_as(positions)
         return cls(rows, positions, valid, all_valid, upto,
                    slice(row_list[0], row_list[0] + len(row_list)) if consecutive else rows,
-                   write_rows.flatten() if all_valid else write_rows[valid], valid_positions, causal)
+                   write_rows.flatten() if all_valid else write_rows[valid], valid_positions, causal,
+                   all_valid and first == 0 and upto == positions.shape[1])
 
     def mask(self, window: int | None = None, chunk: int | None = None) -> torch.Tensor | None:
         """The attention mask [B, 1, T, upto] (None: every key visible) of a layer that also limits
