@@ -57,6 +57,19 @@ class ExpertStore:
         """The expert unpacked in the compute dtype, on the host."""
         return self.format.unpack(self.packed(key), self.dtype)
 
+    def stack(self, layer: int) -> Packed:
+        """Every expert of MoE layer `layer` as one tensor per packed name [E, ...], in id order.
+        The RAM tier then keeps that layer's experts as views into the stack: stacking them
+        (for `ResidentExperts`' grouped path) costs no second copy."""
+        keys = [(layer, e) for e in range(self.spec.num_experts)]
+        stack = {name: torch.stack([self.packed(key)[name] for key in keys]) for name in self.packed_layout}
+        if self.pin:
+            stack = {name: t.pin_memory() for name, t in stack.items()}
+        if self.tier == "ram":
+            for e, key in enumerate(keys):
+                self._experts[key] = {name: t[e] for name, t in stack.items()}
+        return stack
+
     def packed(self, key: Key) -> Packed:
         """The expert as it is stored and crosses the link."""
         if self.tier == "ram":
@@ -90,11 +103,10 @@ class ResidentExperts:
         self.capacity = len(store.keys)
         row_bytes = [shape[-1] * torch.finfo(store.dtype).bits // 8 for shape in store.shapes.values()]
         self.groupable = isinstance(store.format, Dense) and all(b % 16 == 0 for b in row_bytes)
-        experts = range(store.spec.num_experts)
-        self._stacks = {layer: {name: torch.stack([store.packed((layer, e))[name] for e in experts]).to(device)
-                                for name in store.packed_layout} for layer in store.spec.moe_layer_ids}
+        self._stacks = {layer: {name: t.to(device) for name, t in store.stack(layer).items()}
+                        for layer in store.spec.moe_layer_ids}  # on the CPU: the store's own memory
         self._packed = {(layer, e): {name: t[e] for name, t in stack.items()}
-                        for layer, stack in self._stacks.items() for e in experts}
+                        for layer, stack in self._stacks.items() for e in range(store.spec.num_experts)}
         self.unpack = Unpacker(store.format, store.shapes, store.dtype, device)
 
     def _weights(self, key: Key) -> ExpertWeights:

@@ -132,9 +132,8 @@ def grouped_stack(experts: ExpertProvider, expert_fn: ExpertFn, layer: int, ids:
     (see GROUPED_SHARE), torch has `grouped_mm` and it runs on the CPU (measured there; CUDA's
     grouped_mm wants bfloat16 on recent GPUs and is not measured here), the provider keeps each
     layer's experts in one stack (`ResidentExperts` of dense, aligned experts) and `expert_fn` has
-    a grouped form; else None:
-    the experts are computed one by one as they arrive (an offloading cache overlaps that
-    compute with the copies of the experts still missing)."""
+    a grouped form. Else None: the experts are computed one by one as they arrive (an offloading
+    cache overlaps that compute with the copies of the experts still missing)."""
     fetch_stack = getattr(experts, "fetch_stack", None)
     if fetch_stack is None or not hasattr(expert_fn, "grouped") or not hasattr(F, "grouped_mm") \
             or device.type != "cpu" or len(ids) * GROUPED_SHARE < experts.num_experts:
