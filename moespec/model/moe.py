@@ -173,10 +173,8 @@ def run_experts(layer: int, x: torch.Tensor, weights: torch.Tensor, ids: torch.T
         ends = run_ends(runs, stack.gate_up.shape[0], x.device)
         outputs = expert_fn.grouped(inputs, stack, ends, ids.flatten()[order])
     else:
-        outputs = torch.empty_like(inputs)
-        for expert_id, w in experts.fetch(layer, list(runs), x.shape[0]):
-            run = runs[expert_id]
-            outputs[run] = expert_fn(inputs[run], w)
+        arrived = {e: expert_fn(inputs[runs[e]], w) for e, w in experts.fetch(layer, list(runs), x.shape[0])}
+        outputs = torch.cat([arrived[e] for e in runs]) if runs else inputs  # back in sorted order
     return combine_choices(outputs, weights, order, scales_input, x.dtype)
 
 
