@@ -94,8 +94,8 @@ class ResidentExperts:
     """Every expert on the device at once (a DeviceExperts): the budget holds all experts, so
     nothing is ever moved, evicted or waited for. Each layer's experts are stacked [E, ...]:
     dense ones whose rows are 16-byte aligned (what grouped matmul kernels need) serve a grouped
-    computation of the whole layer (`fetch_stack`). Packed formats
-    stay packed (the budget counts packed bytes) and are unpacked into one scratch expert when used."""
+    computation of the whole layer (`fetch_stack`). Packed formats stay packed (the budget counts
+    packed bytes) and are unpacked into one scratch expert when used."""
 
     def __init__(self, store: ExpertStore, device: torch.device, stats: ExpertStats):
         self.stats = stats
