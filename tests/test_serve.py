@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 
 import httpx
@@ -94,22 +95,24 @@ def wait_for(condition, timeout=20.0):
 
 
 class Fault:
-    """Wraps the expert provider's `fetch`: every call takes at least `delay` seconds (a slow link,
-    so a long request is surely still running while a test acts), and once `armed`, the next call
-    for which `when(tokens)` holds raises (a transfer error)."""
+    """Wraps the expert provider's `fetch` and `fetch_stack` (the grouped path's): every call takes
+    at least `delay` seconds (a slow link, so a long request is surely still running while a test
+    acts), and once `armed`, the next call for which `when(tokens)` holds raises (a transfer error)."""
 
     def __init__(self, llm, monkeypatch, when=lambda tokens: True, delay=0.002):
-        self.real, self.when, self.delay = llm.experts.fetch, when, delay
+        self.when, self.delay = when, delay
         self.armed, self.fired = False, 0
-        monkeypatch.setattr(llm.experts, "fetch", self.fetch)
+        for name in ("fetch", "fetch_stack"):
+            if hasattr(llm.experts, name):
+                monkeypatch.setattr(llm.experts, name, partial(self.call, getattr(llm.experts, name)))
 
-    def fetch(self, layer, ids, tokens):
+    def call(self, real, layer, ids, tokens):
         time.sleep(self.delay)
         if self.armed and self.when(tokens):
             self.armed = False
             self.fired += 1
             raise RuntimeError("injected transfer error")
-        return self.real(layer, ids, tokens)
+        return real(layer, ids, tokens)
 
 
 # --- the OpenAI API through the official client ------------------------------------------------

@@ -7,6 +7,8 @@ this call, so it never touches the model. Speculation also starts copies (`Prefe
 self-speculative decoding keeps draft experts on the device (`Pinnable`). Both device-side
 implementations, `ExpertCache` (a budget smaller than the model) and `ResidentExperts` (every
 expert on the device), offer all of them (`DeviceExperts`), so no caller tests which one it has.
+`ResidentExperts` also offers `fetch_stack(layer, ids, tokens)`: every expert of a layer in one
+stack, which `model.moe.run_experts` computes with grouped matmuls instead of expert by expert.
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ import torch
 
 from ..checkpoint import Checkpoint
 from .base import ExpertWeights, Key
-from .formats import Packed, Unpacker, packed_bytes
+from .formats import Dense, Packed, Unpacker, packed_bytes
 from .stats import ExpertStats
 
 class ExpertStore:
@@ -57,6 +57,19 @@ class ExpertStore:
         """The expert unpacked in the compute dtype, on the host."""
         return self.format.unpack(self.packed(key), self.dtype)
 
+    def stack(self, layer: int) -> Packed:
+        """Every expert of MoE layer `layer` as one tensor per packed name [E, ...], in id order.
+        The RAM tier then keeps that layer's experts as views into the stack: stacking them
+        (for `ResidentExperts`' grouped path) costs no second copy."""
+        keys = [(layer, e) for e in range(self.spec.num_experts)]
+        stack = {name: torch.stack([self.packed(key)[name] for key in keys]) for name in self.packed_layout}
+        if self.pin:
+            stack = {name: t.pin_memory() for name, t in stack.items()}
+        if self.tier == "ram":
+            for e, key in enumerate(keys):
+                self._experts[key] = {name: t[e] for name, t in stack.items()}
+        return stack
+
     def packed(self, key: Key) -> Packed:
         """The expert as it is stored and crosses the link."""
         if self.tier == "ram":
@@ -79,14 +92,21 @@ class ExpertStore:
 
 class ResidentExperts:
     """Every expert on the device at once (a DeviceExperts): the budget holds all experts, so
-    nothing is ever moved, evicted or waited for. Packed formats stay packed (the budget counts
+    nothing is ever moved, evicted or waited for. Each layer's experts are stacked [E, ...]:
+    dense ones whose rows are 16-byte aligned (what grouped matmul kernels need) serve a grouped
+    computation of the whole layer (`fetch_stack`). Packed formats stay packed (the budget counts
     packed bytes) and are unpacked into one scratch expert when used."""
 
     def __init__(self, store: ExpertStore, device: torch.device, stats: ExpertStats):
         self.stats = stats
-        self.pin_limit = store.spec.num_experts
+        self.num_experts = self.pin_limit = store.spec.num_experts
         self.capacity = len(store.keys)
-        self._packed = {key: {name: t.to(device) for name, t in store.packed(key).items()} for key in store.keys}
+        row_bytes = [shape[-1] * torch.finfo(store.dtype).bits // 8 for shape in store.shapes.values()]
+        self.groupable = isinstance(store.format, Dense) and all(b % 16 == 0 for b in row_bytes)
+        self._stacks = {layer: {name: t.to(device) for name, t in store.stack(layer).items()}
+                        for layer in store.spec.moe_layer_ids}  # on the CPU: the store's own memory
+        self._packed = {(layer, e): {name: t[e] for name, t in stack.items()}
+                        for layer, stack in self._stacks.items() for e in range(store.spec.num_experts)}
         self.unpack = Unpacker(store.format, store.shapes, store.dtype, device)
 
     def _weights(self, key: Key) -> ExpertWeights:
@@ -124,9 +144,21 @@ class ResidentExperts:
     def peek(self, key: Key) -> ExpertWeights:
         return self._weights(key)
 
-    def fetch(self, layer: int, ids: list[int], tokens: int) -> Iterator[tuple[int, ExpertWeights]]:
+    def _count(self, layer: int, ids: list[int], tokens: int) -> None:
         stats = self.stats[layer]
         stats.hits += len(ids)
         stats.tokens += tokens
+
+    def fetch(self, layer: int, ids: list[int], tokens: int) -> Iterator[tuple[int, ExpertWeights]]:
+        self._count(layer, ids, tokens)
         for e in ids:
             yield e, self._weights((layer, e))
+
+    def fetch_stack(self, layer: int, ids: list[int], tokens: int) -> ExpertWeights | None:
+        """Every expert of `layer` stacked [E, ...] in id order, for one grouped computation of
+        the experts `ids` (counted as their fetch); None, counting nothing, if they are packed or
+        their rows unaligned."""
+        if not self.groupable:
+            return None
+        self._count(layer, ids, tokens)
+        return ExpertWeights(**self._stacks[layer])

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..spec import ModelSpec
-from .kv_cache import KVCache
+from .kv_cache import KVCache, StepPositions
 from .rope import rotate
 
 
@@ -22,19 +22,20 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        return self.weight * F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).to(x.dtype)  # one fused op
 
 
-def sink_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
+def sink_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,
                    sinks: torch.Tensor) -> torch.Tensor:
     """Softmax attention whose every row also holds one learned logit per head, `sinks` [heads],
     that takes probability mass but contributes no value (gpt-oss): a head may attend to nothing.
-    q [B, heads, T, D], keys/values [B, heads, S, D], mask [B, 1, T, S] -> [B, heads, T, D].
-    SDPA has no such logit, so the softmax is written out."""
+    q [B, heads, T, D], keys/values [B, heads, S, D], mask [B, 1, T, S] (None: all visible) ->
+    [B, heads, T, D]. SDPA has no such logit, so the softmax is written out."""
+    groups = q.shape[1] // keys.shape[1]
+    keys, values = keys.repeat_interleave(groups, dim=1), values.repeat_interleave(groups, dim=1)
     scores = (q @ keys.transpose(-1, -2)) * q.shape[-1] ** -0.5
-    scores = scores.masked_fill(~mask, float("-inf"))
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
     sink = sinks.to(scores.dtype).view(1, -1, 1, 1).expand(*scores.shape[:-1], 1)
     probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
     return probs @ values
@@ -42,8 +43,7 @@ def sink_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, ma
 
 def l2_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
     """RMS norm without a weight over the last dim, in float32 (Llama-4's q/k norm)."""
-    xf = x.float()
-    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    return F.rms_norm(x.float(), x.shape[-1:], eps=eps).to(x.dtype)
 
 
 def query_temperature(positions: torch.Tensor, floor_scale: float, attn_scale: float) -> torch.Tensor:
@@ -73,8 +73,8 @@ class Attention(nn.Module):
         """Per-token cache entries: keys and values [kv_heads, head_dim]."""
         return (self.spec.num_kv_heads, self.spec.head_dim), (self.spec.num_kv_heads, self.spec.head_dim)
 
-    def forward(self, x: torch.Tensor, layer: int, cache: KVCache, rows: torch.Tensor,
-                positions: torch.Tensor, valid: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, layer: int, cache: KVCache, step: StepPositions,
+                rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         spec = self.spec
         B, T, _ = x.shape
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
@@ -93,24 +93,17 @@ class Attention(nn.Module):
             if spec.qk_norm == "l2":
                 q, k = l2_norm(q, spec.rms_norm_eps), l2_norm(k, spec.rms_norm_eps)
         elif spec.attn_temperature is not None:
-            q = (q * query_temperature(positions, *spec.attn_temperature)[:, :, None, None]).to(q.dtype)
+            q = (q * query_temperature(step.positions, *spec.attn_temperature)[:, :, None, None]).to(q.dtype)
 
-        cache.write(layer, rows, positions, valid, k, v)
-        upto = int(positions[valid].max()) + 1 if bool(valid.any()) else 1
-        keys, values = cache.read(layer, rows, upto)
-        key_pos = torch.arange(upto, device=x.device)
-        mask = key_pos[None, None, :] <= positions[:, :, None]  # [B, T, upto]: causal per row
+        cache.write(layer, step, k, v)
+        keys, values = cache.read(layer, step)  # [B, kv_heads, upto, D]
+        chunk = spec.attention_chunk_size if layer in spec.chunked_layers else None  # keys of the query's chunk only
         window = spec.window(layer)
-        if window is not None:
-            mask &= key_pos[None, None, :] > positions[:, :, None] - window
-        if layer in spec.chunked_layers:  # only keys in the query's own chunk
-            chunk = spec.attention_chunk_size
-            mask &= key_pos[None, None, :] // chunk == positions[:, :, None] // chunk
-        groups = spec.num_heads // spec.num_kv_heads
-        keys = keys.repeat_interleave(groups, dim=1)
-        values = values.repeat_interleave(groups, dim=1)
+        mask = step.mask(window, chunk)
         if self.sinks is not None:
-            out = sink_attention(q.transpose(1, 2), keys, values, mask[:, None], self.sinks)
-        else:
-            out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask[:, None])
+            out = sink_attention(q.transpose(1, 2), keys, values, mask, self.sinks)
+        elif step.square and window is None and chunk is None:  # a fresh prefill: SDPA skips the masked half
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, is_causal=True, enable_gqa=True)
+        else:  # SDPA shares each kv head among its query heads itself: no repeated copy of the keys
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask, enable_gqa=True)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))

@@ -1,4 +1,4 @@
-"""A preallocated KV cache with a length per row.
+"""A preallocated KV cache with a length per row, and where one forward pass's tokens sit in it.
 
 Every row of the batch has its own length, so rows of different prompt lengths, rows that join
 later (continuous batching) and rows that roll back rejected draft tokens (speculative decoding)
@@ -7,7 +7,64 @@ all share one buffer. Slots past a row's length hold stale values that attention
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+
+
+@dataclass
+class StepPositions:
+    """Where one forward pass's tokens go in the KV cache and which keys they may see.
+
+    Computed once per forward pass for every layer (per layer, it cost a dozen small ops and two
+    host synchronisations each time). `of` builds it from the rows, positions and valid mask.
+    """
+
+    rows: torch.Tensor  # [B] the cache rows of the batch
+    positions: torch.Tensor  # [B, T] each token's absolute position
+    valid: torch.Tensor  # [B, T] real tokens (a row's valid tokens come first)
+    all_valid: bool  # no padding: nothing needs selecting by `valid`
+    upto: int  # keys [0, upto) are read: one past the last valid position
+    row_index: slice | torch.Tensor  # `rows` as a slice when they are consecutive: reads are then views
+    write_rows: torch.Tensor  # [valid tokens] the row ...
+    write_positions: torch.Tensor  # ... and position of each valid token's cache entry
+    causal: torch.Tensor | None  # [B, 1, T, upto] key position <= query position; None where always true
+    square: bool  # every row starts empty and has no padding: `causal` is the plain lower triangle
+
+    @classmethod
+    def of(cls, rows: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor) -> StepPositions:
+        all_valid = bool(valid.all())
+        valid_positions = positions.flatten() if all_valid else positions[valid]
+        first, last = valid_positions.aminmax() if valid_positions.numel() else (torch.tensor(0), torch.tensor(0))
+        first, upto = int(first), int(last) + 1
+        row_list = rows.tolist()
+        consecutive = row_list == list(range(row_list[0], row_list[0] + len(row_list))) if row_list else False
+        key_pos = torch.arange(upto, device=positions.device)
+        # one position shared by every token (a decode step of equal-length rows): every key is visible
+        causal = None if all_valid and first == upto - 1 else (key_pos <= positions[:, :, None])[:, None]
+        write_rows = rows[:, None].expand_as(positions)
+        return cls(rows, positions, valid, all_valid, upto,
+                   slice(row_list[0], row_list[0] + len(row_list)) if consecutive else rows,
+                   write_rows.flatten() if all_valid else write_rows[valid], valid_positions, causal,
+                   all_valid and first == 0 and upto == positions.shape[1])
+
+    def mask(self, window: int | None = None, chunk: int | None = None) -> torch.Tensor | None:
+        """The attention mask [B, 1, T, upto] (None: every key visible) of a layer that also limits
+        keys to a sliding `window` before the query and/or to the query's own `chunk`."""
+        if window is None and chunk is None:
+            return self.causal
+        key_pos = torch.arange(self.upto, device=self.positions.device)
+        query_pos = self.positions[:, :, None]
+        mask = key_pos <= query_pos  # [B, T, upto]
+        if window is not None:
+            mask &= key_pos > query_pos - window
+        if chunk is not None:
+            mask &= key_pos // chunk == query_pos // chunk
+        return mask[:, None]
+
+    def select_valid(self, t: torch.Tensor) -> torch.Tensor:
+        """The valid tokens' entries of t [B, T, ...] -> [valid tokens, ...] (a view without padding)."""
+        return t.flatten(0, 1) if self.all_valid else t[self.valid]
 
 
 class KVCache:
@@ -27,21 +84,19 @@ class KVCache:
     def rows(self) -> int:
         return self.k.shape[1]
 
-    def write(self, layer: int, rows: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor,
-              k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store k [B, T, *k_shape], v [B, T, *v_shape] of cache rows `rows` [B] at `positions` [B, T].
+    def write(self, layer: int, step: StepPositions, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store k [B, T, *k_shape], v [B, T, *v_shape] of `step`'s tokens at their rows and positions.
 
-        Only positions marked `valid` are written, so padding never overwrites real entries.
+        Only valid tokens are written, so padding never overwrites real entries.
         """
-        row_idx = rows[:, None].expand_as(positions)[valid]
-        pos = positions[valid]
-        self.k[layer, row_idx, pos] = k[valid]
-        self.v[layer, row_idx, pos] = v[valid]
+        self.k[layer, step.write_rows, step.write_positions] = step.select_valid(k)
+        self.v[layer, step.write_rows, step.write_positions] = step.select_valid(v)
 
-    def read(self, layer: int, rows: torch.Tensor, upto: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values of `rows` for positions [0, upto), as [B, heads, upto, dim]."""
-        k = self.k[layer, rows, :upto].transpose(1, 2)
-        v = self.v[layer, rows, :upto].transpose(1, 2)
+    def read(self, layer: int, step: StepPositions) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of `step`'s rows for positions [0, step.upto), as [B, heads, upto, dim]:
+        views of the cache (no copy) when the rows are consecutive."""
+        k = self.k[layer, step.row_index, :step.upto].transpose(1, 2)
+        v = self.v[layer, step.row_index, :step.upto].transpose(1, 2)
         return k, v
 
     def crop(self, rows: torch.Tensor, lengths: torch.Tensor) -> None:

@@ -20,7 +20,7 @@ from torch import nn
 
 from ..spec import ModelSpec
 from .attention import RMSNorm
-from .kv_cache import KVCache
+from .kv_cache import KVCache, StepPositions
 from .rope import rotate, yarn_mscale
 
 LATENT_NORM_EPS = 1e-6  # q_a_layernorm, kv_a_layernorm: the reference's default, not rms_norm_eps
@@ -66,8 +66,8 @@ class MLA(nn.Module):
             return self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
         return self.q_proj(x)
 
-    def forward(self, x: torch.Tensor, layer: int, cache: KVCache, rows: torch.Tensor,
-                positions: torch.Tensor, valid: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, layer: int, cache: KVCache, step: StepPositions,
+                rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         spec = self.spec
         B, T, _ = x.shape
         q_nope, q_rope = self.query(x).view(B, T, spec.num_heads, spec.head_dim).split([self.nope, self.rope_dim], -1)
@@ -76,14 +76,12 @@ class MLA(nn.Module):
         q_rope = rotate(q_rope, cos, sin, spec.rope.interleave)  # [B, T, H, rope]
         k_rope = rotate(k_rope[:, :, None], cos, sin, spec.rope.interleave)  # [B, T, 1, rope]
 
-        cache.write(layer, rows, positions, valid, self.kv_a_layernorm(latent)[:, :, None], k_rope)
-        upto = int(positions[valid].max()) + 1 if bool(valid.any()) else 1
-        latents, keys = cache.read(layer, rows, upto)  # [B, 1, upto, r], [B, 1, upto, rope]
-        mask = torch.arange(upto, device=x.device)[None, None, :] <= positions[:, :, None]  # [B, T, upto]
+        cache.write(layer, step, self.kv_a_layernorm(latent)[:, :, None], k_rope)
+        latents, keys = cache.read(layer, step)  # [B, 1, upto, r], [B, 1, upto, rope]
 
         w_uk, w_uv = self.kv_b_proj.weight.view(spec.num_heads, self.nope + self.v_dim, -1).split(
             [self.nope, self.v_dim], dim=1)  # [H, nope, r], [H, v, r]
         query = torch.cat([torch.einsum("bthn,hnr->bhtr", q_nope, w_uk), q_rope.transpose(1, 2)], dim=-1)
         out = F.scaled_dot_product_attention(query, torch.cat([latents, keys], dim=-1), latents,
-                                             attn_mask=mask[:, None], scale=self.scale, enable_gqa=True)
+                                             attn_mask=step.mask(), scale=self.scale, enable_gqa=True)
         return self.o_proj(torch.einsum("bhtr,hvr->bthv", out, w_uv).reshape(B, T, -1))

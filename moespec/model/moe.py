@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from functools import partial
+from dataclasses import dataclass
 from typing import Callable, Protocol
 
 import torch
@@ -28,27 +28,49 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-def expert_forward(x: torch.Tensor, w: ExpertWeights, act: str = "silu", limit: float = 7.0) -> torch.Tensor:
-    """One routed expert applied to tokens x [n, H]. act "silu": down(silu(gate) * up);
-    "clamped_swiglu" (gpt-oss): gate clamped above and up on both sides at `limit`, then
-    down((up + 1) * gate * sigmoid(1.702 gate))."""
-    gate, up = F.linear(x, w.gate_up, w.gate_up_bias).chunk(2, dim=-1)
-    if act == "clamped_swiglu":
-        gate, up = gate.clamp(max=limit), up.clamp(-limit, limit)
-        hidden = (up + 1) * gate * torch.sigmoid(gate * GPT_OSS_ALPHA)
-    else:
-        hidden = F.silu(gate) * up
-    return F.linear(hidden, w.down, w.down_bias)
-
-
 ExpertFn = Callable[[torch.Tensor, ExpertWeights], torch.Tensor]  # (x, weights) -> y
 
 
-def make_expert_fn(spec: ModelSpec) -> ExpertFn:
+@dataclass(frozen=True)
+class SwiGLUExperts:
+    """The routed experts' function (an ExpertFn). act "silu": down(silu(gate) * up);
+    "clamped_swiglu" (gpt-oss): gate clamped above and up on both sides at `limit`, then
+    down((up + 1) * gate * sigmoid(1.702 gate)). Called with one expert's weights, or `grouped`
+    with every expert of a layer stacked."""
+
+    act: str = "silu"
+    limit: float = 7.0
+
+    def hidden(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """The gate and up projections [n, 2I] (gate first) -> the activation [n, I]."""
+        gate, up = gate_up.chunk(2, dim=-1)
+        if self.act == "clamped_swiglu":
+            gate, up = gate.clamp(max=self.limit), up.clamp(-self.limit, self.limit)
+            return (up + 1) * gate * torch.sigmoid(gate * GPT_OSS_ALPHA)
+        return F.silu(gate) * up
+
+    def __call__(self, x: torch.Tensor, w: ExpertWeights) -> torch.Tensor:
+        """One expert applied to its tokens x [n, H] -> [n, H]."""
+        return F.linear(self.hidden(F.linear(x, w.gate_up, w.gate_up_bias)), w.down, w.down_bias)
+
+    def grouped(self, x: torch.Tensor, stack: ExpertWeights, ends: torch.Tensor,
+                row_expert: torch.Tensor) -> torch.Tensor:
+        """Experts stacked [E, ...] applied to rows x [n, H] sorted by expert: expert e's rows end
+        at ends[e] (int32 [E]; an unused expert's run is empty), row_expert [n] is each row's
+        expert (for the biases). Two grouped matmuls for the layer instead of two per expert."""
+        gate_up = F.grouped_mm(x, stack.gate_up.transpose(1, 2), offs=ends)
+        if stack.gate_up_bias is not None:  # grouped_mm takes no per-group bias
+            gate_up = gate_up + stack.gate_up_bias[row_expert]
+        out = F.grouped_mm(self.hidden(gate_up), stack.down.transpose(1, 2), offs=ends)
+        return out if stack.down_bias is None else out + stack.down_bias[row_expert]
+
+
+expert_forward = SwiGLUExperts()  # silu: every family but gpt-oss
+
+
+def make_expert_fn(spec: ModelSpec) -> SwiGLUExperts:
     """The routed-expert function of `spec`'s family."""
-    if spec.expert_act == "silu":
-        return expert_forward
-    return partial(expert_forward, act=spec.expert_act, limit=spec.swiglu_limit)
+    return SwiGLUExperts(spec.expert_act, spec.swiglu_limit)
 
 
 class RoutedExecutor(Protocol):
@@ -63,33 +85,97 @@ class RoutedExecutor(Protocol):
                    expert_fn: ExpertFn, scales_input: bool = False) -> torch.Tensor: ...
 
 
-def scale_output(expert_fn: ExpertFn, x: torch.Tensor, w: ExpertWeights, weights: torch.Tensor) -> torch.Tensor:
-    """An expert's output times its router weights [n] (every family but Llama-4)."""
-    return expert_fn(x, w) * weights[:, None]
+def routed_inputs(x: torch.Tensor, weights: torch.Tensor, order: torch.Tensor, k: int,
+                  scales_input: bool) -> torch.Tensor:
+    """The expert inputs [len(order), H] of the token-choices `order` (flat indices into
+    weights [N, k]): each choice's token, times its router weight when the router
+    `scales_input` (Llama-4)."""
+    inputs = x[order // k]
+    return inputs * weights.flatten()[order, None].to(x.dtype) if scales_input else inputs
 
 
-def scale_input(expert_fn: ExpertFn, x: torch.Tensor, w: ExpertWeights, weights: torch.Tensor) -> torch.Tensor:
-    """The expert applied to its input times the router weights [n] (Llama-4)."""
-    return expert_fn(x * weights[:, None].to(x.dtype), w)
+def combine_choices(outputs: torch.Tensor, weights: torch.Tensor, order: torch.Tensor,
+                    scales_input: bool, dtype: torch.dtype) -> torch.Tensor:
+    """Expert outputs [N * k, H] of the token-choices `order` -> the MoE output [N, H]: each times
+    its router weight (unless the input was scaled), put back at its (token, k) place and summed
+    over k, so the sum's order never depends on the order the outputs were computed in."""
+    n, k = weights.shape
+    if not scales_input:
+        outputs = outputs * weights.flatten()[order, None]
+    per_choice = torch.empty_like(outputs, dtype=dtype).index_copy_(0, order, outputs.to(dtype))
+    return per_choice.view(n, k, -1).sum(dim=1)
+
+
+def expert_runs(ids: torch.Tensor) -> tuple[torch.Tensor, dict[int, slice]]:
+    """Token-choices ids [N, k] sorted by expert, once per layer: (order [N * k], the flat choice
+    index at each sorted place; each chosen expert's run of sorted places). One host
+    synchronisation (the counts), which the provider needs anyway to know what to fetch."""
+    flat = ids.flatten()
+    order = torch.argsort(flat, stable=True)
+    runs, start = {}, 0
+    for expert, count in enumerate(torch.bincount(flat).tolist()):
+        if count:
+            runs[expert] = slice(start, start + count)
+            start += count
+    return order, runs
+
+
+# One grouped matmul over a stack of S experts beats a Python loop over the u experts used once
+# u >= S / GROUPED_SHARE: an unused expert still costs its empty group (about 1 us on this
+# project's 2-core CPU, torch 2.13), a used one looped over about 15 us of Python and small ops.
+GROUPED_SHARE = 3
+
+
+def grouped_stack(experts: ExpertProvider, expert_fn: ExpertFn, layer: int, ids: list[int], tokens: int,
+                  device: torch.device) -> ExpertWeights | None:
+    """Every expert of `layer` stacked, fetched for one grouped computation, where that pays off
+    (see GROUPED_SHARE), torch has `grouped_mm` and it runs on the CPU (measured there; CUDA's
+    grouped_mm wants bfloat16 on recent GPUs and is not measured here), the provider keeps each
+    layer's experts in one stack (`ResidentExperts` of dense, aligned experts) and `expert_fn` has
+    a grouped form. Else None: the experts are computed one by one as they arrive (an offloading
+    cache overlaps that compute with the copies of the experts still missing)."""
+    fetch_stack = getattr(experts, "fetch_stack", None)
+    if fetch_stack is None or not hasattr(expert_fn, "grouped") or not hasattr(F, "grouped_mm") \
+            or device.type != "cpu" or len(ids) * GROUPED_SHARE < experts.num_experts:
+        return None
+    return fetch_stack(layer, ids, tokens)
+
+
+def run_ends(runs: dict[int, slice], experts: int, device: torch.device) -> torch.Tensor:
+    """Where each of `experts` experts' run of sorted rows ends, int32 [experts] (grouped_mm's offsets)."""
+    ends, end = [], 0
+    for e in range(experts):
+        end = runs[e].stop if e in runs else end
+        ends.append(end)
+    return torch.tensor(ends, dtype=torch.int32, device=device)
 
 
 def run_experts(layer: int, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
                 experts: ExpertProvider | RoutedExecutor, expert_fn: ExpertFn = expert_forward,
-                weighted: Callable = scale_output) -> torch.Tensor:
-    """Weighted sum of the chosen experts' outputs; each needed expert is fetched once.
+                scales_input: bool = False) -> torch.Tensor:
+    """Weighted sum [N, H] of the chosen experts' outputs; each needed expert is fetched once.
 
-    Experts arrive in whatever order the provider has them ready, so each output is kept at its
-    (token, k) place and summed over k at the end: the result never depends on arrival order.
-    `weighted` says where the router weight applies (`scale_output` or `scale_input`).
+    The token-choices are sorted by expert once, so each expert computes on one contiguous run
+    of rows (no per-expert search or gather). Where every expert of the layer is on the device in
+    one stack, they all run in one grouped computation (`grouped_stack`). Else experts are
+    computed as the provider yields them (resident ones first, then misses as their copies land),
+    each into its own run. The outputs are weighted and summed only at the end: the result never
+    depends on arrival order.
+    `scales_input`: the router weight scales the expert's input (Llama-4), not its output.
     """
     run_routed = getattr(experts, "run_routed", None)  # a RoutedExecutor (isinstance on a Protocol is slow)
     if run_routed is not None:
-        return run_routed(layer, x, weights, ids, expert_fn, weighted is scale_input)
-    per_choice = x.new_zeros(ids.shape[0], ids.shape[1], x.shape[1])
-    for expert_id, w in experts.fetch(layer, torch.unique(ids).tolist(), x.shape[0]):
-        token_idx, k = torch.where(ids == expert_id)
-        per_choice[token_idx, k] = weighted(expert_fn, x[token_idx], w, weights[token_idx, k]).to(x.dtype)
-    return per_choice.sum(dim=1)
+        return run_routed(layer, x, weights, ids, expert_fn, scales_input)
+    order, runs = expert_runs(ids)
+    inputs = routed_inputs(x, weights, order, ids.shape[1], scales_input)  # [N * k, H], sorted by expert
+    stack = grouped_stack(experts, expert_fn, layer, list(runs), x.shape[0], x.device)
+    if stack is not None:
+        ends = run_ends(runs, stack.gate_up.shape[0], x.device)
+        outputs = expert_fn.grouped(inputs, stack, ends, ids.flatten()[order])
+    else:
+        arrived = {e: expert_fn(inputs[runs[e]], w) for e, w in experts.fetch(layer, list(runs), x.shape[0])}
+        outputs = torch.cat([arrived[e] for e in runs]) if runs else inputs  # back in sorted order
+    return combine_choices(outputs, weights, order, scales_input, x.dtype)
 
 
 class MoE(nn.Module):
@@ -105,7 +191,7 @@ class MoE(nn.Module):
         self.gate = make_gate(spec)
         self.router: Router = make_router(spec, self.gate)
         self.expert_fn = make_expert_fn(spec)
-        self.weighted = scale_input if spec.router_scales_input else scale_output
+        self.scales_input = spec.router_scales_input
         self.shared_expert = MLP(spec.hidden_size, spec.shared_expert_intermediate_size) \
             if spec.shared_expert_intermediate_size else None
         self.shared_expert_gate = nn.Linear(spec.hidden_size, 1, bias=False) if spec.shared_expert_gate else None
@@ -125,4 +211,4 @@ class MoE(nn.Module):
 
     def run_experts(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
                     experts: ExpertProvider | RoutedExecutor) -> torch.Tensor:
-        return run_experts(self.layer, x, weights, ids, experts, self.expert_fn, self.weighted)
+        return run_experts(self.layer, x, weights, ids, experts, self.expert_fn, self.scales_input)

@@ -1,7 +1,7 @@
 """Rotary position embeddings: inverse frequencies (default, YaRN, Llama-3 scaling) and their application.
 
 A `Rope` (spec.py) says how many leading dims of a head rotate and how; `Rotary` turns absolute
-positions [B, T] into (cos, sin) tables [B, T, dim] and `rotate` applies them to q or k. No
+positions [B, T] into (cos, sin) tables [B, T, 1, dim] and `rotate` applies them to q or k. No
 buffers: a model built on the meta device needs nothing recomputed after loading.
 """
 
@@ -69,7 +69,8 @@ def inverse_frequencies(rope: Rope, dim: int, device: torch.device | str = "cpu"
 
 
 class Rotary(nn.Module):
-    """cos/sin tables [B, T, dim] for absolute positions [B, T]; frequencies computed once per device."""
+    """cos/sin tables [B, T, 1, dim] (1: broadcast over heads) for absolute positions [B, T];
+    frequencies computed once per device, tables once per forward pass for every layer."""
 
     def __init__(self, rope: Rope, head_dim: int):
         super().__init__()
@@ -81,17 +82,17 @@ class Rotary(nn.Module):
             self._freqs[positions.device] = inverse_frequencies(self.rope, self.dim, positions.device)
         inv_freq, scale = self._freqs[positions.device]
         freqs = positions[..., None].float() * inv_freq
-        emb = torch.cat((freqs, freqs), dim=-1)
-        return (emb.cos() * scale).to(dtype), (emb.sin() * scale).to(dtype)
+        emb = torch.cat((freqs, freqs), dim=-1)[:, :, None]
+        cos, sin = (emb.cos(), emb.sin()) if scale == 1.0 else (emb.cos() * scale, emb.sin() * scale)
+        return cos.to(dtype), sin.to(dtype)
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave: bool = False) -> torch.Tensor:
-    """x [B, T, heads, D] with its first cos.shape[-1] dims rotated by cos/sin [B, T, dim]; the rest
+    """x [B, T, heads, D] with its first cos.shape[-1] dims rotated by cos/sin [B, T, 1, dim]; the rest
     (partial rotary) pass through. `interleave`: the pairs are adjacent dims, and the output lays
     each rotated pair's two results out in halves (as DeepSeek's reference does)."""
     dim = cos.shape[-1]
     rot, rest = (x, None) if dim == x.shape[-1] else (x[..., :dim], x[..., dim:])
-    cos, sin = cos[:, :, None], sin[:, :, None]
     if interleave:
         half_cos, half_sin = cos[..., : dim // 2], sin[..., : dim // 2]
         even, odd = rot[..., 0::2], rot[..., 1::2]

@@ -15,7 +15,7 @@ from ..spec import ModelSpec
 from .attention import Attention, RMSNorm
 from .rope import Rotary
 from ..hooks import ForwardHooks
-from .kv_cache import KVCache
+from .kv_cache import KVCache, StepPositions
 from .mla import MLA
 from .moe import MLP, MoE
 
@@ -30,17 +30,19 @@ class Block(nn.Module):
         self.mlp: MoE | MLP = MoE(spec, layer) if spec.moe_layers[layer] \
             else MLP(spec.hidden_size, spec.dense_intermediate_size)
 
-    def attend(self, x: torch.Tensor, cache: KVCache, rows: torch.Tensor, positions: torch.Tensor,
-               valid: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        return x + self.self_attn(self.input_layernorm(x), self.layer, cache, rows, positions, valid, rope)
+    def attend(self, x: torch.Tensor, cache: KVCache, step: StepPositions,
+               rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        return x + self.self_attn(self.input_layernorm(x), self.layer, cache, step, rope)
 
-    def feed_forward(self, x: torch.Tensor, valid: torch.Tensor, experts: ExpertProvider,
+    def feed_forward(self, x: torch.Tensor, step: StepPositions, experts: ExpertProvider,
                      hooks: list[ForwardHooks]) -> torch.Tensor:
         h = self.post_attention_layernorm(x)
         if isinstance(self.mlp, MLP):
             return x + self.mlp(h)
+        if step.all_valid:
+            return x + self.mlp(h.flatten(0, 1), experts, hooks).view_as(h)
         out = torch.zeros_like(h)
-        out[valid] = self.mlp(h[valid], experts, hooks)  # padding never routes, so never fetches experts
+        out[step.valid] = self.mlp(h[step.valid], experts, hooks)  # padding never routes, so never fetches experts
         return x + out
 
     def router_logits(self, residual: torch.Tensor) -> torch.Tensor:
@@ -75,7 +77,8 @@ class Transformer(nn.Module):
             valid = torch.ones(B, T, dtype=torch.bool, device=tokens.device)
         start = cache.lengths[rows]
         positions = start[:, None] + torch.arange(T, device=tokens.device)
-        if bool((positions[valid] >= cache.max_len).any()):
+        step = StepPositions.of(rows, positions, valid)
+        if step.upto > cache.max_len:
             raise ValueError(f"sequence exceeds the KV cache length {cache.max_len}")
         for hook in self.hooks:
             hook.forward_start(rows, positions, valid)
@@ -84,10 +87,10 @@ class Transformer(nn.Module):
         for i, block in enumerate(self.layers):
             for hook in self.hooks:
                 hook.layer_start(i)
-            x = block.attend(x, cache, rows, positions, valid, rope)
+            x = block.attend(x, cache, step, rope)
             for hook in self.hooks:
                 hook.after_attention(i, x, valid)
-            x = block.feed_forward(x, valid, experts, self.hooks)
+            x = block.feed_forward(x, step, experts, self.hooks)
             for hook in self.hooks:
                 hook.layer_end(i)
         cache.lengths[rows] = start + valid.sum(dim=1)

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from ..experts.base import ExpertWeights
-from ..model.moe import ExpertFn
+from ..model.moe import ExpertFn, combine_choices, routed_inputs
 from .planner import Plan
 
 
@@ -152,7 +152,7 @@ class ExpertParallel:
     def run_routed(self, layer: int, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
                    expert_fn: ExpertFn, scales_input: bool = False) -> torch.Tensor:
         placement = self.placements[layer]
-        n, k = ids.shape
+        k = ids.shape[1]
         E = placement.replicas.shape[0]
         flat = ids.flatten()
         counts = torch.zeros(self.world, E, dtype=torch.long, device=x.device)
@@ -170,16 +170,14 @@ class ExpertParallel:
         recv_counts = rows[:, mine].sum(dim=1).tolist()
 
         received = x.new_empty(sum(recv_counts), x.shape[1])
-        sent = x[send // k] * weights.flatten()[send, None].to(x.dtype) if scales_input else x[send // k]
+        sent = routed_inputs(x, weights, send, k, scales_input)
         dist.all_to_all_single(received, sent, recv_counts, send_counts, group=self.group)
         out, busy = self._compute(layer, received, rows[:, mine], placement.expert[mine], expert_fn)
         back = x.new_empty(len(send), x.shape[1])
         dist.all_to_all_single(back, out, send_counts, recv_counts, group=self.group)
 
-        per_choice = x.new_zeros(n * k, x.shape[1])
-        per_choice[send] = (back if scales_input else back * weights.flatten()[send, None]).to(x.dtype)
         self.records[layer] = LayerRecord(counts.sum(dim=0), placement.per_worker(rows.sum(dim=0)), busy)
-        return per_choice.view(n, k, -1).sum(dim=1)
+        return combine_choices(back, weights, send, scales_input, x.dtype)
 
     def _compute(self, layer: int, received: torch.Tensor, rows: torch.Tensor, experts: torch.Tensor,
                  expert_fn: ExpertFn) -> tuple[torch.Tensor, float]:
