@@ -299,7 +299,7 @@ def test_a_resident_that_would_not_survive_to_its_next_use_is_worth_little(model
             for layer in (0, 1, 2):
                 use(cache, layer, layer)
         cache.prefetch(1, [5], scores=[0.5])
-        assert cache.stats[1].prefetches == admitted, (slots, cache.survival)
+        assert cache.stats[1].prefetches == admitted, (slots, cache.admission.survival)
 
 
 def test_confident_guesses_of_missing_experts_that_keep_failing_stop_displacing_hot_ones(model_dir):

@@ -7,19 +7,16 @@ in use by the running layer or still being copied are never evicted; among the o
 eviction policy chooses. `prefetch(target, ids, running, scores, predicted)` starts copies
 without waiting (speculation).
 
-A guess is admitted by value. Both sides are chances of the same event, "used the next time its
-layer runs", measured on this run (odds.py): the guess's from its predictor's score, a resident's
-from the predictor's score for it (its layer has a live prediction) or else from its decayed use
-rate. A guess takes a free slot, or displaces the least valuable of its target layer's residents
-and the policy's victim, if it beats that victim by the extra copies it costs, weighed by how busy
-the link has been; it enters at the lowest priority and is promoted when used. The cache owns its
+A guess is admitted by measured value (admission.py): it takes a free slot, or displaces the
+least valuable of its target layer's residents and the policy's victim, if it beats that victim
+by what a displacement costs at the link's measured load; it enters at the lowest priority and is
+promoted when used. The cache owns its
 transfer engine (CPU worker or CUDA copy stream), which records every stall; `flush_stats` adds
 them to the statistics, the same way on both.
 """
 
 from __future__ import annotations
 
-import time
 from functools import partial
 from typing import Iterator
 
@@ -27,7 +24,7 @@ import torch
 
 from ..config import parse_budget
 from ..errors import MoespecError
-from ..odds import Odds
+from .admission import Admission
 from .base import ExpertWeights, Key
 from .eviction import EvictionPolicy, make_policy
 from .formats import Packed, Unpacker, packed_bytes
@@ -102,25 +99,7 @@ class ExpertCache:
         self._after_fetch: dict[int, list[tuple[int, list[tuple[int, float]]]]] = {}  # running layer -> guesses
         self._runs = {layer: 0 for layer in layers}  # fetches per layer: the clock of `expected_use`
         self._use_rate: dict[Key, tuple[float, int]] = {}  # key -> (rate, run when last updated)
-        self._predicted: dict[int, list[float]] = {}  # layer -> each expert's predicted use at its next run
-        # layer -> experts evicted since the layer last ran: whether it then needed them is
-        # evidence too (counting only the residents that survived would value the others by a
-        # prior that is never tested: an expert always evicted before reuse would look worth keeping)
-        self._displaced: dict[int, set[int]] = {}
-        self.link_busy = 0.0  # share of recent wall time the link was copying (an average)
-        # share of recent fetches' experts found resident, or evicted only by a guess (an average):
-        # the chance a resident survives demand misses until its next use
-        self.survival = 0.5
-        self._evicted_by_guess: set[Key] = set()
-        self._busy_mark = (time.perf_counter(), 0.0)  # (when, transfers.busy_seconds then)
-        # what a use rate, or a prediction, is worth for a resident: measured on this run's
-        # residents (see odds.py; a resident the predictor did not guess may still be reused)
-        self._reuse, self._on_prediction = Odds(), Odds()
-        # what a guess is worth when it names an expert that is not resident, the only kind that
-        # costs a copy: right guesses are mostly of experts already resident, so a predictor's
-        # overall precision flatters the guesses it copies (layer -> {expert: score} until it runs)
-        self._on_missing_guess = Odds()
-        self._missing_guesses: dict[int, dict[int, float]] = {}
+        self.admission = Admission()
         self._resident_of: dict[int, set[int]] = {layer: set() for layer in layers}  # layer -> resident ids
         self.pinned: set[Key] = set()  # never evicted until unpinned (draft experts of speculative decoding)
         # most experts per layer that can be pinned while every domain keeps top_k slots for the rest
@@ -135,12 +114,7 @@ class ExpertCache:
         self.slot_of.clear()
         self.unused_prefetch.clear()
         self._use_rate.clear()
-        self._predicted.clear()
-        self._displaced.clear()
-        self.link_busy, self.survival = 0.0, 0.5
-        self._evicted_by_guess.clear()
-        self._reuse, self._on_prediction, self._on_missing_guess = Odds(), Odds(), Odds()
-        self._missing_guesses.clear()
+        self.admission = Admission()
         for ids in self._resident_of.values():
             ids.clear()
         self._after_fetch.clear()
@@ -178,18 +152,9 @@ class ExpertCache:
         return self.unpack(self._slot(slot))
 
     def expected_use(self, key: Key) -> float:
-        """Estimated chance that keeping `key` makes it a hit the next time its layer runs. With
-        a live prediction for its layer (which runs within a few layers) that is the measured
-        odds (odds.py) of the predictor's score for it. Otherwise it is the measured odds of its
-        decayed use rate times the chance that demand misses leave it resident until then
-        (`survival`): where every layer misses (a batch whose experts overflow the cache), they
-        would evict it before its next use anyway, and a guess may take its slot for free.
-        Evictions by guesses do not count against survival, or guesses would cheapen their own
-        victims."""
-        predicted = self._predicted.get(key[0])
-        if predicted is not None:
-            return self._on_prediction(predicted[key[1]])
-        return self._reuse(self._use_rate_now(key)) * self.survival
+        """Estimated chance that keeping `key` makes it a hit the next time its layer runs
+        (Admission.expected_use)."""
+        return self.admission.expected_use(key, self._use_rate_now(key))
 
     def _use_rate_now(self, key: Key) -> float:
         """An exponential average of the expert's uses per run of its layer (0 if never used)."""
@@ -206,16 +171,15 @@ class ExpertCache:
         Urgent copies (a layer waits for them) go ahead of queued prefetches where the link can."""
         dom = self.domains[key[0]]
         if dom.free:  # a guess still costs its copy: on a busy link only a likely one pays
-            if guess is not None and not self._worth_it(guess, 0.0):
+            if guess is not None and not self.admission.worth_it(guess, 0.0, self.transfers.preempts):
                 return False
             slot = dom.free.pop()
         else:
             victim = dom.policy.victim(self._evictable) if guess is None else self._guess_victim(key[0], dom)
-            if victim is None or (guess is not None and not self._worth_it(guess, self.expected_use(victim))):
+            if victim is None or (guess is not None and
+                                  not self.admission.worth_it(guess, self.expected_use(victim), self.transfers.preempts)):
                 return False
-            self._displaced.setdefault(victim[0], set()).add(victim[1])
-            if guess is not None:
-                self._evicted_by_guess.add(victim)
+            self.admission.evicted(victim, by_guess=guess is not None)
             if victim in self.unused_prefetch:
                 self.stats[victim[0]].wasted_prefetches += 1
             slot = self._release(victim)
@@ -228,28 +192,16 @@ class ExpertCache:
         self.stats[key[0]].bytes_moved += self.store.expert_bytes
         return True
 
-    def _worth_it(self, guess: float, victim: float) -> bool:
-        """Whether a guess used with chance `guess` should take the slot of a resident that would
-        be a hit with chance `victim` (0: a free slot), in units of one copy's time, with the link
-        busy a share `link_busy` of the time. Gain: a right guess hides its copy, but only as much
-        as the link's idle time can (on a saturated link a copy moved earlier saves nothing).
-        Cost: an evicted hit becomes a whole miss; and where demand copies cannot overtake a
-        guess on the link (CUDA: one stream in issue order), a wrong guess's copy delays them as
-        much as the link is busy. So on an idle link any guess likelier than its victim pays, and
-        on a saturated one none does."""
-        busy = self.link_busy
-        wasted = 0.0 if self.transfers.preempts else (1 - guess) * busy
-        return guess * (1 - busy) > wasted + victim
-
     def _guess_victim(self, layer: int, dom: Domain) -> Key | None:
         """Whom a guess for `layer` would displace: of the residents of layers with a live
         prediction and the policy's victim among the rest, the one least likely to be used soon
         (`expected_use`). Only those: a prediction is the best estimate there is, and the
         policy's victim stands for the rest, so the choice costs a few lookups, not a pass over
         every slot."""
-        candidates = [(t, e) for t in self._predicted if self.domains[t] is dom
+        predicted = self.admission.predicted
+        candidates = [(t, e) for t in predicted if self.domains[t] is dom
                       for e in self._resident_of[t] if self._evictable((t, e))]
-        fallback = dom.policy.victim(lambda k: k[0] not in self._predicted and self._evictable(k))
+        fallback = dom.policy.victim(lambda k: k[0] not in predicted and self._evictable(k))
         if fallback is not None:
             candidates.append(fallback)
         return min(candidates, key=self.expected_use, default=None)
@@ -296,7 +248,7 @@ class ExpertCache:
         that layer's residents, so a guess displaces the resident it predicts unneeded, never one it
         predicts needed."""
         if predicted is not None:
-            self._predicted[target] = predicted
+            self.admission.predicted[target] = predicted
         guesses = list(zip(ids, scores if scores is not None else [1.0] * len(ids)))
         if running is not None:
             self._after_fetch.setdefault(running, []).append((target, guesses))
@@ -305,10 +257,10 @@ class ExpertCache:
 
     def _prefetch(self, layer: int, guesses: list[tuple[int, float]]) -> None:
         missing = [(e, score) for e, score in guesses if (layer, e) not in self.slot_of]
-        self._missing_guesses.setdefault(layer, {}).update(missing)  # evidence, copied or not
+        self.admission.guessed(layer, missing)
         for e, score in missing:
             key = (layer, e)
-            if not self._load(key, urgent=False, guess=self._on_missing_guess(score)):
+            if not self._load(key, urgent=False, guess=self.admission.guess_value(score)):
                 break  # ranked best first: a guess that could not displace anything stops the rest
             self.unused_prefetch.add(key)
             self.stats[layer].prefetches += 1
@@ -317,24 +269,13 @@ class ExpertCache:
         """Yield (id, weights) for every expert in `ids`: resident ones first, then misses as they land."""
         stats = self.stats[layer]
         stats.tokens += tokens
-        self._measure_link()
-        predicted = self._predicted.get(layer)
-        # how the scores of this layer's residents, and of those evicted since its last run, fared
-        for e in self._resident_of[layer] | self._displaced.pop(layer, set()):
-            if predicted is not None:
-                self._on_prediction.observe(predicted[e], e in ids)
-            else:
-                self._reuse.observe(self._use_rate_now((layer, e)), e in ids)
-        for e, score in self._missing_guesses.pop(layer, {}).items():
-            self._on_missing_guess.observe(score, e in ids)
-        self._runs[layer] += 1
-        self._predicted.pop(layer, None)  # the layer runs: its prediction is spent
         keys = [(layer, e) for e in ids]
         hits = [k for k in keys if k in self.slot_of]
         misses = [k for k in keys if k not in self.slot_of]
-        lost_to_guesses = sum(k in self._evicted_by_guess for k in misses)
-        self._evicted_by_guess.difference_update(keys)
-        self.survival = 0.9 * self.survival + 0.1 * (len(hits) + lost_to_guesses) / max(len(keys), 1)
+        self.admission.measure_link(self.transfers.busy_seconds)
+        self.admission.layer_runs(layer, ids, self._resident_of[layer], lambda e: self._use_rate_now((layer, e)),
+                                  misses, len(hits))
+        self._runs[layer] += 1
         stats.hits += len(hits)
         stats.misses += len(misses)
         stats.prefetch_hits += sum(k in self.unused_prefetch for k in hits)
@@ -367,14 +308,6 @@ class ExpertCache:
         finally:
             self.locked.difference_update(keys)
             self._cancel_wrong_prefetches(layer)
-
-    def _measure_link(self, every: float = 0.005) -> None:
-        """Update `link_busy` from the transfer engine's busy time, at most every `every` seconds."""
-        now, busy = time.perf_counter(), self.transfers.busy_seconds
-        then, busy_then = self._busy_mark
-        if now - then >= every:
-            self.link_busy = 0.8 * self.link_busy + 0.2 * min((busy - busy_then) / (now - then), 1.0)
-            self._busy_mark = (now, busy)
 
     def _make_room(self, layer: int) -> None:
         """Free a slot of `layer`'s domain held by a prefetch still in flight: cancel it if it has
