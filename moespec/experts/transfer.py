@@ -62,7 +62,8 @@ class CpuTransfers:
         self.bandwidth = link_bandwidth
         self.tracer = tracer  # one transfer-lane slice per copy, while it records
         self._stalls: dict[int, float] = {}  # layer -> seconds compute waited, since collect_stalls
-        # the link's busy time: wire time of every copy done, plus reading time (per reader) on the disk tier
+        # the link's busy time: wire time of every copy done, plus reading time on the disk tier (summed
+        # over the readers; the busy share taken from it is capped at 1)
         self.busy_seconds = 0.0
         self.stalled_seconds: float | None = 0.0  # compute's waits for copies, in all
         self._to_read: list[tuple[int, int, _Copy]] = []  # heaps of (priority, arrival, copy)
