@@ -22,7 +22,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.weight * F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).to(x.dtype)  # one fused op
+        # written out: at one token, faster than F.rms_norm on this project's CPU (torch 2.13)
+        x32 = x.float()
+        return self.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
 
 
 def sink_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,
@@ -67,6 +69,46 @@ class Attention(nn.Module):
         elif spec.qk_norm == "full":
             self.q_norm = RMSNorm(spec.num_heads * d, spec.rms_norm_eps)
             self.k_norm = RMSNorm(spec.num_kv_heads * d, spec.rms_norm_eps)
+        self.qkv: tuple[torch.Tensor, torch.Tensor | None] | None = None  # set by fuse_projections
+
+    def fuse_projections(self) -> None:
+        """Make q, k and v one matmul: their weights (and biases) become views of one stacked
+        tensor [(heads + 2 kv_heads) * D, H], so a step runs one projection instead of three and no
+        weight is held twice. Called once the weights are loaded (model/load.py)."""
+        projections = (self.q_proj, self.k_proj, self.v_proj)
+        weight = torch.cat([p.weight for p in projections])
+        bias = torch.cat([p.bias for p in projections]) if self.spec.attention_bias else None
+        start = 0
+        for p in projections:
+            rows = slice(start, start + p.out_features)
+            p.weight = nn.Parameter(weight[rows], requires_grad=False)
+            if bias is not None:
+                p.bias = nn.Parameter(bias[rows], requires_grad=False)
+            start += p.out_features
+        self.qkv = (weight, bias)
+
+    def heads(self, qkv: tuple[torch.Tensor, torch.Tensor, torch.Tensor], rotary: bool,
+              rope: tuple[torch.Tensor, torch.Tensor], step: StepPositions
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q [B, T, heads, D], k and v [B, T, kv_heads, D] with the family's q/k norms, clipping,
+        rotary or (on a NoPE layer) query temperature applied."""
+        spec = self.spec
+        q, k, v = qkv
+        if spec.qk_norm == "full":
+            q = self.q_norm(q.flatten(2)).view_as(q)
+            k = self.k_norm(k.flatten(2)).view_as(k)
+        if spec.clip_qkv is not None:
+            q, k, v = (t.clamp(-spec.clip_qkv, spec.clip_qkv) for t in (q, k, v))
+        if spec.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        if rotary:
+            cos, sin = rope
+            q, k = rotate(q, cos, sin, spec.rope.interleave), rotate(k, cos, sin, spec.rope.interleave)
+            if spec.qk_norm == "l2":
+                q, k = l2_norm(q, spec.rms_norm_eps), l2_norm(k, spec.rms_norm_eps)
+        elif spec.attn_temperature is not None:
+            q = (q * query_temperature(step.positions, *spec.attn_temperature)[:, :, None, None]).to(q.dtype)
+        return q, k, v
 
     @property
     def kv_shapes(self) -> tuple[tuple[int, int], tuple[int, int]]:
@@ -77,23 +119,14 @@ class Attention(nn.Module):
                 rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         spec = self.spec
         B, T, _ = x.shape
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        if spec.qk_norm == "full":
-            q, k = self.q_norm(q), self.k_norm(k)
-        if spec.clip_qkv is not None:
-            q, k, v = (t.clamp(-spec.clip_qkv, spec.clip_qkv) for t in (q, k, v))
-        q = q.view(B, T, spec.num_heads, spec.head_dim)
-        k = k.view(B, T, spec.num_kv_heads, spec.head_dim)
-        v = v.view(B, T, spec.num_kv_heads, spec.head_dim)
-        if spec.qk_norm == "head":
-            q, k = self.q_norm(q), self.k_norm(k)
-        if layer not in spec.nope_layers:
-            cos, sin = rope
-            q, k = rotate(q, cos, sin, spec.rope.interleave), rotate(k, cos, sin, spec.rope.interleave)
-            if spec.qk_norm == "l2":
-                q, k = l2_norm(q, spec.rms_norm_eps), l2_norm(k, spec.rms_norm_eps)
-        elif spec.attn_temperature is not None:
-            q = (q * query_temperature(step.positions, *spec.attn_temperature)[:, :, None, None]).to(q.dtype)
+        heads = [spec.num_heads, spec.num_kv_heads, spec.num_kv_heads]
+        qkv = F.linear(x, *self.qkv).view(B, T, sum(heads), spec.head_dim)
+        rotary = layer not in spec.nope_layers
+        if rotary and spec.qk_norm == "none" and spec.clip_qkv is None:  # q and k rotate as one tensor
+            qk, v = qkv.split([heads[0] + heads[1], heads[2]], dim=2)
+            q, k = rotate(qk, *rope, spec.rope.interleave).split(heads[:2], dim=2)
+        else:
+            q, k, v = self.heads(qkv.split(heads, dim=2), rotary, rope, step)
 
         cache.write(layer, step, k, v)
         keys, values = cache.read(layer, step)  # [B, kv_heads, upto, D]

@@ -28,6 +28,7 @@ class StepPositions:
     row_index: slice | torch.Tensor  # `rows` as a slice when they are consecutive: reads are then views
     write_rows: torch.Tensor  # [valid tokens] the row ...
     write_positions: torch.Tensor  # ... and position of each valid token's cache entry
+    write_span: slice | None  # the positions every row writes, where the rows are consecutive and share them
     causal: torch.Tensor | None  # [B, 1, T, upto] key position <= query position; None where always true
     square: bool  # every row starts empty and has no padding: `causal` is the plain lower triangle
 
@@ -43,9 +44,12 @@ class StepPositions:
         # one position shared by every token (a decode step of equal-length rows): every key is visible
         causal = None if all_valid and first == upto - 1 else (key_pos <= positions[:, :, None])[:, None]
         write_rows = rows[:, None].expand_as(positions)
+        # every row writes positions [first, upto) when each writes T consecutive ones spanning only T
+        shared = consecutive and all_valid and upto - first == positions.shape[1]
         return cls(rows, positions, valid, all_valid, upto,
                    slice(row_list[0], row_list[0] + len(row_list)) if consecutive else rows,
-                   write_rows.flatten() if all_valid else write_rows[valid], valid_positions, causal,
+                   write_rows.flatten() if all_valid else write_rows[valid], valid_positions,
+                   slice(first, upto) if shared else None, causal,
                    all_valid and first == 0 and upto == positions.shape[1])
 
     def mask(self, window: int | None = None, chunk: int | None = None) -> torch.Tensor | None:
@@ -87,8 +91,13 @@ class KVCache:
     def write(self, layer: int, step: StepPositions, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store k [B, T, *k_shape], v [B, T, *v_shape] of `step`'s tokens at their rows and positions.
 
-        Only valid tokens are written, so padding never overwrites real entries.
+        Only valid tokens are written, so padding never overwrites real entries. Where the rows
+        share their positions (a decode step of equal lengths, a fresh prefill), a plain slice copy.
         """
+        if step.write_span is not None:
+            self.k[layer, step.row_index, step.write_span] = k
+            self.v[layer, step.row_index, step.write_span] = v
+            return
         self.k[layer, step.write_rows, step.write_positions] = step.select_valid(k)
         self.v[layer, step.write_rows, step.write_positions] = step.select_valid(v)
 

@@ -9,6 +9,7 @@ from torch import nn
 
 from ..spec import ModelSpec
 from ..validate import check_shapes
+from .attention import Attention
 from .switch import SwitchTransformer
 from .transformer import Transformer
 
@@ -30,4 +31,7 @@ def build_model(source: DenseSource, dtype: torch.dtype, device: torch.device | 
     state = source.dense_state(dtype, device)
     check_shapes(model.state_dict(), state)  # a one-line error naming the tensor, not load_state_dict's
     model.load_state_dict(state, strict=True, assign=True)
+    for module in model.modules():
+        if isinstance(module, Attention):
+            module.fuse_projections()
     return model.eval()

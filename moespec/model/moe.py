@@ -126,19 +126,16 @@ def expert_runs(ids: torch.Tensor) -> tuple[torch.Tensor, dict[int, slice]]:
 GROUPED_SHARE = 3
 
 
-def grouped_stack(experts: ExpertProvider, expert_fn: ExpertFn, layer: int, ids: list[int], tokens: int,
-                  device: torch.device) -> ExpertWeights | None:
-    """Every expert of `layer` stacked, fetched for one grouped computation, where that pays off
-    (see GROUPED_SHARE), torch has `grouped_mm` and it runs on the CPU (measured there; CUDA's
-    grouped_mm wants bfloat16 on recent GPUs and is not measured here), the provider keeps each
-    layer's experts in one stack (`ResidentExperts` of dense, aligned experts) and `expert_fn` has
-    a grouped form. Else None: the experts are computed one by one as they arrive (an offloading
-    cache overlaps that compute with the copies of the experts still missing)."""
-    fetch_stack = getattr(experts, "fetch_stack", None)
-    if fetch_stack is None or not hasattr(expert_fn, "grouped") or not hasattr(F, "grouped_mm") \
-            or device.type != "cpu" or len(ids) * GROUPED_SHARE < experts.num_experts:
-        return None
-    return fetch_stack(layer, ids, tokens)
+def grouped_pays(experts: ExpertProvider, expert_fn: ExpertFn, used: int, device: torch.device) -> bool:
+    """Whether `used` experts of a layer run faster as one grouped computation over the layer's
+    whole stack than one by one: where that pays off (see GROUPED_SHARE), torch has `grouped_mm`
+    and it runs on the CPU (measured there; CUDA's grouped_mm wants bfloat16 on recent GPUs and is
+    not measured here), the provider keeps each layer's experts in one stack (`ResidentExperts` of
+    dense, aligned experts, with `fetch_stack`) and `expert_fn` has a grouped form. Else the
+    experts are computed one by one as they arrive (an offloading cache overlaps that compute with
+    the copies of the experts still missing)."""
+    return hasattr(experts, "fetch_stack") and hasattr(expert_fn, "grouped") and hasattr(F, "grouped_mm") \
+        and device.type == "cpu" and used * GROUPED_SHARE >= experts.num_experts
 
 
 def run_ends(runs: dict[int, slice], experts: int, device: torch.device) -> torch.Tensor:
@@ -150,6 +147,17 @@ def run_ends(runs: dict[int, slice], experts: int, device: torch.device) -> torc
     return torch.tensor(ends, dtype=torch.int32, device=device)
 
 
+def one_token_experts(layer: int, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
+                      experts: ExpertProvider, expert_fn: ExpertFn) -> torch.Tensor:
+    """`run_experts` for one token x [1, H] (batch-1 decode): each chosen expert runs on the token
+    itself, with no sort, gather or scatter; the weighted outputs are summed in the order of the
+    choices, as `combine_choices` sums them, so the result is the same."""
+    chosen = ids[0].tolist()
+    arrived = {e: expert_fn(x, w) for e, w in experts.fetch(layer, list(dict.fromkeys(chosen)), 1)}
+    outputs = torch.cat([arrived[e] for e in chosen])  # [k, H] in choice order (a padded choice repeats one)
+    return (outputs * weights[0][:, None]).to(x.dtype).sum(dim=0, keepdim=True)
+
+
 def run_experts(layer: int, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
                 experts: ExpertProvider | RoutedExecutor, expert_fn: ExpertFn = expert_forward,
                 scales_input: bool = False) -> torch.Tensor:
@@ -157,18 +165,22 @@ def run_experts(layer: int, x: torch.Tensor, weights: torch.Tensor, ids: torch.T
 
     The token-choices are sorted by expert once, so each expert computes on one contiguous run
     of rows (no per-expert search or gather). Where every expert of the layer is on the device in
-    one stack, they all run in one grouped computation (`grouped_stack`). Else experts are
+    one stack, they all run in one grouped computation (`grouped_pays`). Else experts are
     computed as the provider yields them (resident ones first, then misses as their copies land),
     each into its own run. The outputs are weighted and summed only at the end: the result never
-    depends on arrival order.
+    depends on arrival order. A single token computed one expert at a time needs no sort at all
+    (`one_token_experts`).
     `scales_input`: the router weight scales the expert's input (Llama-4), not its output.
     """
     run_routed = getattr(experts, "run_routed", None)  # a RoutedExecutor (isinstance on a Protocol is slow)
     if run_routed is not None:
         return run_routed(layer, x, weights, ids, expert_fn, scales_input)
+    if x.shape[0] == 1 and not scales_input and not grouped_pays(experts, expert_fn, ids.shape[1], x.device):
+        return one_token_experts(layer, x, weights, ids, experts, expert_fn)
     order, runs = expert_runs(ids)
     inputs = routed_inputs(x, weights, order, ids.shape[1], scales_input)  # [N * k, H], sorted by expert
-    stack = grouped_stack(experts, expert_fn, layer, list(runs), x.shape[0], x.device)
+    stack = experts.fetch_stack(layer, list(runs), x.shape[0]) \
+        if grouped_pays(experts, expert_fn, len(runs), x.device) else None  # None: not stacked after all
     if stack is not None:
         ends = run_ends(runs, stack.gate_up.shape[0], x.device)
         outputs = expert_fn.grouped(inputs, stack, ends, ids.flatten()[order])
