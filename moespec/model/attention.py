@@ -11,6 +11,7 @@ from torch import nn
 from ..spec import ModelSpec
 from .kv_cache import KVCache, StepPositions
 from .rope import rotate
+from .stacked import stack_linears
 
 
 class RMSNorm(nn.Module):
@@ -72,20 +73,8 @@ class Attention(nn.Module):
         self.qkv: tuple[torch.Tensor, torch.Tensor | None] | None = None  # set by fuse_projections
 
     def fuse_projections(self) -> None:
-        """Make q, k and v one matmul: their weights (and biases) become views of one stacked
-        tensor [(heads + 2 kv_heads) * D, H], so a step runs one projection instead of three and no
-        weight is held twice. Called once the weights are loaded (model/load.py)."""
-        projections = (self.q_proj, self.k_proj, self.v_proj)
-        weight = torch.cat([p.weight for p in projections])
-        bias = torch.cat([p.bias for p in projections]) if self.spec.attention_bias else None
-        start = 0
-        for p in projections:
-            rows = slice(start, start + p.out_features)
-            p.weight = nn.Parameter(weight[rows], requires_grad=False)
-            if bias is not None:
-                p.bias = nn.Parameter(bias[rows], requires_grad=False)
-            start += p.out_features
-        self.qkv = (weight, bias)
+        """q, k and v as one matmul (model/stacked.py). Called once the weights are loaded."""
+        self.qkv = stack_linears(self.q_proj, self.k_proj, self.v_proj)
 
     def heads(self, qkv: tuple[torch.Tensor, torch.Tensor, torch.Tensor], rotary: bool,
               rope: tuple[torch.Tensor, torch.Tensor], step: StepPositions

@@ -10,6 +10,7 @@ from torch import nn
 from ..spec import ModelSpec
 from ..validate import check_shapes
 from .attention import Attention
+from .moe import MLP
 from .switch import SwitchTransformer
 from .transformer import Transformer
 
@@ -32,6 +33,6 @@ def build_model(source: DenseSource, dtype: torch.dtype, device: torch.device | 
     check_shapes(model.state_dict(), state)  # a one-line error naming the tensor, not load_state_dict's
     model.load_state_dict(state, strict=True, assign=True)
     for module in model.modules():
-        if isinstance(module, Attention):
-            module.fuse_projections()
+        if isinstance(module, (Attention, MLP)):
+            module.fuse_projections()  # stacked projections: one matmul where there were two or three
     return model.eval()

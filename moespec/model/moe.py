@@ -13,6 +13,7 @@ from ..experts.base import ExpertProvider, ExpertWeights
 from ..spec import GPT_OSS_ALPHA, ModelSpec  # gpt-oss's SwiGLU: gate * sigmoid(1.702 gate)
 from ..hooks import ForwardHooks
 from .routing import Router, make_gate, make_router
+from .stacked import stack_linears
 
 
 class MLP(nn.Module):
@@ -23,9 +24,15 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
         self.up_proj = nn.Linear(hidden, intermediate, bias=False)
         self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+        self.gate_up: torch.Tensor | None = None  # set by fuse_projections
+
+    def fuse_projections(self) -> None:
+        """gate and up as one matmul (model/stacked.py). Called once the weights are loaded."""
+        self.gate_up = stack_linears(self.gate_proj, self.up_proj)[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = F.linear(x, self.gate_up).chunk(2, dim=-1)
+        return F.linear(F.silu(gate) * up, self.down_proj.weight)
 
 
 ExpertFn = Callable[[torch.Tensor, ExpertWeights], torch.Tensor]  # (x, weights) -> y
