@@ -162,6 +162,8 @@ class SpeculationConfig:
         "help": "lookahead: add default-vector estimates (auto: if the model directory has them)"})
     estimator: str | None = field(default=None, metadata={
         "help": "estimator file (default: MODEL/estimators.safetensors)"})
+    next_token: bool = field(default=False, metadata={
+        "help": "in decode steps the last MoE layer also guesses the next token's first one (from the logit lens)"})
 
     def __post_init__(self) -> None:
         aliases = {True: "on", False: "off"}
@@ -179,6 +181,8 @@ class SpeculationConfig:
         if isinstance(self.prefetch_threshold, bool) or not isinstance(self.prefetch_threshold, (int, float)) \
                 or not 0 <= self.prefetch_threshold <= 1:
             raise MoespecError(f"prefetch_threshold must be a number in [0, 1], got {self.prefetch_threshold!r}")
+        if not isinstance(self.next_token, bool):
+            raise MoespecError(f"next_token must be True or False, got {self.next_token!r}")
         if self.speculative_execution != "off" and self.prefetch == "none":
             raise MoespecError(f"speculative_execution={self.speculative_execution!r} needs a speculating "
                                "prefetch policy (lookahead or estimator), got prefetch='none'")

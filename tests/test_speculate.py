@@ -59,6 +59,7 @@ VERIFY = [
     dict(prefetch="lookahead", default_vectors=True, eviction="lfu"),
     dict(prefetch="estimator"),
     dict(prefetch="estimator", lookahead_depth=2, cache_scope="layer", expert_cache=12),
+    dict(prefetch="lookahead", next_token=True),
 ]
 
 
@@ -333,3 +334,23 @@ def test_auto_prefetch_measures_on_demand_again_after_the_cold_start():
         switch.observe(1, (1.1 if on else 1.0) + (0.5 if step < 5 else 0.0), stalled=0.3)
         chosen.append(on)
     assert sum(chosen[12:]) <= 8, chosen  # after off, on, off: on demand runs, guessing only probed
+
+
+def test_next_token_guesses_are_scored_at_the_first_moe_layer_of_the_next_step(model_dir, exact):
+    """The last MoE layer guesses the next token's first one: exact, scored one depth beyond the
+    predictor's when the next decode step routes it, and dropped when the next pass is not that
+    step (a new request's prefill, a batch whose rows changed)."""
+    llm = LLM(model_dir, expert_cache="40%", prefetch="lookahead", next_token=True)
+    got = llm.generate(PROMPTS, max_new_tokens=16, ignore_eos=True)  # rows finish together: same batch
+    assert [o.token_ids for o in got] == [o.token_ids for o in exact[0]]
+    llm.generate(PROMPTS[:2], max_new_tokens=5, ignore_eos=True)  # a prefill follows the last step's guess
+    first = llm.model.spec.moe_layer_ids[0]
+    per_layer = llm.stats().speculation.per_layer
+    assert {d for t, d in per_layer if t == first} == {2}  # no earlier layer guesses the first one
+    # every decode step after the first in each run, one token per row; none scored against a prefill
+    assert per_layer[(first, 2)].tokens == 14 * len(PROMPTS) + 3 * 2
+
+
+def test_next_token_must_be_a_boolean():
+    with pytest.raises(MoespecError, match="next_token must be True or False, got 'yes'"):
+        LLM(DEFAULT_MODEL, prefetch="lookahead", next_token="yes")

@@ -43,4 +43,4 @@ def make_speculation(model: Transformer, cache: Prefetcher, model_dir: Path,
         return None
     switch = PrefetchSwitch() if cfg.prefetch == "auto" else None
     return Speculation(model, cache, predictor.from_config(model, model_dir, cfg), cfg.prefetch_extra,
-                       cfg.speculative_execution, cfg.prefetch_threshold, switch)
+                       cfg.speculative_execution, cfg.prefetch_threshold, switch, cfg.next_token)

@@ -32,6 +32,7 @@ from ..model.moe import MoE
 from ..model.transformer import Transformer
 from ..odds import Odds
 from .auto import PrefetchSwitch
+from .next_token import NextTokenGuess
 
 
 class Predictor(Protocol):
@@ -123,13 +124,17 @@ class Speculation(ForwardHooks):
     """The prefetch policy as forward hooks: guesses at every layer, copies in decode steps."""
 
     def __init__(self, model: Transformer, cache: Prefetcher, predictor: Predictor, extra: int, mode: Execution,
-                 threshold: float = 0.0, switch: PrefetchSwitch | None = None):
-        """switch: turns guessing on and off per decode step by measured step time (prefetch="auto")."""
+                 threshold: float = 0.0, switch: PrefetchSwitch | None = None, next_token: bool = False):
+        """switch: turns guessing on and off per decode step by measured step time (prefetch="auto").
+        next_token: in decode steps the last MoE layer also guesses the next token's first one
+        (next_token.py); its guesses count as one depth more than the predictor's deepest."""
         self.model, self.cache, self.predictor, self.threshold = model, cache, predictor, threshold
         self.switch, self.active = switch, True
         # the running decode step: (start, rows, compute's waits for copies and time guessing so far then)
         self._decode_started: tuple[float, int, float | None, float] | None = None
-        depth = self.depth = predictor.depth
+        self.next_token = NextTokenGuess(model) if next_token else None
+        self.depth = predictor.depth + int(next_token)  # depths scored: the predictor's, then the next token's
+        depth = predictor.depth
         self.extra, self.mode = extra, mode
         spec = model.spec
         self.k, self.width = spec.top_k, min(spec.top_k + extra, spec.num_experts)
@@ -140,14 +145,16 @@ class Speculation(ForwardHooks):
         self.guesses: dict[int, dict[int, torch.Tensor | OneGuess]] = {}
         self.prefetched: dict[int, dict[int, list[int]]] = {}
         self.guess_stats = {(t, d): GuessStats() for t in spec.moe_layer_ids for d in range(1, depth + 1)}
+        if self.next_token is not None:
+            self.guess_stats[(self.next_token.first, self.depth)] = GuessStats()
         # (target, depth) -> [found_in_topk, found_in_prefetch, prefetched_used] of batched guesses,
         # summed as tensors and read only by `stats()`, so scoring them never waits on the device
         self._found: dict[tuple[int, int], torch.Tensor] = {}
         # what a one-token guess's score (k × its probability) is worth, per depth, measured on this
         # run; and how often an expert outside the guesses is used (see odds.py): admission then
         # weighs a guess by how often such guesses were right, not by the predictor's confidence
-        self.odds = {d: Odds() for d in range(1, depth + 1)}
-        self.tail_odds = {d: Odds() for d in range(1, depth + 1)}  # one bin (score 0)
+        self.odds = {d: Odds() for d in range(1, self.depth + 1)}
+        self.tail_odds = {d: Odds() for d in range(1, self.depth + 1)}  # one bin (score 0)
         self.seconds = 0.0  # time inside these hooks
         # an MoE layer's residual after attention (real tokens) and whether it is a decode step,
         # kept from `after_attention` until its router has chosen
@@ -159,6 +166,9 @@ class Speculation(ForwardHooks):
             self._switch(t0, len(rows), positions.shape[1] == 1)
         if self.active:
             self.predictor.forward_start(rows, positions, valid)
+        if self.next_token is not None and not self.next_token.same_batch(rows, valid, positions.shape[1] == 1):
+            self.guesses.get(self.next_token.first, {}).pop(self.depth, None)  # made for other tokens
+            self.prefetched.get(self.next_token.first, {}).pop(self.depth, None)
         self.seconds += time.perf_counter() - t0
 
     def _switch(self, now: float, rows: int, decoding: bool) -> None:
@@ -195,15 +205,21 @@ class Speculation(ForwardHooks):
         speculative execution); copies are started in decode steps only.
         """
         for depth, (target, scores) in enumerate(predicted.items(), start=1):
-            if len(scores) == 1 and decoding:
-                ranked, order, use = self._rank_one(scores[0], depth)
-            else:
-                ranked, order, use = self._rank_pooled(scores, decoding)
-            self.guesses.setdefault(target, {})[depth] = ranked
-            self.prefetched.setdefault(target, {})[depth] = order
-            if decoding:  # guesses ranked best first, so the threshold cuts a tail
-                ids = [e for e in order if use[e] >= self.threshold]
-                self.cache.prefetch(target, ids, running, [use[e] for e in ids], use)
+            self._guess_target(depth, target, scores, running, decoding)
+
+    def _guess_target(self, depth: int, target: int, scores: torch.Tensor, running: int | None,
+                      decoding: bool) -> None:
+        """Rank the guess scores [N, E] for MoE layer `target`, `depth` MoE layers ahead; keep
+        them for scoring when it routes; prefetch in decode steps."""
+        if len(scores) == 1 and decoding:
+            ranked, order, use = self._rank_one(scores[0], depth)
+        else:
+            ranked, order, use = self._rank_pooled(scores, decoding)
+        self.guesses.setdefault(target, {})[depth] = ranked
+        self.prefetched.setdefault(target, {})[depth] = order
+        if decoding:  # guesses ranked best first, so the threshold cuts a tail
+            ids = [e for e in order if use[e] >= self.threshold]
+            self.cache.prefetch(target, ids, running, [use[e] for e in ids], use)
 
     def _rank_one(self, scores: torch.Tensor, depth: int) -> tuple[OneGuess, list[int], list[float]]:
         """One token's guess (batch-1 decoding) in plain Python after one read of its
@@ -246,6 +262,8 @@ class Speculation(ForwardHooks):
         residual, decoding = self._waiting
         self._waiting = None
         self._guess(layer, self.predictor.predict(layer, residual, x, true_routing), running=layer, decoding=decoding)
+        if decoding and self.next_token is not None and layer == self.next_token.last:
+            self._guess_target(self.depth, self.next_token.first, self.next_token.predict(residual), layer, decoding)
         self.seconds += time.perf_counter() - t0
         return weights, ids
 
