@@ -12,6 +12,14 @@ are not measured at all, and exploration measures on demand, then guessing, then
 again, afresh: steps soon after a prefill run on a colder cache than later ones (more misses,
 more stall), and judged on them on demand would look slower, and stall more, than it does.
 
+Every phase of the mode that is not known to win, the first try of guessing included, waits
+until its failure would cost at most `budget` of the time spent since the last one: a phase of
+`phase_steps` steps that is `loss` slower per step waits phase_steps × loss / budget steps of the
+winner, with `loss` measured, or before guessing has run `assumed_loss` (guessing has cost 15-40%
+of a batch-1 step on this project's CPU). So a short run never pays for a try that loses (a run
+of 32 tokens stays on demand), and a long one tries guessing after about 35 steps; as with
+`gamma="auto"`, auto is never slower than on demand by more than the budget.
+
 Prefetching can at most win back the time compute waits for copies, and guessing costs its own
 time. So where on-demand steps stall for less than `min_stall` of their time (a fast link, a
 cache that holds what the text uses), or for less than guessing was measured to cost a step,
@@ -21,6 +29,7 @@ guessing is not tried, and a probe is skipped (its wait still doubles) while tha
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 
@@ -30,6 +39,8 @@ class PrefetchSwitch:
 
     phase_steps: int = 4  # steps per probe (and the first wait)
     margin: float = 0.02  # prefetching must be this much faster to stay on
+    budget: float = 0.03  # a phase of the mode not known to win may cost this share of the time since the last
+    assumed_loss: float = 0.25  # how much slower a guessing step is before it has been measured
     min_stall: float = 0.05  # on-demand steps must stall this share of their time for guessing to be tried
     ema: float = 0.3
     max_wait: int = 256
@@ -46,12 +57,15 @@ class PrefetchSwitch:
     _warming: int = 4  # the first decode steps run on the cache a prefill left: not measured
     _wait: dict[int, int] = field(default_factory=dict)  # bucket -> steps the winner runs between probes
     _rechecked: set[int] = field(default_factory=set)  # buckets whose on-demand cost was measured again
+    _off: dict[int, int] = field(default_factory=dict)  # bucket -> on-demand steps chosen so far
 
     def choose(self, rows: int) -> bool:
         """Whether the next decode step over `rows` rows guesses."""
+        b = rows.bit_length()
         if self._left <= 0:
-            self._next_phase(rows.bit_length())
+            self._next_phase(b)
         self._left -= 1
+        self._off[b] = self._off.get(b, 0) + (not self.on)
         self.on_steps += self.on
         self.off_steps += not self.on
         return self.on
@@ -64,8 +78,9 @@ class PrefetchSwitch:
             self._wait[b] = min(2 * self._wait.get(b, self.phase_steps), self.max_wait)
             self._start(False, self._wait[b], probing=False)
             return
-        if (b, True) not in self.cost:
-            self._start(True, self.phase_steps, probing=False)
+        if (b, True) not in self.cost:  # the first try, once its failure fits the budget
+            wait = self._budget_wait(self.assumed_loss) - self._off.get(b, 0)
+            self._start(wait <= 0, self.phase_steps if wait <= 0 else wait, probing=False)
             return
         if b not in self._rechecked:  # on demand again, on the warmer cache guessing ran on
             self._rechecked.add(b)
@@ -78,9 +93,14 @@ class PrefetchSwitch:
             confirmed = self._probing and self.on != best
             wait = min(2 * self._wait.get(b, self.phase_steps), self.max_wait) if confirmed else self.phase_steps
             self._wait[b] = wait
-            self._start(best, wait, probing=False)
+            loss = self.cost[(b, not best)] / self.cost[(b, best)] - 1
+            self._start(best, max(wait, self._budget_wait(loss)), probing=False)
         else:
             self._start(not best, self.phase_steps, probing=True)
+
+    def _budget_wait(self, loss: float) -> int:
+        """Steps of the winner before a phase `loss` slower per step fits the budget."""
+        return math.ceil(self.phase_steps * max(loss, 0.0) / self.budget)
 
     def _hopeless(self, b: int) -> bool:
         """On demand stalls too little for guessing to win it back (unknown stalls: not hopeless)."""
