@@ -108,14 +108,14 @@ class Attention(nn.Module):
                 rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         spec = self.spec
         B, T, _ = x.shape
-        heads = [spec.num_heads, spec.num_kv_heads, spec.num_kv_heads]
-        qkv = F.linear(x, *self.qkv).view(B, T, sum(heads), spec.head_dim)
+        counts = [spec.num_heads, spec.num_kv_heads, spec.num_kv_heads]  # q, k and v heads
+        qkv = F.linear(x, *self.qkv).view(B, T, sum(counts), spec.head_dim)
         rotary = layer not in spec.nope_layers
         if rotary and spec.qk_norm == "none" and spec.clip_qkv is None:  # q and k rotate as one tensor
-            qk, v = qkv.split([heads[0] + heads[1], heads[2]], dim=2)
-            q, k = rotate(qk, *rope, spec.rope.interleave).split(heads[:2], dim=2)
+            qk, v = qkv.split([counts[0] + counts[1], counts[2]], dim=2)
+            q, k = rotate(qk, *rope, spec.rope.interleave).split(counts[:2], dim=2)
         else:
-            q, k, v = self.heads(qkv.split(heads, dim=2), rotary, rope, step)
+            q, k, v = self.heads(qkv.split(counts, dim=2), rotary, rope, step)
 
         cache.write(layer, step, k, v)
         keys, values = cache.read(layer, step)  # [B, kv_heads, upto, D]

@@ -15,10 +15,10 @@ more stall), and judged on them on demand would look slower, and stall more, tha
 Every phase of the mode that is not known to win, the first try of guessing included, waits
 until its failure would cost at most `budget` of the time spent since the last one: a phase of
 `phase_steps` steps that is `loss` slower per step waits phase_steps × loss / budget steps of the
-winner, with `loss` measured, or before guessing has run `assumed_loss` (guessing has cost 15-40%
-of a batch-1 step on this project's CPU). So a short run never pays for a try that loses (a run
-of 32 tokens stays on demand), and a long one tries guessing after about 35 steps; as with
-`gamma="auto"`, auto is never slower than on demand by more than the budget.
+winner, with `loss` measured, or before guessing has run `assumed_loss` (guessing cost 5-43%
+of an on-demand batch-1 step in this project's link sweeps). So a short run never pays for a try
+that loses (a run of 32 tokens stays on demand), and a long one tries guessing after about 35
+steps; as with `gamma="auto"`, auto is never slower than on demand by more than the budget.
 
 Prefetching can at most win back the time compute waits for copies, and guessing costs its own
 time. So where on-demand steps stall for less than `min_stall` of their time (a fast link, a
