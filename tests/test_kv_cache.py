@@ -52,3 +52,21 @@ def test_only_valid_tokens_are_written():
     assert s.upto == 7  # the padded token's position 7 is not read
     assert torch.equal(cache.k[0, 0, 3:5], k[0]) and torch.equal(cache.k[0, 2, 6], k[1, 0])
     assert torch.equal(cache.k[0, 2, 7], before[0, 2, 7]) and torch.equal(cache.k[0, 1], before[0, 1])
+
+
+def test_rows_sharing_their_positions_write_a_slice_and_others_each_token():
+    """Consecutive rows writing the same positions (equal-length decode, a fresh prefill) take the
+    slice path; rows at different positions or not consecutive take the per-token path; both
+    store every token at its row and position and nothing else."""
+    cases = [(step([1, 2], [5, 5], 1), True), (step([0], [0], 4), True),
+             (step([1, 2], [4, 5], 1), False), (step([2, 0], [5, 5], 1), False)]
+    for s, sliced in cases:
+        assert (s.write_span is not None) == sliced
+        cache = filled_cache()
+        before = cache.k.clone()
+        k = torch.randn(*s.positions.shape, 2, 3)
+        cache.write(0, s, k, k)
+        expected = before.clone()
+        for b, row in enumerate(s.rows.tolist()):
+            expected[0, row, s.positions[b]] = k[b]
+        assert torch.equal(cache.k, expected) and torch.equal(cache.v[0, s.rows[0], s.positions[0]], k[0])

@@ -87,3 +87,14 @@ def test_sharded_checkpoint(tmp_path):
     with torch.no_grad():
         expected = ref(ids).logits
     assert (LLM(tmp_path).score(ids) - expected).abs().max().item() <= 1e-4
+
+
+def test_stacked_projections_hold_no_weight_twice(pair):
+    """q/k/v (and a dense MLP's gate/up) run as one matmul, yet each projection's parameter, under
+    its checkpoint name, is a view into the stacked weight: no second copy on the device."""
+    llm = pair[1]
+    attn = llm.model.layers[0].self_attn
+    stacked, _ = attn.qkv
+    for proj in (attn.q_proj, attn.k_proj, attn.v_proj):
+        assert proj.weight.untyped_storage().data_ptr() == stacked.untyped_storage().data_ptr()
+    assert torch.equal(torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]), stacked)
