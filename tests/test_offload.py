@@ -12,6 +12,7 @@ from moespec.checkpoint import Checkpoint
 from moespec.experts.cache import ExpertCache, budget_slots
 from moespec.experts.stats import ExpertStats
 from moespec.experts.store import ExpertStore
+from moespec.experts.transfer import CpuTransfers
 from moespec.spec import load_spec
 from tiny import save_model
 
@@ -178,6 +179,21 @@ def test_a_guess_on_the_link_yields_it_to_a_demand_copy_and_resumes(model_dir):
     s = cache.stats[1]
     assert (s.prefetches, s.prefetch_hits, s.cancelled_prefetches) == (1, 1, 0)
     cache.transfers.close()
+
+
+def test_cpu_link_lands_an_expert_when_compute_first_waits_for_it():
+    """The link thread spends the wire time; the bytes reach the slot on the thread that computes,
+    when it first waits for the copy, so a guess that is never used is never copied."""
+    src, dst = {"w": torch.arange(6.0)}, {"w": torch.zeros(6)}
+    link = CpuTransfers(link_bandwidth=24 / 0.01)  # 10 ms of wire time
+    handle = link.copy(lambda: src, dst, "guess", slot=0, urgent=False)
+    deadline = time.perf_counter() + 5
+    while not link.done(handle) and time.perf_counter() < deadline:
+        time.sleep(0.005)
+    assert link.done(handle) and torch.equal(dst["w"], torch.zeros(6))  # on the link and done, not landed
+    link.wait(handle, layer=0)
+    assert torch.equal(dst["w"], src["w"]) and link.busy_seconds > 0
+    link.close()
 
 
 def test_a_layer_whose_slots_all_hold_landing_guesses_still_fetches(model_dir):
