@@ -16,25 +16,6 @@ from .routing import Router, make_gate, make_router
 from .stacked import stack_linears
 
 
-class MLP(nn.Module):
-    """SwiGLU MLP: down(silu(gate(x)) * up(x)). Dense layers and shared experts."""
-
-    def __init__(self, hidden: int, intermediate: int):
-        super().__init__()
-        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
-        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
-        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
-        self.gate_up: torch.Tensor | None = None  # set by fuse_projections
-
-    def fuse_projections(self) -> None:
-        """gate and up as one matmul (model/stacked.py). Called once the weights are loaded."""
-        self.gate_up = stack_linears(self.gate_proj, self.up_proj)[0]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = F.linear(x, self.gate_up).chunk(2, dim=-1)
-        return F.linear(F.silu(gate) * up, self.down_proj.weight)
-
-
 ExpertFn = Callable[[torch.Tensor, ExpertWeights], torch.Tensor]  # (x, weights) -> y
 
 
@@ -73,6 +54,24 @@ class SwiGLUExperts:
 
 
 expert_forward = SwiGLUExperts()  # silu: every family but gpt-oss
+
+
+class MLP(nn.Module):
+    """SwiGLU MLP: down(silu(gate(x)) * up(x)). Dense layers and shared experts."""
+
+    def __init__(self, hidden: int, intermediate: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+        self.gate_up: torch.Tensor | None = None  # set by fuse_projections
+
+    def fuse_projections(self) -> None:
+        """gate and up as one matmul (model/stacked.py). Called once the weights are loaded."""
+        self.gate_up = stack_linears(self.gate_proj, self.up_proj)[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(expert_forward.hidden(F.linear(x, self.gate_up)), self.down_proj.weight)
 
 
 def make_expert_fn(spec: ModelSpec) -> SwiGLUExperts:
