@@ -11,6 +11,9 @@ times noisy; the paired ratios much less so). JSON under benchmarks/results/.
     python benchmarks/runtime.py --models models/tiny-mixtral,models/tiny-qwen2moe --threads 1,2 \
         --dtypes float32,bfloat16
 
+With --compile, moespec with compile=True (moespec/model/compiled.py) runs the decode cases in the
+same rounds too, and the run records whether its greedy tokens equal the eager ones on 8 prompts.
+
 With --llama-cpp, llama.cpp through llama-cpp-python runs batch-1 decode and the prefill in the
 same rounds, right after the other two, with the same thread count: its own greedy `generate` from
 token ids (no tokenizer), and a prefill computing every position's logits as the others do. It runs
@@ -52,7 +55,14 @@ except ImportError:
 
 # each moespec dtype's GGUF type, with the ggml_type id (ggml.h) of the KV cache that matches it
 GGUF_TYPES = {"float32": ("f32", 0), "float16": ("f16", 1), "bfloat16": ("bf16", 30)}
-LLAMA_CPP_CASES = ("decode_b1", "prefill")  # llama-cpp-python's Llama runs one sequence
+LLAMA_CPP_CASES = ("decode_b1", "prefill")
+
+
+def runs_case(system: str, case: str) -> bool:
+    """llama-cpp-python's Llama runs one sequence; compile=True leaves the prefill eager (not measured twice)."""
+    if system == "llama.cpp":
+        return case in LLAMA_CPP_CASES
+    return system != "moespec compiled" or case != "prefill"
 
 
 def _prompts(batch: int, length: int) -> torch.Tensor:
@@ -115,7 +125,7 @@ def greedy_agreement(llm: LLM, model: llama_cpp.Llama, prompts: torch.Tensor, ne
 
 
 def measure(path: str, dtype: str, threads: int, repeats: int, new: int, batches: list[int],
-            gguf_dir: Path | None) -> dict:
+            gguf_dir: Path | None, compiled: bool) -> dict:
     torch.set_num_threads(threads)
     load_before = os.getloadavg()
     llm = LLM(path, dtype=dtype, progress=False)
@@ -126,6 +136,13 @@ def measure(path: str, dtype: str, threads: int, repeats: int, new: int, batches
     forwards = {"moespec": lambda: llm.score(prefill), "transformers": lambda: ref(prefill).logits}
     out = {"model": path, "dtype": dtype, "torch_threads": torch.get_num_threads(), "repeats": repeats,
            "new_tokens": new, "prefill_tokens": prefill.shape[1], "load_average_before": load_before}
+    if compiled:
+        fast = LLM(path, dtype=dtype, progress=False, compile=True)
+        systems["moespec compiled"] = (fast, moespec_runs)
+        out["compiled_greedy_identical"] = all(
+            a.token_ids == b.token_ids for a, b in zip(*(m.generate(_prompts(8, 32).tolist(), max_new_tokens=new,
+                                                                   temperature=0.0, ignore_eos=True)
+                                                        for m in (llm, fast))))
     if gguf_dir is not None:
         gguf = gguf_file(gguf_dir, path, dtype)
         kind, kv_type = GGUF_TYPES[dtype]
@@ -145,7 +162,7 @@ def measure(path: str, dtype: str, threads: int, repeats: int, new: int, batches
         return (run(engine, cases[case], new) - run(engine, cases[case], 1)) / (new - 1)
 
     times: dict[str, dict[str, list[float]]] = {
-        s: {c: [] for c in [*cases, "prefill"] if s != "llama.cpp" or c in LLAMA_CPP_CASES} for s in systems}
+        s: {c: [] for c in [*cases, "prefill"] if runs_case(s, c)} for s in systems}
     for rep in range(repeats + 1):  # the first round warms up and is dropped
         for case in [*cases, "prefill"]:
             for name in systems:  # back to back: a burst of load on the machine hits both sides of a ratio
@@ -166,8 +183,17 @@ def measure(path: str, dtype: str, threads: int, repeats: int, new: int, batches
             c.update({"llama_cpp_ms": 1000 * statistics.median(theirs),
                       "speed_ratio_moespec_over_llama_cpp": statistics.median(theirs) / statistics.median(ours),
                       "paired_ratio_llama_cpp_median": statistics.median(t / o for t, o in zip(theirs, ours))})
+        if case in times.get("moespec compiled", {}):
+            fast = statistics.median(times["moespec compiled"][case])
+            c.update({"moespec_compiled_ms": 1000 * fast,
+                      "speed_ratio_compiled_over_eager": statistics.median(ours) / fast,
+                      "speed_ratio_compiled_over_transformers": statistics.median(times["transformers"][case]) / fast})
+            if "llama_cpp_ms" in c:
+                c["speed_ratio_compiled_over_llama_cpp"] = statistics.median(times["llama.cpp"][case]) / fast
     if "llama.cpp" in systems:
         systems["llama.cpp"][0].close()
+    if compiled:
+        fast.close()
     llm.close()
     return out
 
@@ -183,6 +209,8 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results/runtime-cpu.json")
     ap.add_argument("--llama-cpp", action="store_true",
                     help="also measure llama.cpp (llama-cpp-python, the `bench` extra): batch-1 decode and prefill")
+    ap.add_argument("--compile", action="store_true",
+                    help="also measure moespec with compile=True (decode cases; its prefill is the eager one)")
     ap.add_argument("--gguf-dir", type=Path, default=Path("benchmarks/.gguf"),
                     help="GGUF files for --llama-cpp, converted there on first use ($LLAMA_CPP_CONVERTER)")
     args = ap.parse_args()
@@ -198,13 +226,18 @@ def main() -> None:
     for path in args.models.split(","):
         for dtype in args.dtypes.split(","):
             for threads in map(int, args.threads.split(",")):
-                r = measure(path, dtype, threads, args.repeats, args.new_tokens, batches, gguf_dir)
+                r = measure(path, dtype, threads, args.repeats, args.new_tokens, batches, gguf_dir, args.compile)
                 results["runs"].append(r)
                 for case, c in r["cases"].items():
                     line = f"{Path(path).name} {dtype} threads={threads} {case}: moespec {c['moespec_ms']:.2f} ms, "
                     line += f"transformers {c['transformers_ms']:.2f} ms, x{c['speed_ratio_moespec_over_transformers']:.2f}"
                     if "llama_cpp_ms" in c:
                         line += f", llama.cpp {c['llama_cpp_ms']:.2f} ms, x{c['speed_ratio_moespec_over_llama_cpp']:.2f}"
+                    if "moespec_compiled_ms" in c:
+                        line += f"; compiled {c['moespec_compiled_ms']:.2f} ms, " \
+                                f"x{c['speed_ratio_compiled_over_transformers']:.2f} over transformers"
+                        if "speed_ratio_compiled_over_llama_cpp" in c:
+                            line += f", x{c['speed_ratio_compiled_over_llama_cpp']:.2f} over llama.cpp"
                     print(line)
     results["load_average_after"] = os.getloadavg()
     Path(args.out).write_text(json.dumps(results, indent=1))

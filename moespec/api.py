@@ -26,6 +26,7 @@ from .experts.quant import make_quantizer, quantized_source
 from .experts.stats import ExpertStats
 from .experts.store import ExpertStore, ResidentExperts
 from .experts.trace import Tracer
+from .model.compiled import compile_layers
 from .model.load import build_model
 from .spec import ModelSpec
 from .speculate import make_speculation
@@ -92,6 +93,8 @@ class LLM:
     link_bandwidth: on CPU, emulate a host-to-device link of this speed ("25GB/s").
     expert_tier: "ram" (all experts in host memory) or "disk" (read on demand, `host_cache` kept).
     speculative, gamma, draft_*: the default self-speculative decoding of `generate`.
+    compile: run decode steps' dense work (attention, norms, routers, shared experts) as compiled
+        libraries (moespec/model/compiled.py); the experts stay eager.
     trace: record a Chrome/Perfetto trace (compute and transfer lanes); write it with save_trace().
     """
 
@@ -112,6 +115,8 @@ class LLM:
             raise MoespecError(f"context_length must be in [2, {max_ctx}], got {cfg.context_length}")
         self.context_length = cfg.context_length or max_ctx
         self.model = build_model(checkpoint, self.dtype, self.device)
+        if cfg.compile:
+            self.model.compiled = compile_layers(self.model)
         self.tracer = Tracer(note=self.link_note())
         off = cfg.offload
         show = (lambda keys: tqdm(keys, desc="loading experts", unit="expert", leave=False)) if cfg.progress else iter

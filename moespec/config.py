@@ -226,6 +226,9 @@ class EngineConfig:
     dtype: DType = field(default="float32", metadata={"help": "compute dtype of weights and activations"})
     context_length: int | None = field(default=None, metadata={
         "help": "tokens per sequence (default: the model's max_position_embeddings); bounds KV memory"})
+    compile: bool = field(default=False, metadata={
+        "help": "compile decode steps' attention, norms and routers ahead of time (AOTInductor, a C++ "
+                "compiler; ~10 s per kind of layer once per machine, cached)"})
     trace: bool = False  # record a Chrome/Perfetto trace from load on
     progress: bool = False  # show a progress bar while experts load
     offload: OffloadConfig = field(default_factory=OffloadConfig)
@@ -239,6 +242,8 @@ class EngineConfig:
             _set(self, "dtype", str(self.dtype).removeprefix("torch."))
         _choice("dtype", self.dtype, DType)
         _integer("context_length", self.context_length, 2, allow_none=True)
+        if not isinstance(self.compile, bool):
+            raise MoespecError(f"compile must be True or False, got {self.compile!r}")
         for name, cls in PARTS.items():
             if not isinstance(getattr(self, name), cls):
                 raise MoespecError(f"{name} must be a {cls.__name__}, got {getattr(self, name)!r}")

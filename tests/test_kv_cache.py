@@ -23,10 +23,10 @@ def step(rows: list[int], starts: list[int], tokens: int, valid: torch.Tensor | 
 def test_consecutive_rows_are_read_as_views_others_as_copies_of_the_same_values():
     cache = filled_cache()
     consecutive, scattered = step([1, 2], [5, 5], 1), step([3, 1], [5, 5], 1)
-    k, v = cache.read(0, consecutive)
+    k, v = cache.layers[0].read(consecutive)
     assert k.shape == (2, 2, 6, 3) and k.untyped_storage().data_ptr() == cache.k.untyped_storage().data_ptr()
     assert torch.equal(k, cache.k[0, [1, 2], :6].transpose(1, 2)) and torch.equal(v, cache.v[0, [1, 2], :6].transpose(1, 2))
-    k, _ = cache.read(0, scattered)
+    k, _ = cache.layers[0].read(scattered)
     assert torch.equal(k, cache.k[0, [3, 1], :6].transpose(1, 2))
 
 
@@ -48,7 +48,7 @@ def test_only_valid_tokens_are_written():
     valid = torch.tensor([[True, True], [True, False]])
     s = step([0, 2], [3, 6], 2, valid)
     k = torch.randn(2, 2, 2, 3)
-    cache.write(0, s, k, k)
+    cache.layers[0].write(s, k, k)
     assert s.upto == 7  # the padded token's position 7 is not read
     assert torch.equal(cache.k[0, 0, 3:5], k[0]) and torch.equal(cache.k[0, 2, 6], k[1, 0])
     assert torch.equal(cache.k[0, 2, 7], before[0, 2, 7]) and torch.equal(cache.k[0, 1], before[0, 1])
@@ -65,7 +65,7 @@ def test_rows_sharing_their_positions_write_a_slice_and_others_each_token():
         cache = filled_cache()
         before = cache.k.clone()
         k = torch.randn(*s.positions.shape, 2, 3)
-        cache.write(0, s, k, k)
+        cache.layers[0].write(s, k, k)
         expected = before.clone()
         for b, row in enumerate(s.rows.tolist()):
             expected[0, row, s.positions[b]] = k[b]

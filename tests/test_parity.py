@@ -94,7 +94,7 @@ def test_stacked_projections_hold_no_weight_twice(pair):
     its checkpoint name, is a view into the stacked weight: no second copy on the device."""
     llm = pair[1]
     attn = llm.model.layers[0].self_attn
-    stacked, _ = attn.qkv
+    stacked = attn.qkv_weight
     for proj in (attn.q_proj, attn.k_proj, attn.v_proj):
         assert proj.weight.untyped_storage().data_ptr() == stacked.untyped_storage().data_ptr()
     assert torch.equal(torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]), stacked)

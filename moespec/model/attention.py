@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..spec import ModelSpec
-from .kv_cache import KVCache, StepPositions
+from .kv_cache import LayerKV, StepPositions
 from .rope import rotate
 from .stacked import stack_linears
 
@@ -70,11 +70,13 @@ class Attention(nn.Module):
         elif spec.qk_norm == "full":
             self.q_norm = RMSNorm(spec.num_heads * d, spec.rms_norm_eps)
             self.k_norm = RMSNorm(spec.num_kv_heads * d, spec.rms_norm_eps)
-        self.qkv: tuple[torch.Tensor, torch.Tensor | None] | None = None  # set by fuse_projections
+        # set by fuse_projections; plain tensors, not parameters: the projections' parameters are views of them
+        self.qkv_weight: torch.Tensor | None = None
+        self.qkv_bias: torch.Tensor | None = None
 
     def fuse_projections(self) -> None:
         """q, k and v as one matmul (model/stacked.py). Called once the weights are loaded."""
-        self.qkv = stack_linears(self.q_proj, self.k_proj, self.v_proj)
+        self.qkv_weight, self.qkv_bias = stack_linears(self.q_proj, self.k_proj, self.v_proj)
 
     def heads(self, qkv: tuple[torch.Tensor, torch.Tensor, torch.Tensor], rotary: bool,
               rope: tuple[torch.Tensor, torch.Tensor], step: StepPositions
@@ -104,12 +106,12 @@ class Attention(nn.Module):
         """Per-token cache entries: keys and values [kv_heads, head_dim]."""
         return (self.spec.num_kv_heads, self.spec.head_dim), (self.spec.num_kv_heads, self.spec.head_dim)
 
-    def forward(self, x: torch.Tensor, layer: int, cache: KVCache, step: StepPositions,
+    def forward(self, x: torch.Tensor, layer: int, kv: LayerKV, step: StepPositions,
                 rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         spec = self.spec
         B, T, _ = x.shape
         counts = [spec.num_heads, spec.num_kv_heads, spec.num_kv_heads]  # q, k and v heads
-        qkv = F.linear(x, *self.qkv).view(B, T, sum(counts), spec.head_dim)
+        qkv = F.linear(x, self.qkv_weight, self.qkv_bias).view(B, T, sum(counts), spec.head_dim)
         rotary = layer not in spec.nope_layers
         if rotary and spec.qk_norm == "none" and spec.clip_qkv is None:  # q and k rotate as one tensor
             qk, v = qkv.split([counts[0] + counts[1], counts[2]], dim=2)
@@ -117,8 +119,8 @@ class Attention(nn.Module):
         else:
             q, k, v = self.heads(qkv.split(counts, dim=2), rotary, rope, step)
 
-        cache.write(layer, step, k, v)
-        keys, values = cache.read(layer, step)  # [B, kv_heads, upto, D]
+        kv.write(step, k, v)
+        keys, values = kv.read(step)  # [B, kv_heads, upto, D]
         chunk = spec.attention_chunk_size if layer in spec.chunked_layers else None  # keys of the query's chunk only
         window = spec.window(layer)
         mask = step.mask(window, chunk)

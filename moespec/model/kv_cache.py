@@ -71,6 +71,35 @@ class StepPositions:
         return t.flatten(0, 1) if self.all_valid else t[self.valid]
 
 
+class LayerKV:
+    """One layer's part of the cache: keys [rows, max_len, *k_shape] and values [rows, max_len,
+    *v_shape], views of the KVCache's tensors. A layer's attention writes and reads only these, so
+    a compiled layer (model/compiled.py) takes them as two plain inputs."""
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor):
+        self.k, self.v = k, v
+
+    def write(self, step: StepPositions, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store k [B, T, *k_shape], v [B, T, *v_shape] of `step`'s tokens at their rows and positions.
+
+        Only valid tokens are written, so padding never overwrites real entries. Where the rows
+        share their positions (a decode step of equal lengths, a fresh prefill), a plain slice copy.
+        """
+        if step.write_span is not None:
+            self.k[step.row_index, step.write_span] = k
+            self.v[step.row_index, step.write_span] = v
+            return
+        self.k[step.write_rows, step.write_positions] = step.select_valid(k)
+        self.v[step.write_rows, step.write_positions] = step.select_valid(v)
+
+    def read(self, step: StepPositions) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of `step`'s rows for positions [0, step.upto), as [B, heads, upto, dim]:
+        views of the cache (no copy) when the rows are consecutive."""
+        k = self.k[step.row_index, :step.upto].transpose(1, 2)
+        v = self.v[step.row_index, :step.upto].transpose(1, 2)
+        return k, v
+
+
 class KVCache:
     """Keys [layers, rows, max_len, *k_shape] and values [layers, rows, max_len, *v_shape], plus
     `lengths` [rows]. The shapes are the attention's: (kv_heads, head_dim) for both in GQA; MLA
@@ -83,30 +112,11 @@ class KVCache:
         self.v = torch.zeros((num_layers, rows, max_len, *v_shape), dtype=dtype, device=device)
         self.lengths = torch.zeros(rows, dtype=torch.long, device=device)
         self.max_len = max_len
+        self.layers = [LayerKV(self.k[i], self.v[i]) for i in range(num_layers)]  # what each layer's attention sees
 
     @property
     def rows(self) -> int:
         return self.k.shape[1]
-
-    def write(self, layer: int, step: StepPositions, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store k [B, T, *k_shape], v [B, T, *v_shape] of `step`'s tokens at their rows and positions.
-
-        Only valid tokens are written, so padding never overwrites real entries. Where the rows
-        share their positions (a decode step of equal lengths, a fresh prefill), a plain slice copy.
-        """
-        if step.write_span is not None:
-            self.k[layer, step.row_index, step.write_span] = k
-            self.v[layer, step.row_index, step.write_span] = v
-            return
-        self.k[layer, step.write_rows, step.write_positions] = step.select_valid(k)
-        self.v[layer, step.write_rows, step.write_positions] = step.select_valid(v)
-
-    def read(self, layer: int, step: StepPositions) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values of `step`'s rows for positions [0, step.upto), as [B, heads, upto, dim]:
-        views of the cache (no copy) when the rows are consecutive."""
-        k = self.k[layer, step.row_index, :step.upto].transpose(1, 2)
-        v = self.v[layer, step.row_index, :step.upto].transpose(1, 2)
-        return k, v
 
     def crop(self, rows: torch.Tensor, lengths: torch.Tensor) -> None:
         """Roll rows back to `lengths` (e.g. after rejected draft tokens); later writes overwrite."""

@@ -20,7 +20,7 @@ from torch import nn
 
 from ..spec import ModelSpec
 from .attention import RMSNorm
-from .kv_cache import KVCache, StepPositions
+from .kv_cache import LayerKV, StepPositions
 from .rope import rotate, yarn_mscale
 
 LATENT_NORM_EPS = 1e-6  # q_a_layernorm, kv_a_layernorm: the reference's default, not rms_norm_eps
@@ -66,7 +66,7 @@ class MLA(nn.Module):
             return self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
         return self.q_proj(x)
 
-    def forward(self, x: torch.Tensor, layer: int, cache: KVCache, step: StepPositions,
+    def forward(self, x: torch.Tensor, layer: int, kv: LayerKV, step: StepPositions,
                 rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         spec = self.spec
         B, T, _ = x.shape
@@ -76,8 +76,8 @@ class MLA(nn.Module):
         q_rope = rotate(q_rope, cos, sin, spec.rope.interleave)  # [B, T, H, rope]
         k_rope = rotate(k_rope[:, :, None], cos, sin, spec.rope.interleave)  # [B, T, 1, rope]
 
-        cache.write(layer, step, self.kv_a_layernorm(latent)[:, :, None], k_rope)
-        latents, keys = cache.read(layer, step)  # [B, 1, upto, r], [B, 1, upto, rope]
+        kv.write(step, self.kv_a_layernorm(latent)[:, :, None], k_rope)
+        latents, keys = kv.read(step)  # [B, 1, upto, r], [B, 1, upto, rope]
 
         w_uk, w_uv = self.kv_b_proj.weight.view(spec.num_heads, self.nope + self.v_dim, -1).split(
             [self.nope, self.v_dim], dim=1)  # [H, nope, r], [H, v, r]

@@ -214,18 +214,25 @@ class MoE(nn.Module):
             if spec.shared_expert_intermediate_size else None
         self.shared_expert_gate = nn.Linear(spec.hidden_size, 1, bias=False) if spec.shared_expert_gate else None
 
-    def forward(self, x: torch.Tensor, experts: ExpertProvider, hooks: list[ForwardHooks] = ()) -> torch.Tensor:
-        """x [N, H] (real tokens only, padding removed) -> [N, H]."""
-        weights, ids = self.router.select(self.gate(x))
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The routing (weights [N, k] float32, expert ids [N, k]) of router inputs x [N, H]."""
+        return self.router.select(self.gate(x))
+
+    def shared(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The (gated) shared expert's output [N, H] for x [N, H]; None in a layer without one."""
+        if self.shared_expert is None:
+            return None
+        out = self.shared_expert(x)
+        return out if self.shared_expert_gate is None else torch.sigmoid(self.shared_expert_gate(x)) * out
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, shared: torch.Tensor | None,
+                experts: ExpertProvider, hooks: list[ForwardHooks] = ()) -> torch.Tensor:
+        """x [N, H] (real tokens only, padding removed) with their `route` and `shared` (computed
+        before the fetch, with the attention: Block.forward) -> [N, H]."""
         for hook in hooks:
             weights, ids = hook.route(self.layer, x, weights, ids)
         out = self.run_experts(x, weights, ids, experts)
-        if self.shared_expert is not None:
-            shared = self.shared_expert(x)
-            if self.shared_expert_gate is not None:
-                shared = torch.sigmoid(self.shared_expert_gate(x)) * shared
-            out = out + shared
-        return out
+        return out if shared is None else out + shared
 
     def run_experts(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
                     experts: ExpertProvider | RoutedExecutor) -> torch.Tensor:

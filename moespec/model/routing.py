@@ -134,7 +134,7 @@ class SoftmaxGroupTopK(Router):
 
     def _allowed(self, scores: torch.Tensor) -> torch.Tensor:
         """Groups ranked by their best single score."""
-        return self._group_mask(scores.view(len(scores), self.groups, -1).amax(dim=-1), scores.shape[1])
+        return self._group_mask(scores.view(scores.shape[0], self.groups, -1).amax(dim=-1), scores.shape[1])
 
 
 class SigmoidGroupTopK(Router):
@@ -160,7 +160,7 @@ class SigmoidGroupTopK(Router):
         scores = self.preference(probs)
         if self.groups <= 1:
             return scores
-        group_score = scores.view(len(scores), self.groups, -1).topk(2, dim=-1).values.sum(dim=-1)
+        group_score = scores.view(scores.shape[0], self.groups, -1).topk(2, dim=-1).values.sum(dim=-1)
         return scores.masked_fill(~self._group_mask(group_score, scores.shape[1]), -torch.inf)
 
     def guess_logits(self, logits: torch.Tensor) -> torch.Tensor:

@@ -6,6 +6,8 @@ state-dict assignment. Routed experts are not parameters: MoE blocks ask an Expe
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -15,9 +17,22 @@ from ..spec import ModelSpec
 from .attention import Attention, RMSNorm
 from .rope import Rotary
 from ..hooks import ForwardHooks
-from .kv_cache import KVCache, StepPositions
+from .kv_cache import KVCache, LayerKV, StepPositions
 from .mla import MLA
 from .moe import MLP, MoE
+
+if TYPE_CHECKING:  # compiled.py builds on this module
+    from .compiled import CompiledLayers
+
+
+class BeforeExperts(NamedTuple):
+    """A layer's state when its experts are about to be fetched (Block.forward's output)."""
+
+    x: torch.Tensor  # [B, T, H] the residual after attention
+    h: torch.Tensor  # [B, T, H] the feed-forward's input (normed)
+    weights: torch.Tensor | None = None  # [B * T, k] float32 the routing (None: a dense layer) ...
+    ids: torch.Tensor | None = None  # [B * T, k] ... and its expert ids
+    shared: torch.Tensor | None = None  # [B * T, H] the shared expert's output, where the layer has one
 
 
 class Block(nn.Module):
@@ -30,19 +45,30 @@ class Block(nn.Module):
         self.mlp: MoE | MLP = MoE(spec, layer) if spec.moe_layers[layer] \
             else MLP(spec.hidden_size, spec.dense_intermediate_size)
 
-    def attend(self, x: torch.Tensor, cache: KVCache, step: StepPositions,
-               rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        return x + self.self_attn(self.input_layernorm(x), self.layer, cache, step, rope)
-
-    def feed_forward(self, x: torch.Tensor, step: StepPositions, experts: ExpertProvider,
-                     hooks: list[ForwardHooks]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, kv: LayerKV, step: StepPositions, rope: tuple[torch.Tensor, torch.Tensor]
+                ) -> BeforeExperts:
+        """Everything of this layer that comes before its experts are fetched (what a compiled layer
+        computes: model/compiled.py). Routes padding too; `feed_forward` drops it."""
+        x = x + self.self_attn(self.input_layernorm(x), self.layer, kv, step, rope)
         h = self.post_attention_layernorm(x)
-        if isinstance(self.mlp, MLP):
+        if not isinstance(self.mlp, MoE):
+            return BeforeExperts(x, h)
+        flat = h.flatten(0, 1)
+        weights, ids = self.mlp.route(flat)
+        return BeforeExperts(x, h, weights, ids, self.mlp.shared(flat))
+
+    def feed_forward(self, state: BeforeExperts, step: StepPositions, experts: ExpertProvider,
+                     hooks: list[ForwardHooks]) -> torch.Tensor:
+        """The residual after this layer, from `forward`'s output."""
+        x, h = state.x, state.h
+        if state.weights is None:
             return x + self.mlp(h)
         if step.all_valid:
-            return x + self.mlp(h.flatten(0, 1), experts, hooks).view_as(h)
+            return x + self.mlp(h.flatten(0, 1), state.weights, state.ids, state.shared, experts, hooks).view_as(h)
+        valid = step.valid.flatten()  # padding never reaches the experts, so never fetches any
+        shared = None if state.shared is None else state.shared[valid]
         out = torch.zeros_like(h)
-        out[step.valid] = self.mlp(h[step.valid], experts, hooks)  # padding never routes, so never fetches experts
+        out[step.valid] = self.mlp(h[step.valid], state.weights[valid], state.ids[valid], shared, experts, hooks)
         return x + out
 
     def router_logits(self, residual: torch.Tensor) -> torch.Tensor:
@@ -61,6 +87,7 @@ class Transformer(nn.Module):
         self.lm_head = None if spec.tie_word_embeddings else nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
         self.rotary = Rotary(spec.rope, spec.head_dim)
         self.hooks: list[ForwardHooks] = []
+        self.compiled: CompiledLayers | None = None  # decode steps' Block.forward, compiled (model/compiled.py)
 
     def forward(self, tokens: torch.Tensor, cache: KVCache, experts: ExpertProvider,
                 rows: torch.Tensor | None = None, valid: torch.Tensor | None = None) -> torch.Tensor:
@@ -84,13 +111,15 @@ class Transformer(nn.Module):
             hook.forward_start(rows, positions, valid)
         x = self.embed_tokens(tokens)
         rope = self.rotary(positions, x.dtype)
+        compiled = self.compiled.step(tokens, step) if self.compiled is not None else None  # None: eager
         for i, block in enumerate(self.layers):
             for hook in self.hooks:
                 hook.layer_start(i)
-            x = block.attend(x, cache, step, rope)
+            kv = cache.layers[i]
+            state = block(x, kv, step, rope) if compiled is None else compiled(i, x, kv, rope)
             for hook in self.hooks:
-                hook.after_attention(i, x, valid)
-            x = block.feed_forward(x, step, experts, self.hooks)
+                hook.after_attention(i, state.x, valid)
+            x = block.feed_forward(state, step, experts, self.hooks)
             for hook in self.hooks:
                 hook.layer_end(i)
         cache.lengths[rows] = start + valid.sum(dim=1)

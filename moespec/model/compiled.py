@@ -1,0 +1,176 @@
+"""Decode steps' dense work compiled ahead of time: each layer's attention, feed-forward norm and router
+as one AOTInductor kernel library, the experts still fetched and run by the eager code.
+
+At batch-1 decode on a CPU a layer's dense part is ~25 small ops, and their Python dispatch costs more
+than their arithmetic: the layer takes ~100 us eager, ~45 us as one compiled call (tiny-mixtral, 1
+thread). `torch.compile` does not pay here: its guards run on every call, and the KV length and the
+layer index change every call (measured slower than eager). So the layer is exported once with
+`torch.export` and compiled by AOTInductor into a shared library that runs without guards:
+
+    Transformer.forward, a decode step (one token per row, no padding, consecutive cache rows)
+      for each layer:
+        x, h, logits = compiled layer(layer's tensors, x, its KV slabs, positions, key positions, rope)
+                       ^ traced from Block.forward itself, so it computes what the eager layer computes
+        hooks after_attention(x)                  (eager, as always)
+        x = Block.feed_forward(x, h, logits, ...)  (eager: routing, hooks.route, expert fetch, experts)
+
+One library serves every layer of the same kind (rotary or not, window, chunk, MoE or dense): the
+layer's weights are inputs, not constants, and so are the batch size, the KV cache's length and the
+number of keys read. Libraries are cached on disk by everything that shapes them, so a model is
+compiled once per machine (~10 s per kind on a 2-core CPU). Every other step (prefill, padded or
+scattered rows, speculative decoding's multi-token passes) runs eager.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from functools import partial
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..errors import MoespecError
+from .kv_cache import LayerKV, StepPositions
+from .transformer import BeforeExperts, Block, Transformer
+from .moe import MoE
+
+MAX_ROWS = 1024  # the largest batch a compiled layer accepts (a larger one runs eager)
+
+
+def cache_dir() -> Path:
+    """Where compiled layers are kept: $MOESPEC_CACHE/compiled, else ~/.cache/moespec/compiled."""
+    root = os.environ.get("MOESPEC_CACHE") or Path.home() / ".cache" / "moespec"
+    return Path(root) / "compiled"
+
+
+def graph_step(positions: torch.Tensor, key_pos: torch.Tensor) -> StepPositions:
+    """The StepPositions of a decode step as the compiled layer sees it: rows 0..B-1 of the KV slabs
+    it is given, one token per row at `positions` [B, 1], keys [0, len(key_pos)) read. Every size
+    comes from a tensor, so none is fixed when the layer is traced."""
+    B = positions.shape[0]
+    rows = torch.arange(B, device=positions.device)
+    causal = (key_pos <= positions[:, :, None])[:, None]  # [B, 1, 1, upto]
+    return StepPositions(rows, positions, torch.ones_like(positions, dtype=torch.bool), True, key_pos.shape[0],
+                         slice(None), rows, positions.flatten(), None, causal, False)
+
+
+def layer_tensors(block: Block) -> dict[str, torch.Tensor]:
+    """Every tensor Block.forward may read of a layer, by name: its parameters and the plain tensors
+    its modules hold (the stacked projections, model/stacked.py), but not the parameters that are
+    views of a stacked tensor (never read by the forward)."""
+    stacked = {f"{prefix}.{attr}".lstrip("."): value for prefix, module in block.named_modules()
+               for attr, value in vars(module).items() if isinstance(value, torch.Tensor)}
+    storages = {t.untyped_storage().data_ptr() for t in stacked.values()}
+    tensors = {name: p for name, p in block.named_parameters() if p.untyped_storage().data_ptr() not in storages}
+    return tensors | stacked
+
+
+def layer_kind(model: Transformer, i: int) -> tuple:
+    """What makes layers trace differently: layers of one kind share a compiled library."""
+    spec, block = model.spec, model.layers[i]
+    return (isinstance(block.mlp, MoE), i in spec.nope_layers, spec.window(i), i in spec.chunked_layers)
+
+
+class _Layer(nn.Module):
+    """What is exported: Block.forward of a decode step, with the layer's tensors as inputs."""
+
+    def __init__(self, block: Block):
+        super().__init__()
+        self._block = [block]  # not a submodule: its weights must not become the library's constants
+
+    def forward(self, tensors: dict[str, torch.Tensor], x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                positions: torch.Tensor, key_pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+                ) -> tuple[torch.Tensor, ...]:
+        step = graph_step(positions, key_pos)
+        out = torch.func.functional_call(self._block[0], tensors, (x, LayerKV(keys, values), step, (cos, sin)))
+        return tuple(t for t in out if t is not None)  # a dense layer or no shared expert: fewer outputs
+
+
+def _example(model: Transformer, i: int) -> tuple:
+    """Inputs to trace layer i with: 2 rows of different lengths in a 4-long cache (sizes of 0 or 1
+    would be fixed by the trace), on the model's device and dtype."""
+    weight = model.embed_tokens.weight
+    cache = model.new_cache(2, 4)
+    positions = torch.tensor([[2], [1]], device=weight.device)
+    cos, sin = model.rotary(positions, weight.dtype)
+    x = torch.randn(2, 1, model.spec.hidden_size, dtype=weight.dtype, device=weight.device)
+    kv = cache.layers[i]
+    return (layer_tensors(model.layers[i]), x, kv.k, kv.v, positions, torch.arange(3, device=weight.device), cos, sin)
+
+
+def _library_name(model: Transformer, i: int) -> str:
+    """A file name that changes with everything the library depends on."""
+    weight = model.embed_tokens.weight
+    shapes = sorted((name, tuple(t.shape), str(t.dtype)) for name, t in layer_tensors(model.layers[i]).items())
+    key = repr((model.spec, layer_kind(model, i), shapes, weight.device.type, torch.__version__))
+    return f"layer-{hashlib.sha256(key.encode()).hexdigest()[:20]}.pt2"
+
+
+def compile_layer(model: Transformer, i: int, directory: Path):
+    """The compiled library of layer i's kind: loaded from `directory`, compiled there first if missing."""
+    path = directory / _library_name(model, i)
+    if not path.is_file():
+        batch, cache_len, keys = (torch.export.Dim(n, min=lo, max=hi) for n, lo, hi in
+                                  (("rows", 1, MAX_ROWS), ("cache_len", 2, None), ("keys", 1, None)))
+        args = _example(model, i)
+        rows = {0: batch}
+        dims = ({name: None for name in args[0]}, rows, {0: batch, 1: cache_len}, {0: batch, 1: cache_len},
+                rows, {0: keys}, rows, rows)
+        with torch.inference_mode(False), torch.no_grad():
+            program = torch.export.export(_Layer(model.layers[i]), args, dynamic_shapes=dims)
+        if program.constants or program.state_dict:  # would be layer i's, baked into every layer of its kind
+            raise RuntimeError(f"the compiled layer holds tensors of layer {i} that are not inputs: "
+                               f"{sorted([*program.constants, *program.state_dict])}")
+        directory.mkdir(parents=True, exist_ok=True)
+        unfinished = path.with_suffix(f".{os.getpid()}.tmp.pt2")
+        torch._inductor.aoti_compile_and_package(program, package_path=str(unfinished))
+        unfinished.replace(path)  # never a half-written library under the final name
+    return torch._inductor.aoti_load_package(str(path))
+
+
+class CompiledLayers:
+    """Each layer's Block.forward as a compiled library (one per kind of layer), for decode steps."""
+
+    def __init__(self, model: Transformer, directory: Path | None = None):
+        directory = directory or cache_dir()
+        self.model = model
+        libraries: dict[tuple, object] = {}
+        self.layers = []
+        for i in range(model.spec.num_layers):
+            kind = layer_kind(model, i)
+            if kind not in libraries:
+                libraries[kind] = compile_layer(model, i, directory)
+            self.layers.append((libraries[kind], layer_tensors(model.layers[i])))
+        self.moe = [isinstance(block.mlp, MoE) for block in model.layers]
+        self.shared = [isinstance(block.mlp, MoE) and block.mlp.shared_expert is not None for block in model.layers]
+
+    def step(self, tokens: torch.Tensor, step: StepPositions) -> Callable[..., BeforeExperts] | None:
+        """For a forward pass the libraries run, `layer(i, x, kv, rope)` (Block.forward of layer i);
+        else None (run it eager). They run decode steps: one token per row, no padding, consecutive
+        cache rows (the layer is given views of their KV slabs), at most MAX_ROWS rows."""
+        if tokens.shape[1] != 1 or not step.all_valid or not isinstance(step.row_index, slice) \
+                or tokens.shape[0] > MAX_ROWS:
+            return None
+        return partial(self._layer, step, torch.arange(step.upto, device=tokens.device))
+
+    def _layer(self, step: StepPositions, key_pos: torch.Tensor, i: int, x: torch.Tensor, kv: LayerKV,
+               rope: tuple[torch.Tensor, torch.Tensor]) -> BeforeExperts:
+        library, tensors = self.layers[i]
+        out = library(tensors, x, kv.k[step.row_index], kv.v[step.row_index], step.positions, key_pos, *rope)
+        if not self.moe[i]:
+            return BeforeExperts(*out)
+        return BeforeExperts(*out) if self.shared[i] else BeforeExperts(*out, None)
+
+
+def compile_layers(model: Transformer, directory: Path | None = None) -> CompiledLayers:
+    """`CompiledLayers(model)`, with a failure (a layer torch.export cannot trace, no C++ compiler)
+    as one line naming the cause."""
+    try:
+        return CompiledLayers(model, directory)
+    except Exception as e:  # torch's compile errors span pages: keep their first line
+        first = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        raise MoespecError(f"compile=True: compiling the model's layers failed ({type(e).__name__}: "
+                           f"{first[:300]}); compile=False runs eager") from None

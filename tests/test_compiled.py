@@ -1,0 +1,125 @@
+"""The compiled decode path (moespec/model/compiled.py): what it computes is what the eager layers
+compute, it really runs, it never bakes one layer's weights into another, and its failures are one line."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import moespec.model.compiled as compiled
+from moespec import LLM, MoespecError
+from test_deepseek import save as save_deepseek
+from test_gpt_oss import CASES as GPT_OSS_CASES, random_model as gpt_oss_model
+from test_llama4 import CASES as LLAMA4_CASES, save_llama4
+from tiny import save_model
+
+PROMPTS = [[5, 9, 23, 7], [11, 4, 60, 2, 19, 33, 8], [3, 40]]  # three lengths: rows decode at different positions
+
+
+def save_gpt_oss(out, **kw):
+    gpt_oss_model(**kw).save_pretrained(out)
+
+
+BUILDERS = {  # each covers layer kinds the others do not
+    "mixtral": lambda d: save_model("mixtral", d, experts=8, top_k=2),
+    "qwen2_moe": lambda d: save_model("qwen2_moe", d, experts=8, top_k=2, qkv_bias=True),  # shared expert, biases
+    "deepseek_v3": lambda d: save_deepseek("deepseek_v3", d, experts=8, top_k=2, n_group=2, topk_group=1,
+                                           num_hidden_layers=3, first_k_dense_replace=1),  # MLA, a dense layer
+    "gpt_oss": lambda d: save_gpt_oss(d, **GPT_OSS_CASES["full-then-window3-clamped"]),  # sinks, a window
+    "llama4": lambda d: save_llama4(d, **LLAMA4_CASES["interleaved-top1-chunk5"]),  # NoPE, chunks, dense layers
+}
+SLOW = {"gpt_oss", "llama4"}  # two and three kinds of layer: ~10 s each to compile on a 2-core CPU
+
+
+@pytest.fixture(scope="module")
+def library_dir(tmp_path_factory):
+    """One library directory for the module, so each model compiles once."""
+    with pytest.MonkeyPatch.context() as mp:
+        d = tmp_path_factory.mktemp("compiled")
+        mp.setenv("MOESPEC_CACHE", str(d))
+        yield d / "compiled"
+
+
+@pytest.fixture(scope="module", params=[pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in BUILDERS])
+def pair(request, tmp_path_factory, library_dir):
+    """(eager LLM, compiled LLM) of one tiny random checkpoint."""
+    d = tmp_path_factory.mktemp(request.param)
+    BUILDERS[request.param](d)
+    return LLM(d), LLM(d, compile=True)
+
+
+def counting(llm: LLM) -> list[int]:
+    """A list that grows by one for each compiled layer call of `llm`."""
+    calls: list[int] = []
+    layer = llm.model.compiled._layer
+
+    def counted(*args):
+        calls.append(1)
+        return layer(*args)
+    llm.model.compiled._layer = counted
+    return calls
+
+
+def test_compiled_decode_is_the_eager_decode(pair):
+    """Greedy tokens of rows at different positions identical; logits of every decode step within
+    float rounding (the compiled kernels fuse the pointwise work, so the last bits may differ)."""
+    eager, fast = pair
+    calls = counting(fast)
+    kw = dict(max_new_tokens=12, temperature=0.0, ignore_eos=True)
+    assert [o.token_ids for o in fast.generate(PROMPTS, **kw)] == [o.token_ids for o in eager.generate(PROMPTS, **kw)]
+    assert len(calls) >= 11 * fast.spec.num_layers  # every decode step ran compiled (the prefill eager)
+    ids = torch.tensor([p[:2] + [7, 30, 12, 9, 44] for p in PROMPTS])
+    expected = eager.engine.teacher_forced(ids)
+    assert (fast.engine.teacher_forced(ids) - expected).abs().max().item() <= 1e-5 * max(1.0, expected.abs().max())
+
+
+def test_a_tensor_the_layer_reads_but_is_not_given_is_refused(tmp_path, monkeypatch):
+    """Layers of one kind share a library, so their weights must be its inputs: a tensor the trace
+    would bake in as a constant (here the shared expert's stacked gate/up) stops the compile."""
+    save_model("qwen2_moe", tmp_path, experts=8, top_k=2)
+    monkeypatch.setenv("MOESPEC_CACHE", str(tmp_path / "empty"))
+    every = compiled.layer_tensors
+    monkeypatch.setattr(compiled, "layer_tensors",
+                        lambda block: {k: t for k, t in every(block).items() if k != "mlp.shared_expert.gate_up"})
+    with pytest.raises(MoespecError, match="holds tensors of layer 0 that are not inputs"):
+        LLM(tmp_path, compile=True)
+
+
+def test_offloaded_prefetching_run_stays_exact(tmp_path, library_dir):
+    """An expert cache of a quarter of the experts with lookahead prefetching: the compiled steps
+    keep the resident eager run's tokens (the hooks see the same residual and routing)."""
+    save_model("mixtral", tmp_path, experts=8, top_k=2)
+    kw = dict(max_new_tokens=16, temperature=0.0, ignore_eos=True)
+    expected = [o.token_ids for o in LLM(tmp_path).generate(PROMPTS, **kw)]
+    llm = LLM(tmp_path, compile=True, expert_cache="25%", prefetch="lookahead")
+    calls = counting(llm)
+    assert [o.token_ids for o in llm.generate(PROMPTS, **kw)] == expected and calls
+
+
+def test_a_compiled_library_is_loaded_not_compiled_again(tmp_path, library_dir, monkeypatch):
+    save_model("mixtral", tmp_path, experts=8, top_k=2)
+    LLM(tmp_path, compile=True)
+    assert any(library_dir.glob("layer-*.pt2")) and not any(library_dir.glob("*.tmp.pt2"))
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("compiled again")
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", refuse)
+    LLM(tmp_path, compile=True)
+
+
+def test_a_failed_compile_is_one_line(tmp_path, monkeypatch):
+    save_model("mixtral", tmp_path, experts=8, top_k=2)
+    monkeypatch.setenv("MOESPEC_CACHE", str(tmp_path / "empty"))
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found in ['g++']\n(a long traceback)")
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", fail)
+    with pytest.raises(MoespecError) as err:
+        LLM(tmp_path, compile=True)
+    message = str(err.value)
+    assert "\n" not in message and "No working C++ compiler found" in message and "compile=False" in message
+
+
+def test_compile_must_be_a_bool():
+    with pytest.raises(MoespecError, match="compile must be True or False, got 'yes'"):
+        LLM(compile="yes")
