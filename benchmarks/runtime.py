@@ -137,12 +137,12 @@ def measure(path: str, dtype: str, threads: int, repeats: int, new: int, batches
     out = {"model": path, "dtype": dtype, "torch_threads": torch.get_num_threads(), "repeats": repeats,
            "new_tokens": new, "prefill_tokens": prefill.shape[1], "load_average_before": load_before}
     if compiled:
-        fast = LLM(path, dtype=dtype, progress=False, compile=True)
-        systems["moespec compiled"] = (fast, moespec_runs)
+        fast_llm = LLM(path, dtype=dtype, progress=False, compile=True)
+        systems["moespec compiled"] = (fast_llm, moespec_runs)
         out["compiled_greedy_identical"] = all(
             a.token_ids == b.token_ids for a, b in zip(*(m.generate(_prompts(8, 32).tolist(), max_new_tokens=new,
                                                                    temperature=0.0, ignore_eos=True)
-                                                        for m in (llm, fast))))
+                                                        for m in (llm, fast_llm))))
     if gguf_dir is not None:
         gguf = gguf_file(gguf_dir, path, dtype)
         kind, kv_type = GGUF_TYPES[dtype]
@@ -193,7 +193,7 @@ def measure(path: str, dtype: str, threads: int, repeats: int, new: int, batches
     if "llama.cpp" in systems:
         systems["llama.cpp"][0].close()
     if compiled:
-        fast.close()
+        fast_llm.close()
     llm.close()
     return out
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import warnings
 from functools import partial
 from pathlib import Path
 from typing import Callable
@@ -48,7 +49,7 @@ def cache_dir() -> Path:
 
 def graph_step(positions: torch.Tensor, key_pos: torch.Tensor) -> StepPositions:
     """The StepPositions of a decode step as the compiled layer sees it: rows 0..B-1 of the KV slabs
-    it is given, one token per row at `positions` [B, 1], keys [0, len(key_pos)) read. Every size
+    it is given, one token per row at `positions` [B, 1], keys at key_pos = [0, upto) read. Every size
     comes from a tensor, so none is fixed when the layer is traced."""
     B = positions.shape[0]
     rows = torch.arange(B, device=positions.device)
@@ -102,10 +103,14 @@ def _example(model: Transformer, i: int) -> tuple:
 
 
 def _library_name(model: Transformer, i: int) -> str:
-    """A file name that changes with everything the library depends on."""
+    """A file name that changes with everything the library depends on (the thread count too: the
+    generated loops are written for the threads torch had when they were compiled)."""
     weight = model.embed_tokens.weight
     shapes = sorted((name, tuple(t.shape), str(t.dtype)) for name, t in layer_tensors(model.layers[i]).items())
-    key = repr((model.spec, layer_kind(model, i), shapes, weight.device.type, torch.__version__))
+    machine = torch.backends.cpu.get_cpu_capability() if weight.device.type == "cpu" else \
+        torch.cuda.get_device_name(weight.device)  # the kernels are built for this CPU's vector ISA / this GPU
+    key = repr((model.spec, layer_kind(model, i), shapes, weight.device.type, machine, torch.get_num_threads(),
+                torch.__version__))
     return f"layer-{hashlib.sha256(key.encode()).hexdigest()[:20]}.pt2"
 
 
@@ -119,7 +124,8 @@ def compile_layer(model: Transformer, i: int, directory: Path):
         rows = {0: batch}
         dims = ({name: None for name in args[0]}, rows, {0: batch, 1: cache_len}, {0: batch, 1: cache_len},
                 rows, {0: keys}, rows, rows)
-        with torch.inference_mode(False), torch.no_grad():
+        with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
             program = torch.export.export(_Layer(model.layers[i]), args, dynamic_shapes=dims)
         if program.constants or program.state_dict:  # would be layer i's, baked into every layer of its kind
             raise RuntimeError(f"the compiled layer holds tensors of layer {i} that are not inputs: "
@@ -128,7 +134,9 @@ def compile_layer(model: Transformer, i: int, directory: Path):
         unfinished = path.with_suffix(f".{os.getpid()}.tmp.pt2")
         torch._inductor.aoti_compile_and_package(program, package_path=str(unfinished))
         unfinished.replace(path)  # never a half-written library under the final name
-    return torch._inductor.aoti_load_package(str(path))
+    with warnings.catch_warnings():  # torch's own deprecation notices about its package format
+        warnings.simplefilter("ignore", FutureWarning)
+        return torch._inductor.aoti_load_package(str(path))
 
 
 class CompiledLayers:
@@ -136,7 +144,6 @@ class CompiledLayers:
 
     def __init__(self, model: Transformer, directory: Path | None = None):
         directory = directory or cache_dir()
-        self.model = model
         libraries: dict[tuple, object] = {}
         self.layers = []
         for i in range(model.spec.num_layers):
