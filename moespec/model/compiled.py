@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+import torch.utils._pytree as pytree
 from torch import nn
 
 from ..errors import MoespecError
@@ -144,15 +145,18 @@ class CompiledLayers:
 
     def __init__(self, model: Transformer, directory: Path | None = None):
         directory = directory or cache_dir()
-        libraries: dict[tuple, object] = {}
-        self.layers = []
-        for i in range(model.spec.num_layers):
+        libraries: dict[tuple, torch._C._aoti.AOTIModelPackageLoader] = {}
+        self.layers: list[tuple[torch._C._aoti.AOTIModelPackageLoader, list[torch.Tensor]]] = []
+        for i, block in enumerate(model.layers):
             kind = layer_kind(model, i)
             if kind not in libraries:
-                libraries[kind] = compile_layer(model, i, directory)
-            self.layers.append((libraries[kind], layer_tensors(model.layers[i])))
-        self.moe = [isinstance(block.mlp, MoE) for block in model.layers]
-        self.shared = [isinstance(block.mlp, MoE) and block.mlp.shared_expert is not None for block in model.layers]
+                libraries[kind] = compile_layer(model, i, directory).loader
+            library = libraries[kind]
+            # called with its inputs flat, in the order the export flattened them (the tensors by name
+            # first): the package's own __call__ re-parses its input and output specs on every call
+            names = pytree.treespec_loads(library.get_call_spec()[0]).children_specs[0].children_specs[0].context
+            tensors = layer_tensors(block)
+            self.layers.append((library, [tensors[name] for name in names]))
 
     def step(self, tokens: torch.Tensor, step: StepPositions) -> Callable[..., BeforeExperts] | None:
         """For a forward pass the libraries run, `layer(i, x, kv, rope)` (Block.forward of layer i);
@@ -165,11 +169,9 @@ class CompiledLayers:
 
     def _layer(self, step: StepPositions, key_pos: torch.Tensor, i: int, x: torch.Tensor, kv: LayerKV,
                rope: tuple[torch.Tensor, torch.Tensor]) -> BeforeExperts:
-        library, tensors = self.layers[i]
-        out = library(tensors, x, kv.k[step.row_index], kv.v[step.row_index], step.positions, key_pos, *rope)
-        if not self.moe[i]:
-            return BeforeExperts(*out)
-        return BeforeExperts(*out) if self.shared[i] else BeforeExperts(*out, None)
+        library, weights = self.layers[i]
+        out = library.run([*weights, x, kv.k[step.row_index], kv.v[step.row_index], step.positions, key_pos, *rope])
+        return BeforeExperts(*out)  # (x, h), plus (weights, ids) in an MoE layer, plus its shared expert's output
 
 
 def compile_layers(model: Transformer, directory: Path | None = None) -> CompiledLayers:
