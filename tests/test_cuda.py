@@ -1,5 +1,7 @@
 """CUDA offloading: runs on a GPU machine, skipped elsewhere."""
 
+import threading
+
 import pytest
 import torch
 
@@ -39,3 +41,24 @@ def test_cuda_bfloat16_close_to_cpu_float32(model_dir):
     ref = LLM(model_dir).score(ids)
     got = LLM(model_dir, device="cuda", dtype="bfloat16", expert_cache="50%").score(ids)
     assert (got.cpu() - ref).abs().max().item() < 0.1
+
+
+def test_cuda_disk_tier_reads_off_the_compute_thread(model_dir):
+    """Disk tier with direct I/O and prefetching on CUDA: every store read runs on a reader thread
+    (which enqueues the copy), and the tokens are the resident run's."""
+    want = LLM(model_dir, device="cuda").generate(PROMPTS, max_new_tokens=16, ignore_eos=True)
+    llm = LLM(model_dir, device="cuda", expert_cache="25%", expert_tier="disk", host_cache=0, direct_io=True,
+              prefetch="lookahead")
+    readers, read = [], llm.store._read
+    llm.store._read = lambda key: readers.append(threading.current_thread().name) or read(key)
+    got = llm.generate(PROMPTS, max_new_tokens=16, ignore_eos=True)
+    assert [o.token_ids for o in got] == [o.token_ids for o in want]
+    assert readers and all(name.startswith("moespec-read") for name in readers)
+    llm.close()
+
+
+def test_cuda_compiled_decode_is_the_eager_decode(model_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("MOESPEC_CACHE", str(tmp_path))
+    want = LLM(model_dir, device="cuda").generate(PROMPTS, max_new_tokens=16, ignore_eos=True)
+    got = LLM(model_dir, device="cuda", compile=True).generate(PROMPTS, max_new_tokens=16, ignore_eos=True)
+    assert [o.token_ids for o in got] == [o.token_ids for o in want]

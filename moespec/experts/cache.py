@@ -78,8 +78,9 @@ class ExpertCache:
                 f"{spec.top_k} experts of a layer; raise expert_cache"
             )
         self.store, self.stats = store, stats
-        self.transfers = CpuTransfers(link_bandwidth, tracer, readers=2 if store.tier == "disk" else 0) \
-            if device.type == "cpu" else CudaTransfers(device, slots)
+        readers = 2 if store.tier == "disk" else 0  # threads that read the store off the compute thread
+        self.transfers = CpuTransfers(link_bandwidth, tracer, readers) if device.type == "cpu" \
+            else CudaTransfers(device, slots, readers)
         n = per_domain * len(layers) if scope == "layer" else slots
         # every slot's packed tensors stacked: [n, *shape] per packed tensor; a layer's use unpacks
         # one expert at a time (formats.Unpacker: Dense experts are used in place)

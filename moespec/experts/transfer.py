@@ -1,7 +1,8 @@
 """Asynchronous host -> device copies of expert weights.
 
-On CUDA, copies run on a dedicated high-priority stream from pinned host memory; compute waits for
-a copy's event only where it needs that expert, never with a device-wide sync. On the CPU there is
+On CUDA, copies run on a dedicated high-priority stream from pinned host memory (on the disk tier,
+reader threads read the experts and enqueue their copies); compute waits for a copy's event only
+where it needs that expert, never with a device-wide sync. On the CPU there is
 no link to measure, so reader threads fetch experts from the store and a link thread spends each
 copy's time on an emulated link of a given bandwidth (bytes / bandwidth seconds), which lets the
 overlap of copies and compute be measured on machines without a GPU; the bytes land in the slot
@@ -16,7 +17,7 @@ import heapq
 import itertools
 import threading
 import time
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable
 
 import torch
@@ -215,46 +216,76 @@ class CpuTransfers:
 
 
 class CudaTransfers:
-    """Copies on a high-priority side stream; per-slot events keep copies off slots still in use."""
+    """Copies on a high-priority side stream; per-slot events keep copies off slots still in use.
+
+    On the disk tier, reader threads read each expert and enqueue its copy themselves, so no store
+    read runs on the thread that computes; compute blocks only on a read it needs now. A copy from
+    the page cache or a direct-I/O buffer (pageable memory) is staged by CUDA on the reader thread.
+    The readers take copies first come, first served: unlike CpuTransfers, a demand read does not
+    overtake queued guesses' reads.
+    """
 
     preempts = False  # one stream runs copies in issue order: a queued guess delays a later demand copy
 
-    def __init__(self, device: torch.device, slots: int):
+    def __init__(self, device: torch.device, slots: int, readers: int = 0):
+        """readers: threads reading the store (the disk tier); 0: the store is read by the thread
+        that asks for the copy (the RAM tier: a lookup of pinned host memory)."""
         self.device = device
         self.stream = torch.cuda.Stream(device=device, priority=-1)
         self._slot_free = [None] * slots  # event recorded on the compute stream when a slot was last used
-        self.busy_seconds = 0.0  # not measured on the GPU (it would need timed events per copy): guesses see an idle link
+        # reading time on the disk tier (summed over the readers); the wire itself is not measured on
+        # the GPU (it would need timed events per copy): there, guesses see an idle link
+        self.busy_seconds = 0.0
         self.stalled_seconds: float | None = None  # known only after a sync (collect_stalls)
         self._stalls: list[tuple[int, torch.cuda.Event, torch.cuda.Event]] = []
+        self._readers = ThreadPoolExecutor(readers, thread_name_prefix="moespec-read") if readers else None
+        self._busy_lock = threading.Lock()
 
     def copy(self, read: ReadFn, dst: Packed, label: str, slot: int,
-             urgent: bool = True) -> torch.cuda.Event:
-        """Copies on one stream run in issue order: `urgent` cannot reorder them on a GPU. The
-        store is read here, on the calling thread (pinned host memory: a lookup for the RAM
-        tier; the disk tier's reads are not yet moved off the compute thread on CUDA)."""
+             urgent: bool = True) -> torch.cuda.Event | Future:
+        """An event recorded after the copy (RAM tier), or a future of it (disk tier: read and
+        enqueued by a reader). Copies on one stream run in issue order: `urgent` cannot reorder them."""
+        after = self._slot_free[slot]  # the slot's last use before this copy was asked for
+        if self._readers is None:
+            return self._enqueue(read(), dst, after)
+        return self._readers.submit(self._read_and_enqueue, read, dst, after)
+
+    def _read_and_enqueue(self, read: ReadFn, dst: Packed, after: torch.cuda.Event | None) -> torch.cuda.Event:
+        start = time.perf_counter()
         src = read()
+        with self._busy_lock:
+            self.busy_seconds += time.perf_counter() - start
+        return self._enqueue(src, dst, after)
+
+    def _enqueue(self, src: Packed, dst: Packed, after: torch.cuda.Event | None) -> torch.cuda.Event:
         done = torch.cuda.Event()
-        with torch.cuda.stream(self.stream):
-            if self._slot_free[slot] is not None:
-                self.stream.wait_event(self._slot_free[slot])
+        with torch.cuda.device(self.device), torch.cuda.stream(self.stream):
+            if after is not None:
+                self.stream.wait_event(after)
             copy_packed(src, dst)
             done.record(self.stream)
         return done
 
-    def wait(self, handle: torch.cuda.Event, layer: int) -> None:
-        """Make the compute stream wait for the copy (no host sync); its stall is read later."""
+    def wait(self, handle: torch.cuda.Event | Future, layer: int) -> None:
+        """Make the compute stream wait for the copy (no host sync; on the disk tier, the host
+        first waits for the read); its stall is read later."""
         before, after = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         before.record()
-        torch.cuda.current_stream(self.device).wait_event(handle)
+        event = handle.result() if isinstance(handle, Future) else handle
+        torch.cuda.current_stream(self.device).wait_event(event)
         after.record()
         self._stalls.append((layer, before, after))
 
-    def done(self, handle: torch.cuda.Event) -> bool:
+    def done(self, handle: torch.cuda.Event | Future) -> bool:
+        if isinstance(handle, Future):  # a failed read counts as done: `wait` raises it
+            if not handle.done() or handle.cancelled():
+                return False
+            return handle.exception() is not None or handle.result().query()
         return handle.query()
 
-    def cancel(self, handle: torch.cuda.Event) -> bool:
-        """A copy enqueued on the stream cannot be taken back."""
-        return False
+    def cancel(self, handle: torch.cuda.Event | Future) -> bool:
+        """A read not yet begun can be dropped; a copy enqueued on the stream cannot be taken back."""
+        return isinstance(handle, Future) and handle.cancel()
 
     def slot_released(self, slot: int) -> None:
         event = torch.cuda.Event()
@@ -262,7 +293,8 @@ class CudaTransfers:
         self._slot_free[slot] = event
 
     def collect_stalls(self) -> dict[int, float]:
-        """Seconds the compute stream waited for copies, per layer, since the last call (one sync)."""
+        """Seconds the compute stream waited for copies, per layer, since the last call (one sync).
+        A disk-tier wait's host-side wait for the read falls between the two events too."""
         torch.cuda.synchronize(self.device)
         per_layer: dict[int, float] = {}
         for layer, before, after in self._stalls:
@@ -271,4 +303,6 @@ class CudaTransfers:
         return per_layer
 
     def close(self) -> None:
+        if self._readers is not None:
+            self._readers.shutdown(wait=True, cancel_futures=True)
         torch.cuda.synchronize(self.device)
