@@ -115,8 +115,10 @@ def _library_name(model: Transformer, i: int) -> str:
     return f"layer-{hashlib.sha256(key.encode()).hexdigest()[:20]}.pt2"
 
 
-def compile_layer(model: Transformer, i: int, directory: Path):
-    """The compiled library of layer i's kind: loaded from `directory`, compiled there first if missing."""
+def compile_layer(model: Transformer, i: int, directory: Path
+                  ) -> tuple[torch._C._aoti.AOTIModelPackageLoader, list[str]]:
+    """The compiled library of layer i's kind, loaded from `directory` (compiled there first if
+    missing), and the names of the layer tensors it takes first, in order."""
     path = directory / _library_name(model, i)
     if not path.is_file():
         batch, cache_len, keys = (torch.export.Dim(n, min=lo, max=hi) for n, lo, hi in
@@ -137,7 +139,11 @@ def compile_layer(model: Transformer, i: int, directory: Path):
         unfinished.replace(path)  # never a half-written library under the final name
     with warnings.catch_warnings():  # torch's own deprecation notices about its package format
         warnings.simplefilter("ignore", FutureWarning)
-        return torch._inductor.aoti_load_package(str(path))
+        library = torch._inductor.aoti_load_package(str(path)).loader
+        # called with its inputs flat, in the order the export flattened them (the tensors by name
+        # first): the package's own __call__ re-parses its input and output specs on every call
+        names = pytree.treespec_loads(library.get_call_spec()[0]).children_specs[0].children_specs[0].context
+    return library, names
 
 
 class CompiledLayers:
@@ -145,16 +151,13 @@ class CompiledLayers:
 
     def __init__(self, model: Transformer, directory: Path | None = None):
         directory = directory or cache_dir()
-        libraries: dict[tuple, torch._C._aoti.AOTIModelPackageLoader] = {}
+        libraries: dict[tuple, tuple[torch._C._aoti.AOTIModelPackageLoader, list[str]]] = {}
         self.layers: list[tuple[torch._C._aoti.AOTIModelPackageLoader, list[torch.Tensor]]] = []
         for i, block in enumerate(model.layers):
             kind = layer_kind(model, i)
             if kind not in libraries:
-                libraries[kind] = compile_layer(model, i, directory).loader
-            library = libraries[kind]
-            # called with its inputs flat, in the order the export flattened them (the tensors by name
-            # first): the package's own __call__ re-parses its input and output specs on every call
-            names = pytree.treespec_loads(library.get_call_spec()[0]).children_specs[0].children_specs[0].context
+                libraries[kind] = compile_layer(model, i, directory)
+            library, names = libraries[kind]
             tensors = layer_tensors(block)
             self.layers.append((library, [tensors[name] for name in names]))
 
