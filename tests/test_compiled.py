@@ -73,6 +73,29 @@ def test_compiled_decode_is_the_eager_decode(pair):
     assert (fast.engine.teacher_forced(ids) - expected).abs().max().item() <= 1e-5 * max(1.0, expected.abs().max())
 
 
+def test_rows_apart_in_the_cache_run_one_call_per_run(pair):
+    """Continuous batching leaves gaps between the rows it decodes: rows [2, 0] of a 3-row cache
+    (two runs), [0, 2] and [1] compute and write the cache as the eager layers do."""
+    _, fast = pair
+    model, compiled_layers = fast.model, fast.model.compiled
+    cache, twin = model.new_cache(3, 32), model.new_cache(3, 32)
+    calls = counting(fast)
+    with torch.inference_mode():
+        model.compiled = None
+        model(torch.tensor([[5, 9, 23, 7]] * 3), cache, fast.experts)  # eager prefill of every row
+        for a, b in ((twin.k, cache.k), (twin.v, cache.v), (twin.lengths, cache.lengths)):
+            a.copy_(b)
+        for rows in ([2, 0], [0, 2], [1]):
+            tokens, rows = torch.tensor([[11]] * len(rows)), torch.tensor(rows)
+            model.compiled = None
+            want = model(tokens, twin, fast.experts, rows=rows)
+            model.compiled = compiled_layers
+            got = model(tokens, cache, fast.experts, rows=rows)
+            assert (got - want).abs().max().item() <= 1e-5
+        assert (cache.k - twin.k).abs().max().item() <= 1e-5 and torch.equal(cache.lengths, twin.lengths)
+        assert len(calls) == 3 * model.spec.num_layers
+
+
 def test_a_tensor_the_layer_reads_but_is_not_given_is_refused(tmp_path, monkeypatch):
     """Layers of one kind share a library, so their weights must be its inputs: a tensor the trace
     would bake in as a constant (here the shared expert's stacked gate/up) stops the compile."""

@@ -163,18 +163,35 @@ class CompiledLayers:
 
     def step(self, tokens: torch.Tensor, step: StepPositions) -> Callable[..., BeforeExperts] | None:
         """For a forward pass the libraries run, `layer(i, x, kv, rope)` (Block.forward of layer i);
-        else None (run it eager). They run decode steps: one token per row, no padding, consecutive
-        cache rows (the layer is given views of their KV slabs), at most MAX_ROWS rows."""
-        if tokens.shape[1] != 1 or not step.all_valid or not isinstance(step.row_index, slice) \
-                or tokens.shape[0] > MAX_ROWS:
+        else None (run it eager). They run decode steps: one token per row, no padding, at most
+        MAX_ROWS rows. Each run of rows consecutive in the cache is one call, given views of
+        its rows' KV slabs (so nothing of the cache is copied); one call where all are consecutive."""
+        if tokens.shape[1] != 1 or not step.all_valid or tokens.shape[0] > MAX_ROWS:
             return None
-        return partial(self._layer, step, torch.arange(step.upto, device=tokens.device))
+        runs = None if isinstance(step.row_index, slice) else row_runs(step.rows.tolist())
+        return partial(self._layer, step, runs, torch.arange(step.upto, device=tokens.device))
 
-    def _layer(self, step: StepPositions, key_pos: torch.Tensor, i: int, x: torch.Tensor, kv: LayerKV,
-               rope: tuple[torch.Tensor, torch.Tensor]) -> BeforeExperts:
+    def _layer(self, step: StepPositions, runs: list[tuple[slice, slice]] | None, key_pos: torch.Tensor, i: int,
+               x: torch.Tensor, kv: LayerKV, rope: tuple[torch.Tensor, torch.Tensor]) -> BeforeExperts:
         library, weights = self.layers[i]
-        out = library.run([*weights, x, kv.k[step.row_index], kv.v[step.row_index], step.positions, key_pos, *rope])
-        return BeforeExperts(*out)  # (x, h), plus (weights, ids) in an MoE layer, plus its shared expert's output
+        if runs is None:
+            out = library.run([*weights, x, kv.k[step.row_index], kv.v[step.row_index], step.positions, key_pos, *rope])
+            return BeforeExperts(*out)  # (x, h), plus (weights, ids) in an MoE layer, plus its shared expert's output
+        cos, sin = rope
+        parts = [library.run([*weights, x[b], kv.k[c], kv.v[c], step.positions[b], key_pos, cos[b], sin[b]])
+                 for b, c in runs]
+        return BeforeExperts(*map(torch.cat, zip(*parts)))  # every output has one row per token: batch order
+
+
+def row_runs(rows: list[int]) -> list[tuple[slice, slice]]:
+    """The batch's rows split where they stop being consecutive in the cache: (the run's rows in the
+    batch, its rows in the cache) for each. [4, 5, 1] -> [(0:2, 4:6), (2:3, 1:2)]."""
+    runs, start = [], 0
+    for b in range(1, len(rows) + 1):
+        if b == len(rows) or rows[b] != rows[b - 1] + 1:
+            runs.append((slice(start, b), slice(rows[start], rows[b - 1] + 1)))
+            start = b
+    return runs
 
 
 def compile_layers(model: Transformer, directory: Path | None = None) -> CompiledLayers:
