@@ -1,5 +1,5 @@
-"""Decode steps' dense work compiled ahead of time: each layer's attention, feed-forward norm and router
-as one AOTInductor kernel library, the experts still fetched and run by the eager code.
+"""Decode steps' dense work compiled ahead of time: each layer's attention, feed-forward norm, router
+and shared expert as one AOTInductor kernel library, the routed experts still fetched and run eager.
 
 At batch-1 decode on a CPU a layer's dense part is ~25 small ops, and their Python dispatch costs more
 than their arithmetic: the layer takes ~100 us eager, ~45 us as one compiled call (tiny-mixtral, 1
@@ -7,18 +7,18 @@ thread). `torch.compile` does not pay here: its guards run on every call, and th
 layer index change every call (measured slower than eager). So the layer is exported once with
 `torch.export` and compiled by AOTInductor into a shared library that runs without guards:
 
-    Transformer.forward, a decode step (one token per row, no padding, consecutive cache rows)
+    Transformer.forward, a decode step (one token per row, no padding)
       for each layer:
-        x, h, logits = compiled layer(layer's tensors, x, its KV slabs, positions, key positions, rope)
-                       ^ traced from Block.forward itself, so it computes what the eager layer computes
-        hooks after_attention(x)                  (eager, as always)
-        x = Block.feed_forward(x, h, logits, ...)  (eager: routing, hooks.route, expert fetch, experts)
+        state = compiled layer(layer's tensors, x, its rows' KV slabs, positions, key positions, rope)
+                ^ Block.forward traced: (x after attention, h, routing, shared expert output)
+        hooks after_attention(state.x)             (eager, as always)
+        x = Block.feed_forward(state, ...)          (eager: hooks.route, expert fetch, routed experts)
 
 One library serves every layer of the same kind (rotary or not, window, chunk, MoE or dense): the
 layer's weights are inputs, not constants, and so are the batch size, the KV cache's length and the
-number of keys read. Libraries are cached on disk by everything that shapes them, so a model is
-compiled once per machine (~10 s per kind on a 2-core CPU). Every other step (prefill, padded or
-scattered rows, speculative decoding's multi-token passes) runs eager.
+number of keys read. Rows apart in the cache run one call per run of consecutive rows. Libraries
+are cached on disk by everything that shapes them, so a model is compiled once per machine (~10 s
+per kind on a 2-core CPU). Prefill and speculative decoding's multi-token passes run eager.
 """
 
 from __future__ import annotations
@@ -55,8 +55,9 @@ def graph_step(positions: torch.Tensor, key_pos: torch.Tensor) -> StepPositions:
     B = positions.shape[0]
     rows = torch.arange(B, device=positions.device)
     causal = (key_pos <= positions[:, :, None])[:, None]  # [B, 1, 1, upto]
-    return StepPositions(rows, positions, torch.ones_like(positions, dtype=torch.bool), True, key_pos.shape[0],
-                         slice(None), rows, positions.flatten(), None, causal, False)
+    return StepPositions(rows=rows, positions=positions, valid=torch.ones_like(positions, dtype=torch.bool),
+                         all_valid=True, upto=key_pos.shape[0], row_index=slice(None), write_rows=rows,
+                         write_positions=positions.flatten(), write_span=None, causal=causal, square=False)
 
 
 def layer_tensors(block: Block) -> dict[str, torch.Tensor]:

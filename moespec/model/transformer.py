@@ -30,9 +30,9 @@ class BeforeExperts(NamedTuple):
 
     x: torch.Tensor  # [B, T, H] the residual after attention
     h: torch.Tensor  # [B, T, H] the feed-forward's input (normed)
-    weights: torch.Tensor | None = None  # [B * T, k] float32 the routing (None: a dense layer) ...
-    ids: torch.Tensor | None = None  # [B * T, k] ... and its expert ids
-    shared: torch.Tensor | None = None  # [B * T, H] the shared expert's output, where the layer has one
+    weights: torch.Tensor | None = None  # [tokens, k] float32 the real tokens' routing (None: a dense layer) ...
+    ids: torch.Tensor | None = None  # [tokens, k] ... and its expert ids
+    shared: torch.Tensor | None = None  # [tokens, H] the shared expert's output, where the layer has one
 
 
 class Block(nn.Module):
@@ -48,14 +48,14 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, kv: LayerKV, step: StepPositions, rope: tuple[torch.Tensor, torch.Tensor]
                 ) -> BeforeExperts:
         """Everything of this layer that comes before its experts are fetched (what a compiled layer
-        computes: model/compiled.py). Routes padding too; `feed_forward` drops it."""
+        computes: model/compiled.py). Only real tokens are routed: padding never reaches the experts."""
         x = x + self.self_attn(self.input_layernorm(x), self.layer, kv, step, rope)
         h = self.post_attention_layernorm(x)
         if not isinstance(self.mlp, MoE):
             return BeforeExperts(x, h)
-        flat = h.flatten(0, 1)
-        weights, ids = self.mlp.route(flat)
-        return BeforeExperts(x, h, weights, ids, self.mlp.shared(flat))
+        tokens = step.select_valid(h)
+        weights, ids = self.mlp.route(tokens)
+        return BeforeExperts(x, h, weights, ids, self.mlp.shared(tokens))
 
     def feed_forward(self, state: BeforeExperts, step: StepPositions, experts: ExpertProvider,
                      hooks: list[ForwardHooks]) -> torch.Tensor:
@@ -63,13 +63,12 @@ class Block(nn.Module):
         x, h = state.x, state.h
         if state.weights is None:
             return x + self.mlp(h)
+        out = self.mlp(step.select_valid(h), state.weights, state.ids, state.shared, experts, hooks)
         if step.all_valid:
-            return x + self.mlp(h.flatten(0, 1), state.weights, state.ids, state.shared, experts, hooks).view_as(h)
-        valid = step.valid.flatten()  # padding never reaches the experts, so never fetches any
-        shared = None if state.shared is None else state.shared[valid]
-        out = torch.zeros_like(h)
-        out[step.valid] = self.mlp(h[step.valid], state.weights[valid], state.ids[valid], shared, experts, hooks)
-        return x + out
+            return x + out.view_as(h)
+        padded = torch.zeros_like(h)
+        padded[step.valid] = out
+        return x + padded
 
     def router_logits(self, residual: torch.Tensor) -> torch.Tensor:
         """This MoE layer's pre-MoE norm and router applied to any residual [..., H] -> logits [..., E]:
