@@ -85,10 +85,12 @@ def test_budget_too_small_is_a_clear_error(model_dir):
         LLM(model_dir, expert_cache="25%", link_bandwidth="fast")
 
 
-def scripted_cache(model_dir, policy: str, slots: int = 3) -> ExpertCache:
+def scripted_cache(model_dir, policy: str, slots: int = 3, copy_seconds: float | None = None) -> ExpertCache:
+    """A cache over the test checkpoint; `copy_seconds`: each copy's emulated wire time (None: instant)."""
     spec = load_spec(model_dir)
     store = ExpertStore(Checkpoint(model_dir, spec), torch.float32, pin=False)
-    return ExpertCache(store, torch.device("cpu"), slots, policy, "global", ExpertStats(spec.moe_layer_ids))
+    return ExpertCache(store, torch.device("cpu"), slots, policy, "global", ExpertStats(spec.moe_layer_ids),
+                       link_bandwidth=None if copy_seconds is None else store.expert_bytes / copy_seconds)
 
 
 def use(cache: ExpertCache, layer: int, *ids: int) -> None:
@@ -273,8 +275,9 @@ def test_prefetch_never_evicts_the_running_layers_experts(model_dir):
 
 def test_a_guess_evicts_only_a_resident_worth_less(model_dir):
     """Value-aware admission on a scripted pattern: the LRU victim is an expert used at every run
-    of its layer; a weak guess leaves it, a confident one takes its slot."""
-    cache = scripted_cache(model_dir, "lru", slots=2)
+    of its layer; a weak guess leaves it, a confident one takes its slot. (Copies take 50 ms, as
+    on a real link, so the first guess is still on its way when the second chooses a victim.)"""
+    cache = scripted_cache(model_dir, "lru", slots=2, copy_seconds=0.05)
     for _ in range(20):
         use(cache, 0, 0)  # used (and found) at every run: expected use near 1
     use(cache, 0, 1)
@@ -322,14 +325,17 @@ def test_confident_guesses_of_missing_experts_that_keep_failing_stop_displacing_
     """A predictor whose confident guesses name experts that are not resident and are never used
     (its right guesses would be of resident ones): the odds of such guesses are measured on them
     alone, so they soon stop displacing the layer's two hot experts, which are then always found
-    (a slot no hot expert needs may still take guesses: on an idle link that costs nothing)."""
-    cache = scripted_cache(model_dir, "lru", slots=3)
+    (a slot no hot expert needs may still take guesses: on an idle link that costs nothing).
+    Copies take 5 ms, as on a real link: a round's two guesses are on their way together, and both
+    have landed (unused) before the layer runs again."""
+    cache = scripted_cache(model_dir, "lru", slots=3, copy_seconds=0.005)
     misses = []
     for round_ in range(40):
         before = cache.stats[1].misses
         use(cache, 1, 2, 3)  # two hot experts, used at every run
         misses.append(cache.stats[1].misses - before)
         cache.prefetch(1, [4 + round_ % 4, 4 + (round_ + 1) % 4], scores=[0.99, 0.98])
+        time.sleep(0.015)  # the emulated link keeps time: both copies are done when the layer runs
     assert sum(misses[1:10]) > 0 and sum(misses[-20:]) == 0, misses
 
 

@@ -3,10 +3,10 @@
 On CUDA, copies run on a dedicated high-priority stream from pinned host memory (on the disk tier,
 reader threads read the experts and enqueue their copies); compute waits for a copy's event only
 where it needs that expert, never with a device-wide sync. On the CPU there is
-no link to measure, so reader threads fetch experts from the store and a link thread spends each
-copy's time on an emulated link of a given bandwidth (bytes / bandwidth seconds), which lets the
-overlap of copies and compute be measured on machines without a GPU; the bytes land in the slot
-when compute first waits for them. Both take
+no link to measure, so each copy spends its time on an emulated link of a given bandwidth (bytes /
+bandwidth seconds), a schedule kept against the wall clock, which lets the overlap of copies and
+compute be measured on machines without a GPU; on the disk tier reader threads read the store;
+the bytes land in the slot when compute first waits for them. Both take
 a read function rather than weights, so the store is read on the transfer side, and both move
 the expert packed (experts/formats.py) into a packed slot: the emulated link costs the packed bytes.
 """
@@ -29,25 +29,37 @@ ReadFn = Callable[[], Packed]  # reads a packed expert from the host store (RAM,
 
 
 class _Copy:
-    """One expert on its way: read from the store by a reader, then copied over the link."""
+    """One expert on its way: read from the store (by a reader thread on the disk tier), then
+    moved over the emulated link, then landed in its slot by compute."""
 
     def __init__(self, read: ReadFn, dst: Packed, label: str, priority: int):
         self.read, self.dst, self.label, self.priority = read, dst, label, priority
         self.src: Packed | None = None
-        self.future: Future = Future()
+        self.read_done = threading.Event()  # the disk tier's read has finished (or failed)
+        self.error: BaseException | None = None  # a failed read, raised in `wait` on the compute thread
         self.started = False  # a reader has taken it (set under the lock)
-        self.on_link = False  # the link thread holds it: it cannot be cancelled until it yields the link
+        self.ready_at: float | None = None  # when it could enter the link (its read finished)
         self.link_left: float | None = None  # seconds of emulated wire time still to go (None: not begun)
-        self.landed = False  # the bytes are in the slot (copied by compute when it first waits for them)
+        self.link_start = 0.0  # when it first went on the link (emulated time)
         self.wire = 0.0  # seconds of emulated wire time in all
-        self.link_start = 0.0
+        self.done = False  # the wire time has passed (emulated time)
+        self.cancelled = False
+        self.landed = False  # the bytes are in the slot (copied by compute when it first waits for them)
 
 
 class CpuTransfers:
-    """Reader threads fetch experts from the host store (disk reads, host-cache fills) and one
-    link thread spends the copies' wire time one after another, overlapping compute: no store
-    read ever runs on the thread that computes. Compute lands an expert's bytes in its slot when
-    it first waits for it (`_land`).
+    """An emulated link with no thread of its own: the wire is a schedule that compute advances to
+    the wall clock whenever it asks the link anything (copy, done, wait, cancel). A copy's wire time
+    (bytes / bandwidth) passes while compute runs; `wait` sleeps only for what is left of it; compute
+    lands an expert's bytes in its slot when it first waits for it (`_land`). On the disk tier,
+    reader threads read the store (disk reads, host-cache fills), so no store read ever runs on the
+    thread that computes; a copy enters the link when its read has finished.
+
+    Emulated in time rather than by a link thread: a thread woken for every copy took the
+    interpreter lock from compute each time, and those hand-offs cost compute about 1 ms per decode
+    step (tiny-mixtral, 25% cache, no bandwidth limit: 3.73 ms per step with a link thread, 2.74 ms
+    with the copies inline, 1 torch thread) which a GPU's copy engine never charges. Now every
+    copy costs compute only its bookkeeping and, at the first wait, its memcpy.
 
     Demand copies (a layer is waiting) go ahead of queued prefetches at both stages, and a
     prefetch that compute starts waiting for is promoted, so wrong guesses never delay a copy the
@@ -61,8 +73,8 @@ class CpuTransfers:
     WAITED, DEMAND, PREFETCH = -1, 0, 1  # priorities: lower goes first
 
     def __init__(self, link_bandwidth: float | None, tracer: Tracer | None = None, readers: int = 0):
-        """readers: threads reading the store ahead of the link (the disk tier); 0: the link
-        thread reads each expert itself (RAM: a lookup, not worth a hand-off)."""
+        """readers: threads reading the store ahead of the link (the disk tier); 0: compute reads
+        each expert itself when it lands (RAM: a lookup, not worth a hand-off)."""
         self.bandwidth = link_bandwidth
         self.tracer = tracer  # one transfer-lane slice per copy, while it records
         self._stalls: dict[int, float] = {}  # layer -> seconds compute waited, since collect_stalls
@@ -70,134 +82,182 @@ class CpuTransfers:
         # over the readers; the busy share taken from it is capped at 1)
         self.busy_seconds = 0.0
         self.stalled_seconds: float | None = 0.0  # compute's waits for copies, in all
-        self._to_read: list[tuple[int, int, _Copy]] = []  # heaps of (priority, arrival, copy)
-        self._to_copy: list[tuple[int, int, _Copy]] = []
+        self._clock = time.perf_counter()  # the link's schedule is worked out up to here
+        self._on_link: _Copy | None = None
+        self._queued: list[_Copy] = []  # read, waiting for the link (few: a linear scan picks the next)
         self._order = itertools.count()
-        self._readers = readers
         # a demand copy overtakes prefetches, even one already on the link; but a disk read once
         # started runs to its end, so on the disk tier a wrong guess's read can delay one compute needs
         self.preempts = readers == 0
-        self._lock = threading.Condition()
+        self._readers = readers
+        self._to_read: list[tuple[int, int, _Copy]] = []  # heap of (priority, arrival, copy)
+        self._arrived: list[_Copy] = []  # read by a reader, not yet on the link's schedule
+        self._lock = threading.Condition()  # guards the two lists above (the readers' side)
         self._closed = False
         self._threads = [threading.Thread(target=self._read_loop, name=f"moespec-read-{i}", daemon=True)
                          for i in range(readers)]
-        self._threads.append(threading.Thread(target=self._link_loop, name="moespec-link", daemon=True))
         for t in self._threads:
             t.start()
 
     def copy(self, read: ReadFn, dst: Packed, label: str, slot: int, urgent: bool = True) -> _Copy:
+        now = time.perf_counter()
+        self._advance(now)
         job = _Copy(read, dst, label, self.DEMAND if urgent else self.PREFETCH)
-        with self._lock:
-            heapq.heappush(self._to_read if self._readers else self._to_copy, (job.priority, next(self._order), job))
-            self._lock.notify_all()
+        if self._readers:
+            with self._lock:
+                heapq.heappush(self._to_read, (job.priority, next(self._order), job))
+                self._lock.notify()
+        else:
+            job.ready_at = now
+            job.read_done.set()
+            self._queued.append(job)
+            self._advance(now)  # a demand copy takes the link from a prefetch at once
         return job
 
-    def _next(self, heap: list[tuple[int, int, _Copy]], taken: str) -> _Copy | None:
-        """The most urgent job of `heap` whose `taken` flag is unset (now set), or None once closed."""
-        with self._lock:
-            while True:
-                while heap:
-                    _, _, job = heapq.heappop(heap)
-                    if not getattr(job, taken) and not job.future.cancelled():  # not a promoted duplicate
-                        setattr(job, taken, True)
-                        return job
-                if self._closed:
-                    return None
-                self._lock.wait()
-
     def _read_loop(self) -> None:
-        while (job := self._next(self._to_read, "started")) is not None:
-            try:
-                start = time.perf_counter()
-                job.src = job.read()
-                reading = time.perf_counter() - start
-            except BaseException as exc:  # surfaces in `wait`, on the compute thread
-                with self._lock:
-                    if not job.future.cancelled():
-                        job.future.set_exception(exc)
-                continue
+        while True:
             with self._lock:
-                self.busy_seconds += reading  # the disk is a link too (busy while any reader reads)
-                heapq.heappush(self._to_copy, (job.priority, next(self._order), job))
-                self._lock.notify_all()
-
-    def _link_loop(self) -> None:
-        while (job := self._next(self._to_copy, "on_link")) is not None:
+                while not self._to_read and not self._closed:
+                    self._lock.wait()
+                if self._closed:
+                    return
+                _, _, job = heapq.heappop(self._to_read)
+                if job.started or job.cancelled:  # a promoted duplicate, or taken back
+                    continue
+                job.started = True
+            start = time.perf_counter()
             try:
-                if self._run(job):
-                    job.future.set_result(None)
-            except BaseException as exc:
-                job.future.set_exception(exc)
+                job.src = job.read()
+            except BaseException as exc:  # surfaces in `wait`, on the compute thread
+                job.error = exc
+            end = time.perf_counter()
+            with self._lock:
+                self.busy_seconds += end - start  # the disk is a link too (busy while any reader reads)
+                job.ready_at = end
+                if job.error is None:
+                    self._arrived.append(job)
+            job.read_done.set()
 
-    def _run(self, job: _Copy) -> bool:
-        """Move `job` over the link; False if it yielded the link to a demand copy (requeued)."""
-        if job.src is None:  # no reader stage
-            job.src = job.read()
-        if job.link_left is None:
-            job.link_start = time.perf_counter()
-            job.wire = packed_bytes(job.src) / self.bandwidth if self.bandwidth else 0.0
-            job.link_left = job.wire
-        with self._lock:
-            while job.link_left > 0:
-                if job.priority == self.PREFETCH and self._demand_queued():
-                    job.on_link = False
-                    heapq.heappush(self._to_copy, (job.priority, next(self._order), job))
-                    return False
-                start = time.perf_counter()
-                self._lock.wait(job.link_left)  # woken early when a copy is queued or promoted
-                job.link_left -= time.perf_counter() - start
-            self.busy_seconds += job.wire
+    def _advance(self, now: float) -> None:
+        """Work out the link's schedule up to `now`: copies whose reads have finished join the
+        queue at that time; the most urgent queued copy holds the link, a prefetch yielding it to
+        a demand copy; a copy whose wire time has passed is done."""
+        if self._readers:
+            with self._lock:
+                arrived, self._arrived = self._arrived, []
+            for job in sorted(arrived, key=lambda j: j.ready_at):
+                job.ready_at = max(job.ready_at, self._clock)  # read before the schedule's last update
+                if not job.cancelled:
+                    self._queued.append(job)
+        t = self._clock
+        while True:
+            ready = [j for j in self._queued if j.ready_at <= t]
+            later = [j.ready_at for j in self._queued if j.ready_at > t]
+            best = min(ready, key=lambda j: (j.priority, j.ready_at), default=None)
+            job = self._on_link
+            if job is not None and job.priority == self.PREFETCH and best is not None and best.priority < self.PREFETCH:
+                self._queued.append(job)  # yields the link; resumes where it stopped
+                job = self._on_link = None
+            if job is None and best is not None:
+                self._queued.remove(best)
+                job = self._on_link = best
+                if job.link_left is None:
+                    job.link_start = t
+                    job.wire = packed_bytes(self._source(job)) / self.bandwidth if self.bandwidth else 0.0
+                    job.link_left = job.wire
+            until = min([now, *later])
+            if job is None:
+                if until >= now:
+                    break
+                t = until
+                continue
+            spent = min(job.link_left, until - t)
+            job.link_left -= spent
+            t += spent
+            if job.link_left <= 0:
+                self._finish(job, t)
+                self._on_link = None
+            elif t >= now:
+                break
+        self._clock = max(t, now)
+
+    def _finish(self, job: _Copy, end: float) -> None:
+        job.done = True
+        self.busy_seconds += job.wire
         if self.tracer is not None and self.tracer.recording:
-            t0 = (job.link_start - self.tracer.t0) * 1e6
-            self.tracer.slice(TRANSFER_LANE, job.label, t0, self.tracer.now_us(), bytes=packed_bytes(job.src))
-        return True
-
-    def _demand_queued(self) -> bool:
-        """A copy compute needs (demand, or a waited-for prefetch) waits for the link (lock held)."""
-        return any(priority < self.PREFETCH and not job.on_link and not job.future.done()
-                   for priority, _, job in self._to_copy)
+            self.tracer.slice(TRANSFER_LANE, job.label, (job.link_start - self.tracer.t0) * 1e6,
+                              (end - self.tracer.t0) * 1e6, bytes=packed_bytes(self._source(job)))
 
     def wait(self, handle: _Copy, layer: int) -> None:
         """Block until the copy is done (moving it to the front of whichever stage it waits in),
         recording the seconds compute stalled for `layer`."""
-        if handle.future.done():
-            handle.future.result()
-            self._land(handle)
-            return
         start = time.perf_counter()
-        with self._lock:
+        self._advance(start)
+        if not handle.done:
             handle.priority = self.WAITED
-            if self._readers and not handle.started:
-                heapq.heappush(self._to_read, (self.WAITED, next(self._order), handle))
-            elif (handle.src is not None or not self._readers) and not handle.on_link:
-                heapq.heappush(self._to_copy, (self.WAITED, next(self._order), handle))
-            self._lock.notify_all()
-        handle.future.result()
-        waited = time.perf_counter() - start
-        self._stalls[layer] = self._stalls.get(layer, 0.0) + waited
-        self.stalled_seconds += waited
+            if self._readers and not handle.read_done.is_set():
+                with self._lock:
+                    if not handle.started:
+                        heapq.heappush(self._to_read, (self.WAITED, next(self._order), handle))
+                        self._lock.notify()
+                handle.read_done.wait()
+            if handle.error is not None:
+                raise handle.error
+            while True:
+                now = time.perf_counter()
+                self._advance(now)
+                if handle.done:
+                    break
+                time.sleep(self._left_for(handle))
+            waited = time.perf_counter() - start
+            self._stalls[layer] = self._stalls.get(layer, 0.0) + waited
+            self.stalled_seconds += waited
         self._land(handle)
 
-    @staticmethod
-    def _land(handle: _Copy) -> None:
+    def _left_for(self, handle: _Copy) -> float:
+        """Seconds of wire time before `handle` (waited for: nothing queued goes first) is done:
+        a demand copy on the link finishes first; a prefetch on it has yielded already."""
+        if handle.link_left is not None:
+            left = handle.link_left
+        else:
+            left = packed_bytes(self._source(handle)) / self.bandwidth if self.bandwidth else 0.0
+        if self._on_link is not None and self._on_link is not handle:
+            left += self._on_link.link_left
+        return max(left, 0.0)
+
+    def _land(self, handle: _Copy) -> None:
         """Copy the expert's bytes into its slot, on the thread that computes, once its emulated
         wire time has passed. A CPU device's copy is CPU work either way, and done here it costs
-        less: on this project's 2-core machine a layer that read a slot the link thread had just
+        less: on this project's 2-core machine a layer that read a slot another thread had just
         written ran slower by more than the copy itself (tiny-mixtral, 25% cache, no emulated
-        bandwidth: 4.7 ms per decode step with the copies on the link thread, 3.1 ms with them
+        bandwidth: 4.7 ms per decode step with the copies on a link thread, 3.1 ms with them
         here, 1.8 ms with no copies at all). A guess that is never used is never copied."""
         if not handle.landed:
-            copy_packed(handle.src, handle.dst)
+            copy_packed(self._source(handle), handle.dst)
             handle.landed = True
 
+    @staticmethod
+    def _source(job: _Copy) -> Packed:
+        """The expert's packed bytes: read by a reader (disk tier), or now, once (RAM: a lookup)."""
+        if job.src is None:
+            job.src = job.read()
+        return job.src
+
     def done(self, handle: _Copy) -> bool:
-        return handle.future.done()
+        self._advance(time.perf_counter())
+        return handle.done or handle.error is not None
 
     def cancel(self, handle: _Copy) -> bool:
         """Drop a copy that has not reached the link (a read already made is wasted, but no bytes
         are moved); False if it is on the link or done."""
+        self._advance(time.perf_counter())
+        if handle.done or handle.link_left is not None:
+            return False
         with self._lock:
-            return not handle.on_link and handle.future.cancel()
+            handle.cancelled = True
+        if handle in self._queued:
+            self._queued.remove(handle)
+        return True
 
     def slot_released(self, slot: int) -> None:
         """Compute on the CPU is synchronous: a released slot is free at once."""
