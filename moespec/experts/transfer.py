@@ -248,10 +248,10 @@ class CpuTransfers:
         return handle.done or handle.error is not None
 
     def cancel(self, handle: _Copy) -> bool:
-        """Drop a copy that has not reached the link (a read already made is wasted, but no bytes
-        are moved); False if it is on the link or done."""
+        """Drop a copy that is not on the link (a read already made is wasted, and so is the wire
+        time of a prefetch that yielded the link part-way); False if it is on the link or done."""
         self._advance(time.perf_counter())
-        if handle.done or handle.link_left is not None:
+        if handle.done or handle is self._on_link:
             return False
         with self._lock:
             handle.cancelled = True
