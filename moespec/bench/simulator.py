@@ -126,7 +126,7 @@ def measure_cpu(llm) -> CpuTimings:
     dst = {name: torch.empty_like(t) for name, t in packed.items()}
     link = CpuTransfers(llm.link_bandwidth)
     roundtrips = []
-    for _ in range(30):  # the whole copy as compute sees it: hand-off, memcpy, emulated wire, wake-up
+    for _ in range(30):  # the whole copy as compute sees it: bookkeeping, emulated wire, memcpy
         start = time.perf_counter()
         link.wait(link.copy(lambda: packed, dst, "calibration", 0), 0)
         roundtrips.append(time.perf_counter() - start)
