@@ -115,7 +115,7 @@ class Transformer(nn.Module):
             for hook in self.hooks:
                 hook.layer_start(i)
             kv = cache.layers[i]
-            state = block(x, kv, step, rope) if compiled is None else compiled(i, x, kv, rope)
+            state = block.forward(x, kv, step, rope) if compiled is None else compiled(i, x, kv, rope)
             for hook in self.hooks:
                 hook.after_attention(i, state.x, valid)
             x = block.feed_forward(state, step, experts, self.hooks)
