@@ -116,7 +116,7 @@ class LLM:
         self.context_length = cfg.context_length or max_ctx
         self.model = build_model(checkpoint, self.dtype, self.device)
         if cfg.compile:
-            self.model.compiled = compile_layers(self.model)
+            self.model.compiled = compile_layers(self.model, progress=cfg.progress)
         self.tracer = Tracer(note=self.link_note())
         off = cfg.offload
         show = (lambda keys: tqdm(keys, desc="loading experts", unit="expert", leave=False)) if cfg.progress else iter

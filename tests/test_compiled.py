@@ -119,15 +119,20 @@ def test_offloaded_prefetching_run_stays_exact(tmp_path, library_dir):
     assert [o.token_ids for o in llm.generate(PROMPTS, **kw)] == expected and calls
 
 
-def test_a_compiled_library_is_loaded_not_compiled_again(tmp_path, library_dir, monkeypatch):
-    save_model("mixtral", tmp_path, experts=8, top_k=2)
-    LLM(tmp_path, compile=True)
-    assert any(library_dir.glob("layer-*.pt2")) and not any(library_dir.glob("*.tmp.pt2"))
+def test_a_compiled_library_is_loaded_not_compiled_again(tmp_path, monkeypatch, capsys):
+    """The first load compiles (and says so on stderr, with progress on); the next loads the library."""
+    save_model("mixtral", tmp_path, experts=8, top_k=2, hidden_size=40)  # a shape no other test compiled
+    monkeypatch.setenv("MOESPEC_CACHE", str(tmp_path / "libraries"))
+    LLM(tmp_path, compile=True, progress=True)
+    assert "compiling decode layers, kind 1 of 1" in capsys.readouterr().err
+    libraries = tmp_path / "libraries" / "compiled"
+    assert any(libraries.glob("layer-*.pt2")) and not any(libraries.glob("*.tmp.pt2"))
 
     def refuse(*args, **kwargs):
         raise AssertionError("compiled again")
     monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", refuse)
-    LLM(tmp_path, compile=True)
+    LLM(tmp_path, compile=True, progress=True)
+    assert "compiling" not in capsys.readouterr().err
 
 
 def test_a_failed_compile_is_one_line(tmp_path, monkeypatch):

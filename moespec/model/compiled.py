@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 import warnings
 from functools import partial
 from pathlib import Path
@@ -136,7 +137,9 @@ def compile_layer(model: Transformer, i: int, directory: Path
                                f"{sorted([*program.constants, *program.state_dict])}")
         directory.mkdir(parents=True, exist_ok=True)
         unfinished = path.with_suffix(f".{os.getpid()}.tmp.pt2")
-        torch._inductor.aoti_compile_and_package(program, package_path=str(unfinished))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            torch._inductor.aoti_compile_and_package(program, package_path=str(unfinished))
         unfinished.replace(path)  # never a half-written library under the final name
     with warnings.catch_warnings():  # torch's own deprecation notices about its package format
         warnings.simplefilter("ignore", FutureWarning)
@@ -150,13 +153,18 @@ def compile_layer(model: Transformer, i: int, directory: Path
 class CompiledLayers:
     """Each layer's Block.forward as a compiled library (one per kind of layer), for decode steps."""
 
-    def __init__(self, model: Transformer, directory: Path | None = None):
+    def __init__(self, model: Transformer, directory: Path | None = None, progress: bool = False):
+        """progress: say on stderr when a kind of layer is compiled (seconds), not loaded."""
         directory = directory or cache_dir()
         libraries: dict[tuple, tuple[torch._C._aoti.AOTIModelPackageLoader, list[str]]] = {}
         self.layers: list[tuple[torch._C._aoti.AOTIModelPackageLoader, list[torch.Tensor]]] = []
         for i, block in enumerate(model.layers):
             kind = layer_kind(model, i)
             if kind not in libraries:
+                if progress and not (directory / _library_name(model, i)).is_file():
+                    kinds = len({layer_kind(model, j) for j in range(len(model.layers))})
+                    print(f"compiling decode layers, kind {len(libraries) + 1} of {kinds} (like layer {i}); "
+                          f"once per machine, kept in {directory}", file=sys.stderr, flush=True)
                 libraries[kind] = compile_layer(model, i, directory)
             library, names = libraries[kind]
             tensors = layer_tensors(block)
@@ -195,11 +203,11 @@ def row_runs(rows: list[int]) -> list[tuple[slice, slice]]:
     return runs
 
 
-def compile_layers(model: Transformer, directory: Path | None = None) -> CompiledLayers:
+def compile_layers(model: Transformer, directory: Path | None = None, progress: bool = False) -> CompiledLayers:
     """`CompiledLayers(model)`, with a failure (a layer torch.export cannot trace, no C++ compiler)
     as one line naming the cause."""
     try:
-        return CompiledLayers(model, directory)
+        return CompiledLayers(model, directory, progress)
     except Exception as e:  # torch's compile errors span pages: keep their first line
         first = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
         raise MoespecError(f"compile=True: compiling the model's layers failed ({type(e).__name__}: "
