@@ -86,6 +86,8 @@ class ExpertCache:
         # one expert at a time (formats.Unpacker: Dense experts are used in place)
         self.slots = {name: torch.empty(n, *shape, dtype=dt, device=device)
                       for name, (shape, dt) in store.packed_layout.items()}
+        # each slot's views, made once: a copy or a use needs them at every step
+        self._slot_views = [{name: t[i] for name, t in self.slots.items()} for i in range(n)]
         self.unpack = Unpacker(store.format, store.shapes, store.dtype, device)
         if scope == "layer":
             self.domains = {layer: Domain(range(i * per_domain, (i + 1) * per_domain), policy)
@@ -146,7 +148,7 @@ class ExpertCache:
         return self.transfers.stalled_seconds
 
     def _slot(self, slot: int) -> Packed:
-        return {name: t[slot] for name, t in self.slots.items()}
+        return self._slot_views[slot]
 
     def _weights(self, slot: int) -> ExpertWeights:
         """The expert in `slot` in the compute dtype (see formats.Unpacker)."""
