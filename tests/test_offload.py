@@ -198,6 +198,24 @@ def test_cpu_link_lands_an_expert_when_compute_first_waits_for_it():
     link.close()
 
 
+def test_cpu_link_is_a_schedule_not_a_thread():
+    """The emulated link starts no thread: a copy's wire time passes while compute works, so a wait
+    after enough compute does not stall; a demand copy asked for meanwhile waits only its own time."""
+    src, dst = {"w": torch.arange(6.0)}, {"w": torch.zeros(6)}
+    before = threading.active_count()
+    link = CpuTransfers(link_bandwidth=24 / 0.02)  # 20 ms of wire time per copy
+    assert threading.active_count() == before
+    guess = link.copy(lambda: src, dst, "guess", slot=0, urgent=False)
+    time.sleep(0.05)  # compute, longer than the wire time
+    link.wait(guess, layer=0)
+    assert link.stalled_seconds < 0.01 and torch.equal(dst["w"], src["w"])
+    demand = link.copy(lambda: src, {"w": torch.zeros(6)}, "demand", slot=1)
+    start = time.perf_counter()
+    link.wait(demand, layer=1)
+    assert 0.015 <= time.perf_counter() - start < 0.2 and link.busy_seconds >= 0.04
+    link.close()
+
+
 def test_a_layer_whose_slots_all_hold_landing_guesses_still_fetches(model_dir):
     """Per-layer slots (2 = top-k) both taken by wrong guesses still on a slow link: the layer
     takes back the queued one and waits out the one on the link instead of failing."""
