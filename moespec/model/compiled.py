@@ -122,27 +122,24 @@ def compile_layer(model: Transformer, i: int, directory: Path
     """The compiled library of layer i's kind, loaded from `directory` (compiled there first if
     missing), and the names of the layer tensors it takes first, in order."""
     path = directory / _library_name(model, i)
-    if not path.is_file():
-        batch, cache_len, keys = (torch.export.Dim(n, min=lo, max=hi) for n, lo, hi in
-                                  (("rows", 1, MAX_ROWS), ("cache_len", 2, None), ("keys", 1, None)))
-        args = _example(model, i)
-        rows = {0: batch}
-        dims = ({name: None for name in args[0]}, rows, {0: batch, 1: cache_len}, {0: batch, 1: cache_len},
-                rows, {0: keys}, rows, rows)
-        with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            program = torch.export.export(_Layer(model.layers[i]), args, dynamic_shapes=dims)
-        if program.constants or program.state_dict:  # would be layer i's, baked into every layer of its kind
-            raise RuntimeError(f"the compiled layer holds tensors of layer {i} that are not inputs: "
-                               f"{sorted([*program.constants, *program.state_dict])}")
-        directory.mkdir(parents=True, exist_ok=True)
-        unfinished = path.with_suffix(f".{os.getpid()}.tmp.pt2")
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            torch._inductor.aoti_compile_and_package(program, package_path=str(unfinished))
-        unfinished.replace(path)  # never a half-written library under the final name
-    with warnings.catch_warnings():  # torch's own deprecation notices about its package format
+    with warnings.catch_warnings():  # torch's own deprecation notices about its export and package formats
         warnings.simplefilter("ignore", FutureWarning)
+        if not path.is_file():
+            batch, cache_len, keys = (torch.export.Dim(n, min=lo, max=hi) for n, lo, hi in
+                                      (("rows", 1, MAX_ROWS), ("cache_len", 2, None), ("keys", 1, None)))
+            args = _example(model, i)
+            rows = {0: batch}
+            dims = ({name: None for name in args[0]}, rows, {0: batch, 1: cache_len}, {0: batch, 1: cache_len},
+                    rows, {0: keys}, rows, rows)
+            with torch.inference_mode(False), torch.no_grad():
+                program = torch.export.export(_Layer(model.layers[i]), args, dynamic_shapes=dims)
+            if program.constants or program.state_dict:  # would be layer i's, baked into every layer of its kind
+                raise RuntimeError(f"the compiled layer holds tensors of layer {i} that are not inputs: "
+                                   f"{sorted([*program.constants, *program.state_dict])}")
+            directory.mkdir(parents=True, exist_ok=True)
+            unfinished = path.with_suffix(f".{os.getpid()}.tmp.pt2")
+            torch._inductor.aoti_compile_and_package(program, package_path=str(unfinished))
+            unfinished.replace(path)  # never a half-written library under the final name
         library = torch._inductor.aoti_load_package(str(path)).loader
         # called with its inputs flat, in the order the export flattened them (the tensors by name
         # first): the package's own __call__ re-parses its input and output specs on every call
