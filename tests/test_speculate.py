@@ -139,8 +139,12 @@ def test_default_vectors_on_a_hand_made_case(model_dir):
     for e, v in expected.items():
         assert torch.allclose(dv.vectors[0][e], v, atol=1e-5)
     table = DefaultVectors({0: torch.eye(4, 32)})
-    est = table.moe_output_estimate(0, torch.tensor([[0.75, 0.25]]), torch.tensor([[2, 0]]))
-    assert torch.allclose(est, 0.75 * torch.eye(4, 32)[2] + 0.25 * torch.eye(4, 32)[0])
+    x = torch.randn(2, 32)
+    routing = torch.tensor([[0.75, 0.25], [0.5, 0.5]]), torch.tensor([[2, 0], [1, 3]])
+    rows = [0.75 * torch.eye(4, 32)[2] + 0.25 * torch.eye(4, 32)[0], 0.5 * torch.eye(4, 32)[1] + 0.5 * torch.eye(4, 32)[3]]
+    assert torch.allclose(table.add_estimate(0, x, *routing), x + torch.stack(rows))
+    one = table.add_estimate(0, x[:1], routing[0][:1], routing[1][:1])  # one token: its own path
+    assert torch.allclose(one, x[:1] + rows[0])
 
 
 def test_estimator_training_reduces_loss_and_beats_lookahead(calibrated):
@@ -232,6 +236,20 @@ def test_estimators_see_at_inference_the_context_they_train_on(model_dir, calibr
                 want = torch.zeros_like(c) if step == 0 else hidden[tokens, t]
                 assert torch.allclose(c, want, atol=1e-2), (step, layer, t)
     assert any(c.abs().sum() > 0 for _, ctx in seen for c in ctx.values())
+
+
+@pytest.mark.parametrize("tokens", [1, 5])
+def test_lookahead_applies_each_later_layers_own_norm_and_router(model_dir, tokens):
+    """The folded routers (norm weight and scale folded into the router; one matmul for every
+    target) give what the target layers' own RMSNorm and router give the same residual."""
+    from moespec.speculate.lookahead import LookaheadPredictor
+
+    llm = LLM(model_dir)
+    x = 3 * torch.randn(tokens, 32)
+    got = LookaheadPredictor(llm.model, 2, None).predict(0, x)
+    assert list(got) == next_moe_layers(llm.model, 0, 2) == [1, 3]
+    for t, logits in got.items():
+        assert torch.allclose(logits, llm.model.layers[t].router_logits(x), atol=1e-5)
 
 
 def test_estimator_heads_start_as_the_lookahead(model_dir):

@@ -18,7 +18,7 @@ from ..config import SpeculationConfig
 from ..errors import MoespecError
 from ..experts.store import ExpertStore
 from ..hooks import ForwardHooks
-from ..model.moe import MoE, make_expert_fn
+from ..model.moe import make_expert_fn
 from ..model.transformer import Transformer
 
 DEFAULT_VECTORS_FILE = "default_vectors.safetensors"
@@ -35,10 +35,12 @@ class DefaultVectors:
     def __init__(self, vectors: dict[int, torch.Tensor]):
         self.vectors = vectors
 
-    def moe_output_estimate(self, layer: int, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """Σ_k weight_k · default_vector[ids_k] for routing [N, k] -> [N, H]."""
+    def add_estimate(self, layer: int, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """x [N, H] + the MoE output estimate Σ_k weight_k · default_vector[ids_k] of routing [N, k]."""
         table = self.vectors[layer]
-        return torch.bmm(weights[:, None].to(table.dtype), table[ids])[:, 0]  # [N, 1, k] @ [N, k, H]
+        if len(ids) == 1:  # one token (batch-1 decoding): one gather and one multiply-add
+            return torch.addmm(x, weights.to(table.dtype), table.index_select(0, ids[0]))  # x + [1, k] @ [k, H]
+        return x + torch.bmm(weights[:, None].to(table.dtype), table[ids])[:, 0]  # [N, 1, k] @ [N, k, H]
 
     def save(self, path: str | Path) -> None:
         save_file({f"layer.{i}": v.contiguous() for i, v in self.vectors.items()}, str(path))
@@ -84,6 +86,9 @@ class LookaheadPredictor:
     def __init__(self, model: Transformer, depth: int, default_vectors: DefaultVectors | None):
         self.model, self.depth, self.dv = model, depth, default_vectors
         self.folded = FoldedRouters(model)
+        # looked up once: a guess runs at every layer of every step, where a few microseconds count
+        self.targets = {layer: next_moe_layers(model, layer, depth) for layer in range(model.spec.num_layers)}
+        self.routers = {t: model.layers[t].mlp.router for t in model.spec.moe_layer_ids}
 
     @classmethod
     def from_config(cls, model: Transformer, model_dir: Path, cfg: SpeculationConfig) -> LookaheadPredictor:
@@ -108,48 +113,50 @@ class LookaheadPredictor:
         from the residual x [N, H]. With default vectors,
         the running layer's own routing (weights, ids) adds its estimated MoE output first, and
         each target's guessed routing before the next target; without, one matmul serves all."""
-        targets = next_moe_layers(self.model, layer, self.depth)
+        targets = self.targets[layer]
         if not targets:
             return {}
         if self.dv is None:
             logits = dict(zip(targets, self.folded.logits(targets, x)))
         else:
-            guess = x if routing is None else x + self.dv.moe_output_estimate(layer, *routing)
+            guess = x if routing is None else self.dv.add_estimate(layer, x, *routing)
             logits = {}
             for target in targets:
                 (logits[target],) = self.folded.logits([target], guess)
                 if target != targets[-1]:
-                    guess = guess + self.dv.moe_output_estimate(target, *self._router(target).select(logits[target]))
-        return {t: self._router(t).guess_logits(scores) for t, scores in logits.items()}
-
-    def _router(self, layer: int):
-        moe: MoE = self.model.layers[layer].mlp
-        return moe.router
+                    guess = self.dv.add_estimate(target, guess, *self.routers[target].select(logits[target]))
+        return {t: self.routers[t].guess_logits(scores) for t, scores in logits.items()}
 
 
 class FoldedRouters:
     """Each MoE layer's pre-MoE RMSNorm folded into its router, so "layer t's norm and router
-    applied to x" is one matmul: router(g ⊙ x / rms(x)) = (W · diag(g)) · (x / rms(x)). The
-    normalised x is shared by every target, so all targets of one guess stack into one matmul.
-    Computed in float32 (the router's input precision in the reference), with `F.linear`
-    (`torch.addmm` with a broadcast bias is pathologically slow on one-token inputs with two CPU
-    threads in torch 2.13)."""
+    applied to x" is one matmul and a scale: router(g ⊙ x / rms(x)) = (W · diag(g) · √H) · x / s,
+    with s = √(|x|² + H·eps) = √H · rms(x). The scale is shared by every target, so all targets of
+    one guess stack into one matmul. Computed in float32 (the router's input precision in the
+    reference). The norm is taken with `vector_norm`, not `F.rms_norm`: on a one-token input the
+    latter costs several times the matmul (11 against 3 µs on this project's CPU, torch 2.13), and
+    the bias is added by `addcmul` (`torch.addmm` with a broadcast bias is pathologically slow on
+    one-token inputs with two CPU threads in torch 2.13)."""
 
     def __init__(self, model: Transformer):
         layers = model.layers
+        h = model.spec.hidden_size
         self.weights = {t: layers[t].mlp.gate.weight.float() * layers[t].post_attention_layernorm.weight.float()[None]
-                        for t in model.spec.moe_layer_ids}
+                        * h ** 0.5 for t in model.spec.moe_layer_ids}
         self.biases = {t: torch.zeros(len(w), device=w.device) if layers[t].mlp.gate.bias is None
                        else layers[t].mlp.gate.bias.float() for t, w in self.weights.items()}
-        self.eps = model.spec.rms_norm_eps
-        self._stacked: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}
+        self.h_eps = h * model.spec.rms_norm_eps
+        self._stacked: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor, list[int]]] = {}
 
     def logits(self, targets: list[int], x: torch.Tensor) -> list[torch.Tensor]:
         """Router logits [N, E] of each target layer for residual x [N, H]."""
         key = tuple(targets)
         if key not in self._stacked:
             self._stacked[key] = (torch.cat([self.weights[t] for t in targets]),
-                                  torch.cat([self.biases[t] for t in targets]))
-        weight, bias = self._stacked[key]
-        xn = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
-        return F.linear(xn, weight, bias).split([self.weights[t].shape[0] for t in targets], dim=-1)
+                                  torch.cat([self.biases[t] for t in targets]),
+                                  [self.weights[t].shape[0] for t in targets])
+        weight, bias, sizes = self._stacked[key]
+        x = x.float()
+        inv_s = torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().add_(self.h_eps).rsqrt_()  # [N, 1]
+        logits = torch.addcmul(bias, F.linear(x, weight), inv_s)
+        return [logits] if len(sizes) == 1 else logits.split(sizes, dim=-1)

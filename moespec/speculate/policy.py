@@ -18,7 +18,6 @@ what it really needed is compared with the guesses (recall per token, precision 
 
 from __future__ import annotations
 
-import heapq
 import time
 from dataclasses import asdict, dataclass, fields
 from typing import Protocol
@@ -156,6 +155,7 @@ class Speculation(ForwardHooks):
         self.odds = {d: Odds() for d in range(1, self.depth + 1)}
         self.tail_odds = {d: Odds() for d in range(1, self.depth + 1)}  # one bin (score 0)
         self.seconds = 0.0  # time inside these hooks
+        self._moe_layers = set(spec.moe_layer_ids)
         # an MoE layer's residual after attention (real tokens) and whether it is a decode step,
         # kept from `after_attention` until its router has chosen
         self._waiting: tuple[torch.Tensor, bool] | None = None
@@ -191,7 +191,7 @@ class Speculation(ForwardHooks):
         t0 = time.perf_counter()
         decoding = x.shape[1] == 1
         residual = x[:, 0] if decoding and (len(x) == 1 or bool(valid.all())) else x[valid]
-        if isinstance(self.model.layers[layer].mlp, MoE):
+        if layer in self._moe_layers:
             self._waiting = (residual, decoding)
         else:
             self._guess(layer, self.predictor.predict(layer, residual), running=None, decoding=decoding)
@@ -222,16 +222,15 @@ class Speculation(ForwardHooks):
             self.cache.prefetch(target, ids, running, [use[e] for e in ids], use)
 
     def _rank_one(self, scores: torch.Tensor, depth: int) -> tuple[OneGuess, list[int], list[float]]:
-        """One token's guess (batch-1 decoding) in plain Python after one read of its
-        probabilities: its `width` best experts (ranked and prefetched alike) with their scores,
-        k times their probability (a top-k router picks k of the experts), at most 1; and every
-        expert's expected use: the measured odds of its score for the guessed ones, the measured
-        share of the rest. At batch 1 a few tensor ops more per layer would cost more than the
-        guess can hide."""
-        probs = torch.softmax(scores.float(), dim=-1).tolist()
-        ranked = heapq.nlargest(self.width, range(len(probs)), key=probs.__getitem__)
-        score = [min(self.k * probs[e], 1.0) for e in ranked]
-        use = [self.tail_odds[depth](0.0)] * len(probs)
+        """One token's guess (batch-1 decoding) in plain Python after one read of its `width`
+        best experts (ranked and prefetched alike) and their probabilities: their scores, k times
+        their probability (a top-k router picks k of the experts), at most 1; and every expert's
+        expected use: the measured odds of its score for the guessed ones, the measured share of
+        the rest. At batch 1 a few tensor ops more per layer would cost more than the guess can hide."""
+        best = torch.softmax(scores.float(), dim=-1).topk(self.width)
+        ranked = best.indices.tolist()
+        score = [min(self.k * p, 1.0) for p in best.values.tolist()]
+        use = [self.tail_odds[depth](0.0)] * len(scores)
         for e, s in zip(ranked, score):
             use[e] = self.odds[depth](s)
         return OneGuess(ranked, score), ranked, use
