@@ -183,7 +183,7 @@ def test_mxfp4_unpacks_on_the_cuda_copy_stream(mxfp4_case):
     assert [o.token_ids for o in llm.generate(PROMPTS, max_new_tokens=16, ignore_eos=True)] == want
     stats = llm.stats().as_dict()
     assert stats["misses"] > 0 and stats["bytes_moved"] == stats["misses"] * llm.store.expert_bytes
-    assert llm.store.packed((0, 0))["gate_up_blocks"].is_pinned() and llm.experts.slots.gate_up.is_cuda
+    assert llm.store.packed((0, 0))["gate_up_blocks"].is_pinned() and llm.experts.slots["gate_up_blocks"].is_cuda
     llm.close()
 
 

@@ -70,6 +70,10 @@ def test_budget_is_never_exceeded(model_dir):
     llm.generate(PROMPTS, max_new_tokens=8, ignore_eos=True)
     assert len(llm.experts.resident()) <= llm.experts.capacity
     assert llm.experts.bytes_used() <= budget
+    # on the CPU slots hold their experts by reference: exactly the resident ones, none evicted
+    assert llm.experts.bytes_used() == len(llm.experts.resident()) * expert_bytes
+    llm.experts.clear()
+    assert llm.experts.bytes_used() == 0
     assert budget_slots("25%", 24, expert_bytes) == 6
     assert budget_slots(100, 24, expert_bytes) == 24
 

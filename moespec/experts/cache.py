@@ -1,4 +1,5 @@
-"""The device expert cache: a preallocated pool of expert slots under a memory budget.
+"""The device expert cache: a pool of expert slots under a memory budget (preallocated on CUDA; on
+the CPU, whose host memory is the device's, a slot holds its expert by reference).
 
 `fetch(layer, ids)` yields the experts a layer needs: resident ones first, then missing ones as
 their copies land, so compute on the first experts overlaps the copies of the rest. Slots are
@@ -11,7 +12,7 @@ A guess is admitted by measured value (admission.py): it takes a free slot, or d
 least valuable of its target layer's residents and the policy's victim, if it beats that victim
 by what a displacement costs at the link's measured load; it enters at the lowest priority and is
 promoted when used. The cache owns its
-transfer engine (CPU worker or CUDA copy stream), which records every stall; `flush_stats` adds
+transfer engine (CPU emulated link or CUDA copy stream), which records every stall; `flush_stats` adds
 them to the statistics, the same way on both.
 """
 
@@ -66,7 +67,7 @@ class ExpertCache:
 
     def __init__(self, store: ExpertStore, device: torch.device, slots: int, policy: str, scope: str,
                  stats: ExpertStats, link_bandwidth: float | None = None, tracer: Tracer | None = None):
-        """link_bandwidth: on CPU, bytes/s of the emulated link (None: copies at memcpy speed).
+        """link_bandwidth: on CPU, bytes/s of the emulated link (None: copies take no wire time).
         tracer: records one transfer-lane slice per CPU copy."""
         spec = store.spec
         layers = spec.moe_layer_ids
@@ -82,12 +83,15 @@ class ExpertCache:
         self.transfers = CpuTransfers(link_bandwidth, tracer, readers) if device.type == "cpu" \
             else CudaTransfers(device, slots, readers)
         n = per_domain * len(layers) if scope == "layer" else slots
-        # every slot's packed tensors stacked: [n, *shape] per packed tensor; a layer's use unpacks
-        # one expert at a time (formats.Unpacker: Dense experts are used in place)
-        self.slots = {name: torch.empty(n, *shape, dtype=dt, device=device)
-                      for name, (shape, dt) in store.packed_layout.items()}
-        # each slot's views, made once: a copy or a use needs them at every step
-        self._slot_views = [{name: t[i] for name, t in self.slots.items()} for i in range(n)]
+        self._capacity = n
+        # each slot's packed tensors. On CUDA every slot's are stacked, [n, *shape] per packed tensor,
+        # and copies land in views of them, made once. On the CPU the host's memory is the device's:
+        # an expert lands by reference (CpuTransfers), so slots own no memory and start empty.
+        self.slots = None if device.type == "cpu" else \
+            {name: torch.empty(n, *shape, dtype=dt, device=device) for name, (shape, dt) in store.packed_layout.items()}
+        self._slot_views: list[Packed] = [{} if self.slots is None else {name: t[i] for name, t in self.slots.items()}
+                                          for i in range(n)]
+        # a layer's use unpacks one expert at a time (formats.Unpacker: Dense experts are used in place)
         self.unpack = Unpacker(store.format, store.shapes, store.dtype, device)
         if scope == "layer":
             self.domains = {layer: Domain(range(i * per_domain, (i + 1) * per_domain), policy)
@@ -115,6 +119,9 @@ class ExpertCache:
         for dom in {id(d): d for d in self.domains.values()}.values():
             dom.clear()
         self.slot_of.clear()
+        if self.slots is None:
+            for views in self._slot_views:
+                views.clear()
         self.unused_prefetch.clear()
         self._use_rate.clear()
         self.admission = Admission()
@@ -131,10 +138,12 @@ class ExpertCache:
 
     @property
     def capacity(self) -> int:
-        return next(iter(self.slots.values())).shape[0]
+        return self._capacity
 
     def bytes_used(self) -> int:
-        return packed_bytes(self.slots)
+        """Device bytes the slots hold: all of them on CUDA (allocated up front); on the CPU, the
+        experts they refer to."""
+        return packed_bytes(self.slots) if self.slots is not None else sum(packed_bytes(v) for v in self._slot_views)
 
     def resident(self) -> set[Key]:
         """Experts holding a slot (some may still be landing)."""
@@ -347,7 +356,10 @@ class ExpertCache:
         dom.resident.discard(key)
         self._resident_of[key[0]].discard(key[1])
         dom.policy.forget(key)
-        return self.slot_of.pop(key)
+        slot = self.slot_of.pop(key)
+        if self.slots is None:
+            self._slot_views[slot].clear()  # let go of the expert's memory (CPU: held by reference)
+        return slot
 
     def _use(self, key: Key) -> Iterator[tuple[int, ExpertWeights]]:
         self._wait(key)

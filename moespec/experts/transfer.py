@@ -6,9 +6,10 @@ where it needs that expert, never with a device-wide sync. On the CPU there is
 no link to measure, so each copy spends its time on an emulated link of a given bandwidth (bytes /
 bandwidth seconds), a schedule kept against the wall clock, which lets the overlap of copies and
 compute be measured on machines without a GPU; on the disk tier reader threads read the store;
-the bytes land in the slot when compute first waits for them. Both take
-a read function rather than weights, so the store is read on the transfer side, and both move
-the expert packed (experts/formats.py) into a packed slot: the emulated link costs the packed bytes.
+the expert lands in its slot, by reference (the host's memory is the device's), when compute
+first waits for it. Both take a read function rather than weights, so the store is read on the
+transfer side, and both move the expert packed (experts/formats.py): the emulated link costs the
+packed bytes.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ class _Copy:
         self.wire = 0.0  # seconds of emulated wire time in all
         self.done = False  # the wire time has passed (emulated time)
         self.cancelled = False
-        self.landed = False  # the bytes are in the slot (copied by compute when it first waits for them)
+        self.landed = False  # the expert is in its slot (put there by compute when it first waits for it)
 
 
 class CpuTransfers:
@@ -62,7 +63,7 @@ class CpuTransfers:
     interpreter lock from compute each time, and those hand-offs cost compute about 1 ms per decode
     step (tiny-mixtral, 25% cache, no bandwidth limit: 3.73 ms per step with a link thread, 2.74 ms
     with the copies inline, 1 torch thread) which a GPU's copy engine never charges. Now every
-    copy costs compute only its bookkeeping and, at the first wait, its memcpy.
+    copy costs compute only its bookkeeping: an expert lands in its slot by reference (`_land`).
 
     Demand copies (a layer is waiting) go ahead of queued prefetches at both stages, and a
     prefetch that compute starts waiting for is promoted, so wrong guesses never delay a copy the
@@ -230,14 +231,15 @@ class CpuTransfers:
         return max(left, 0.0)
 
     def _land(self, handle: _Copy) -> None:
-        """Copy the expert's bytes into its slot, on the thread that computes, once its emulated
-        wire time has passed. A CPU device's copy is CPU work either way, and done here it costs
-        less: on this project's 2-core machine a layer that read a slot another thread had just
-        written ran slower by more than the copy itself (tiny-mixtral, 25% cache, no emulated
-        bandwidth: 4.7 ms per decode step with the copies on a link thread, 3.1 ms with them
-        here, 1.8 ms with no copies at all). A guess that is never used is never copied."""
+        """Hand the expert to its slot, on the thread that computes, once its emulated wire time
+        has passed: by reference, not by a copy. On a CPU device the host memory the expert sits
+        in (the RAM tier's store, the disk tier's read buffer) is device memory already, so a copy
+        would only be compute's work that a GPU's copy engine takes off it: on this project's
+        2-core machine the memcpys cost a decode step more than themselves (tiny-mixtral, 25%
+        cache, no emulated bandwidth: 3.1 ms per step with them, 1.8 ms with no copies at all).
+        The wire time is emulated all the same. A guess that is never used is never landed."""
         if not handle.landed:
-            copy_packed(self._source(handle), handle.dst)
+            handle.dst.update(self._source(handle))
             handle.landed = True
 
     @staticmethod
