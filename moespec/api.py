@@ -260,7 +260,7 @@ class LLM:
             f"; disk tier{', direct I/O' if off.direct_io else ' (page cache)'}, host cache {off.host_cache} experts"
         if self.link_bandwidth:
             return f"CPU with an emulated {self.link_bandwidth / 1e9:g} GB/s link{tier}"
-        return f"CPU, no link emulation (copies are host memcpy){tier}"
+        return f"CPU, no link emulation (copies take no time){tier}"
 
     def stats(self) -> EngineStats:
         """Counters since load or `reset`: decode timings, expert hits/misses, bytes moved, stall
