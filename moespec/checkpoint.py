@@ -351,11 +351,23 @@ class Checkpoint:
 
     def _read_expert(self, names: list[str], expert: int, dtype: torch.dtype, direct: bool) -> Packed:
         index = expert if self._fused and not self.spec.num_encoder_layers else None
+        prefix = self.spec.weights_prefix
+        together: dict[str, torch.Tensor] = {}  # direct: the projections read at once, per file
+        if direct:
+            files: dict[Path, list[str]] = {}
+            for name in names:
+                if name in self._file_of:
+                    files.setdefault(self._file_of[name], []).append(name)
+            for path, group in files.items():
+                got = self.direct.tensors(path, [prefix + name for name in group], index)
+                together.update((name, got[prefix + name]) for name in group)
 
         def read(name: str, to: torch.dtype | None = dtype) -> torch.Tensor:
             """Tensor `name` (this expert's slice of it, if fused) in dtype `to` (None: as stored)."""
-            if direct:
-                t = self.direct.tensor(self._file_of[name], self.spec.weights_prefix + name, index)
+            if name in together:
+                t = together[name]
+            elif direct:
+                t = self.direct.tensor(self._file_of[name], prefix + name, index)
             elif index is not None:
                 t = self._slice(name)[index]
             else:

