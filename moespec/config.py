@@ -25,7 +25,7 @@ from typing import Any, Literal, TypeVar, get_args
 from .errors import MoespecError
 
 DType = Literal["float32", "bfloat16", "float16"]
-Eviction = Literal["lru", "lfu", "pinned_hot"]
+Eviction = Literal["lru", "lfu", "pinned_hot", "predicted"]
 CacheScope = Literal["global", "layer"]
 ExpertTier = Literal["ram", "disk"]
 Quantized = Literal["int8", "int4"]  # formats experts can be quantized to at load (experts/quant.py)

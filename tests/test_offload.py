@@ -380,6 +380,27 @@ def test_a_prediction_is_worth_what_it_measured(model_dir):
     assert cache.resident() == {(1, 3), (1, 4)} and cache.stats[1].prefetches == 1  # 5 found nothing worth less
 
 
+def test_predicted_eviction_evicts_what_the_prediction_calls_unneeded(model_dir):
+    """A demand miss under "predicted" evicts the resident of the guessed-for layer that the
+    prediction calls unneeded, where LRU would evict the least recently used expert; without a
+    prediction it is LRU."""
+    for policy, evicted in (("lru", (0, 0)), ("predicted", (1, 3))):
+        cache = scripted_cache(model_dir, policy, slots=3)
+        for _ in range(10):
+            use(cache, 0, 0)  # used at every run of its layer, but the least recently used
+        use(cache, 1, 2)
+        use(cache, 1, 3)
+        predicted = [0.0] * 8
+        predicted[2] = 0.9  # layer 1's next run: 2 needed, 3 not
+        cache.prefetch(1, [], predicted=predicted)
+        use(cache, 0, 1)
+        assert cache.resident() == {(0, 0), (1, 2), (1, 3), (0, 1)} - {evicted}, policy
+    cache = scripted_cache(model_dir, "predicted", slots=3)
+    for e in (0, 1, 2, 0, 3):
+        use(cache, 0, e)
+    assert cache.resident() == {(0, 0), (0, 2), (0, 3)}  # as LRU
+
+
 def test_a_guess_enters_at_low_priority_and_is_promoted_when_used(model_dir):
     cache = scripted_cache(model_dir, "lru", slots=3)
     use(cache, 0, 0)

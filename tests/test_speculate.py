@@ -60,6 +60,7 @@ VERIFY = [
     dict(prefetch="estimator"),
     dict(prefetch="estimator", lookahead_depth=2, cache_scope="layer", expert_cache=12),
     dict(prefetch="lookahead", next_token=True),
+    dict(prefetch="lookahead", eviction="predicted"),
 ]
 
 

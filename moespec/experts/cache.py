@@ -11,7 +11,8 @@ without waiting (speculation).
 A guess is admitted by measured value (admission.py): it takes a free slot, or displaces the
 least valuable of its target layer's residents and the policy's victim, if it beats that victim
 by what a displacement costs at the link's measured load; it enters at the lowest priority and is
-promoted when used. The cache owns its
+promoted when used. Under the "predicted" eviction policy a demand miss chooses its victim the
+same way (without the price check: the layer needs the expert now). The cache owns its
 transfer engine (CPU emulated link or CUDA copy stream), which records every stall; `flush_stats` adds
 them to the statistics, the same way on both.
 """
@@ -187,7 +188,8 @@ class ExpertCache:
                 return False
             slot = dom.free.pop()
         else:
-            victim = dom.policy.victim(self._evictable) if guess is None else self._guess_victim(key[0], dom)
+            by_value = guess is not None or dom.policy.by_prediction
+            victim = self._value_victim(dom) if by_value else dom.policy.victim(self._evictable)
             if victim is None or (guess is not None and
                                   not self.admission.worth_it(guess, self.expected_use(victim), self.transfers.preempts)):
                 return False
@@ -204,12 +206,12 @@ class ExpertCache:
         self.stats[key[0]].bytes_moved += self.store.expert_bytes
         return True
 
-    def _guess_victim(self, layer: int, dom: Domain) -> Key | None:
-        """Whom a guess for `layer` would displace: of the residents of layers with a live
-        prediction and the policy's victim among the rest, the one least likely to be used soon
-        (`expected_use`). Only those: a prediction is the best estimate there is, and the
-        policy's victim stands for the rest, so the choice costs a few lookups, not a pass over
-        every slot."""
+    def _value_victim(self, dom: Domain) -> Key | None:
+        """Whom a copy into `dom` displaces by value (a guess always; a demand miss under the
+        "predicted" policy): of the residents of layers with a live prediction and the policy's
+        victim among the rest, the one least likely to be used soon (`expected_use`). Only those:
+        a prediction is the best estimate there is, and the policy's victim stands for the rest,
+        so the choice costs a few lookups, not a pass over every slot."""
         predicted = self.admission.predicted
         candidates = [(t, e) for t in predicted if self.domains[t] is dom
                       for e in self._resident_of[t] if self._evictable((t, e))]

@@ -14,6 +14,8 @@ from .base import Key
 
 
 class EvictionPolicy(Protocol):
+    by_prediction: bool  # the cache chooses demand misses' victims by expected use (Predicted)
+
     def touch(self, key: Key) -> None:
         """The expert was used (hit or freshly loaded)."""
 
@@ -30,6 +32,8 @@ class EvictionPolicy(Protocol):
 
 class LRU:
     """Evict the expert used least recently."""
+
+    by_prediction = False
 
     def __init__(self) -> None:
         self.order: OrderedDict[Key, None] = OrderedDict()
@@ -82,10 +86,22 @@ class PinnedHot(LFU):
         return next((k for k in allowed if k not in hot), allowed[0] if allowed else None)
 
 
+class Predicted(LRU):
+    """Evict the resident least likely to be used soon, by the speculation's predictions: the cache
+    weighs the residents of the layers guessed for (each by the measured odds of its predicted use)
+    against LRU's victim among the rest (by its measured reuse) and evicts the least valuable, for
+    demand misses as it always does for guesses (ExpertCache._value_victim). A guess landed for
+    the next layer is then not the first victim of a miss just because it has not been used yet.
+    Without speculation nothing is predicted and it is LRU."""
+
+    by_prediction = True
+
+
 POLICIES: dict[str, Callable[[int], EvictionPolicy]] = registry(Eviction, {  # name -> factory(capacity)
     "lru": lambda capacity: LRU(),
     "lfu": lambda capacity: LFU(),
     "pinned_hot": PinnedHot,
+    "predicted": lambda capacity: Predicted(),
 })
 
 
