@@ -364,9 +364,10 @@ class Checkpoint:
 
         def read(name: str, to: torch.dtype | None = dtype) -> torch.Tensor:
             """Tensor `name` (this expert's slice of it, if fused) in dtype `to` (None: as stored)."""
-            if name in together:
-                t = together[name]
-            elif direct:
+            if name in together:  # a view of the buffer shared with the other projections: copied
+                t = together[name]  # out (converted on the way), so an expert holds only its own bytes
+                return t.clone() if to is None else t.to(to, copy=True)
+            if direct:
                 t = self.direct.tensor(self._file_of[name], prefix + name, index)
             elif index is not None:
                 t = self._slice(name)[index]

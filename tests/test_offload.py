@@ -428,6 +428,11 @@ def test_disk_tier_with_direct_io_is_exact(model_dir, exact, host_cache):
         assert disk["direct_io"] and disk["reads"] >= llm.stats().experts.misses > 0 and disk["gb_per_s"] > 0
         assert llm.store.checkpoint.direct.bytes_read > 0 and "direct I/O" in llm.link_note()
         assert len(llm.store._experts) <= host_cache
+        # read with its projections at once, an expert still owns its memory (no view of the
+        # buffer they shared, which would keep the others' bytes alive with it)
+        expert = llm.store.checkpoint.expert(0, 1, llm.store.dtype, direct=True)
+        assert torch.equal(expert["down"], llm.store.checkpoint.expert(0, 1, llm.store.dtype)["down"])
+        assert all(t.untyped_storage().resizable() for t in expert.values())
         llm.close()
 
 
