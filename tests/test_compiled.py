@@ -131,8 +131,12 @@ def test_a_compiled_library_is_loaded_not_compiled_again(tmp_path, monkeypatch, 
     def refuse(*args, **kwargs):
         raise AssertionError("compiled again")
     monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", refuse)
-    LLM(tmp_path, compile=True, progress=True)
+    llm = LLM(tmp_path, compile=True, progress=True)
     assert "compiling" not in capsys.readouterr().err
+    # a library compiled from other model code (another moespec) is not the one looked for
+    name = compiled._library_name(llm.model, 0)
+    monkeypatch.setattr(compiled, "source_digest", lambda: "other code")
+    assert compiled._library_name(llm.model, 0) != name
 
 
 def test_a_failed_compile_is_one_line(tmp_path, monkeypatch):

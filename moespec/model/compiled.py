@@ -27,7 +27,7 @@ import hashlib
 import os
 import sys
 import warnings
-from functools import partial
+from functools import cache, partial
 from pathlib import Path
 from typing import Callable
 
@@ -105,15 +105,25 @@ def _example(model: Transformer, i: int) -> tuple:
     return (layer_tensors(model.layers[i]), x, kv.k, kv.v, positions, torch.arange(3, device=weight.device), cos, sin)
 
 
+@cache
+def source_digest() -> str:
+    """A digest of the code a layer is traced from (this package's modules and spec.py): a library
+    compiled by another version of moespec computes that version's layer, so it is never loaded."""
+    package = Path(__file__).resolve().parent
+    files = [*sorted(package.glob("*.py")), package.parent / "spec.py"]
+    return hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest()
+
+
 def _library_name(model: Transformer, i: int) -> str:
-    """A file name that changes with everything the library depends on (the thread count too: the
-    generated loops are written for the threads torch had when they were compiled)."""
+    """A file name that changes with everything the library depends on: the model code, the layer's
+    kind and tensors, the machine and the thread count (the generated loops are written for the
+    threads torch had when they were compiled)."""
     weight = model.embed_tokens.weight
     shapes = sorted((name, tuple(t.shape), str(t.dtype)) for name, t in layer_tensors(model.layers[i]).items())
     machine = torch.backends.cpu.get_cpu_capability() if weight.device.type == "cpu" else \
         torch.cuda.get_device_name(weight.device)  # the kernels are built for this CPU's vector ISA / this GPU
-    key = repr((model.spec, layer_kind(model, i), shapes, weight.device.type, machine, torch.get_num_threads(),
-                torch.__version__))
+    key = repr((source_digest(), model.spec, layer_kind(model, i), shapes, weight.device.type, machine,
+                torch.get_num_threads(), torch.__version__))
     return f"layer-{hashlib.sha256(key.encode()).hexdigest()[:20]}.pt2"
 
 
