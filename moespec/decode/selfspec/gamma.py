@@ -19,9 +19,12 @@ class GammaChooser:
     costs the nearest measured one's time plus or minus its measured draft passes, and only the
     best measured γ's neighbours are candidates, so the search climbs one γ at a time.
 
-    Speculation is on only while some γ promises E(γ)/t(γ) > (1 + margin)/t(0): drafting passes
-    cost about as much compute as plain steps, so it pays only where verification amortises what
-    plain steps spend on the link (large batches, slow links), and at batch 1 it mostly does not.
+    Speculation is on only while some measured γ's speed-up E(γ)·t(0)/t(γ) beats 1 + margin by
+    more than its relative standard error (both times' errors in quadrature). Drafting passes cost
+    about as much compute as plain steps, so it pays only where verification amortises what plain
+    steps spend on the link (large batches, slow links), and at batch 1 it mostly does not. There
+    a step's time swings with which experts its one token needs (tiny-qwen2moe, 25% cache,
+    0.25 GB/s: plain steps of 4-11 ms), so a few steps' means cannot tell a 5% margin from noise.
     It starts plain (to know t(0)). Every probe of drafting, the first included, waits for enough
     plain steps that its failure would cost at most `probe_budget` of the time spent plain: its
     excess time t(γ) + the refill's time + the extra cost of the plain step after it (drafting
@@ -43,6 +46,7 @@ class GammaChooser:
         self.max_gamma, self.start, self.probe_every = max_gamma, min(start, max_gamma), probe_every
         self.ema, self.decay, self.margin, self.probe_budget, self.max_wait = ema, decay, margin, probe_budget, max_wait
         self.cost: dict[int, dict[int, float]] = {}  # batch bucket -> γ -> seconds per step (EMA)
+        self.spread: dict[int, dict[int, float]] = {}  # batch bucket -> γ -> variance of those seconds (EMA)
         self.samples: dict[int, dict[int, int]] = {}  # batch bucket -> γ -> steps measured
         self.draft_pass: dict[int, float] = {}  # batch bucket -> seconds per draft pass (EMA)
         self.fill_seconds = 0.0  # pinning the draft set again after a plain phase (EMA)
@@ -80,23 +84,42 @@ class GammaChooser:
         if bucket not in self.cost and self.cost:
             nearest = min(self.cost, key=lambda b: abs(b - bucket))
             self.cost[bucket] = dict(self.cost[nearest])
+            self.spread[bucket] = dict(self.spread[nearest])
             self.samples[bucket] = dict(self.samples[nearest])
             self.draft_pass[bucket] = self.draft_pass[nearest]
         self.cost.setdefault(bucket, {})
+        self.spread.setdefault(bucket, {})
         self.samples.setdefault(bucket, {})
         self.draft_pass.setdefault(bucket, 0.0)
         return bucket
 
-    def _best_drafting(self, bucket: int) -> tuple[int, float]:
-        """The γ ≥ 1 with the most expected tokens per second, and that rate: measured γs and the
-        best measured one's neighbours (so a predicted cost never sends a step far away)."""
-        rate = {g: self.expected_tokens(g) / c for g, c in self.cost[bucket].items() if g > 0}
+    def _error(self, bucket: int, gamma: int) -> float:
+        """The standard error of t(γ): its measured spread over the steps the average holds (an
+        EMA of weight w holds about (2 − w)/w). A γ without a spread yet (one step) is taken to
+        swing as much, relative to its time, as plain steps do."""
+        n = min(self.samples[bucket][gamma], (2 - self.ema) / self.ema)
+        var = self.spread[bucket].get(gamma)
+        if var is None:
+            var = self.spread[bucket].get(0, 0.0) * (self.cost[bucket][gamma] / self.cost[bucket][0]) ** 2
+        return math.sqrt(var / n)
+
+    def _best_drafting(self, bucket: int) -> tuple[bool, int]:
+        """Whether a *measured* γ ≥ 1 pays beyond the margin and the noise, and the γ to run next:
+        the best of the measured γs and the best one's neighbours (so a predicted cost never sends
+        a step far away). Only a measurement turns speculation on: a predicted cost is optimistic
+        (a verify pass of more tokens may need more experts), so a neighbour that only promises
+        to pay is tried as a probe, within the budget, not run as if it paid."""
+        costs = self.cost[bucket]
+        rate = {g: self.expected_tokens(g) / c for g, c in costs.items() if g > 0}
         best = max(rate, key=rate.get)
+        noise0 = (self._error(bucket, 0) / costs[0]) ** 2
+        pays = any(self.expected_tokens(g) * costs[0] / costs[g]
+                   > (1 + self.margin) * (1 + math.sqrt(noise0 + (self._error(bucket, g) / costs[g]) ** 2))
+                   for g in rate)
         for g in (best - 1, best + 1):
             if 1 <= g <= self.max_gamma and g not in rate:
                 rate[g] = self.expected_tokens(g) / self.predicted_cost(bucket, g)
-        best = max(rate, key=rate.get)
-        return best, rate[best]
+        return pays, max(rate, key=rate.get)
 
     def choose(self, rows: int) -> int:
         if self.fixed is not None:
@@ -108,8 +131,8 @@ class GammaChooser:
             return 0
         if len(costs) == 1:  # only plain measured: a first probe, once it fits the budget
             return self._probe(self.start, excess=costs[0], t0=costs[0])
-        gamma, rate = self._best_drafting(bucket)
-        if rate > (1 + self.margin) / costs[0]:
+        pays, gamma = self._best_drafting(bucket)
+        if pays:
             self.next_probe, self.failures = None, 0
             if self.steps % self.probe_every:
                 return gamma
@@ -154,9 +177,11 @@ class GammaChooser:
         self.previous = gamma
         if seconds is None or self.settling:
             return
-        costs, n = self.cost[bucket], self.samples[bucket]
+        costs, spread, n = self.cost[bucket], self.spread[bucket], self.samples[bucket]
         n[gamma] = 1 if fresh else n.get(gamma, 0) + 1
         w = max(self.ema, 1 / n[gamma])  # the mean of the first few, then an EMA
+        if n[gamma] > 1:  # a fresh start keeps the spread: it is the workload's; the mean moved with the cache
+            spread[gamma] = (1 - w) * (spread.get(gamma, 0.0) + w * (seconds - costs[gamma]) ** 2)
         costs[gamma] = self._average(costs.get(gamma, 0.0), seconds, w)
         if gamma:
             passes = sum(c for g, c in n.items() if g > 0)
