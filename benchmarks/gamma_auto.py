@@ -3,7 +3,8 @@
 Self-speculative decoding with γ chosen by measurement must not lose to plain decoding on any
 prompt set: a probe of drafting that fails costs time, and a short generation has little time to
 win it back. Each case (a prompt set, a batch, a length) runs plain and `speculative="self",
-gamma="auto"` interleaved from a cold cache (`LLM.reset`), `--repeats` times after a warm-up;
+gamma="auto"` interleaved from a cold cache (`LLM.reset`), `--repeats` times after a warm-up,
+each first in every other repeat (so neither gains from its place in the pair);
 the ratio is plain's median wall time over auto's (above 1: auto is faster). Prompt sets: short
 code prompts ("def fN(x):\\n    ", the case where drafting does not pay) and held-out text.
 JSON under benchmarks/results/.
@@ -62,12 +63,12 @@ def main() -> None:
                 wall(llm, prompts, 4, "self")  # warm-up
                 times: dict[str, list[float]] = {"off": [], "self": []}
                 same = True
-                for _ in range(args.repeats):
-                    plain_time, plain = wall(llm, prompts, new, "off")
-                    auto_time, auto = wall(llm, prompts, new, "self")
-                    times["off"].append(plain_time)
-                    times["self"].append(auto_time)
-                    same &= plain == auto
+                for r in range(args.repeats):
+                    runs = {}
+                    for mode in ("off", "self")[::1 if r % 2 == 0 else -1]:  # either first in turn
+                        runs[mode] = wall(llm, prompts, new, mode)
+                        times[mode].append(runs[mode][0])
+                    same &= runs["off"][1] == runs["self"][1]
                 s = llm.stats().speculative_decoding
                 case = {"prompts": name, "batch": batch, "new_tokens": new,
                         "plain_s": statistics.median(times["off"]), "auto_s": statistics.median(times["self"]),
