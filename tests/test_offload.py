@@ -89,6 +89,32 @@ def test_budget_too_small_is_a_clear_error(model_dir):
         LLM(model_dir, expert_cache="25%", link_bandwidth="fast")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_resident_float32_experts_are_stored_transposed_with_the_same_values(model_dir, dtype):
+    """Everything resident on the CPU: a float32 layer's matrices live [E, in, out] in memory (the
+    layout the grouped matmul runs fastest on) behind views of the usual shape; bfloat16 ones stay
+    as stored. Either way each expert, from the stack or the store, equals the checkpoint's."""
+    from moespec.experts.store import ResidentExperts
+
+    spec = load_spec(model_dir)
+    checkpoint = Checkpoint(model_dir, spec)
+    store = ExpertStore(checkpoint, dtype, pin=False)
+    resident = ResidentExperts(store, torch.device("cpu"), ExpertStats(spec.moe_layer_ids))
+    layer = spec.moe_layer_ids[0]
+    stack = resident.fetch_stack(layer, [0], tokens=1)
+    assert stack.gate_up.shape == (spec.num_experts, *store.shapes["gate_up"])
+    transposed = dtype == torch.float32
+    assert stack.gate_up.transpose(1, 2).is_contiguous() == transposed
+    assert stack.down.transpose(1, 2).is_contiguous() == transposed
+    for e in range(spec.num_experts):
+        want = checkpoint.expert(layer, e, dtype)
+        for name in ("gate_up", "down"):
+            assert torch.equal(getattr(stack, name)[e], want[name])
+            assert torch.equal(store.packed((layer, e))[name], want[name])
+            assert store.packed((layer, e))[name].untyped_storage().data_ptr() == \
+                getattr(stack, name).untyped_storage().data_ptr()  # views of the stack: no second copy
+
+
 def scripted_cache(model_dir, policy: str, slots: int = 3, copy_seconds: float | None = None) -> ExpertCache:
     """A cache over the test checkpoint; `copy_seconds`: each copy's emulated wire time (None: instant)."""
     spec = load_spec(model_dir)
