@@ -127,7 +127,8 @@ class LLM:
             (lambda keys: tqdm(keys, desc=f"quantizing experts ({off.expert_dtype})", unit="expert", leave=False))
             if cfg.progress else iter)
         self.store = ExpertStore(experts, self.dtype, pin=self.device.type == "cuda", tier=off.expert_tier,
-                                 host_cache=off.host_cache, progress=show, direct_io=off.direct_io)
+                                 host_cache=off.host_cache, progress=show, direct_io=off.direct_io,
+                                 transposed=self.device.type == "cpu" and self.dtype == torch.float32)
         self.expert_stats = ExpertStats(self.spec.moe_layer_ids)
         total = len(self.store.keys)
         slots = budget_slots(off.expert_cache, total, self.store.expert_bytes, self.store.dense_bytes)

