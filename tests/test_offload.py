@@ -94,12 +94,10 @@ def test_resident_float32_experts_are_stored_transposed_with_the_same_values(mod
     """Everything resident on the CPU: a float32 layer's matrices live [E, in, out] in memory (the
     layout the grouped matmul runs fastest on) behind views of the usual shape; bfloat16 ones stay
     as stored. Either way each expert, from the stack or the store, equals the checkpoint's."""
-    from moespec.experts.store import ResidentExperts
-
     spec = load_spec(model_dir)
     checkpoint = Checkpoint(model_dir, spec)
-    store = ExpertStore(checkpoint, dtype, pin=False)
-    resident = ResidentExperts(store, torch.device("cpu"), ExpertStats(spec.moe_layer_ids))
+    llm = LLM(model_dir, dtype=str(dtype).removeprefix("torch."))
+    store, resident = llm.store, llm.experts
     layer = spec.moe_layer_ids[0]
     stack = resident.fetch_stack(layer, [0], tokens=1)
     assert stack.gate_up.shape == (spec.num_experts, *store.shapes["gate_up"])

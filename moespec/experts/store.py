@@ -31,10 +31,12 @@ class ExpertStore:
                  transposed: bool = False):
         """host_cache: experts the disk tier keeps in host memory (0: none beyond the device
         cache). direct_io: the disk tier reads around the page cache (O_DIRECT). transposed: the
-        RAM tier keeps each dense expert's matrices transposed in memory, behind views of the
-        usual shapes. For a CPU in float32: a linear of a few tokens runs 25-40% faster on them
-        (tiny-mixtral's expert shapes, 1 thread; decode with a 25% cache 5% faster per step), and
-        the grouped matmul of `ResidentExperts` 1.1-1.4x. The disk tier's reads stay as stored."""
+        dense expert matrices the store holds (the RAM tier's experts, `ResidentExperts`' stacks)
+        are transposed in memory, behind views of the usual shapes; the disk tier's reads stay as
+        stored. For a CPU in float32 (what `LLM` asks it for): a linear of a few tokens runs
+        25-40% faster on them (tiny-mixtral's expert shapes, 1 thread; decode with a 25% cache 5%
+        faster per step), and the grouped matmul 1.1-1.4x (tiny-mixtral and tiny-qwen2moe shapes,
+        16 to 1024 rows). bfloat16 gains nothing and its one-token linears lose 5-10%."""
         spec = checkpoint.spec
         self.spec, self.dtype, self.pin, self.tier = spec, dtype, pin, tier
         self.checkpoint, self.host_cache, self.direct_io = checkpoint, host_cache, direct_io
@@ -44,12 +46,12 @@ class ExpertStore:
         self._experts: OrderedDict[Key, Packed] = OrderedDict()
         self.disk_reads = 0
         self._lock = threading.Lock()
-        transpose = transposed and isinstance(self.format, Dense)
+        self.transposed = transposed and isinstance(self.format, Dense)
         if tier == "ram":
             for key in progress(self.keys):
                 w = self._read(key)
                 self._experts[key] = {name: t.mT.contiguous().mT if t.dim() == 2 else t
-                                      for name, t in w.items()} if transpose else w
+                                      for name, t in w.items()} if self.transposed else w
         # all experts of a model have the same shapes: one tells the packed bytes and slot shapes
         first = self._experts[self.keys[0]] if tier == "ram" else self._read(self.keys[0])
         self.expert_bytes = packed_bytes(first)
@@ -124,11 +126,9 @@ class ResidentExperts:
             return all(shape[dim] * bits // 8 % 16 == 0 for shape in store.shapes.values())
 
         self.groupable = isinstance(store.format, Dense) and aligned(-1)
-        # float32 matrices on the CPU are stored transposed ([E, in, out]): grouped_mm's CPU kernel
-        # runs on them 1.1-1.4x faster than on [E, out, in] (tiny-mixtral and tiny-qwen2moe shapes,
-        # 16 to 1024 rows, 1 thread), and a one-token linear on a transposed view is no slower.
-        # bfloat16 gains nothing and its one-token linears lose 5-10%: left as stored.
-        transposed = self.groupable and aligned(0) and device.type == "cpu" and store.dtype == torch.float32
+        # stacked as the store lays its matrices out ([E, in, out] in memory if transposed), where
+        # the rows of that layout are aligned too
+        transposed = store.transposed and self.groupable and aligned(0)
         self._stacks = {layer: {name: t.to(device) for name, t in store.stack(layer, transposed).items()}
                         for layer in store.spec.moe_layer_ids}  # on the CPU: the store's own memory
         self._packed = {(layer, e): {name: t[e] for name, t in stack.items()}
