@@ -94,7 +94,8 @@ class LLM:
     expert_tier: "ram" (all experts in host memory) or "disk" (read on demand, `host_cache` kept).
     speculative, gamma, draft_*: the default self-speculative decoding of `generate`.
     compile: run decode steps' dense work (attention, norms, routers, shared experts) as compiled
-        libraries (moespec/model/compiled.py); the experts stay eager.
+        libraries (moespec/model/compiled.py), the experts eager; with every expert resident on a
+        CPU, one-row steps run each whole layer, experts included, as one compiled call.
     trace: record a Chrome/Perfetto trace (compute and transfer lanes); write it with save_trace().
     """
 
@@ -115,8 +116,6 @@ class LLM:
             raise MoespecError(f"context_length must be in [2, {max_ctx}], got {cfg.context_length}")
         self.context_length = cfg.context_length or max_ctx
         self.model = build_model(checkpoint, self.dtype, self.device)
-        if cfg.compile:
-            self.model.compiled = compile_layers(self.model, progress=cfg.progress)
         self.tracer = Tracer(note=self.link_note())
         off = cfg.offload
         show = (lambda keys: tqdm(keys, desc="loading experts", unit="expert", leave=False)) if cfg.progress else iter
@@ -135,6 +134,8 @@ class LLM:
         self.experts: DeviceExperts = ResidentExperts(self.store, self.device, self.expert_stats) if slots >= total \
             else ExpertCache(self.store, self.device, slots, off.eviction, off.cache_scope, self.expert_stats,
                              off.link_bytes_per_s, self.tracer)
+        if cfg.compile:
+            self.model.compiled = compile_layers(self.model, progress=cfg.progress, experts=self.experts)
         if cfg.trace:
             self.start_trace()
         self.speculation: Speculation | None = None

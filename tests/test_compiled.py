@@ -8,6 +8,7 @@ import torch
 
 import moespec.model.compiled as compiled
 from moespec import LLM, MoespecError
+from moespec.hooks import ForwardHooks
 from test_deepseek import save as save_deepseek
 from test_gpt_oss import CASES as GPT_OSS_CASES, random_model as gpt_oss_model
 from test_llama4 import CASES as LLAMA4_CASES, save_llama4
@@ -48,15 +49,16 @@ def pair(request, tmp_path_factory, library_dir):
     return LLM(d), LLM(d, compile=True)
 
 
-def counting(llm: LLM) -> list[int]:
-    """A list that grows by one for each compiled layer call of `llm`."""
+def counting(llm: LLM, call: str = "_layer") -> list[int]:
+    """A list that grows by one for each compiled layer call of `llm` (`call`: "_whole" counts the
+    calls that run a whole layer, experts included)."""
     calls: list[int] = []
-    layer = llm.model.compiled._layer
+    layer = getattr(llm.model.compiled, call)
 
     def counted(*args):
         calls.append(1)
         return layer(*args)
-    llm.model.compiled._layer = counted
+    setattr(llm.model.compiled, call, counted)
     return calls
 
 
@@ -75,11 +77,12 @@ def test_compiled_decode_is_the_eager_decode(pair):
 
 def test_rows_apart_in_the_cache_run_one_call_per_run(pair):
     """Continuous batching leaves gaps between the rows it decodes: rows [2, 0] of a 3-row cache
-    (two runs), [0, 2] and [1] compute and write the cache as the eager layers do."""
+    (two runs), [0, 2] and [1] (one row: whole layers) compute and write the cache as the eager
+    layers do."""
     _, fast = pair
     model, compiled_layers = fast.model, fast.model.compiled
     cache, twin = model.new_cache(3, 32), model.new_cache(3, 32)
-    calls = counting(fast)
+    calls, whole = counting(fast), counting(fast, "_whole")
     with torch.inference_mode():
         model.compiled = None
         model(torch.tensor([[5, 9, 23, 7]] * 3), cache, fast.experts)  # eager prefill of every row
@@ -93,7 +96,57 @@ def test_rows_apart_in_the_cache_run_one_call_per_run(pair):
             got = model(tokens, cache, fast.experts, rows=rows)
             assert (got - want).abs().max().item() <= 1e-5
         assert (cache.k - twin.k).abs().max().item() <= 1e-5 and torch.equal(cache.lengths, twin.lengths)
-        assert len(calls) == 3 * model.spec.num_layers
+        assert len(calls) == 2 * model.spec.num_layers and len(whole) == model.spec.num_layers
+
+
+def test_one_row_runs_each_whole_layer_as_one_call(pair):
+    """With every expert resident on the CPU, a one-row decode step runs each layer, its experts
+    included, as one compiled call: the same tokens and (within float rounding) hidden states as
+    the eager layers, and the experts' statistics as if they had been fetched."""
+    eager, fast = pair
+    whole, split = counting(fast, "_whole"), counting(fast)
+    kw = dict(max_new_tokens=12, temperature=0.0, ignore_eos=True)
+    for llm in (eager, fast):
+        llm.reset()
+    for prompt in PROMPTS:
+        assert fast.generate([prompt], **kw)[0].token_ids == eager.generate([prompt], **kw)[0].token_ids
+    assert len(whole) == 3 * 11 * fast.spec.num_layers and not split  # every decode step, every layer
+    assert (fast.stats().experts.hits, fast.stats().experts.tokens) == \
+        (eager.stats().experts.hits, eager.stats().experts.tokens)
+    model, layers = fast.model, fast.model.compiled
+    cache, twin = model.new_cache(1, 32), model.new_cache(1, 32)
+    with torch.inference_mode():
+        model.compiled = None
+        model(torch.tensor([[5, 9, 23, 7]]), cache, fast.experts)
+        for a, b in ((twin.k, cache.k), (twin.v, cache.v), (twin.lengths, cache.lengths)):
+            a.copy_(b)
+        for token in (11, 40, 3):
+            model.compiled = None
+            want = model(torch.tensor([[token]]), twin, fast.experts)
+            model.compiled = layers
+            got = model(torch.tensor([[token]]), cache, fast.experts)
+            assert (got - want).abs().max().item() <= 1e-5 * max(1.0, want.abs().max())
+    assert len(whole) == 3 * 11 * fast.spec.num_layers + 3 * fast.spec.num_layers
+
+
+def test_hooks_see_every_layer_of_a_one_row_step(pair):
+    """A hook (speculation, a trace) must see each layer's residual and routing, so a one-row step
+    with hooks runs the split layers: Block.forward compiled, the experts eager."""
+    _, fast = pair
+    whole, split = counting(fast, "_whole"), counting(fast)
+    seen: list[int] = []
+
+    class Routes(ForwardHooks):
+        def route(self, layer, x, weights, ids):
+            seen.append(layer)
+            return weights, ids
+    fast.model.hooks.append(hooks := Routes())
+    try:
+        fast.generate([PROMPTS[0]], max_new_tokens=4, temperature=0.0, ignore_eos=True)
+    finally:
+        fast.model.hooks.remove(hooks)
+    moe_layers = len(fast.spec.moe_layer_ids)
+    assert not whole and len(split) == 3 * fast.spec.num_layers and len(seen) == 4 * moe_layers
 
 
 def test_a_tensor_the_layer_reads_but_is_not_given_is_refused(tmp_path, monkeypatch):
@@ -124,7 +177,7 @@ def test_a_compiled_library_is_loaded_not_compiled_again(tmp_path, monkeypatch, 
     save_model("mixtral", tmp_path, experts=8, top_k=2, hidden_size=40)  # a shape no other test compiled
     monkeypatch.setenv("MOESPEC_CACHE", str(tmp_path / "libraries"))
     LLM(tmp_path, compile=True, progress=True)
-    assert "compiling decode layers, kind 1 of 1" in capsys.readouterr().err
+    assert "compiling decode layers, kind 2 of 2 (like layer 0, one row, experts included)" in capsys.readouterr().err
     libraries = tmp_path / "libraries" / "compiled"
     assert any(libraries.glob("layer-*.pt2")) and not any(libraries.glob("*.tmp.pt2"))
 
@@ -134,9 +187,9 @@ def test_a_compiled_library_is_loaded_not_compiled_again(tmp_path, monkeypatch, 
     llm = LLM(tmp_path, compile=True, progress=True)
     assert "compiling" not in capsys.readouterr().err
     # a library compiled from other model code (another moespec) is not the one looked for
-    name = compiled._library_name(llm.model, 0)
+    name = compiled._library_name(llm.model, 0, None)
     monkeypatch.setattr(compiled, "source_digest", lambda: "other code")
-    assert compiled._library_name(llm.model, 0) != name
+    assert compiled._library_name(llm.model, 0, None) != name
 
 
 def test_a_failed_compile_is_one_line(tmp_path, monkeypatch):

@@ -170,13 +170,15 @@ class ResidentExperts:
     def peek(self, key: Key) -> ExpertWeights:
         return self._weights(key)
 
-    def _count(self, layer: int, ids: list[int], tokens: int) -> None:
+    def count(self, layer: int, experts: int, tokens: int) -> None:
+        """Count a fetch of `experts` experts of `layer` for `tokens` tokens (all hits): what
+        `fetch` does, for a caller that computes from the stack without fetching (model/compiled.py)."""
         stats = self.stats[layer]
-        stats.hits += len(ids)
+        stats.hits += experts
         stats.tokens += tokens
 
     def fetch(self, layer: int, ids: list[int], tokens: int) -> Iterator[tuple[int, ExpertWeights]]:
-        self._count(layer, ids, tokens)
+        self.count(layer, len(ids), tokens)
         for e in ids:
             yield e, self._weights((layer, e))
 
@@ -184,7 +186,12 @@ class ResidentExperts:
         """Every expert of `layer` stacked [E, ...] in id order, for one grouped computation of
         the experts `ids` (counted as their fetch); None, counting nothing, if they are packed or
         their rows unaligned."""
-        if not self.groupable:
-            return None
-        self._count(layer, ids, tokens)
-        return ExpertWeights(**self._stacks[layer])
+        stack = self.stack(layer)
+        if stack is not None:
+            self.count(layer, len(ids), tokens)
+        return stack
+
+    def stack(self, layer: int) -> ExpertWeights | None:
+        """Every expert of `layer` stacked [E, ...] in id order, counting nothing; None if they are
+        packed or their rows unaligned."""
+        return ExpertWeights(**self._stacks[layer]) if self.groupable else None

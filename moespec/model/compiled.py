@@ -36,9 +36,10 @@ import torch.utils._pytree as pytree
 from torch import nn
 
 from ..errors import MoespecError
+from ..experts.base import ExpertProvider, ExpertWeights
 from .kv_cache import LayerKV, StepPositions
+from .moe import MoE, StackedExperts
 from .transformer import BeforeExperts, Block, Transformer
-from .moe import MoE
 
 MAX_ROWS = 1024  # the largest batch a compiled layer accepts (a larger one runs eager)
 
@@ -78,31 +79,50 @@ def layer_kind(model: Transformer, i: int) -> tuple:
     return (isinstance(block.mlp, MoE), i in spec.nope_layers, spec.window(i), i in spec.chunked_layers)
 
 
-class _Layer(nn.Module):
-    """What is exported: Block.forward of a decode step, with the layer's tensors as inputs."""
+class _Decode(nn.Module):
+    """A layer's decode step as a library computes it: Block.forward (the state before the experts
+    are fetched) or, `whole`, the whole layer (Block.feed_forward too, with no hooks), its routed
+    experts taken from `stack` (every expert of the layer, [E, ...]; None in a dense layer)."""
 
     def __init__(self, block: Block):
         super().__init__()
-        self._block = [block]  # not a submodule: its weights must not become the library's constants
+        self.block = block
 
-    def forward(self, tensors: dict[str, torch.Tensor], x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                positions: torch.Tensor, key_pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
-                ) -> tuple[torch.Tensor, ...]:
-        step = graph_step(positions, key_pos)
-        out = torch.func.functional_call(self._block[0], tensors, (x, LayerKV(keys, values), step, (cos, sin)))
-        return tuple(t for t in out if t is not None)  # a dense layer or no shared expert: fewer outputs
+    def forward(self, x: torch.Tensor, kv: LayerKV, step: StepPositions, rope: tuple[torch.Tensor, torch.Tensor],
+                whole: bool, stack: ExpertWeights | None) -> tuple[torch.Tensor, ...]:
+        state = self.block(x, kv, step, rope)
+        if not whole:
+            return tuple(t for t in state if t is not None)  # a dense layer or no shared expert: fewer outputs
+        experts = StackedExperts(stack) if stack is not None else None
+        return (self.block.feed_forward(state, step, experts, []),)
 
 
-def _example(model: Transformer, i: int) -> tuple:
-    """Inputs to trace layer i with: 2 rows of different lengths in a 4-long cache (sizes of 0 or 1
-    would be fixed by the trace), on the model's device and dtype."""
+class _Layer(nn.Module):
+    """What is exported: `_Decode` with the layer's tensors and stacked experts as inputs."""
+
+    def __init__(self, block: Block, whole: bool):
+        super().__init__()
+        self._decode = [_Decode(block)]  # not a submodule: its weights must not become the library's constants
+        self.whole = whole
+
+    def forward(self, tensors: dict[str, torch.Tensor], stack: dict[str, torch.Tensor], x: torch.Tensor,
+                keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, key_pos: torch.Tensor,
+                cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        args = (x, LayerKV(keys, values), graph_step(positions, key_pos), (cos, sin), self.whole,
+                ExpertWeights(**stack) if stack else None)
+        return torch.func.functional_call(self._decode[0], {f"block.{n}": t for n, t in tensors.items()}, args)
+
+
+def _example(model: Transformer, i: int, rows: int) -> tuple:
+    """Inputs to trace layer i with: `rows` rows (2: of different lengths) in a 4-long cache (sizes
+    of 0 or 1 would be fixed by the trace), on the model's device and dtype."""
     weight = model.embed_tokens.weight
-    cache = model.new_cache(2, 4)
-    positions = torch.tensor([[2], [1]], device=weight.device)
+    cache = model.new_cache(rows, 4)
+    positions = torch.tensor([[2], [1]][:rows], device=weight.device)
     cos, sin = model.rotary(positions, weight.dtype)
-    x = torch.randn(2, 1, model.spec.hidden_size, dtype=weight.dtype, device=weight.device)
+    x = torch.randn(rows, 1, model.spec.hidden_size, dtype=weight.dtype, device=weight.device)
     kv = cache.layers[i]
-    return (layer_tensors(model.layers[i]), x, kv.k, kv.v, positions, torch.arange(3, device=weight.device), cos, sin)
+    return x, kv.k, kv.v, positions, torch.arange(3, device=weight.device), cos, sin
 
 
 @cache
@@ -114,35 +134,40 @@ def source_digest() -> str:
     return hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest()
 
 
-def _library_name(model: Transformer, i: int) -> str:
+def _library_name(model: Transformer, i: int, stack: dict[str, torch.Tensor] | None) -> str:
     """A file name that changes with everything the library depends on: the model code, the layer's
-    kind and tensors, the machine and the thread count (the generated loops are written for the
-    threads torch had when they were compiled)."""
+    kind and tensors (and the layout of its stacked experts in a whole layer), the machine and the
+    thread count (the generated loops are written for the threads torch had when they were compiled)."""
     weight = model.embed_tokens.weight
     shapes = sorted((name, tuple(t.shape), str(t.dtype)) for name, t in layer_tensors(model.layers[i]).items())
+    layout = None if stack is None else sorted((name, tuple(t.shape), t.stride(), str(t.dtype))
+                                               for name, t in stack.items())
     machine = torch.backends.cpu.get_cpu_capability() if weight.device.type == "cpu" else \
         torch.cuda.get_device_name(weight.device)  # the kernels are built for this CPU's vector ISA / this GPU
-    key = repr((source_digest(), model.spec, layer_kind(model, i), shapes, weight.device.type, machine,
+    key = repr((source_digest(), model.spec, layer_kind(model, i), shapes, layout, weight.device.type, machine,
                 torch.get_num_threads(), torch.__version__))
     return f"layer-{hashlib.sha256(key.encode()).hexdigest()[:20]}.pt2"
 
 
-def compile_layer(model: Transformer, i: int, directory: Path
+def compile_layer(model: Transformer, i: int, directory: Path, stack: dict[str, torch.Tensor] | None
                   ) -> tuple[torch._C._aoti.AOTIModelPackageLoader, list[str]]:
     """The compiled library of layer i's kind, loaded from `directory` (compiled there first if
-    missing), and the names of the layer tensors it takes first, in order."""
-    path = directory / _library_name(model, i)
+    missing), and the names of the tensors it takes first, in order: the layer's, then (in a whole
+    layer, `stack` given: {} for a dense layer) its stacked experts'. A whole layer runs one row."""
+    path = directory / _library_name(model, i, stack)
     with warnings.catch_warnings():  # torch's own deprecation notices about its export and package formats
         warnings.simplefilter("ignore", FutureWarning)
         if not path.is_file():
             batch, cache_len, keys = (torch.export.Dim(n, min=lo, max=hi) for n, lo, hi in
                                       (("rows", 1, MAX_ROWS), ("cache_len", 2, None), ("keys", 1, None)))
-            args = _example(model, i)
-            rows = {0: batch}
-            dims = ({name: None for name in args[0]}, rows, {0: batch, 1: cache_len}, {0: batch, 1: cache_len},
-                    rows, {0: keys}, rows, rows)
+            tensors = layer_tensors(model.layers[i])
+            example = _example(model, i, 1 if stack is not None else 2)
+            rows = {} if stack is not None else {0: batch}
+            dims = ({name: None for name in tensors}, {name: None for name in stack or {}}, rows,
+                    rows | {1: cache_len}, rows | {1: cache_len}, rows, {0: keys}, rows, rows)
             with torch.inference_mode(False), torch.no_grad():
-                program = torch.export.export(_Layer(model.layers[i]), args, dynamic_shapes=dims)
+                program = torch.export.export(_Layer(model.layers[i], whole=stack is not None),
+                                              (tensors, stack or {}, *example), dynamic_shapes=dims)
             if program.constants or program.state_dict:  # would be layer i's, baked into every layer of its kind
                 raise RuntimeError(f"the compiled layer holds tensors of layer {i} that are not inputs: "
                                    f"{sorted([*program.constants, *program.state_dict])}")
@@ -153,39 +178,87 @@ def compile_layer(model: Transformer, i: int, directory: Path
         library = torch._inductor.aoti_load_package(str(path)).loader
         # called with its inputs flat, in the order the export flattened them (the tensors by name
         # first): the package's own __call__ re-parses its input and output specs on every call
-        names = pytree.treespec_loads(library.get_call_spec()[0]).children_specs[0].children_specs[0].context
-    return library, names
+        args = pytree.treespec_loads(library.get_call_spec()[0]).children_specs[0].children_specs
+    return library, [*args[0].context, *args[1].context]
+
+
+def whole_stacks(model: Transformer, experts: ExpertProvider | None) -> dict[int, dict[str, torch.Tensor]] | None:
+    """Each layer's stacked experts ({} for a dense layer) where one-row decode steps run whole
+    layers, experts included, as one compiled call each; else None. That takes every expert of
+    every layer resident in one stack (`ResidentExperts` of dense experts) and a CPU: there a
+    batch-1 layer's ~20 eager ops around its experts cost more than the experts' matmuls, and
+    reading an expert id off the routing inside the call costs nothing (on a GPU it would be a
+    device synchronisation per expert, against one per layer eager)."""
+    stack = getattr(experts, "stack", None)
+    if stack is None or model.embed_tokens.weight.device.type != "cpu":
+        return None
+    stacks = {}
+    for i, block in enumerate(model.layers):
+        layer_stack = stack(i) if isinstance(block.mlp, MoE) else None
+        if isinstance(block.mlp, MoE) and layer_stack is None:  # packed or unaligned experts: fetched one by one
+            return None
+        stacks[i] = layer_stack.tensors() if layer_stack is not None else {}  # {}: a dense layer
+    return stacks
 
 
 class CompiledLayers:
-    """Each layer's Block.forward as a compiled library (one per kind of layer), for decode steps."""
+    """Each layer's Block.forward as a compiled library (one per kind of layer), for decode steps;
+    and, where `whole_stacks` allows, each whole layer for one-row decode steps."""
 
-    def __init__(self, model: Transformer, directory: Path | None = None, progress: bool = False):
-        """progress: say on stderr when a kind of layer is compiled (seconds), not loaded."""
+    def __init__(self, model: Transformer, directory: Path | None = None, progress: bool = False,
+                 experts: ExpertProvider | None = None):
+        """progress: say on stderr when a kind of layer is compiled (seconds), not loaded.
+        experts: the provider the model will run with (the one whose stacks a whole layer reads)."""
         directory = directory or cache_dir()
+        self.experts = experts
+        stacks = whole_stacks(model, experts)
+        variants = [None] if stacks is None else [None, stacks]
+        kinds = {(layer_kind(model, i), whole) for i in range(len(model.layers)) for whole in range(len(variants))}
         libraries: dict[tuple, tuple[torch._C._aoti.AOTIModelPackageLoader, list[str]]] = {}
         self.layers: list[tuple[torch._C._aoti.AOTIModelPackageLoader, list[torch.Tensor]]] = []
-        for i, block in enumerate(model.layers):
-            kind = layer_kind(model, i)
-            if kind not in libraries:
-                if progress and not (directory / _library_name(model, i)).is_file():
-                    kinds = len({layer_kind(model, j) for j in range(len(model.layers))})
-                    print(f"compiling decode layers, kind {len(libraries) + 1} of {kinds} (like layer {i}); "
-                          f"once per machine, kept in {directory}", file=sys.stderr, flush=True)
-                libraries[kind] = compile_layer(model, i, directory)
-            library, names = libraries[kind]
-            tensors = layer_tensors(block)
-            self.layers.append((library, [tensors[name] for name in names]))
+        self.whole: list[tuple[torch._C._aoti.AOTIModelPackageLoader, list[torch.Tensor], int]] = []
+        for whole, layer_stacks in enumerate(variants):
+            for i, block in enumerate(model.layers):
+                stack = None if layer_stacks is None else layer_stacks[i]
+                kind = (layer_kind(model, i), whole)
+                if kind not in libraries:
+                    if progress and not (directory / _library_name(model, i, stack)).is_file():
+                        what = ", one row, experts included" if whole else ""
+                        print(f"compiling decode layers, kind {len(libraries) + 1} of {len(kinds)} (like layer {i}"
+                              f"{what}); once per machine, kept in {directory}", file=sys.stderr, flush=True)
+                    libraries[kind] = compile_layer(model, i, directory, stack)
+                library, names = libraries[kind]
+                tensors = layer_tensors(block) | (stack or {})
+                inputs = [tensors[name] for name in names]
+                if whole:
+                    self.whole.append((library, inputs, block.mlp.router.k if stack else 0))
+                else:
+                    self.layers.append((library, inputs))
 
-    def step(self, tokens: torch.Tensor, step: StepPositions) -> Callable[..., BeforeExperts] | None:
-        """For a forward pass the libraries run, `layer(i, x, kv, rope)` (Block.forward of layer i);
-        else None (run it eager). They run decode steps: one token per row, no padding, at most
-        MAX_ROWS rows. Each run of rows consecutive in the cache is one call, given views of
-        its rows' KV slabs (so nothing of the cache is copied); one call where all are consecutive."""
+    def step(self, tokens: torch.Tensor, step: StepPositions, experts: ExpertProvider, hooks: bool
+             ) -> Callable[..., BeforeExperts | torch.Tensor] | None:
+        """For a forward pass the libraries run, `layer(i, x, kv, rope)`; else None (run it eager).
+        They run decode steps: one token per row, no padding, at most MAX_ROWS rows.
+        `layer` runs Block.forward of layer i; each run of rows consecutive in the cache is one call,
+        given views of its rows' KV slabs (so nothing of the cache is copied), one call where all
+        are consecutive. A one-row step with no `hooks` to see the routing and the experts the
+        whole layers were compiled for runs whole layers instead: `layer` returns the residual after it."""
         if tokens.shape[1] != 1 or not step.all_valid or tokens.shape[0] > MAX_ROWS:
             return None
+        key_pos = torch.arange(step.upto, device=tokens.device)
+        if self.whole and tokens.shape[0] == 1 and not hooks and experts is self.experts:
+            return partial(self._whole, step, key_pos)
         runs = None if isinstance(step.row_index, slice) else row_runs(step.rows.tolist())
-        return partial(self._layer, step, runs, torch.arange(step.upto, device=tokens.device))
+        return partial(self._layer, step, runs, key_pos)
+
+    def _whole(self, step: StepPositions, key_pos: torch.Tensor, i: int, x: torch.Tensor, kv: LayerKV,
+               rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        library, inputs, k = self.whole[i]
+        (out,) = library.run([*inputs, x, kv.k[step.row_index], kv.v[step.row_index], step.positions, key_pos,
+                              *rope])
+        if k:  # the k experts of its one token, counted as the fetch that did not happen
+            self.experts.count(i, k, 1)
+        return out
 
     def _layer(self, step: StepPositions, runs: list[tuple[slice, slice]] | None, key_pos: torch.Tensor, i: int,
                x: torch.Tensor, kv: LayerKV, rope: tuple[torch.Tensor, torch.Tensor]) -> BeforeExperts:
@@ -210,11 +283,12 @@ def row_runs(rows: list[int]) -> list[tuple[slice, slice]]:
     return runs
 
 
-def compile_layers(model: Transformer, directory: Path | None = None, progress: bool = False) -> CompiledLayers:
-    """`CompiledLayers(model)`, with a failure (a layer torch.export cannot trace, no C++ compiler)
+def compile_layers(model: Transformer, directory: Path | None = None, progress: bool = False,
+                   experts: ExpertProvider | None = None) -> CompiledLayers:
+    """`CompiledLayers(model, directory, progress, experts)`, with a failure (a layer torch.export cannot trace, no C++ compiler)
     as one line naming the cause."""
     try:
-        return CompiledLayers(model, directory, progress)
+        return CompiledLayers(model, directory, progress, experts)
     except Exception as e:  # torch's compile errors span pages: keep their first line
         first = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
         raise MoespecError(f"compile=True: compiling the model's layers failed ({type(e).__name__}: "

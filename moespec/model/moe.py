@@ -163,7 +163,38 @@ def one_token_experts(layer: int, x: torch.Tensor, weights: torch.Tensor, ids: t
     chosen = ids[0].tolist()
     arrived = {e: expert_fn(x, w) for e, w in experts.fetch(layer, list(dict.fromkeys(chosen)), 1)}
     outputs = torch.cat([arrived[e] for e in chosen])  # [k, H] in choice order (a padded choice repeats one)
-    return (outputs * weights[0][:, None]).to(x.dtype).sum(dim=0, keepdim=True)
+    return weighted_sum(outputs, weights, x.dtype)
+
+
+def weighted_sum(outputs: torch.Tensor, weights: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """One token's expert outputs [k, H] in choice order, weighted by its routing weights [1, k]
+    and summed in that order (as `combine_choices` sums them) -> [1, H]."""
+    return (outputs * weights[0][:, None]).to(dtype).sum(dim=0, keepdim=True)
+
+
+class StackedExperts:
+    """A RoutedExecutor for one token whose layer's experts are all resident in one stack [E, ...]:
+    each chosen expert's weights are a view of the stack at its id, read from the routing itself
+    (`.item()`), so the whole layer can be traced as one compiled call (model/compiled.py) with no
+    host round trip between its router and its experts and no copy of the weights. The sum is
+    `one_token_experts`'."""
+
+    def __init__(self, stack: ExpertWeights):
+        self.stack = stack
+
+    def run_routed(self, layer: int, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
+                   expert_fn: ExpertFn, scales_input: bool = False) -> torch.Tensor:
+        experts = self.stack.gate_up.shape[0]
+        outputs = []
+        for j in range(ids.shape[1]):
+            e = ids[0, j].item()
+            torch._check(e >= 0)  # what the trace needs to know to take a view at e
+            torch._check(e < experts)
+            w = ExpertWeights(**{name: t[e] for name, t in self.stack.tensors().items()})
+            outputs.append(expert_fn(x * weights[0, j].to(x.dtype) if scales_input else x, w))
+        if scales_input:  # the weight scaled the input (Llama-4): the outputs are summed as they are
+            return torch.cat(outputs).to(x.dtype).sum(dim=0, keepdim=True)
+        return weighted_sum(torch.cat(outputs), weights, x.dtype)
 
 
 def run_experts(layer: int, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,

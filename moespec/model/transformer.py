@@ -110,12 +110,16 @@ class Transformer(nn.Module):
             hook.forward_start(rows, positions, valid)
         x = self.embed_tokens(tokens)
         rope = self.rotary(positions, x.dtype)
-        compiled = self.compiled.step(tokens, step) if self.compiled is not None else None  # None: eager
+        compiled = None if self.compiled is None else \
+            self.compiled.step(tokens, step, experts, bool(self.hooks))  # None: eager
         for i, block in enumerate(self.layers):
             for hook in self.hooks:
                 hook.layer_start(i)
             kv = cache.layers[i]
             state = block.forward(x, kv, step, rope) if compiled is None else compiled(i, x, kv, rope)
+            if isinstance(state, torch.Tensor):  # the compiled call ran the whole layer (no hooks to call)
+                x = state
+                continue
             for hook in self.hooks:
                 hook.after_attention(i, state.x, valid)
             x = block.feed_forward(state, step, experts, self.hooks)
