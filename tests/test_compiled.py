@@ -50,14 +50,16 @@ def pair(request, tmp_path_factory, library_dir):
 
 
 def counting(llm: LLM, call: str = "_layer") -> list[int]:
-    """A list that grows by one for each compiled layer call of `llm` (`call`: "_whole" counts the
-    calls that run a whole layer, experts included)."""
+    """A list that grows by one for each compiled layer call of `llm` (`call`: "run_one_row" counts
+    the one-row steps run as one call)."""
     calls: list[int] = []
     layer = getattr(llm.model.compiled, call)
 
     def counted(*args):
-        calls.append(1)
-        return layer(*args)
+        out = layer(*args)
+        if out is not None:
+            calls.append(1)
+        return out
     setattr(llm.model.compiled, call, counted)
     return calls
 
@@ -77,12 +79,12 @@ def test_compiled_decode_is_the_eager_decode(pair):
 
 def test_rows_apart_in_the_cache_run_one_call_per_run(pair):
     """Continuous batching leaves gaps between the rows it decodes: rows [2, 0] of a 3-row cache
-    (two runs), [0, 2] and [1] (one row: whole layers) compute and write the cache as the eager
-    layers do."""
+    (two runs), [0, 2] and [1] (one row: the one-row step) compute and write the cache as the
+    eager layers do."""
     _, fast = pair
     model, compiled_layers = fast.model, fast.model.compiled
     cache, twin = model.new_cache(3, 32), model.new_cache(3, 32)
-    calls, whole = counting(fast), counting(fast, "_whole")
+    calls, whole = counting(fast), counting(fast, "run_one_row")
     with torch.inference_mode():
         model.compiled = None
         model(torch.tensor([[5, 9, 23, 7]] * 3), cache, fast.experts)  # eager prefill of every row
@@ -96,44 +98,45 @@ def test_rows_apart_in_the_cache_run_one_call_per_run(pair):
             got = model(tokens, cache, fast.experts, rows=rows)
             assert (got - want).abs().max().item() <= 1e-5
         assert (cache.k - twin.k).abs().max().item() <= 1e-5 and torch.equal(cache.lengths, twin.lengths)
-        assert len(calls) == 2 * model.spec.num_layers and len(whole) == model.spec.num_layers
+        assert len(calls) == 2 * model.spec.num_layers and len(whole) == 1
 
 
-def test_one_row_runs_each_whole_layer_as_one_call(pair):
-    """With every expert resident on the CPU, a one-row decode step runs each layer, its experts
-    included, as one compiled call: the same tokens and (within float rounding) hidden states as
-    the eager layers, and the experts' statistics as if they had been fetched."""
+def test_a_one_row_step_is_one_call(pair):
+    """With every expert resident on the CPU, a one-row decode step runs as one compiled call, every
+    layer's experts included: the same tokens and (within float rounding) hidden states as the
+    eager layers, and the experts' statistics as if they had been fetched."""
     eager, fast = pair
-    whole, split = counting(fast, "_whole"), counting(fast)
+    whole, split = counting(fast, "run_one_row"), counting(fast)
     kw = dict(max_new_tokens=12, temperature=0.0, ignore_eos=True)
     for llm in (eager, fast):
         llm.reset()
     for prompt in PROMPTS:
         assert fast.generate([prompt], **kw)[0].token_ids == eager.generate([prompt], **kw)[0].token_ids
-    assert len(whole) == 3 * 11 * fast.spec.num_layers and not split  # every decode step, every layer
+    assert len(whole) == 3 * 11 and not split  # every decode step
     assert (fast.stats().experts.hits, fast.stats().experts.tokens) == \
         (eager.stats().experts.hits, eager.stats().experts.tokens)
     model, layers = fast.model, fast.model.compiled
-    cache, twin = model.new_cache(1, 32), model.new_cache(1, 32)
+    cache, twin = model.new_cache(2, 32), model.new_cache(2, 32)
     with torch.inference_mode():
         model.compiled = None
-        model(torch.tensor([[5, 9, 23, 7]]), cache, fast.experts)
+        model(torch.tensor([[5, 9, 23, 7]] * 2), cache, fast.experts)
         for a, b in ((twin.k, cache.k), (twin.v, cache.v), (twin.lengths, cache.lengths)):
             a.copy_(b)
-        for token in (11, 40, 3):
+        for token, row in ((11, 1), (40, 1), (3, 0)):  # either row of the cache
             model.compiled = None
-            want = model(torch.tensor([[token]]), twin, fast.experts)
+            want = model(torch.tensor([[token]]), twin, fast.experts, rows=torch.tensor([row]))
             model.compiled = layers
-            got = model(torch.tensor([[token]]), cache, fast.experts)
+            got = model(torch.tensor([[token]]), cache, fast.experts, rows=torch.tensor([row]))
             assert (got - want).abs().max().item() <= 1e-5 * max(1.0, want.abs().max())
-    assert len(whole) == 3 * 11 * fast.spec.num_layers + 3 * fast.spec.num_layers
+        assert torch.equal(cache.lengths, twin.lengths) and (cache.k - twin.k).abs().max().item() <= 1e-5
+    assert len(whole) == 3 * 11 + 3
 
 
 def test_hooks_see_every_layer_of_a_one_row_step(pair):
     """A hook (speculation, a trace) must see each layer's residual and routing, so a one-row step
     with hooks runs the split layers: Block.forward compiled, the experts eager."""
     _, fast = pair
-    whole, split = counting(fast, "_whole"), counting(fast)
+    whole, split = counting(fast, "run_one_row"), counting(fast)
     seen: list[int] = []
 
     class Routes(ForwardHooks):
@@ -157,7 +160,7 @@ def test_a_tensor_the_layer_reads_but_is_not_given_is_refused(tmp_path, monkeypa
     every = compiled.layer_tensors
     monkeypatch.setattr(compiled, "layer_tensors",
                         lambda block: {k: t for k, t in every(block).items() if k != "mlp.shared_expert.gate_up"})
-    with pytest.raises(MoespecError, match="holds tensors of layer 0 that are not inputs"):
+    with pytest.raises(MoespecError, match=r"layer \(of layer 0\) holds tensors that are not inputs"):
         LLM(tmp_path, compile=True)
 
 
@@ -177,9 +180,11 @@ def test_a_compiled_library_is_loaded_not_compiled_again(tmp_path, monkeypatch, 
     save_model("mixtral", tmp_path, experts=8, top_k=2, hidden_size=40)  # a shape no other test compiled
     monkeypatch.setenv("MOESPEC_CACHE", str(tmp_path / "libraries"))
     LLM(tmp_path, compile=True, progress=True)
-    assert "compiling decode layers, kind 2 of 2 (like layer 0, one row, experts included)" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "compiling decode layers, kind 1 of 1" in err and "compiling the one-row decode step" in err
     libraries = tmp_path / "libraries" / "compiled"
-    assert any(libraries.glob("layer-*.pt2")) and not any(libraries.glob("*.tmp.pt2"))
+    assert any(libraries.glob("layer-*.pt2")) and any(libraries.glob("step-*.pt2"))
+    assert not any(libraries.glob("*.tmp.pt2"))
 
     def refuse(*args, **kwargs):
         raise AssertionError("compiled again")
@@ -187,9 +192,9 @@ def test_a_compiled_library_is_loaded_not_compiled_again(tmp_path, monkeypatch, 
     llm = LLM(tmp_path, compile=True, progress=True)
     assert "compiling" not in capsys.readouterr().err
     # a library compiled from other model code (another moespec) is not the one looked for
-    name = compiled._library_name(llm.model, 0, None)
+    name = compiled.layer_library(llm.model, 0)
     monkeypatch.setattr(compiled, "source_digest", lambda: "other code")
-    assert compiled._library_name(llm.model, 0, None) != name
+    assert compiled.layer_library(llm.model, 0) != name
 
 
 def test_a_failed_compile_is_one_line(tmp_path, monkeypatch):

@@ -1,5 +1,6 @@
-"""Decode steps' dense work compiled ahead of time: each layer's attention, feed-forward norm, router
-and shared expert as one AOTInductor kernel library, the routed experts still fetched and run eager.
+"""Decode steps compiled ahead of time with AOTInductor: each layer's attention, feed-forward norm,
+router and shared expert as one kernel library, the routed experts still fetched and run eager;
+and, where every expert is resident on a CPU, a whole one-row decode step as one library.
 
 At batch-1 decode on a CPU a layer's dense part is ~25 small ops, and their Python dispatch costs more
 than their arithmetic: the layer takes ~100 us eager, ~45 us as one compiled call (tiny-mixtral, 1
@@ -19,6 +20,18 @@ layer's weights are inputs, not constants, and so are the batch size, the KV cac
 number of keys read. Rows apart in the cache run one call per run of consecutive rows. Libraries
 are cached on disk by everything that shapes them, so a model is compiled once per machine (~10 s
 per kind on a 2-core CPU). Prefill and speculative decoding's multi-token passes run eager.
+
+Once the fetch is not needed (every expert resident in one stack per layer, `ResidentExperts`)
+and no hook watches the layers, what is left between two layers is Python: a batch-1 step still
+spent ~40% of its time outside the libraries. So a one-row step is one call of its own library:
+
+    Transformer.forward, one row, no hooks -> CompiledLayers.run_one_row
+        hidden = compiled step(model's tensors, experts' stacks, token, the row's KV slabs, position, rope)
+                 ^ _OneRow traced: embedding; per layer Block.forward, then Block.feed_forward with
+                   StackedExperts (each chosen expert a view of its layer's stack); final norm
+
+It is built for one model (~20 s for tiny-mixtral's 6 layers), on the CPU only (reading an expert's
+id inside the call would stop a GPU stream once per expert).
 """
 
 from __future__ import annotations
@@ -37,7 +50,7 @@ from torch import nn
 
 from ..errors import MoespecError
 from ..experts.base import ExpertProvider, ExpertWeights
-from .kv_cache import LayerKV, StepPositions
+from .kv_cache import KVCache, LayerKV, StepPositions
 from .moe import MoE, StackedExperts
 from .transformer import BeforeExperts, Block, Transformer
 
@@ -79,50 +92,97 @@ def layer_kind(model: Transformer, i: int) -> tuple:
     return (isinstance(block.mlp, MoE), i in spec.nope_layers, spec.window(i), i in spec.chunked_layers)
 
 
-class _Decode(nn.Module):
-    """A layer's decode step as a library computes it: Block.forward (the state before the experts
-    are fetched) or, `whole`, the whole layer (Block.feed_forward too, with no hooks), its routed
-    experts taken from `stack` (every expert of the layer, [E, ...]; None in a dense layer)."""
+class _Layer(nn.Module):
+    """What is exported per kind of layer: Block.forward of a decode step, with the layer's tensors
+    as inputs."""
 
     def __init__(self, block: Block):
         super().__init__()
-        self.block = block
+        self._block = [block]  # not a submodule: its weights must not become the library's constants
 
-    def forward(self, x: torch.Tensor, kv: LayerKV, step: StepPositions, rope: tuple[torch.Tensor, torch.Tensor],
-                whole: bool, stack: ExpertWeights | None) -> tuple[torch.Tensor, ...]:
-        state = self.block(x, kv, step, rope)
-        if not whole:
-            return tuple(t for t in state if t is not None)  # a dense layer or no shared expert: fewer outputs
-        experts = StackedExperts(stack) if stack is not None else None
-        return (self.block.feed_forward(state, step, experts, []),)
+    def forward(self, tensors: dict[str, torch.Tensor], x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                positions: torch.Tensor, key_pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+                ) -> tuple[torch.Tensor, ...]:
+        step = graph_step(positions, key_pos)
+        out = torch.func.functional_call(self._block[0], tensors, (x, LayerKV(keys, values), step, (cos, sin)))
+        return tuple(t for t in out if t is not None)  # a dense layer or no shared expert: fewer outputs
 
 
-class _Layer(nn.Module):
-    """What is exported: `_Decode` with the layer's tensors and stacked experts as inputs."""
+class _OneRow(nn.Module):
+    """A one-row decode step, every layer whole: the token's embedding, each layer's Block.forward
+    and Block.feed_forward (no hooks), its routed experts read from the layer's stack
+    (`StackedExperts`; None in a dense layer), then the final norm."""
 
-    def __init__(self, block: Block, whole: bool):
+    def __init__(self, model: Transformer):
         super().__init__()
-        self._decode = [_Decode(block)]  # not a submodule: its weights must not become the library's constants
-        self.whole = whole
+        self.model = model
 
-    def forward(self, tensors: dict[str, torch.Tensor], stack: dict[str, torch.Tensor], x: torch.Tensor,
-                keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, key_pos: torch.Tensor,
-                cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        args = (x, LayerKV(keys, values), graph_step(positions, key_pos), (cos, sin), self.whole,
-                ExpertWeights(**stack) if stack else None)
-        return torch.func.functional_call(self._decode[0], {f"block.{n}": t for n, t in tensors.items()}, args)
+    def forward(self, token: torch.Tensor, keys: list[torch.Tensor], values: list[torch.Tensor],
+                positions: torch.Tensor, key_pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                stacks: list[ExpertWeights | None]) -> torch.Tensor:
+        model, step = self.model, graph_step(positions, key_pos)
+        x = model.embed_tokens(token)
+        for i, block in enumerate(model.layers):
+            state = block(x, LayerKV(keys[i], values[i]), step, (cos, sin))
+            x = block.feed_forward(state, step, None if stacks[i] is None else StackedExperts(stacks[i]), [])
+        return model.norm(x)
 
 
-def _example(model: Transformer, i: int, rows: int) -> tuple:
-    """Inputs to trace layer i with: `rows` rows (2: of different lengths) in a 4-long cache (sizes
-    of 0 or 1 would be fixed by the trace), on the model's device and dtype."""
+class _Step(nn.Module):
+    """What is exported for `_OneRow`: the model's tensors (`step_tensors`) and its layers' stacked
+    experts (named "{layer}.{field}") as inputs."""
+
+    def __init__(self, model: Transformer):
+        super().__init__()
+        self._one_row = [_OneRow(model)]  # not a submodule, as in _Layer
+        self.layers = len(model.layers)
+
+    def forward(self, tensors: dict[str, torch.Tensor], stacks: dict[str, torch.Tensor], token: torch.Tensor,
+                keys: list[torch.Tensor], values: list[torch.Tensor], positions: torch.Tensor, key_pos: torch.Tensor,
+                cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        fields: list[dict[str, torch.Tensor]] = [{} for _ in range(self.layers)]
+        for name, t in stacks.items():
+            layer, field = name.split(".", 1)
+            fields[int(layer)][field] = t
+        args = (token, keys, values, positions, key_pos, cos, sin, [ExpertWeights(**f) if f else None for f in fields])
+        return torch.func.functional_call(self._one_row[0], {f"model.{n}": t for n, t in tensors.items()}, args)
+
+
+def step_tensors(model: Transformer) -> dict[str, torch.Tensor]:
+    """Every tensor `_OneRow` reads of the model but its experts, by name: the embedding, each
+    layer's `layer_tensors`, the final norm."""
+    tensors = {"embed_tokens.weight": model.embed_tokens.weight, "norm.weight": model.norm.weight}
+    for i, block in enumerate(model.layers):
+        tensors |= {f"layers.{i}.{name}": t for name, t in layer_tensors(block).items()}
+    return tensors
+
+
+def one_row_stacks(model: Transformer, experts: ExpertProvider | None) -> dict[str, torch.Tensor] | None:
+    """Every MoE layer's experts stacked [E, ...], named "{layer}.{field}", where one-row decode steps
+    run as one compiled call; else None. That takes every expert resident in one stack per layer
+    (`ResidentExperts` of dense experts) and a CPU: there the ~20 eager ops around a batch-1 layer's
+    experts cost more than the experts' matmuls, and reading an expert id off the routing inside
+    the call costs nothing (on a GPU it would be a device synchronisation per expert)."""
+    stack = getattr(experts, "stack", None)
+    if stack is None or model.embed_tokens.weight.device.type != "cpu":
+        return None
+    stacks = {}
+    for i, block in enumerate(model.layers):
+        layer_stack = stack(i) if isinstance(block.mlp, MoE) else None
+        if isinstance(block.mlp, MoE) and layer_stack is None:  # packed or unaligned experts: fetched one by one
+            return None
+        stacks |= {f"{i}.{field}": t for field, t in (layer_stack.tensors() if layer_stack else {}).items()}
+    return stacks
+
+
+def _example(model: Transformer, rows: int) -> tuple[torch.Tensor, ...]:
+    """A decode step to trace with: `rows` rows (2: of different lengths) in a 4-long cache (sizes
+    of 0 or 1 would be fixed by the trace), on the model's device and dtype: (the cache, positions,
+    key positions, cos, sin)."""
     weight = model.embed_tokens.weight
-    cache = model.new_cache(rows, 4)
     positions = torch.tensor([[2], [1]][:rows], device=weight.device)
     cos, sin = model.rotary(positions, weight.dtype)
-    x = torch.randn(rows, 1, model.spec.hidden_size, dtype=weight.dtype, device=weight.device)
-    kv = cache.layers[i]
-    return x, kv.k, kv.v, positions, torch.arange(3, device=weight.device), cos, sin
+    return model.new_cache(rows, 4), positions, torch.arange(3, device=weight.device), cos, sin
 
 
 @cache
@@ -134,131 +194,156 @@ def source_digest() -> str:
     return hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest()
 
 
-def _library_name(model: Transformer, i: int, stack: dict[str, torch.Tensor] | None) -> str:
-    """A file name that changes with everything the library depends on: the model code, the layer's
-    kind and tensors (and the layout of its stacked experts in a whole layer), the machine and the
-    thread count (the generated loops are written for the threads torch had when they were compiled)."""
+def _library_name(model: Transformer, what: tuple, tensors: dict[str, torch.Tensor]) -> str:
+    """A file name that changes with everything a library depends on: the model code, `what` it
+    computes (a kind of layer, the one-row step), the shapes and layouts of its `tensors`, the
+    machine and the thread count (the generated loops are written for the threads torch had when
+    they were compiled)."""
     weight = model.embed_tokens.weight
-    shapes = sorted((name, tuple(t.shape), str(t.dtype)) for name, t in layer_tensors(model.layers[i]).items())
-    layout = None if stack is None else sorted((name, tuple(t.shape), t.stride(), str(t.dtype))
-                                               for name, t in stack.items())
+    layouts = sorted((name, tuple(t.shape), t.stride(), str(t.dtype)) for name, t in tensors.items())
     machine = torch.backends.cpu.get_cpu_capability() if weight.device.type == "cpu" else \
         torch.cuda.get_device_name(weight.device)  # the kernels are built for this CPU's vector ISA / this GPU
-    key = repr((source_digest(), model.spec, layer_kind(model, i), shapes, layout, weight.device.type, machine,
-                torch.get_num_threads(), torch.__version__))
-    return f"layer-{hashlib.sha256(key.encode()).hexdigest()[:20]}.pt2"
+    key = repr((source_digest(), model.spec, what, layouts, weight.device.type, machine, torch.get_num_threads(),
+                torch.__version__))
+    return f"{what[0]}-{hashlib.sha256(key.encode()).hexdigest()[:20]}.pt2"
 
 
-def compile_layer(model: Transformer, i: int, directory: Path, stack: dict[str, torch.Tensor] | None
-                  ) -> tuple[torch._C._aoti.AOTIModelPackageLoader, list[str]]:
-    """The compiled library of layer i's kind, loaded from `directory` (compiled there first if
-    missing), and the names of the tensors it takes first, in order: the layer's, then (in a whole
-    layer, `stack` given: {} for a dense layer) its stacked experts'. A whole layer runs one row."""
-    path = directory / _library_name(model, i, stack)
+def layer_library(model: Transformer, i: int) -> str:
+    """The file name of layer i's kind's library."""
+    return _library_name(model, ("layer", layer_kind(model, i)), layer_tensors(model.layers[i]))
+
+
+def step_library(model: Transformer, stacks: dict[str, torch.Tensor]) -> str:
+    """The file name of the one-row step's library."""
+    return _library_name(model, ("step",), step_tensors(model) | stacks)
+
+
+def _compile(path: Path, what: str, module: nn.Module, args: tuple, dims: tuple, named: int
+             ) -> tuple[torch._C._aoti.AOTIModelPackageLoader, list[str]]:
+    """The library at `path` (`module` exported with `args` and dynamic `dims`, then compiled by
+    AOTInductor, first if missing) and the names of the tensors it takes first, in order: the
+    keys of its first `named` arguments (dicts of tensors)."""
     with warnings.catch_warnings():  # torch's own deprecation notices about its export and package formats
         warnings.simplefilter("ignore", FutureWarning)
         if not path.is_file():
-            batch, cache_len, keys = (torch.export.Dim(n, min=lo, max=hi) for n, lo, hi in
-                                      (("rows", 1, MAX_ROWS), ("cache_len", 2, None), ("keys", 1, None)))
-            tensors = layer_tensors(model.layers[i])
-            example = _example(model, i, 1 if stack is not None else 2)
-            rows = {} if stack is not None else {0: batch}
-            dims = ({name: None for name in tensors}, {name: None for name in stack or {}}, rows,
-                    rows | {1: cache_len}, rows | {1: cache_len}, rows, {0: keys}, rows, rows)
             with torch.inference_mode(False), torch.no_grad():
-                program = torch.export.export(_Layer(model.layers[i], whole=stack is not None),
-                                              (tensors, stack or {}, *example), dynamic_shapes=dims)
-            if program.constants or program.state_dict:  # would be layer i's, baked into every layer of its kind
-                raise RuntimeError(f"the compiled layer holds tensors of layer {i} that are not inputs: "
+                program = torch.export.export(module, args, dynamic_shapes=dims)
+            if program.constants or program.state_dict:  # would be one layer's, baked into every call
+                raise RuntimeError(f"the compiled {what} holds tensors that are not inputs: "
                                    f"{sorted([*program.constants, *program.state_dict])}")
-            directory.mkdir(parents=True, exist_ok=True)
+            path.parent.mkdir(parents=True, exist_ok=True)
             unfinished = path.with_suffix(f".{os.getpid()}.tmp.pt2")
             torch._inductor.aoti_compile_and_package(program, package_path=str(unfinished))
             unfinished.replace(path)  # never a half-written library under the final name
         library = torch._inductor.aoti_load_package(str(path)).loader
         # called with its inputs flat, in the order the export flattened them (the tensors by name
         # first): the package's own __call__ re-parses its input and output specs on every call
-        args = pytree.treespec_loads(library.get_call_spec()[0]).children_specs[0].children_specs
-    return library, [*args[0].context, *args[1].context]
+        specs = pytree.treespec_loads(library.get_call_spec()[0]).children_specs[0].children_specs
+    return library, [name for spec in specs[:named] for name in spec.context]
 
 
-def whole_stacks(model: Transformer, experts: ExpertProvider | None) -> dict[int, dict[str, torch.Tensor]] | None:
-    """Each layer's stacked experts ({} for a dense layer) where one-row decode steps run whole
-    layers, experts included, as one compiled call each; else None. That takes every expert of
-    every layer resident in one stack (`ResidentExperts` of dense experts) and a CPU: there a
-    batch-1 layer's ~20 eager ops around its experts cost more than the experts' matmuls, and
-    reading an expert id off the routing inside the call costs nothing (on a GPU it would be a
-    device synchronisation per expert, against one per layer eager)."""
-    stack = getattr(experts, "stack", None)
-    if stack is None or model.embed_tokens.weight.device.type != "cpu":
-        return None
-    stacks = {}
-    for i, block in enumerate(model.layers):
-        layer_stack = stack(i) if isinstance(block.mlp, MoE) else None
-        if isinstance(block.mlp, MoE) and layer_stack is None:  # packed or unaligned experts: fetched one by one
-            return None
-        stacks[i] = layer_stack.tensors() if layer_stack is not None else {}  # {}: a dense layer
-    return stacks
+def compile_layer(model: Transformer, i: int, directory: Path
+                  ) -> tuple[torch._C._aoti.AOTIModelPackageLoader, list[str]]:
+    """The compiled library of layer i's kind, loaded from `directory` (compiled there first if
+    missing), and the names of the layer tensors it takes first, in order."""
+    batch, cache_len, keys = (torch.export.Dim(n, min=lo, max=hi) for n, lo, hi in
+                              (("rows", 1, MAX_ROWS), ("cache_len", 2, None), ("keys", 1, None)))
+    tensors = layer_tensors(model.layers[i])
+    cache, positions, key_pos, cos, sin = _example(model, 2)
+    x = torch.randn(2, 1, model.spec.hidden_size, dtype=cos.dtype, device=cos.device)
+    args = (tensors, x, cache.layers[i].k, cache.layers[i].v, positions, key_pos, cos, sin)
+    rows = {0: batch}
+    dims = ({name: None for name in tensors}, rows, {0: batch, 1: cache_len}, {0: batch, 1: cache_len},
+            rows, {0: keys}, rows, rows)
+    return _compile(directory / layer_library(model, i), f"layer (of layer {i})", _Layer(model.layers[i]),
+                    args, dims, 1)
+
+
+def compile_step(model: Transformer, stacks: dict[str, torch.Tensor], directory: Path
+                 ) -> tuple[torch._C._aoti.AOTIModelPackageLoader, list[str]]:
+    """The compiled library of the one-row step (`_OneRow`), loaded from `directory` (compiled there
+    first if missing), and the names of the model tensors, then stacked experts, it takes first."""
+    cache_len, keys = torch.export.Dim("cache_len", min=2), torch.export.Dim("keys", min=1)
+    tensors = step_tensors(model)
+    cache, positions, key_pos, cos, sin = _example(model, 1)
+    token = torch.zeros(1, 1, dtype=torch.long, device=cos.device)
+    slabs = [{1: cache_len}] * len(model.layers)
+    args = (tensors, stacks, token, [kv.k for kv in cache.layers], [kv.v for kv in cache.layers], positions,
+            key_pos, cos, sin)
+    dims = ({name: None for name in tensors}, {name: None for name in stacks}, None, slabs, slabs, None,
+            {0: keys}, None, None)
+    return _compile(directory / step_library(model, stacks), "one-row step", _Step(model), args, dims, 2)
 
 
 class CompiledLayers:
     """Each layer's Block.forward as a compiled library (one per kind of layer), for decode steps;
-    and, where `whole_stacks` allows, each whole layer for one-row decode steps."""
+    and, where `one_row_stacks` allows, the whole one-row decode step as one library."""
 
     def __init__(self, model: Transformer, directory: Path | None = None, progress: bool = False,
                  experts: ExpertProvider | None = None):
-        """progress: say on stderr when a kind of layer is compiled (seconds), not loaded.
-        experts: the provider the model will run with (the one whose stacks a whole layer reads)."""
+        """progress: say on stderr when a library is compiled (seconds), not loaded. experts: the
+        provider the model runs with (whose stacks the one-row step reads)."""
         directory = directory or cache_dir()
-        self.experts = experts
-        stacks = whole_stacks(model, experts)
-        variants = [None] if stacks is None else [None, stacks]
-        kinds = {(layer_kind(model, i), whole) for i in range(len(model.layers)) for whole in range(len(variants))}
         libraries: dict[tuple, tuple[torch._C._aoti.AOTIModelPackageLoader, list[str]]] = {}
         self.layers: list[tuple[torch._C._aoti.AOTIModelPackageLoader, list[torch.Tensor]]] = []
-        self.whole: list[tuple[torch._C._aoti.AOTIModelPackageLoader, list[torch.Tensor], int]] = []
-        for whole, layer_stacks in enumerate(variants):
-            for i, block in enumerate(model.layers):
-                stack = None if layer_stacks is None else layer_stacks[i]
-                kind = (layer_kind(model, i), whole)
-                if kind not in libraries:
-                    if progress and not (directory / _library_name(model, i, stack)).is_file():
-                        what = ", one row, experts included" if whole else ""
-                        print(f"compiling decode layers, kind {len(libraries) + 1} of {len(kinds)} (like layer {i}"
-                              f"{what}); once per machine, kept in {directory}", file=sys.stderr, flush=True)
-                    libraries[kind] = compile_layer(model, i, directory, stack)
-                library, names = libraries[kind]
-                tensors = layer_tensors(block) | (stack or {})
-                inputs = [tensors[name] for name in names]
-                if whole:
-                    self.whole.append((library, inputs, block.mlp.router.k if stack else 0))
-                else:
-                    self.layers.append((library, inputs))
+        for i, block in enumerate(model.layers):
+            kind = layer_kind(model, i)
+            if kind not in libraries:
+                if progress and not (directory / layer_library(model, i)).is_file():
+                    kinds = len({layer_kind(model, j) for j in range(len(model.layers))})
+                    print(f"compiling decode layers, kind {len(libraries) + 1} of {kinds} (like layer {i}); "
+                          f"once per machine, kept in {directory}", file=sys.stderr, flush=True)
+                libraries[kind] = compile_layer(model, i, directory)
+            library, names = libraries[kind]
+            tensors = layer_tensors(block)
+            self.layers.append((library, [tensors[name] for name in names]))
+        self.experts, self.rotary, self.dtype = experts, model.rotary, model.embed_tokens.weight.dtype
+        self.one_row: tuple[torch._C._aoti.AOTIModelPackageLoader, list[torch.Tensor]] | None = None
+        self.routed: list[tuple[int, int]] = []  # (MoE layer, experts per token): what a one-row step counts
+        stacks = one_row_stacks(model, experts)
+        if stacks is not None:
+            if progress and not (directory / step_library(model, stacks)).is_file():
+                print(f"compiling the one-row decode step (every layer, experts included); once per machine, "
+                      f"kept in {directory}", file=sys.stderr, flush=True)
+            library, names = compile_step(model, stacks, directory)
+            tensors = step_tensors(model) | stacks
+            self.one_row = (library, [tensors[name] for name in names])
+            self.routed = [(i, block.mlp.router.k) for i, block in enumerate(model.layers)
+                           if isinstance(block.mlp, MoE)]
 
-    def step(self, tokens: torch.Tensor, step: StepPositions, experts: ExpertProvider, hooks: bool
-             ) -> Callable[..., BeforeExperts | torch.Tensor] | None:
-        """For a forward pass the libraries run, `layer(i, x, kv, rope)`; else None (run it eager).
-        They run decode steps: one token per row, no padding, at most MAX_ROWS rows.
-        `layer` runs Block.forward of layer i; each run of rows consecutive in the cache is one call,
-        given views of its rows' KV slabs (so nothing of the cache is copied), one call where all
-        are consecutive. A one-row step with no `hooks` to see the routing and the experts the
-        whole layers were compiled for runs whole layers instead: `layer` returns the residual after it."""
+    def run_one_row(self, tokens: torch.Tensor, cache: KVCache, experts: ExpertProvider, rows: torch.Tensor | None,
+                    valid: torch.Tensor | None) -> torch.Tensor | None:
+        """Transformer.forward of a one-row decode step (no hooks: the caller checks) as one call of
+        the one-row library: the final hidden state [1, 1, H]; None where that library does not
+        serve the step (run it as the split layers do)."""
+        if self.one_row is None or tokens.shape != (1, 1) or experts is not self.experts \
+                or (valid is not None and not bool(valid.all())):
+            return None
+        row = 0 if rows is None else int(rows[0])
+        positions = cache.lengths[row:row + 1, None]
+        upto = int(positions) + 1
+        if upto > cache.max_len:
+            return None  # the split path says what is wrong
+        library, inputs = self.one_row
+        cos, sin = self.rotary(positions, self.dtype)
+        rows = slice(row, row + 1)  # each layer's slab of the row: a contiguous view, as the library was built for
+        (hidden,) = library.run([*inputs, tokens, *[kv.k[rows] for kv in cache.layers],
+                                 *[kv.v[rows] for kv in cache.layers], positions,
+                                 torch.arange(upto, device=tokens.device), cos, sin])
+        cache.lengths[row] += 1
+        for layer, k in self.routed:  # each layer's k experts of the token, counted as the fetch that did not happen
+            self.experts.count(layer, k, 1)
+        return hidden
+
+    def step(self, tokens: torch.Tensor, step: StepPositions) -> Callable[..., BeforeExperts] | None:
+        """For a forward pass the libraries run, `layer(i, x, kv, rope)` (Block.forward of layer i);
+        else None (run it eager). They run decode steps: one token per row, no padding, at most
+        MAX_ROWS rows. Each run of rows consecutive in the cache is one call, given views of
+        its rows' KV slabs (so nothing of the cache is copied); one call where all are consecutive."""
         if tokens.shape[1] != 1 or not step.all_valid or tokens.shape[0] > MAX_ROWS:
             return None
-        key_pos = torch.arange(step.upto, device=tokens.device)
-        if self.whole and tokens.shape[0] == 1 and not hooks and experts is self.experts:
-            return partial(self._whole, step, key_pos)
         runs = None if isinstance(step.row_index, slice) else row_runs(step.rows.tolist())
-        return partial(self._layer, step, runs, key_pos)
-
-    def _whole(self, step: StepPositions, key_pos: torch.Tensor, i: int, x: torch.Tensor, kv: LayerKV,
-               rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        library, inputs, k = self.whole[i]
-        (out,) = library.run([*inputs, x, kv.k[step.row_index], kv.v[step.row_index], step.positions, key_pos,
-                              *rope])
-        if k:  # the k experts of its one token, counted as the fetch that did not happen
-            self.experts.count(i, k, 1)
-        return out
+        return partial(self._layer, step, runs, torch.arange(step.upto, device=tokens.device))
 
     def _layer(self, step: StepPositions, runs: list[tuple[slice, slice]] | None, key_pos: torch.Tensor, i: int,
                x: torch.Tensor, kv: LayerKV, rope: tuple[torch.Tensor, torch.Tensor]) -> BeforeExperts:
@@ -285,8 +370,8 @@ def row_runs(rows: list[int]) -> list[tuple[slice, slice]]:
 
 def compile_layers(model: Transformer, directory: Path | None = None, progress: bool = False,
                    experts: ExpertProvider | None = None) -> CompiledLayers:
-    """`CompiledLayers(model, directory, progress, experts)`, with a failure (a layer torch.export cannot trace, no C++ compiler)
-    as one line naming the cause."""
+    """`CompiledLayers(model, directory, progress, experts)`, with a failure (a layer torch.export
+    cannot trace, no C++ compiler) as one line naming the cause."""
     try:
         return CompiledLayers(model, directory, progress, experts)
     except Exception as e:  # torch's compile errors span pages: keep their first line

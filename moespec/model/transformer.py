@@ -96,6 +96,10 @@ class Transformer(nn.Module):
         tokens are real (default: all); a row's valid tokens must come first. The cache lengths
         advance by the number of valid tokens per row.
         """
+        if self.compiled is not None and not self.hooks:  # no hook to see the layers: maybe one compiled call
+            hidden = self.compiled.run_one_row(tokens, cache, experts, rows, valid)
+            if hidden is not None:
+                return hidden
         B, T = tokens.shape
         if rows is None:
             rows = torch.arange(B, device=tokens.device)
@@ -110,16 +114,12 @@ class Transformer(nn.Module):
             hook.forward_start(rows, positions, valid)
         x = self.embed_tokens(tokens)
         rope = self.rotary(positions, x.dtype)
-        compiled = None if self.compiled is None else \
-            self.compiled.step(tokens, step, experts, bool(self.hooks))  # None: eager
+        compiled = self.compiled.step(tokens, step) if self.compiled is not None else None  # None: eager
         for i, block in enumerate(self.layers):
             for hook in self.hooks:
                 hook.layer_start(i)
             kv = cache.layers[i]
             state = block.forward(x, kv, step, rope) if compiled is None else compiled(i, x, kv, rope)
-            if isinstance(state, torch.Tensor):  # the compiled call ran the whole layer (no hooks to call)
-                x = state
-                continue
             for hook in self.hooks:
                 hook.after_attention(i, state.x, valid)
             x = block.feed_forward(state, step, experts, self.hooks)
