@@ -326,9 +326,9 @@ class CompiledLayers:
             return None  # the split path says what is wrong
         library, inputs = self.one_row
         cos, sin = self.rotary(positions, self.dtype)
-        rows = slice(row, row + 1)  # each layer's slab of the row: a contiguous view, as the library was built for
-        (hidden,) = library.run([*inputs, tokens, *[kv.k[rows] for kv in cache.layers],
-                                 *[kv.v[rows] for kv in cache.layers], positions,
+        slab = slice(row, row + 1)  # each layer's slab of the row: a contiguous view, as the library was built for
+        (hidden,) = library.run([*inputs, tokens, *[kv.k[slab] for kv in cache.layers],
+                                 *[kv.v[slab] for kv in cache.layers], positions,
                                  torch.arange(upto, device=tokens.device), cos, sin])
         cache.lengths[row] += 1
         for layer, k in self.routed:  # each layer's k experts of the token, counted as the fetch that did not happen
