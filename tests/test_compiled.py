@@ -9,6 +9,7 @@ import torch
 import moespec.model.compiled as compiled
 from moespec import LLM, MoespecError
 from moespec.hooks import ForwardHooks
+from moespec.speculate.lookahead import DefaultVectors, LookaheadPredictor
 from test_deepseek import save as save_deepseek
 from test_gpt_oss import CASES as GPT_OSS_CASES, random_model as gpt_oss_model
 from test_llama4 import CASES as LLAMA4_CASES, save_llama4
@@ -173,6 +174,42 @@ def test_offloaded_prefetching_run_stays_exact(tmp_path, library_dir):
     llm = LLM(tmp_path, compile=True, expert_cache="25%", prefetch="lookahead")
     calls = counting(llm)
     assert [o.token_ids for o in llm.generate(PROMPTS, **kw)] == expected and calls
+
+
+def test_compiled_guesses_are_the_eager_guesses(tmp_path, library_dir):
+    """With compile=True the lookahead's one-token guess at an MoE layer is one compiled call: the
+    scores of the eager guess, one and two layers deep, with and without default vectors."""
+    save_model("mixtral", tmp_path, experts=8, top_k=2, num_hidden_layers=3)
+    llm = LLM(tmp_path, compile=True, expert_cache="50%", prefetch="lookahead")
+    assert sorted(llm.speculation.predictor.compiled) == [0, 1]  # the last layer has nothing to guess
+    spec, model = llm.spec, llm.model
+    torch.manual_seed(0)
+    vectors = DefaultVectors({i: torch.randn(spec.num_experts, spec.hidden_size) for i in spec.moe_layer_ids})
+    for depth, dv in ((1, None), (2, None), (1, vectors), (2, vectors)):
+        fast, eager = LookaheadPredictor(model, depth, dv), LookaheadPredictor(model, depth, dv)
+        fast.compile(library_dir)
+        runs: list[int] = []
+        for layer in (0, 1):
+            library, tables = fast.compiled[layer]
+            fast.compiled[layer] = (counted := _Counted(library, runs), tables)
+            x = torch.randn(1, spec.hidden_size)
+            with torch.inference_mode():
+                routing = model.layers[layer].mlp.route(x)
+                got, want = fast.predict(layer, x, routing=routing), eager.predict(layer, x, routing=routing)
+            assert list(got) == list(want) == [t for t in (1, 2) if t > layer][:depth]
+            assert all((got[t] - want[t]).abs().max().item() <= 1e-5 for t in want)
+        assert len(runs) == 2 and counted
+
+
+class _Counted:
+    """A compiled library that counts its runs."""
+
+    def __init__(self, library, runs: list[int]):
+        self.library, self.runs = library, runs
+
+    def run(self, inputs):
+        self.runs.append(1)
+        return self.library.run(inputs)
 
 
 def test_a_compiled_library_is_loaded_not_compiled_again(tmp_path, monkeypatch, capsys):

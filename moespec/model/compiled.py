@@ -187,14 +187,15 @@ def _example(model: Transformer, rows: int) -> tuple[torch.Tensor, ...]:
 
 @cache
 def source_digest() -> str:
-    """A digest of the code a layer is traced from (this package's modules and spec.py): a library
-    compiled by another version of moespec computes that version's layer, so it is never loaded."""
+    """A digest of the code a library is traced from (this package's modules, spec.py and the
+    lookahead's guess): a library compiled by another version of moespec computes that version's
+    layer, so it is never loaded."""
     package = Path(__file__).resolve().parent
-    files = [*sorted(package.glob("*.py")), package.parent / "spec.py"]
+    files = [*sorted(package.glob("*.py")), package.parent / "spec.py", package.parent / "speculate" / "lookahead.py"]
     return hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest()
 
 
-def _library_name(model: Transformer, what: tuple, tensors: dict[str, torch.Tensor]) -> str:
+def library_name(model: Transformer, what: tuple, tensors: dict[str, torch.Tensor]) -> str:
     """A file name that changes with everything a library depends on: the model code, `what` it
     computes (a kind of layer, the one-row step), the shapes and layouts of its `tensors`, the
     machine and the thread count (the generated loops are written for the threads torch had when
@@ -210,16 +211,16 @@ def _library_name(model: Transformer, what: tuple, tensors: dict[str, torch.Tens
 
 def layer_library(model: Transformer, i: int) -> str:
     """The file name of layer i's kind's library."""
-    return _library_name(model, ("layer", layer_kind(model, i)), layer_tensors(model.layers[i]))
+    return library_name(model, ("layer", layer_kind(model, i)), layer_tensors(model.layers[i]))
 
 
 def step_library(model: Transformer, stacks: dict[str, torch.Tensor]) -> str:
     """The file name of the one-row step's library."""
-    return _library_name(model, ("step",), step_tensors(model) | stacks)
+    return library_name(model, ("step",), step_tensors(model) | stacks)
 
 
-def _compile(path: Path, what: str, module: nn.Module, args: tuple, dims: tuple, named: int
-             ) -> tuple[torch._C._aoti.AOTIModelPackageLoader, list[str]]:
+def compile_program(path: Path, what: str, module: nn.Module, args: tuple, dims: tuple | None, named: int
+                    ) -> tuple[torch._C._aoti.AOTIModelPackageLoader, list[str]]:
     """The library at `path` (`module` exported with `args` and dynamic `dims`, then compiled by
     AOTInductor, first if missing) and the names of the tensors it takes first, in order: the
     keys of its first `named` arguments (dicts of tensors)."""
@@ -255,7 +256,7 @@ def compile_layer(model: Transformer, i: int, directory: Path
     rows = {0: batch}
     dims = ({name: None for name in tensors}, rows, {0: batch, 1: cache_len}, {0: batch, 1: cache_len},
             rows, {0: keys}, rows, rows)
-    return _compile(directory / layer_library(model, i), f"layer (of layer {i})", _Layer(model.layers[i]),
+    return compile_program(directory / layer_library(model, i), f"layer (of layer {i})", _Layer(model.layers[i]),
                     args, dims, 1)
 
 
@@ -272,7 +273,7 @@ def compile_step(model: Transformer, stacks: dict[str, torch.Tensor], directory:
             key_pos, cos, sin)
     dims = ({name: None for name in tensors}, {name: None for name in stacks}, None, slabs, slabs, None,
             {0: keys}, None, None)
-    return _compile(directory / step_library(model, stacks), "one-row step", _Step(model), args, dims, 2)
+    return compile_program(directory / step_library(model, stacks), "one-row step", _Step(model), args, dims, 2)
 
 
 class CompiledLayers:
