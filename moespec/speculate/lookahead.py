@@ -4,6 +4,7 @@ The residual stream changes slowly from layer to layer, so applying layer L+d's 
 router to the residual at layer L (after attention) already names most of L+d's experts. Adding
 an estimate of layer L's own MoE output first ("default vectors": the top-k weights times each
 chosen expert's mean output) moves the guess closer to what layer L+1 will actually see.
+With compile=True a one-token guess at an MoE layer is one compiled call (`LookaheadPredictor.compile`).
 """
 
 from __future__ import annotations
