@@ -191,14 +191,14 @@ def test_compiled_guesses_are_the_eager_guesses(tmp_path, library_dir):
         runs: list[int] = []
         for layer in (0, 1):
             library, tables = fast.compiled[layer]
-            fast.compiled[layer] = (counted := _Counted(library, runs), tables)
+            fast.compiled[layer] = (_Counted(library, runs), tables)
             x = torch.randn(1, spec.hidden_size)
             with torch.inference_mode():
                 routing = model.layers[layer].mlp.route(x)
                 got, want = fast.predict(layer, x, routing=routing), eager.predict(layer, x, routing=routing)
             assert list(got) == list(want) == [t for t in (1, 2) if t > layer][:depth]
             assert all((got[t] - want[t]).abs().max().item() <= 1e-5 for t in want)
-        assert len(runs) == 2 and counted
+        assert len(runs) == 2  # both layers' guesses ran compiled
 
 
 class _Counted:

@@ -168,10 +168,12 @@ def one_row_stacks(model: Transformer, experts: ExpertProvider | None) -> dict[s
         return None
     stacks = {}
     for i, block in enumerate(model.layers):
-        layer_stack = stack(i) if isinstance(block.mlp, MoE) else None
-        if isinstance(block.mlp, MoE) and layer_stack is None:  # packed or unaligned experts: fetched one by one
+        if not isinstance(block.mlp, MoE):  # a dense layer: no experts
+            continue
+        layer_stack = stack(i)
+        if layer_stack is None:  # packed or unaligned experts: fetched one by one
             return None
-        stacks |= {f"{i}.{field}": t for field, t in (layer_stack.tensors() if layer_stack else {}).items()}
+        stacks |= {f"{i}.{field}": t for field, t in layer_stack.tensors().items()}
     return stacks
 
 
