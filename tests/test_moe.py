@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from moespec.experts.base import ExpertWeights
-from moespec.model.moe import SwiGLUExperts, run_experts
+from moespec.model.moe import SwiGLUExperts, expert_runs, padded_pays, run_experts
 
 E, H, I, K = 6, 16, 8, 2
 
@@ -91,3 +91,40 @@ def test_grouped_only_when_enough_of_the_stack_is_used():
     x, weights = torch.randn(1, H), torch.rand(1, K)
     run_experts(0, x, weights, torch.tensor([[5, 9]]), provider, SwiGLUExperts())
     assert stacks == [] and provider.asked == [[5, 9]]
+
+
+@pytest.mark.parametrize("act,biases", [("silu", False), ("clamped_swiglu", True)])
+def test_padded_batched_matmuls_compute_the_grouped_experts(act, biases):
+    """The grouped path's other form, batched matmuls over every expert's rows padded to the
+    longest run, computes each row with its own expert (float32: to the reference's precision).
+    In bfloat16 on a CPU, where it pays (few rows per expert, many experts), run_experts takes it
+    and agrees with the float32 reference to bfloat16's precision; in float32 it never pays."""
+    gen = torch.Generator().manual_seed(1)
+    tokens = 9
+    x = torch.randn(tokens, H, generator=gen)
+    ids = torch.stack([torch.randperm(E, generator=gen)[:K] for _ in range(tokens)])
+    weights = torch.rand(tokens, K, generator=gen)
+    experts = random_experts(biases)
+    fn = SwiGLUExperts(act, limit=1.0)
+
+    order, runs = expert_runs(ids)
+    stack = StackedProvider(experts, "forward").fetch_stack(0, list(runs), tokens)
+    longest = max(r.stop - r.start for r in runs.values())
+    assert longest > min(r.stop - r.start for r in runs.values())  # some runs are padded
+    rows, row_expert = x[order // K], ids.flatten()[order]
+    padded = fn.padded(rows, stack, runs, row_expert, longest)
+    for r in range(len(rows)):
+        torch.testing.assert_close(padded[r:r + 1], fn(rows[r:r + 1], experts[int(row_expert[r])]),
+                                   rtol=1e-5, atol=1e-5)
+    assert not padded_pays(rows, stack, len(runs), longest)
+
+    half = {e: ExpertWeights(*(None if t is None else t.bfloat16() for t in vars(w).values()))
+            for e, w in experts.items()}
+    provider = StackedProvider(half, "forward")
+    assert padded_pays(rows.bfloat16(), provider.fetch_stack(0, list(runs), tokens), len(runs), longest)
+    got = run_experts(0, x.bfloat16(), weights, ids, provider, fn)
+    assert got.dtype == torch.bfloat16
+    exact = reference(x.bfloat16().float(), weights, ids,  # the same weights and inputs, computed in float32
+                      {e: ExpertWeights(*(None if t is None else t.float() for t in vars(w).values()))
+                       for e, w in half.items()}, fn, False)
+    assert (got.float() - exact).abs().max() <= 0.02 * exact.abs().max()  # bfloat16's rounding of the steps

@@ -41,16 +41,58 @@ class SwiGLUExperts:
         """One expert applied to its tokens x [n, H] -> [n, H]."""
         return F.linear(self.hidden(F.linear(x, w.gate_up, w.gate_up_bias)), w.down, w.down_bias)
 
-    def grouped(self, x: torch.Tensor, stack: ExpertWeights, ends: torch.Tensor,
+    def grouped(self, x: torch.Tensor, stack: ExpertWeights, runs: dict[int, slice],
                 row_expert: torch.Tensor) -> torch.Tensor:
-        """Experts stacked [E, ...] applied to rows x [n, H] sorted by expert: expert e's rows end
-        at ends[e] (int32 [E]; an unused expert's run is empty), row_expert [n] is each row's
-        expert (for the biases). Two grouped matmuls for the layer instead of two per expert."""
+        """Experts stacked [E, ...] applied to rows x [n, H] sorted by expert: `runs` maps each used
+        expert to its run of rows, row_expert [n] is each row's expert. Two grouped matmuls for the
+        layer instead of two per expert: torch's grouped matmul, or, where it pays
+        (`padded_pays`), batched matmuls over every expert's rows padded to the longest run."""
+        longest = max(r.stop - r.start for r in runs.values())
+        if padded_pays(x, stack, len(runs), longest):
+            return self.padded(x, stack, runs, row_expert, longest)
+        ends = run_ends(runs, stack.gate_up.shape[0], x.device)
         gate_up = F.grouped_mm(x, stack.gate_up.transpose(1, 2), offs=ends)
         if stack.gate_up_bias is not None:  # grouped_mm takes no per-group bias
             gate_up = gate_up + stack.gate_up_bias[row_expert]
         out = F.grouped_mm(self.hidden(gate_up), stack.down.transpose(1, 2), offs=ends)
         return out if stack.down_bias is None else out + stack.down_bias[row_expert]
+
+    def padded(self, x: torch.Tensor, stack: ExpertWeights, runs: dict[int, slice], row_expert: torch.Tensor,
+               longest: int) -> torch.Tensor:
+        """`grouped` as two batched matmuls: expert e's rows fill the first places of slab e of a
+        zero buffer [E, longest, H]; the padding rows are computed and dropped (a zero row stays
+        finite through every activation here)."""
+        experts = stack.gate_up.shape[0]
+        starts = torch.tensor([runs[e].start if e in runs else 0 for e in range(experts)], device=x.device)
+        places = row_expert * longest + torch.arange(len(x), device=x.device) - starts[row_expert]
+        slabs = x.new_zeros(experts * longest, x.shape[1]).index_copy_(0, places, x).view(experts, longest, -1)
+        gate_up = torch.bmm(slabs, stack.gate_up.transpose(1, 2))  # [E, longest, 2I]
+        if stack.gate_up_bias is not None:
+            gate_up = gate_up + stack.gate_up_bias[:, None]
+        out = torch.bmm(self.hidden(gate_up), stack.down.transpose(1, 2))  # [E, longest, H]
+        if stack.down_bias is not None:
+            out = out + stack.down_bias[:, None]
+        return out.view(experts * longest, -1).index_select(0, places)
+
+
+# On a CPU in 16-bit floats, torch's grouped matmul (torch 2.13) is a loop of one oneDNN matmul per
+# expert costing ~30 us however few its rows, while a batched matmul over the experts padded to
+# the longest run is one call whose cost is its rows' arithmetic, padding included. Measured on this
+# project's 2-core CPU (1 thread, bfloat16 and float16, tiny-mixtral and tiny-qwen2moe expert shapes, 8-256
+# tokens, even and skewed routing): one matmul's per-expert overhead is worth about this many
+# multiply-adds of padding rows. In float32 the grouped matmul has no such overhead and stays.
+HALF_GROUP_MACS = 1_300_000
+
+
+def padded_pays(x: torch.Tensor, stack: ExpertWeights, used: int, longest: int) -> bool:
+    """Whether `grouped` runs faster as padded batched matmuls (see HALF_GROUP_MACS): rows x
+    [n, H] in 16-bit floats on a CPU, where the padding rows' multiply-adds cost less than the
+    grouped matmul's per-expert overhead for the `used` experts."""
+    if x.dtype not in (torch.bfloat16, torch.float16) or x.device.type != "cpu":
+        return False
+    experts, up_out, up_in = stack.gate_up.shape
+    padding = experts * longest - x.shape[0]
+    return padding * (up_out * up_in + stack.down[0].numel()) <= 2 * used * HALF_GROUP_MACS
 
 
 expert_forward = SwiGLUExperts()  # silu: every family but gpt-oss
@@ -221,8 +263,7 @@ def run_experts(layer: int, x: torch.Tensor, weights: torch.Tensor, ids: torch.T
     stack = experts.fetch_stack(layer, list(runs), x.shape[0]) \
         if grouped_pays(experts, expert_fn, len(runs), x.device) else None  # None: not stacked after all
     if stack is not None:
-        ends = run_ends(runs, stack.gate_up.shape[0], x.device)
-        outputs = expert_fn.grouped(inputs, stack, ends, ids.flatten()[order])
+        outputs = expert_fn.grouped(inputs, stack, runs, ids.flatten()[order])
     else:
         arrived = {e: expert_fn(inputs[runs[e]], w) for e, w in experts.fetch(layer, list(runs), x.shape[0])}
         outputs = torch.cat([arrived[e] for e in runs]) if runs else inputs  # back in sorted order
