@@ -11,8 +11,9 @@ times noisy; the paired ratios much less so). JSON under benchmarks/results/.
     python benchmarks/runtime.py --models models/tiny-mixtral,models/tiny-qwen2moe --threads 1,2 \
         --dtypes float32,bfloat16
 
-With --compile, moespec with compile=True (moespec/model/compiled.py) runs the decode cases in the
-same rounds too, and the run records whether its greedy tokens equal the eager ones on 8 prompts.
+With --compile, moespec with compile=True (moespec/model/compiled.py) runs every case in the same
+rounds too, and the run records whether its greedy tokens equal the eager ones on 8 prompts and
+how far its prefill logits are from the eager ones.
 
 With --llama-cpp, llama.cpp through llama-cpp-python runs batch-1 decode and the prefill in the
 same rounds, right after the other two, with the same thread count: its own greedy `generate` from
@@ -59,10 +60,8 @@ LLAMA_CPP_CASES = ("decode_b1", "prefill")
 
 
 def runs_case(system: str, case: str) -> bool:
-    """llama-cpp-python's Llama runs one sequence; compile=True leaves the prefill eager (not measured twice)."""
-    if system == "llama.cpp":
-        return case in LLAMA_CPP_CASES
-    return system != "moespec compiled" or case != "prefill"
+    """llama-cpp-python's Llama runs one sequence."""
+    return system != "llama.cpp" or case in LLAMA_CPP_CASES
 
 
 def _prompts(batch: int, length: int) -> torch.Tensor:
@@ -139,6 +138,9 @@ def measure(path: str, dtype: str, threads: int, repeats: int, new: int, batches
     if compiled:
         fast_llm = LLM(path, dtype=dtype, progress=False, compile=True)
         systems["moespec compiled"] = (fast_llm, moespec_runs)
+        forwards["moespec compiled"] = lambda: fast_llm.score(prefill)
+        with torch.inference_mode():
+            out["compiled_prefill_max_logit_difference"] = (fast_llm.score(prefill) - llm.score(prefill)).abs().max().item()
         out["compiled_greedy_identical"] = all(
             a.token_ids == b.token_ids for a, b in zip(*(m.generate(_prompts(8, 32).tolist(), max_new_tokens=new,
                                                                    temperature=0.0, ignore_eos=True)
@@ -210,7 +212,7 @@ def main() -> None:
     ap.add_argument("--llama-cpp", action="store_true",
                     help="also measure llama.cpp (llama-cpp-python, the `bench` extra): batch-1 decode and prefill")
     ap.add_argument("--compile", action="store_true",
-                    help="also measure moespec with compile=True (decode cases; its prefill is the eager one)")
+                    help="also measure moespec with compile=True")
     ap.add_argument("--gguf-dir", type=Path, default=Path("benchmarks/.gguf"),
                     help="GGUF files for --llama-cpp, converted there on first use ($LLAMA_CPP_CONVERTER)")
     args = ap.parse_args()

@@ -50,15 +50,16 @@ def pair(request, tmp_path_factory, library_dir):
     return LLM(d), LLM(d, compile=True)
 
 
-def counting(llm: LLM, call: str = "_layer") -> list[int]:
-    """A list that grows by one for each compiled layer call of `llm` (`call`: "run_one_row" counts
-    the one-row steps run as one call)."""
+def counting(llm: LLM, call: str = "_layer", libraries: str = "layers") -> list[int]:
+    """A list that grows by one for each compiled layer call of `llm` (`libraries`: "layers" counts
+    decode steps' calls, "prefill" fresh prefills'; `call`: "run_one_row" counts the one-row steps
+    run as one call)."""
     calls: list[int] = []
     layer = getattr(llm.model.compiled, call)
 
     def counted(*args):
         out = layer(*args)
-        if out is not None:
+        if out is not None and (call != "_layer" or args[0] is getattr(llm.model.compiled, libraries)):
             calls.append(1)
         return out
     setattr(llm.model.compiled, call, counted)
@@ -72,7 +73,7 @@ def test_compiled_decode_is_the_eager_decode(pair):
     calls = counting(fast)
     kw = dict(max_new_tokens=12, temperature=0.0, ignore_eos=True)
     assert [o.token_ids for o in fast.generate(PROMPTS, **kw)] == [o.token_ids for o in eager.generate(PROMPTS, **kw)]
-    assert len(calls) >= 11 * fast.spec.num_layers  # every decode step ran compiled (the prefill eager)
+    assert len(calls) >= 11 * fast.spec.num_layers  # every decode step ran compiled (the padded prefill eager)
     ids = torch.tensor([p[:2] + [7, 30, 12, 9, 44] for p in PROMPTS])
     expected = eager.engine.teacher_forced(ids)
     assert (fast.engine.teacher_forced(ids) - expected).abs().max().item() <= 1e-5 * max(1.0, expected.abs().max())
@@ -113,7 +114,7 @@ def test_a_one_row_step_is_one_call(pair):
         llm.reset()
     for prompt in PROMPTS:
         assert fast.generate([prompt], **kw)[0].token_ids == eager.generate([prompt], **kw)[0].token_ids
-    assert len(whole) == 3 * 11 and not split  # every decode step
+    assert len(whole) == 3 * 11 and not split  # every decode step (each prompt's prefill ran the prefill libraries)
     assert (fast.stats().experts.hits, fast.stats().experts.tokens) == \
         (eager.stats().experts.hits, eager.stats().experts.tokens)
     model, layers = fast.model, fast.model.compiled
@@ -131,6 +132,34 @@ def test_a_one_row_step_is_one_call(pair):
             assert (got - want).abs().max().item() <= 1e-5 * max(1.0, want.abs().max())
         assert torch.equal(cache.lengths, twin.lengths) and (cache.k - twin.k).abs().max().item() <= 1e-5
     assert len(whole) == 3 * 11 + 3
+
+
+def test_a_fresh_prefill_runs_the_prefill_layers(pair):
+    """Rows that start empty, consecutive in the cache (rows 0-1, or 1-2 of a 3-row cache), run
+    each layer's prefill library: the logits and the cache entries the eager layers give, within
+    float rounding. A prefill into rows that hold tokens already, or into rows apart, runs eager."""
+    eager, fast = pair
+    calls = counting(fast, libraries="prefill")
+    model, layers = fast.model, fast.model.compiled
+    tokens = torch.tensor([[5, 9, 23, 7, 11, 4], [60, 2, 19, 33, 8, 3]])
+    with torch.inference_mode():
+        for rows, more in ((torch.tensor([0]), False), (torch.tensor([1, 2]), True), (torch.tensor([2, 0]), False)):
+            cache, twin = model.new_cache(3, 32), model.new_cache(3, 32)
+            got, want = [], []
+            for chunk in (tokens[:len(rows), :4], tokens[:len(rows), 4:]) if more else (tokens[:len(rows)],):
+                model.compiled = None
+                want.append(model(chunk, twin, fast.experts, rows=rows))
+                model.compiled = layers
+                got.append(model(chunk, cache, fast.experts, rows=rows))
+            got, want = torch.cat(got, dim=1), torch.cat(want, dim=1)
+            assert (model.logits(got) - model.logits(want)).abs().max().item() <= 1e-5 * max(1.0, want.abs().max())
+            assert (cache.k - twin.k).abs().max().item() <= 1e-5 and (cache.v - twin.v).abs().max().item() <= 1e-5
+            assert torch.equal(cache.lengths, twin.lengths)
+    # the first prefill (row 0) and the first chunk into rows 1-2 ran compiled; the second chunk and rows apart, eager
+    assert len(calls) == 2 * model.spec.num_layers
+    kw = dict(max_new_tokens=4, temperature=0.0, ignore_eos=True)
+    assert fast.generate([PROMPTS[1]], **kw)[0].token_ids == eager.generate([PROMPTS[1]], **kw)[0].token_ids
+    assert len(calls) == 3 * model.spec.num_layers
 
 
 def test_hooks_see_every_layer_of_a_one_row_step(pair):
