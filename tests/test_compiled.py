@@ -196,18 +196,28 @@ def test_a_tensor_the_layer_reads_but_is_not_given_is_refused(tmp_path, monkeypa
 
 def test_offloaded_prefetching_run_stays_exact(tmp_path, library_dir):
     """An expert cache of a quarter of the experts with lookahead prefetching: the compiled steps
-    keep the resident eager run's tokens (the hooks see the same residual and routing)."""
+    keep the resident eager run's tokens (the hooks see the same residual and routing), in a batch
+    and for one prompt alone, whose guesses the compiled library ranks."""
     save_model("mixtral", tmp_path, experts=8, top_k=2)
     kw = dict(max_new_tokens=16, temperature=0.0, ignore_eos=True)
-    expected = [o.token_ids for o in LLM(tmp_path).generate(PROMPTS, **kw)]
-    llm = LLM(tmp_path, compile=True, expert_cache="25%", prefetch="lookahead")
+    resident = LLM(tmp_path)
+    expected = [o.token_ids for o in resident.generate(PROMPTS, **kw)]
+    llm = LLM(tmp_path, compile=True, expert_cache="25%", prefetch="lookahead", prefetch_extra=1)
     calls = counting(llm)
     assert [o.token_ids for o in llm.generate(PROMPTS, **kw)] == expected and calls
+    predictor, ranked = llm.speculation.predictor, []
+    rank = predictor.ranked
+    predictor.ranked = lambda *args: ranked.append(rank(*args)) or ranked[-1]
+    assert llm.generate([PROMPTS[1]], **kw)[0].token_ids == resident.generate([PROMPTS[1]], **kw)[0].token_ids
+    got = [r for r in ranked if r is not None]  # None at the last layer: nothing to guess there
+    assert len(got) == 15 and all(len(ids) == 3 for r in got for ids, _ in r.values())  # every decode step, width k + 1
+    assert llm.stats().speculation.by_depth[1].recall_at_k > 0
 
 
 def test_compiled_guesses_are_the_eager_guesses(tmp_path, library_dir):
-    """With compile=True the lookahead's one-token guess at an MoE layer is one compiled call: the
-    scores of the eager guess, one and two layers deep, with and without default vectors."""
+    """With compile=True the lookahead's one-token guess at an MoE layer is one compiled call that
+    also ranks it: the eager guess's best experts and their probabilities, one and two layers
+    deep, with and without default vectors; for another width, no ranking (the policy ranks)."""
     save_model("mixtral", tmp_path, experts=8, top_k=2, num_hidden_layers=3)
     llm = LLM(tmp_path, compile=True, expert_cache="50%", prefetch="lookahead")
     assert sorted(llm.speculation.predictor.compiled) == [0, 1]  # the last layer has nothing to guess
@@ -216,7 +226,7 @@ def test_compiled_guesses_are_the_eager_guesses(tmp_path, library_dir):
     vectors = DefaultVectors({i: torch.randn(spec.num_experts, spec.hidden_size) for i in spec.moe_layer_ids})
     for depth, dv in ((1, None), (2, None), (1, vectors), (2, vectors)):
         fast, eager = LookaheadPredictor(model, depth, dv), LookaheadPredictor(model, depth, dv)
-        fast.compile(library_dir)
+        fast.compile(library_dir, 3)
         runs: list[int] = []
         for layer in (0, 1):
             library, tables = fast.compiled[layer]
@@ -224,9 +234,12 @@ def test_compiled_guesses_are_the_eager_guesses(tmp_path, library_dir):
             x = torch.randn(1, spec.hidden_size)
             with torch.inference_mode():
                 routing = model.layers[layer].mlp.route(x)
-                got, want = fast.predict(layer, x, routing=routing), eager.predict(layer, x, routing=routing)
+                got, want = fast.ranked(layer, x, routing, 3), eager.predict(layer, x, routing=routing)
+                assert fast.ranked(layer, x, routing, 2) is None and eager.ranked(layer, x, routing, 3) is None
             assert list(got) == list(want) == [t for t in (1, 2) if t > layer][:depth]
-            assert all((got[t] - want[t]).abs().max().item() <= 1e-5 for t in want)
+            for t, (ids, probs) in got.items():
+                best = torch.softmax(want[t][0], dim=-1).topk(3)
+                assert ids == best.indices.tolist() and max(abs(a - b) for a, b in zip(probs, best.values.tolist())) <= 1e-5
         assert len(runs) == 2  # both layers' guesses ran compiled
 
 

@@ -202,6 +202,10 @@ class EstimatorPredictor:
             self.estimators.model[0], layer, self.depth)}
         return self.estimators.predict(layer, x, context, h, self.heads)
 
+    def ranked(self, layer: int, x: torch.Tensor, routing: tuple[torch.Tensor, torch.Tensor], width: int) -> None:
+        """The estimators' heads are not compiled: `predict` then a ranking."""
+        return None
+
 
 def recall_at_k(scores: torch.Tensor, true_ids: torch.Tensor, width: int) -> float:
     """Share of the true top-k experts found among the `width` best-scored ones."""

@@ -4,7 +4,8 @@ The residual stream changes slowly from layer to layer, so applying layer L+d's 
 router to the residual at layer L (after attention) already names most of L+d's experts. Adding
 an estimate of layer L's own MoE output first ("default vectors": the top-k weights times each
 chosen expert's mean output) moves the guess closer to what layer L+1 will actually see.
-With compile=True a one-token guess at an MoE layer is one compiled call (`LookaheadPredictor.compile`).
+With compile=True a one-token guess at an MoE layer is one compiled call, ranked in the call
+(`LookaheadPredictor.compile`, `ranked`).
 """
 
 from __future__ import annotations
@@ -94,6 +95,7 @@ class LookaheadPredictor:
         self.targets = {layer: next_moe_layers(model, layer, depth) for layer in range(model.spec.num_layers)}
         self.routers = {t: model.layers[t].mlp.router for t in model.spec.moe_layer_ids}
         self.compiled: dict[int, tuple[torch._C._aoti.AOTIModelPackageLoader, list[torch.Tensor]]] = {}
+        self.width = 0  # how many experts per target a compiled guess ranks (0: none compiled)
 
     @classmethod
     def from_config(cls, model: Transformer, model_dir: Path, cfg: SpeculationConfig) -> LookaheadPredictor:
@@ -105,8 +107,8 @@ class LookaheadPredictor:
         use = path.is_file() if cfg.default_vectors == "auto" else cfg.default_vectors == "on"
         device = model.embed_tokens.weight.device
         predictor = cls(model, cfg.lookahead_depth, DefaultVectors.load(path, model, device) if use else None)
-        if model.compiled is not None:  # compile=True
-            predictor.compile(cache_dir())
+        if model.compiled is not None:  # compile=True: ranked as the policy ranks its guesses (k + extra)
+            predictor.compile(cache_dir(), min(model.spec.top_k + cfg.prefetch_extra, model.spec.num_experts))
         return predictor
 
     def forward_start(self, rows: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor) -> None:
@@ -124,9 +126,6 @@ class LookaheadPredictor:
         targets = self.targets[layer]
         if not targets:
             return {}
-        if routing is not None and len(x) == 1 and layer in self.compiled:  # one token at an MoE layer
-            library, tables = self.compiled[layer]
-            return dict(zip(targets, library.run([*tables, x, *routing])))
         if self.dv is None:
             logits = dict(zip(targets, self.folded.logits(targets, x)))
         else:
@@ -137,6 +136,18 @@ class LookaheadPredictor:
                 if target != targets[-1]:
                     guess = self.dv.add_estimate(target, guess, *self.routers[target].select(logits[target]))
         return {t: self.routers[t].guess_logits(scores) for t, scores in logits.items()}
+
+    def ranked(self, layer: int, x: torch.Tensor, routing: tuple[torch.Tensor, torch.Tensor], width: int
+               ) -> dict[int, tuple[list[int], list[float]]] | None:
+        """One token's guess x [1, H] at MoE layer `layer` with its routing, ranked by the layer's
+        compiled library: per target layer, the `width` best experts, best first, and their
+        probabilities (the softmax of `predict`'s scores); None where no library ranks it (not
+        compiled, or for another width): the caller then ranks `predict`'s scores itself."""
+        if width != self.width or layer not in self.compiled or len(x) != 1:
+            return None
+        library, tables = self.compiled[layer]
+        probs, ids = library.run([*tables, x, *routing])  # [targets, width] each
+        return dict(zip(self.targets[layer], zip(ids.tolist(), probs.tolist())))
 
     def tables(self, layer: int) -> dict[str, torch.Tensor]:
         """The tensors a guess at MoE layer `layer` reads, named relative to it (so that layers with
@@ -161,10 +172,13 @@ class LookaheadPredictor:
         view.compiled = {}
         return view
 
-    def compile(self, directory: Path) -> None:
-        """Each MoE layer's one-token guess as a compiled library (model/compiled.py; with
-        compile=True), loaded from `directory` (compiled there first if missing). At batch 1 the
-        guess is ~8 small ops: ~60 us eager against ~5 us as one call (tiny-mixtral, 1 thread).
+    def compile(self, directory: Path, width: int) -> None:
+        """Each MoE layer's one-token guess, ranked (its `width` best experts per target and their
+        probabilities: `ranked`), as a compiled library (model/compiled.py; with compile=True),
+        loaded from `directory` (compiled there first if missing). At batch 1 the guess and its
+        ranking are ~10 small ops and two reads to the host: ~60 us eager against ~5 us as one
+        call and one read of each output (tiny-mixtral, 1 thread); inside a decode step each op
+        costs more, as the step's matmuls have pushed the interpreter out of the CPU caches.
         Layers with as many targets share a library. Not where a router reads a tensor of its
         own (DeepSeek-V3's correction bias): that would be traced in as one layer's constant."""
         model = self.model
@@ -177,28 +191,33 @@ class LookaheadPredictor:
             if not self.targets[layer]:
                 continue
             tables = self.tables(layer)
-            path = directory / library_name(model, ("guess", len(self.targets[layer]), self.dv is not None), tables)
+            path = directory / library_name(model, ("guess", len(self.targets[layer]), self.dv is not None, width),
+                                            tables)
             if path not in loaded:
                 with torch.inference_mode():
                     weights, ids = model.layers[layer].mlp.route(x)
-                loaded[path] = compile_program(path, f"guess (of layer {layer})", _Guess(self, layer),
+                loaded[path] = compile_program(path, f"guess (of layer {layer})", _Guess(self, layer, width),
                                                (tables, x, weights, ids), None, 1)
             library, names = loaded[path]
             self.compiled[layer] = (library, [tables[name] for name in names])
+        self.width = width
 
 
 class _Guess(nn.Module):
     """What is exported for one-token guesses at an MoE layer: `LookaheadPredictor.predict` with
-    the layer's routing, its tables (`tables`) being inputs."""
+    the layer's routing, its tables (`tables`) being inputs, then each target's `width` most
+    probable experts: (probabilities [targets, width], ids [targets, width])."""
 
-    def __init__(self, predictor: LookaheadPredictor, layer: int):
+    def __init__(self, predictor: LookaheadPredictor, layer: int, width: int):
         super().__init__()
-        self._predictor, self.layer = [predictor], layer  # a list: nothing of it becomes the library's
+        self._predictor, self.layer, self.width = [predictor], layer, width  # a list: nothing of it becomes the library's
 
     def forward(self, tables: dict[str, torch.Tensor], x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor
-                ) -> tuple[torch.Tensor, ...]:
+                ) -> tuple[torch.Tensor, torch.Tensor]:
         predictor = self._predictor[0].reading(self.layer, tables)
-        return tuple(predictor.predict(self.layer, x, routing=(weights, ids)).values())
+        scores = torch.cat(list(predictor.predict(self.layer, x, routing=(weights, ids)).values()))  # [targets, E]
+        best = torch.softmax(scores.float(), dim=-1).topk(self.width)
+        return best.values, best.indices
 
 
 class FoldedRouters:

@@ -51,6 +51,14 @@ class Predictor(Protocol):
         `layer`; at an MoE layer also its router input [N, H] and its routing (weights, ids)."""
         ...
 
+    def ranked(self, layer: int, x: torch.Tensor, routing: tuple[torch.Tensor, torch.Tensor], width: int
+               ) -> dict[int, tuple[list[int], list[float]]] | None:
+        """One token's guess at MoE layer `layer`, already ranked where the predictor can do that
+        cheaper than `predict` then a ranking (a compiled library): per target, the `width` most
+        probable experts, best first, and their probabilities (the softmax of `predict`'s
+        scores); None where it cannot."""
+        ...
+
 
 @dataclass
 class GuessStats:
@@ -197,7 +205,8 @@ class Speculation(ForwardHooks):
             self._guess(layer, self.predictor.predict(layer, residual), running=None, decoding=decoding)
         self.seconds += time.perf_counter() - t0
 
-    def _guess(self, layer: int, predicted: dict[int, torch.Tensor], running: int | None, decoding: bool) -> None:
+    def _guess(self, layer: int, predicted: dict[int, torch.Tensor | tuple[list[int], list[float]]],
+               running: int | None, decoding: bool) -> None:
         """Score the next `depth` MoE layers from the residual at `layer`; prefetch in decode steps.
 
         A prefill step routes many tokens per row, whose guesses together name nearly every expert:
@@ -207,11 +216,14 @@ class Speculation(ForwardHooks):
         for depth, (target, scores) in enumerate(predicted.items(), start=1):
             self._guess_target(depth, target, scores, running, decoding)
 
-    def _guess_target(self, depth: int, target: int, scores: torch.Tensor, running: int | None,
-                      decoding: bool) -> None:
-        """Rank the guess scores [N, E] for MoE layer `target`, `depth` MoE layers ahead; keep
-        them for scoring when it routes; prefetch in decode steps."""
-        if len(scores) == 1 and decoding:
+    def _guess_target(self, depth: int, target: int, scores: torch.Tensor | tuple[list[int], list[float]],
+                      running: int | None, decoding: bool) -> None:
+        """Rank the guess scores [N, E] for MoE layer `target`, `depth` MoE layers ahead (or take
+        one token's guess ranked by the predictor: its `width` best ids and their probabilities);
+        keep them for scoring when it routes; prefetch in decode steps."""
+        if isinstance(scores, tuple):
+            ranked, order, use = self._one_guess(*scores, depth)
+        elif len(scores) == 1 and decoding:
             ranked, order, use = self._rank_one(scores[0], depth)
         else:
             ranked, order, use = self._rank_pooled(scores, decoding)
@@ -222,15 +234,19 @@ class Speculation(ForwardHooks):
             self.cache.prefetch(target, ids, running, [use[e] for e in ids], use)
 
     def _rank_one(self, scores: torch.Tensor, depth: int) -> tuple[OneGuess, list[int], list[float]]:
-        """One token's guess (batch-1 decoding) in plain Python after one read of its `width`
-        best experts (ranked and prefetched alike) and their probabilities: their scores, k times
-        their probability (a top-k router picks k of the experts), at most 1; and every expert's
-        expected use: the measured odds of its score for the guessed ones, the measured share of
-        the rest. At batch 1 a few tensor ops more per layer would cost more than the guess can hide."""
+        """One token's guess scores [E] (batch-1 decoding) -> `_one_guess` of its `width` best
+        experts (ranked and prefetched alike) and their probabilities, read once."""
         best = torch.softmax(scores.float(), dim=-1).topk(self.width)
-        ranked = best.indices.tolist()
-        score = [min(self.k * p, 1.0) for p in best.values.tolist()]
-        use = [self.tail_odds[depth](0.0)] * len(scores)
+        return self._one_guess(best.indices.tolist(), best.values.tolist(), depth)
+
+    def _one_guess(self, ranked: list[int], probs: list[float], depth: int) -> tuple[OneGuess, list[int], list[float]]:
+        """One token's guess in plain Python from its ranked experts and their probabilities:
+        their scores, k times their probability (a top-k router picks k of the experts), at most
+        1; and every expert's expected use: the measured odds of its score for the guessed ones,
+        the measured share of the rest. At batch 1 a few tensor ops more per layer would cost more
+        than the guess can hide."""
+        score = [min(self.k * p, 1.0) for p in probs]
+        use = [self.tail_odds[depth](0.0)] * self.model.spec.num_experts
         for e, s in zip(ranked, score):
             use[e] = self.odds[depth](s)
         return OneGuess(ranked, score), ranked, use
@@ -260,7 +276,9 @@ class Speculation(ForwardHooks):
         self.predictor.routed(layer, x)
         residual, decoding = self._waiting
         self._waiting = None
-        self._guess(layer, self.predictor.predict(layer, residual, x, true_routing), running=layer, decoding=decoding)
+        ranked = self.predictor.ranked(layer, residual, true_routing, self.width) if decoding else None
+        self._guess(layer, self.predictor.predict(layer, residual, x, true_routing) if ranked is None else ranked,
+                    running=layer, decoding=decoding)
         if decoding and self.next_token is not None and layer == self.next_token.last:
             self._guess_target(self.depth, self.next_token.first, self.next_token.predict(residual), layer, decoding)
         self.seconds += time.perf_counter() - t0
