@@ -212,13 +212,19 @@ class ExpertCache:
         victim among the rest, the one least likely to be used soon (`expected_use`). Only those:
         a prediction is the best estimate there is, and the policy's victim stands for the rest,
         so the choice costs a few lookups, not a pass over every slot."""
-        predicted = self.admission.predicted
-        candidates = [(t, e) for t in predicted if self.domains[t] is dom
-                      for e in self._resident_of[t] if self._evictable((t, e))]
+        predicted, worth = self.admission.predicted, self.admission.on_prediction
+        victim, lowest = None, float("inf")
+        for t, uses in predicted.items():
+            if self.domains[t] is not dom:
+                continue
+            for e in self._resident_of[t]:
+                value = worth(uses[e])  # = expected_use((t, e)); busy checked only for a new lowest
+                if value < lowest and self._evictable((t, e)):
+                    victim, lowest = (t, e), value
         fallback = dom.policy.victim(lambda k: k[0] not in predicted and self._evictable(k))
-        if fallback is not None:
-            candidates.append(fallback)
-        return min(candidates, key=self.expected_use, default=None)
+        if fallback is not None and self.expected_use(fallback) < lowest:
+            victim = fallback
+        return victim
 
     def _evictable(self, key: Key) -> bool:
         return not self._busy(key)
