@@ -24,6 +24,7 @@ from ..experts.store import ExpertStore
 from ..hooks import ForwardHooks
 from ..model.compiled import cache_dir, compile_program, library_name
 from ..model.moe import make_expert_fn
+from ..model.routing import most_probable
 from ..model.transformer import Transformer
 
 DEFAULT_VECTORS_FILE = "default_vectors.safetensors"
@@ -217,7 +218,7 @@ class _Guess(nn.Module):
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         predictor = self._predictor[0].reading(self.layer, tables)
         scores = torch.cat(list(predictor.predict(self.layer, x, routing=(weights, ids)).values()))  # [targets, E]
-        best = torch.softmax(scores.float(), dim=-1).topk(self.width)
+        best = most_probable(scores, self.width)
         return best.values, best.indices
 
 

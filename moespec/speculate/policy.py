@@ -28,6 +28,7 @@ from ..config import Execution
 from ..experts.base import Prefetcher
 from ..hooks import ForwardHooks
 from ..model.moe import MoE
+from ..model.routing import most_probable
 from ..model.transformer import Transformer
 from ..odds import Odds
 from .auto import PrefetchSwitch
@@ -236,7 +237,7 @@ class Speculation(ForwardHooks):
     def _rank_one(self, scores: torch.Tensor, depth: int) -> tuple[OneGuess, list[int], list[float]]:
         """One token's guess scores [E] (batch-1 decoding) -> `_one_guess` of its `width` best
         experts (ranked and prefetched alike) and their probabilities, read once."""
-        best = torch.softmax(scores.float(), dim=-1).topk(self.width)
+        best = most_probable(scores, self.width)
         return self._one_guess(best.indices.tolist(), best.values.tolist(), depth)
 
     def _one_guess(self, ranked: list[int], probs: list[float], depth: int) -> tuple[OneGuess, list[int], list[float]]:
