@@ -187,14 +187,17 @@ def one_row_stacks(model: Transformer, experts: ExpertProvider | None) -> dict[s
     return stacks
 
 
-def _example(model: Transformer, rows: int) -> tuple[torch.Tensor, ...]:
+def _example(model: Transformer, rows: int, prefill: bool = False) -> tuple[torch.Tensor, ...]:
     """A decode step to trace with: `rows` rows (2: of different lengths) in a 4-long cache (sizes
-    of 0 or 1 would be fixed by the trace), on the model's device and dtype: (the cache, positions,
-    key positions, cos, sin)."""
+    of 0 or 1 would be fixed by the trace); or a `prefill` of 3 tokens per row from position 0 (a
+    prefill has >= 2: one token is a decode step). On the model's device and dtype: (the cache,
+    positions, key positions, cos, sin)."""
     weight = model.embed_tokens.weight
-    positions = torch.tensor([[2], [1]][:rows], device=weight.device)
+    key_pos = torch.arange(3, device=weight.device)
+    positions = key_pos.expand(rows, 3).contiguous() if prefill else \
+        torch.tensor([[2], [1]][:rows], device=weight.device)
     cos, sin = model.rotary(positions, weight.dtype)
-    return model.new_cache(rows, 4), positions, torch.arange(3, device=weight.device), cos, sin
+    return model.new_cache(rows, 4), positions, key_pos, cos, sin
 
 
 @cache
@@ -261,14 +264,10 @@ def compile_layer(model: Transformer, i: int, directory: Path, prefill: bool = F
     `directory` (compiled there first if missing), and the names of the layer tensors it takes
     first, in order."""
     batch, cache_len, keys = (torch.export.Dim(n, min=lo, max=hi) for n, lo, hi in
-                              (("rows", 1, MAX_ROWS), ("cache_len", 2, None), ("keys", 1, None)))
+                              (("rows", 1, MAX_ROWS), ("cache_len", 2, None),
+                               ("tokens", 2, None) if prefill else ("keys", 1, None)))
     tensors = layer_tensors(model.layers[i])
-    cache, positions, key_pos, cos, sin = _example(model, 2)
-    if prefill:  # 3 tokens per row from position 0 (a prefill has >= 2: one token is a decode step)
-        keys = torch.export.Dim("tokens", min=2)
-        key_pos = torch.arange(3, device=cos.device)
-        positions = key_pos.expand(2, 3).contiguous()
-        cos, sin = model.rotary(positions, cos.dtype)
+    cache, positions, key_pos, cos, sin = _example(model, 2, prefill)
     x = torch.randn(*positions.shape, model.spec.hidden_size, dtype=cos.dtype, device=cos.device)
     args = (tensors, x, cache.layers[i].k, cache.layers[i].v, positions, key_pos, cos, sin)
     rows = {0: batch, 1: keys} if prefill else {0: batch}  # each row's tokens are the keys it reads
@@ -375,12 +374,12 @@ class CompiledLayers:
         its rows' KV slabs (so nothing of the cache is copied); one call where all are consecutive."""
         if not step.all_valid or tokens.shape[0] > MAX_ROWS:
             return None
-        key_pos = torch.arange(step.upto, device=tokens.device)
-        if tokens.shape[1] > 1:
-            return partial(self._layer, self.prefill, step, None, key_pos) \
-                if step.square and isinstance(step.row_index, slice) else None
+        prefill = tokens.shape[1] > 1
+        if prefill and not (step.square and isinstance(step.row_index, slice)):
+            return None
         runs = None if isinstance(step.row_index, slice) else row_runs(step.rows.tolist())
-        return partial(self._layer, self.layers, step, runs, key_pos)
+        return partial(self._layer, self.prefill if prefill else self.layers, step, runs,
+                       torch.arange(step.upto, device=tokens.device))
 
     def _layer(self, libraries: list[Library], step: StepPositions, runs: list[tuple[slice, slice]] | None,
                key_pos: torch.Tensor, i: int, x: torch.Tensor, kv: LayerKV, rope: tuple[torch.Tensor, torch.Tensor]
