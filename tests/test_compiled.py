@@ -9,6 +9,7 @@ import torch
 import moespec.model.compiled as compiled
 from moespec import LLM, MoespecError
 from moespec.hooks import ForwardHooks
+from moespec.speculate.estimators import ESTIMATOR_FILE, EstimatorPredictor, Estimators
 from moespec.speculate.lookahead import DefaultVectors, LookaheadPredictor
 from test_deepseek import save as save_deepseek
 from test_gpt_oss import CASES as GPT_OSS_CASES, random_model as gpt_oss_model
@@ -234,13 +235,76 @@ def test_compiled_guesses_are_the_eager_guesses(tmp_path, library_dir):
             x = torch.randn(1, spec.hidden_size)
             with torch.inference_mode():
                 routing = model.layers[layer].mlp.route(x)
-                got, want = fast.ranked(layer, x, routing, 3), eager.predict(layer, x, routing=routing)
-                assert fast.ranked(layer, x, routing, 2) is None and eager.ranked(layer, x, routing, 3) is None
+                got, want = fast.ranked(layer, x, x, routing, 3), eager.predict(layer, x, routing=routing)
+                assert fast.ranked(layer, x, x, routing, 2) is None and eager.ranked(layer, x, x, routing, 3) is None
             assert list(got) == list(want) == [t for t in (1, 2) if t > layer][:depth]
             for t, (ids, probs) in got.items():
                 best = torch.softmax(want[t][0], dim=-1).topk(3)
                 assert ids == best.indices.tolist() and max(abs(a - b) for a, b in zip(probs, best.values.tolist())) <= 1e-5
         assert len(runs) == 2  # both layers' guesses ran compiled
+
+
+def random_estimators(llm: LLM, depth: int, mlp: int) -> Estimators:
+    """Estimators of `llm`'s model with every weight random (a trained head's MLP output is not zero)."""
+    est = Estimators(llm.model, depth, mlp)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in est.heads.parameters():
+            p.normal_(0, 0.3)
+    return est.eval()
+
+
+def test_compiled_estimator_guesses_are_the_eager_guesses(tmp_path, library_dir):
+    """With compile=True an estimator's one-token guess at an MoE layer is one compiled call that
+    ranks it too: the eager heads' best experts and their probabilities, one and two layers deep,
+    with and without an MLP, with a remembered predecessor's context and without; for another
+    width, no ranking (the policy ranks)."""
+    save_model("mixtral", tmp_path, experts=8, top_k=2, num_hidden_layers=3)
+    llm = LLM(tmp_path)
+    spec, model = llm.spec, llm.model
+    for depth, mlp in ((2, 16), (1, 0)):
+        est = random_estimators(llm, depth, mlp)
+        fast, eager = EstimatorPredictor(est), EstimatorPredictor(est)
+        fast.compile(library_dir, 3)
+        runs: list[int] = []
+        for layer in (0, 1):
+            library, tables = fast.compiled[layer]
+            fast.compiled[layer] = (_Counted(library, runs), tables)
+        for position in (0, 1):  # a sequence's first token (no context), then its second
+            h = torch.randn(1, spec.hidden_size)
+            for predictor in (fast, eager):
+                predictor.forward_start(torch.tensor([0]), torch.tensor([[position]]), torch.tensor([[True]]))
+            for layer in (0, 1):
+                x = torch.randn(1, spec.hidden_size)
+                with torch.inference_mode():
+                    routing = model.layers[layer].mlp.route(h)
+                    got, want = fast.ranked(layer, x, h, routing, 3), eager.predict(layer, x, h, routing)
+                    assert fast.ranked(layer, x, h, routing, 2) is None and eager.ranked(layer, x, h, routing, 3) is None
+                assert list(got) == list(want) == [t for t in (1, 2) if t > layer][:depth]
+                for t, (ids, probs) in got.items():
+                    best = torch.softmax(want[t][0], dim=-1).topk(3)
+                    assert ids == best.indices.tolist()
+                    assert max(abs(a - b) for a, b in zip(probs, best.values.tolist())) <= 1e-5
+            for predictor in (fast, eager):  # what the next token's heads take as context
+                for t in (1, 2):
+                    predictor.routed(t, torch.randn(1, spec.hidden_size, generator=torch.Generator().manual_seed(t)))
+        assert len(runs) == 4  # both layers' guesses, at both positions, ran compiled
+
+
+def test_offloaded_estimator_run_stays_exact_and_runs_its_library(tmp_path, library_dir):
+    """Prefetching by estimators with compile=True: one prompt's tokens are the resident eager
+    run's, and every decode step's guesses are ranked by the estimators' libraries."""
+    save_model("mixtral", tmp_path, experts=8, top_k=2)
+    kw = dict(max_new_tokens=12, temperature=0.0, ignore_eos=True)
+    expected = LLM(tmp_path).generate([PROMPTS[1]], **kw)[0].token_ids
+    random_estimators(LLM(tmp_path), 1, 16).save(tmp_path / ESTIMATOR_FILE)
+    llm = LLM(tmp_path, compile=True, expert_cache="25%", prefetch="estimator")
+    predictor, ranked = llm.speculation.predictor, []
+    rank = predictor.ranked
+    predictor.ranked = lambda *args: ranked.append(rank(*args)) or ranked[-1]
+    assert llm.generate([PROMPTS[1]], **kw)[0].token_ids == expected
+    got = [r for r in ranked if r is not None]  # None at the last layer: nothing to guess there
+    assert len(got) == 11 * (llm.spec.num_layers - 1) and all(len(ids) == 2 for r in got for ids, _ in r.values())
 
 
 class _Counted:

@@ -100,7 +100,7 @@ class Oracle(ForwardHooks):
             out[target] = scores
         return out
 
-    def ranked(self, layer, x, routing, width) -> None:
+    def ranked(self, layer, x, router_input, routing, width) -> None:
         """The oracle's guesses are ranked by the policy."""
         return None
 

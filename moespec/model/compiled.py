@@ -203,10 +203,12 @@ def _example(model: Transformer, rows: int, prefill: bool = False) -> tuple[torc
 @cache
 def source_digest() -> str:
     """A digest of the code a library is traced from (this package's modules, spec.py and the
-    lookahead's guess): a library compiled by another version of moespec computes that version's
-    layer, so it is never loaded."""
+    lookahead's and estimators' guesses): a library compiled by another version of moespec
+    computes that version's layer, so it is never loaded."""
     package = Path(__file__).resolve().parent
-    files = [*sorted(package.glob("*.py")), package.parent / "spec.py", package.parent / "speculate" / "lookahead.py"]
+    speculate = package.parent / "speculate"
+    files = [*sorted(package.glob("*.py")), package.parent / "spec.py", speculate / "lookahead.py",
+             speculate / "estimators.py"]
     return hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest()
 
 

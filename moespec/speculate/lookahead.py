@@ -138,12 +138,13 @@ class LookaheadPredictor:
                     guess = self.dv.add_estimate(target, guess, *self.routers[target].select(logits[target]))
         return {t: self.routers[t].guess_logits(scores) for t, scores in logits.items()}
 
-    def ranked(self, layer: int, x: torch.Tensor, routing: tuple[torch.Tensor, torch.Tensor], width: int
-               ) -> dict[int, tuple[list[int], list[float]]] | None:
+    def ranked(self, layer: int, x: torch.Tensor, router_input: torch.Tensor,
+               routing: tuple[torch.Tensor, torch.Tensor], width: int) -> dict[int, tuple[list[int], list[float]]] | None:
         """One token's guess x [1, H] at MoE layer `layer` with its routing, ranked by the layer's
         compiled library: per target layer, the `width` best experts, best first, and their
         probabilities (the softmax of `predict`'s scores); None where no library ranks it (not
-        compiled, or for another width): the caller then ranks `predict`'s scores itself."""
+        compiled, or for another width): the caller then ranks `predict`'s scores itself. The
+        router input is not read: the folded routers apply each target's norm themselves."""
         if width != self.width or layer not in self.compiled or len(x) != 1:
             return None
         library, tables = self.compiled[layer]

@@ -52,9 +52,9 @@ class Predictor(Protocol):
         `layer`; at an MoE layer also its router input [N, H] and its routing (weights, ids)."""
         ...
 
-    def ranked(self, layer: int, x: torch.Tensor, routing: tuple[torch.Tensor, torch.Tensor], width: int
-               ) -> dict[int, tuple[list[int], list[float]]] | None:
-        """One token's guess at MoE layer `layer`, already ranked where the predictor can do that
+    def ranked(self, layer: int, x: torch.Tensor, router_input: torch.Tensor,
+               routing: tuple[torch.Tensor, torch.Tensor], width: int) -> dict[int, tuple[list[int], list[float]]] | None:
+        """One token's guess at MoE layer `layer` (its residual x, router input and routing), already ranked where the predictor can do that
         cheaper than `predict` then a ranking (a compiled library): per target, the `width` most
         probable experts, best first, and their probabilities (the softmax of `predict`'s
         scores); None where it cannot."""
@@ -277,7 +277,7 @@ class Speculation(ForwardHooks):
         self.predictor.routed(layer, x)
         residual, decoding = self._waiting
         self._waiting = None
-        ranked = self.predictor.ranked(layer, residual, true_routing, self.width) if decoding else None
+        ranked = self.predictor.ranked(layer, residual, x, true_routing, self.width) if decoding else None
         self._guess(layer, self.predictor.predict(layer, residual, x, true_routing) if ranked is None else ranked,
                     running=layer, decoding=decoding)
         if decoding and self.next_token is not None and layer == self.next_token.last:
