@@ -245,12 +245,13 @@ def test_compiled_guesses_are_the_eager_guesses(tmp_path, library_dir):
 
 
 def random_estimators(llm: LLM, depth: int, mlp: int) -> Estimators:
-    """Estimators of `llm`'s model with every weight random (a trained head's MLP output is not zero)."""
+    """Estimators of `llm`'s model with every weight random (a trained head's MLP output is not
+    zero), rounded to float16 as an estimator file holds them (compiled guesses read them so)."""
     est = Estimators(llm.model, depth, mlp)
     torch.manual_seed(1)
     with torch.no_grad():
         for p in est.heads.parameters():
-            p.normal_(0, 0.3)
+            p.copy_(torch.randn_like(p).mul_(0.3).half())
     return est.eval()
 
 

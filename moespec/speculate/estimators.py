@@ -71,18 +71,35 @@ class FusedHead:
     """A Head in three matmul-sized ops: the linear part and the MLP's first layer share one
     matmul over [h, context]; then the MLP's output layer. No module calls on the hot path.
     Weights are [out, in] for `F.linear`: `torch.addmm` with a broadcast bias took 30x longer
-    on a one-token input with two CPU threads (torch 2.13)."""
+    on a one-token input with two CPU threads (torch 2.13).
+
+    `half()` is the same head with float16 weights, for compiled one-token guesses: a head is
+    read once per guess, from memory a decode step has pushed out of the CPU caches, so its time
+    is its bytes. Estimator files hold float16 weights (`Estimators.save`), so a loaded head
+    loses nothing. Such weights are widened inside a reduction, which a compiled library runs as
+    one pass over them; `F.linear` would first write a float32 copy (a 1024-wide head of
+    tiny-qwen2moe, compiled, caches cold: 99 us against 166 us in float32 and 274 us so)."""
 
     def __init__(self, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor | None, b2: torch.Tensor | None):
         self.w1, self.b1, self.w2, self.b2 = w1, b1, w2, b2
         self.experts = w1.shape[0] if w2 is None else w2.shape[0]
 
+    def half(self) -> FusedHead:
+        return FusedHead(self.w1.half(), self.b1, None if self.w2 is None else self.w2.half(), self.b2)
+
     def __call__(self, h: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        y = F.linear(torch.cat([h, context], dim=-1), self.w1, self.b1)
+        y = _linear(torch.cat([h, context], dim=-1), self.w1, self.b1)
         if self.w2 is None:
             return y
         linear, hidden = y.split([self.experts, y.shape[1] - self.experts], dim=-1)
-        return F.linear(F.silu(hidden), self.w2, self.b2).add_(linear)
+        return _linear(F.silu(hidden), self.w2, self.b2).add_(linear)
+
+
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """x [N, in] times weight [out, in] (float32, or float16 widened in the sum: see FusedHead) plus bias."""
+    if weight.dtype == torch.float32:
+        return F.linear(x, weight, bias)
+    return (weight.float() * x[:, None, :]).sum(dim=-1).add_(bias)  # [N, out, in] -> [N, out]
 
 
 class Estimators(nn.Module):
@@ -226,11 +243,12 @@ class EstimatorPredictor:
         return dict(zip(targets, zip(ids.tolist(), probs.tolist())))
 
     def tables(self, layer: int) -> dict[str, torch.Tensor]:
-        """The fused heads' tensors a guess at `layer` reads, named by target order ("w1_0" is the
-        first target's), so that layers with as many targets share a compiled library."""
+        """The fused heads' tensors a compiled guess at `layer` reads, weights in float16
+        (`FusedHead.half`), named by target order ("w1_0" is the first target's), so that layers
+        with as many targets share a compiled library."""
         tables = {}
         for j, target in enumerate(self._targets(layer)):
-            head = self.heads[f"{layer}_{target}"]
+            head = self.heads[f"{layer}_{target}"].half()
             tables |= {f"{name}_{j}": t for name, t in (("w1", head.w1), ("b1", head.b1), ("w2", head.w2),
                                                         ("b2", head.b2)) if t is not None}
         return tables
