@@ -20,7 +20,7 @@ from ..api import LLM
 from ..decode.engine import Engine
 from ..decode.generate import generate
 from ..decode.sampling import SamplingParams
-from ..experts.stats import ExpertStats
+from ..experts.stats import ExpertStats, LayerStats
 from ..experts.store import ResidentExperts
 
 # name -> LLM.set_policy arguments
@@ -83,24 +83,28 @@ def compute_step(llm: LLM, engine: Engine, prompts: list[list[int]], new_tokens:
     return engine.stats.decode_seconds_per_step
 
 
-def prefill_bytes(llm: LLM, policy: dict, prompts: list[list[int]]) -> int:
-    """Bytes a cold-cache prefill moves under `policy` (LLM.set_policy arguments): a run that stops
-    after the first token."""
+def prefill_counters(llm: LLM, policy: dict, prompts: list[list[int]]) -> LayerStats:
+    """The expert counters (bytes, hits, misses, stall) of a cold-cache prefill under `policy`
+    (LLM.set_policy arguments): a run that stops after the first token. A run's decode phase is
+    the run less these: its prefill is the same work."""
     llm.set_policy(**policy)
     llm.reset()
     llm.generate(prompts, max_new_tokens=1, ignore_eos=True)
-    return llm.stats().experts.bytes_moved
+    return llm.stats().experts
 
 
-def one_run(llm: LLM, policy: str, prompts: list[list[int]], new_tokens: int, prefill: int) -> dict:
-    """One cold-cache run; bytes are the decode phase's (`prefill` bytes subtracted)."""
+def one_run(llm: LLM, policy: str, prompts: list[list[int]], new_tokens: int, prefill: LayerStats) -> dict:
+    """One cold-cache run. Bytes are the decode phase's (`prefill`'s subtracted), and so are the
+    "decode_" hit rate and stall share: a cold prefill copies nearly every expert it can hold, so
+    counted with it, hits and stalls say little about the decode steps."""
     llm.set_policy(**POLICIES[policy])
     llm.reset()
     llm.generate(prompts, max_new_tokens=new_tokens, ignore_eos=True)
     _sync(llm)
     s = llm.stats()
-    d = s.decode
-    decode_bytes = s.experts.bytes_moved - prefill
+    d, e = s.decode, s.experts
+    decode_bytes = e.bytes_moved - prefill.bytes_moved
+    decode_uses = e.hits + e.misses - prefill.hits - prefill.misses
     return {
         "seconds_per_step": d.decode_seconds_per_step,
         "seconds_per_output_token": d.decode_seconds_per_token,
@@ -108,7 +112,9 @@ def one_run(llm: LLM, policy: str, prompts: list[list[int]], new_tokens: int, pr
         "bytes_per_token": decode_bytes / d.decoded_tokens,
         "bytes_per_step": decode_bytes / d.decode_steps,
         "hit_rate": s.hit_rate,
-        "stall_share": s.experts.stall_seconds / (d.prefill_seconds + d.decode_seconds),
+        "stall_share": e.stall_seconds / (d.prefill_seconds + d.decode_seconds),
+        "decode_hit_rate": (e.hits - prefill.hits) / decode_uses if decode_uses > 0 else None,
+        "decode_stall_share": max(e.stall_seconds - prefill.stall_seconds, 0.0) / d.decode_seconds,
         "recall_at_k": s.speculation.by_depth[1].recall_at_k if s.speculation is not None else None,
         # the speculation hooks' own time (guessing, scoring, issuing prefetches), prefill included
         "guess_ms_per_step": 1000 * s.speculation.seconds / d.decode_steps if s.speculation is not None else None,
@@ -145,7 +151,7 @@ def bench(llm: LLM, prompts_for: callable, cfg: BenchConfig, variants: dict[str,
                for name, load in loads.items() for policy in cfg.policies]
     for batch in cfg.batch_sizes:
         prompts = prompts_for(batch)
-        prefill = {row: prefill_bytes(load, POLICIES[policy], prompts) for row, load, policy in runs_of}
+        prefill = {row: prefill_counters(load, POLICIES[policy], prompts) for row, load, policy in runs_of}
         reference = reference_engine(llm)
         for _ in range(cfg.warmup):
             for row, load, policy in runs_of:
@@ -192,18 +198,18 @@ def format_table(results: dict) -> list[str]:
                 f"ms/output token  "
                 f"x{r.get('speedup_vs_on_demand', float('nan')):.2f} vs on-demand  "
                 f"{r['times_link_bound_limit']:.2f}x limit  prefill {r['prefill_tokens_per_s']:.0f} tok/s  "
-                f"{r['bytes_per_token'] / 1e6:.3f} MB/tok  hit {100 * r['hit_rate']:.1f}%  "
-                f"stall {100 * r['stall_share']:.1f}%"
+                f"{r['bytes_per_token'] / 1e6:.3f} MB/tok  decode hit {100 * (r['decode_hit_rate'] or 0):.1f}%  "
+                f"decode stall {100 * r['decode_stall_share']:.1f}%"
                 + (f"  guess {r['guess_ms_per_step']:.2f} ms/step" if r.get("guess_ms_per_step") is not None else ""))
     return lines
 
 
 def format_sweep(sweep: dict[str, dict[str, dict]]) -> list[str]:
     """A link sweep (link speed -> cache size -> bench results) as a Markdown table: per point,
-    how much on-demand stalls and how far it is from the link-bound limit, then the best exact
+    how much on-demand's decode steps stall and how far it is from the link-bound limit, then the best exact
     prefetching policy (on-demand and speculative execution excluded) with its speed-up, bytes per
     token against on-demand's and distance to the limit."""
-    lines = ["| link | cache | batch | on-demand stall | on-demand × limit | best exact prefetching policy "
+    lines = ["| link | cache | batch | on-demand decode stall | on-demand × limit | best exact prefetching policy "
              "| × on-demand | bytes × on-demand | × link-bound limit |", "|---|---|---|---|---|---|---|---|---|"]
     for speed, sizes in sweep.items():
         for size, result in sizes.items():
@@ -217,7 +223,7 @@ def format_sweep(sweep: dict[str, dict[str, dict]]) -> list[str]:
                     continue
                 name, best = max(exact.items(), key=lambda item: item[1]["speedup_vs_on_demand"])
                 bytes_ratio = best["bytes_per_token"] / base["bytes_per_token"] if base["bytes_per_token"] else 1.0
-                lines.append(f"| {speed} | {size} | {batch} | {100 * base['stall_share']:.0f}% | "
+                lines.append(f"| {speed} | {size} | {batch} | {100 * base['decode_stall_share']:.0f}% | "
                              f"{base['times_link_bound_limit']:.2f} | {name} | "
                              f"{best['speedup_vs_on_demand']:.2f} | {bytes_ratio:.2f} | "
                              f"{best['times_link_bound_limit']:.2f} |")
