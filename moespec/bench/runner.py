@@ -30,6 +30,8 @@ POLICIES: dict[str, dict] = {
     "lookahead-d2": {"prefetch": "lookahead", "lookahead_depth": 2},
     "lookahead+2": {"prefetch": "lookahead", "prefetch_extra": 2},
     "estimator": {"prefetch": "estimator"},
+    # two MoE layers ahead, and the next token's first layer from this token's last one
+    "estimator-d2+next-token": {"prefetch": "estimator", "lookahead_depth": 2, "next_token": True},
     "auto": {"prefetch": "auto"},
     "speculative": {"prefetch": "lookahead", "speculative_execution": "on"},
     "fallback": {"prefetch": "lookahead", "speculative_execution": "fallback"},
