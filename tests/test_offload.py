@@ -1,6 +1,7 @@
 """Offloading: exactness under any budget and policy, budget enforcement, eviction order, stats, trace."""
 
 import json
+import random
 import threading
 import time
 
@@ -10,6 +11,7 @@ import torch
 from moespec import LLM, MoespecError
 from moespec.checkpoint import Checkpoint
 from moespec.experts.cache import ExpertCache, budget_slots
+from moespec.experts.eviction import make_policy
 from moespec.experts.stats import ExpertStats
 from moespec.experts.store import ExpertStore
 from moespec.experts.transfer import CpuTransfers
@@ -165,6 +167,27 @@ def test_lfu_evicts_least_frequently_used(model_dir):
     assert cache.resident() == {(0, 0), (0, 2), (0, 3)}
     use(cache, 0, 4)  # 3 (once, most recent) goes before 2 (twice)
     assert cache.resident() == {(0, 0), (0, 2), (0, 4)}
+
+
+def test_lfu_victim_is_the_least_used_then_least_recent_evictable():
+    """LFU's count buckets give the expert a pass over every resident would: the fewest uses,
+    then the least recent use (an admitted guess counting as least recent), among the evictable."""
+    random.seed(3)
+    lfu, resident = make_policy("lfu", 16), []
+    for _ in range(3000):
+        key, action = (random.randrange(3), random.randrange(12)), random.random()
+        if key in resident and action < 0.6:
+            lfu.touch(key)
+        elif key in resident and action < 0.8:
+            lfu.forget(key)
+            resident.remove(key)
+        elif key not in resident:
+            lfu.admit(key, guess=action < 0.3)
+            resident.append(key)
+        busy = set(random.sample(resident, len(resident) // 3))
+        recency = {k: i for i, k in enumerate(lfu.order) if k not in busy}
+        want = min(recency, key=lambda k: (lfu.uses[k], recency[k]), default=None)
+        assert lfu.victim(lambda k: k not in busy) == want
 
 
 def test_pinned_hot_keeps_the_most_used(model_dir):
