@@ -63,7 +63,8 @@ class LFU(LRU):
 
     Residents are kept in buckets by use count, each in the order its experts entered it (the
     order of their last use), so a victim is the first evictable expert of the lowest buckets: a
-    few lookups, not a pass over every slot (which cost tiny-qwen2moe's batch-4 steps 5%).
+    few lookups, not a pass over every slot (with that pass tiny-qwen2moe's batch-4 decoding with a
+    25% cache ran 0.95x of LRU's speed; with buckets 1.05-1.09x).
     """
 
     def __init__(self) -> None:
