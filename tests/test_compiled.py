@@ -221,7 +221,7 @@ def test_compiled_guesses_are_the_eager_guesses(tmp_path, library_dir):
     deep, with and without default vectors; for another width, no ranking (the policy ranks)."""
     save_model("mixtral", tmp_path, experts=8, top_k=2, num_hidden_layers=3)
     llm = LLM(tmp_path, compile=True, expert_cache="50%", prefetch="lookahead")
-    assert sorted(llm.speculation.predictor.compiled) == [0, 1]  # the last layer has nothing to guess
+    assert sorted(llm.speculation.predictor.compiled.layers) == [0, 1]  # the last layer has nothing to guess
     spec, model = llm.spec, llm.model
     torch.manual_seed(0)
     vectors = DefaultVectors({i: torch.randn(spec.num_experts, spec.hidden_size) for i in spec.moe_layer_ids})
@@ -230,8 +230,8 @@ def test_compiled_guesses_are_the_eager_guesses(tmp_path, library_dir):
         fast.compile(library_dir, 3)
         runs: list[int] = []
         for layer in (0, 1):
-            library, tables = fast.compiled[layer]
-            fast.compiled[layer] = (_Counted(library, runs), tables)
+            library, tables = fast.compiled.layers[layer]
+            fast.compiled.layers[layer] = (_Counted(library, runs), tables)
             x = torch.randn(1, spec.hidden_size)
             with torch.inference_mode():
                 routing = model.layers[layer].mlp.route(x)
@@ -269,8 +269,8 @@ def test_compiled_estimator_guesses_are_the_eager_guesses(tmp_path, library_dir)
         fast.compile(library_dir, 3)
         runs: list[int] = []
         for layer in (0, 1):
-            library, tables = fast.compiled[layer]
-            fast.compiled[layer] = (_Counted(library, runs), tables)
+            library, tables = fast.compiled.layers[layer]
+            fast.compiled.layers[layer] = (_Counted(library, runs), tables)
         for position in (0, 1):  # a sequence's first token (no context), then its second
             h = torch.randn(1, spec.hidden_size)
             for predictor in (fast, eager):

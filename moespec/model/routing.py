@@ -218,7 +218,7 @@ ROUTERS: dict[str, type[Router]] = {
 def most_probable(guess_logits: torch.Tensor, width: int) -> torch.return_types.topk:
     """The `width` most probable experts of guess logits [..., E] (a router's `guess_logits`),
     best first: (probabilities under the softmax over all experts, ids). How a speculation ranks
-    one token's guess, eager or inside a compiled guess (speculate/lookahead.py)."""
+    one token's guess, eager or inside a compiled guess (speculate/compiled_guess.py)."""
     return torch.softmax(guess_logits.float(), dim=-1).topk(width)
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -30,9 +31,10 @@ from torch import nn
 
 from ..config import SpeculationConfig
 from ..errors import MoespecError
-from ..model.compiled import cache_dir, compile_program, library_name
+from ..model.compiled import cache_dir
 from ..model.routing import most_probable
 from ..model.transformer import Transformer
+from .compiled_guess import GuessLibraries, LayerGuess
 from .context import PreviousToken
 from .lookahead import next_moe_layers
 from .traces import RoutingTrace
@@ -192,8 +194,7 @@ class EstimatorPredictor:
         self.estimators, self.targets = estimators, estimators.targets()
         self.heads = {key: head.fused() for key, head in estimators.heads.items()}
         self.context = PreviousToken()
-        self.compiled: dict[int, tuple[torch._C._aoti.AOTIModelPackageLoader, list[torch.Tensor]]] = {}
-        self.width = 0  # how many experts per target a compiled guess ranks (0: none compiled)
+        self.compiled = GuessLibraries()
 
     @classmethod
     def from_config(cls, model: Transformer, model_dir: Path, cfg: SpeculationConfig) -> EstimatorPredictor:
@@ -234,13 +235,11 @@ class EstimatorPredictor:
                routing: tuple[torch.Tensor, torch.Tensor], width: int) -> dict[int, tuple[list[int], list[float]]] | None:
         """One token's guess at MoE layer `layer` from its router input [1, H], ranked by the
         layer's compiled library (as `LookaheadPredictor.ranked`); None where no library ranks it."""
-        if width != self.width or layer not in self.compiled or len(router_input) != 1:
+        if len(router_input) != 1 or width != self.compiled.width:
             return None
-        library, tables = self.compiled[layer]
         h = router_input.float()
         targets = self._targets(layer)
-        probs, ids = library.run([*tables, h, *(self.context.remembered(t, h, 0.0) for t in targets)])
-        return dict(zip(targets, zip(ids.tolist(), probs.tolist())))
+        return self.compiled.ranked(layer, width, targets, [h, *(self.context.remembered(t, h, 0.0) for t in targets)])
 
     def tables(self, layer: int) -> dict[str, torch.Tensor]:
         """The fused heads' tensors a compiled guess at `layer` reads, weights in float16
@@ -265,19 +264,15 @@ class EstimatorPredictor:
         model = self.estimators.model[0]
         device = model.embed_tokens.weight.device
         h, context = (torch.zeros(1, model.spec.hidden_size, device=device) for _ in range(2))
-        loaded: dict[Path, tuple[torch._C._aoti.AOTIModelPackageLoader, list[str]]] = {}
-        for layer in model.spec.moe_layer_ids:
-            targets = self._targets(layer)
-            if not targets:
-                continue
-            tables = self.tables(layer)
-            path = directory / library_name(model, ("estimate", len(targets), width), tables)
-            if path not in loaded:  # distinct example tensors: the export reads one tensor passed twice as one input
-                loaded[path] = compile_program(path, f"estimator guess (of layer {layer})", _Estimate(width),
-                                               (tables, h, [context.clone() for _ in targets]), None, 1)
-            library, names = loaded[path]
-            self.compiled[layer] = (library, [tables[name] for name in names])
-        self.width = width
+
+        def example(targets: int) -> tuple[nn.Module, tuple]:
+            # distinct context tensors: the export reads one tensor passed twice as one input
+            return _Estimate(width), (h, [context.clone() for _ in range(targets)])
+
+        self.compiled.build(model, directory, width, {
+            layer: LayerGuess("estimator guess", ("estimate", len(self._targets(layer))), self.tables(layer),
+                              partial(example, len(self._targets(layer))))
+            for layer in model.spec.moe_layer_ids if self._targets(layer)})
 
 
 class _Estimate(nn.Module):

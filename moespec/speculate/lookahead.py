@@ -11,6 +11,7 @@ With compile=True a one-token guess at an MoE layer is one compiled call, ranked
 from __future__ import annotations
 
 import copy
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -22,10 +23,11 @@ from ..config import SpeculationConfig
 from ..errors import MoespecError
 from ..experts.store import ExpertStore
 from ..hooks import ForwardHooks
-from ..model.compiled import cache_dir, compile_program, library_name
+from ..model.compiled import cache_dir
 from ..model.moe import make_expert_fn
 from ..model.routing import most_probable
 from ..model.transformer import Transformer
+from .compiled_guess import GuessLibraries, LayerGuess
 
 DEFAULT_VECTORS_FILE = "default_vectors.safetensors"
 
@@ -95,8 +97,7 @@ class LookaheadPredictor:
         # looked up once: a guess runs at every layer of every step, where a few microseconds count
         self.targets = {layer: next_moe_layers(model, layer, depth) for layer in range(model.spec.num_layers)}
         self.routers = {t: model.layers[t].mlp.router for t in model.spec.moe_layer_ids}
-        self.compiled: dict[int, tuple[torch._C._aoti.AOTIModelPackageLoader, list[torch.Tensor]]] = {}
-        self.width = 0  # how many experts per target a compiled guess ranks (0: none compiled)
+        self.compiled = GuessLibraries()
 
     @classmethod
     def from_config(cls, model: Transformer, model_dir: Path, cfg: SpeculationConfig) -> LookaheadPredictor:
@@ -145,11 +146,7 @@ class LookaheadPredictor:
         probabilities (the softmax of `predict`'s scores); None where no library ranks it (not
         compiled, or for another width): the caller then ranks `predict`'s scores itself. The
         router input is not read: the folded routers apply each target's norm themselves."""
-        if width != self.width or layer not in self.compiled or len(x) != 1:
-            return None
-        library, tables = self.compiled[layer]
-        probs, ids = library.run([*tables, x, *routing])  # [targets, width] each
-        return dict(zip(self.targets[layer], zip(ids.tolist(), probs.tolist())))
+        return self.compiled.ranked(layer, width, self.targets[layer], [x, *routing]) if len(x) == 1 else None
 
     def tables(self, layer: int) -> dict[str, torch.Tensor]:
         """The tensors a guess at MoE layer `layer` reads, named relative to it (so that layers with
@@ -171,7 +168,7 @@ class LookaheadPredictor:
                                           {t: tables[f"bias{j}"] for j, t in enumerate(targets)})
         if self.dv is not None:
             view.dv = DefaultVectors({layer: tables["own"], **{t: tables[f"table{j}"] for j, t in enumerate(targets)}})
-        view.compiled = {}
+        view.compiled = GuessLibraries()
         return view
 
     def compile(self, directory: Path, width: int) -> None:
@@ -189,21 +186,16 @@ class LookaheadPredictor:
             return
         weight = model.embed_tokens.weight
         x = torch.zeros(1, model.spec.hidden_size, dtype=weight.dtype, device=weight.device)
-        loaded: dict[Path, tuple[torch._C._aoti.AOTIModelPackageLoader, list[str]]] = {}
-        for layer in model.spec.moe_layer_ids:
-            if not self.targets[layer]:
-                continue
-            tables = self.tables(layer)
-            path = directory / library_name(model, ("guess", len(self.targets[layer]), self.dv is not None, width),
-                                            tables)
-            if path not in loaded:
-                with torch.inference_mode():
-                    weights, ids = model.layers[layer].mlp.route(x)
-                loaded[path] = compile_program(path, f"guess (of layer {layer})", _Guess(self, layer, width),
-                                               (tables, x, weights, ids), None, 1)
-            library, names = loaded[path]
-            self.compiled[layer] = (library, [tables[name] for name in names])
-        self.width = width
+
+        def example(layer: int) -> tuple[nn.Module, tuple]:
+            with torch.inference_mode():
+                weights, ids = model.layers[layer].mlp.route(x)
+            return _Guess(self, layer, width), (x, weights, ids)
+
+        self.compiled.build(model, directory, width, {
+            layer: LayerGuess("guess", ("guess", len(self.targets[layer]), self.dv is not None), self.tables(layer),
+                              partial(example, layer))
+            for layer in model.spec.moe_layer_ids if self.targets[layer]})
 
 
 class _Guess(nn.Module):

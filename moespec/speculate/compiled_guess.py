@@ -1,0 +1,65 @@
+"""Compiled one-token guesses, ranked in the call: what the lookahead and the estimators share.
+
+With compile=True each predictor exports its guess at an MoE layer (its scores for the next
+layers, then each target's `width` most probable experts) as a library of model/compiled.py. The
+tensors a guess reads are inputs named relative to the layer, so layers with as many targets share
+a library. A predictor describes each layer's guess (`LayerGuess`); `GuessLibraries` compiles or
+loads them and runs one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..model.compiled import Library, compile_program, library_name
+from ..model.transformer import Transformer
+
+
+@dataclass
+class LayerGuess:
+    """One MoE layer's guess as a predictor exports it: `what` it is (for messages), the `key`
+    naming its kind of library, the `tables` it reads, and `export()`, giving the module to
+    export and its example inputs after the tables (called only where the library is missing)."""
+
+    what: str
+    key: tuple
+    tables: dict[str, torch.Tensor]
+    export: Callable[[], tuple[nn.Module, tuple]]
+
+
+class GuessLibraries:
+    """Per MoE layer, its compiled guess and the tables it takes first; `width`: how many experts per
+    target the guesses rank (0: none compiled)."""
+
+    def __init__(self) -> None:
+        self.layers: dict[int, Library] = {}
+        self.width = 0
+
+    def build(self, model: Transformer, directory: Path, width: int, guesses: dict[int, LayerGuess]) -> None:
+        """Each layer's guess in `guesses`, ranking `width` experts per target, loaded from
+        `directory` (compiled there first if missing)."""
+        loaded: dict[Path, tuple[torch._C._aoti.AOTIModelPackageLoader, list[str]]] = {}
+        for layer, guess in guesses.items():
+            path = directory / library_name(model, (*guess.key, width), guess.tables)
+            if path not in loaded:
+                module, inputs = guess.export()
+                loaded[path] = compile_program(path, f"{guess.what} (of layer {layer})", module,
+                                               (guess.tables, *inputs), None, 1)
+            library, names = loaded[path]
+            self.layers[layer] = (library, [guess.tables[name] for name in names])
+        self.width = width
+
+    def ranked(self, layer: int, width: int, targets: list[int], inputs: list[torch.Tensor]
+               ) -> dict[int, tuple[list[int], list[float]]] | None:
+        """The layer's guess from `inputs` (after its tables): per target, the `width` best experts,
+        best first, and their probabilities, read once; None where no library ranks `width`."""
+        if width != self.width or layer not in self.layers:
+            return None
+        library, tables = self.layers[layer]
+        probs, ids = library.run([*tables, *inputs])  # [targets, width] each
+        return dict(zip(targets, zip(ids.tolist(), probs.tolist())))
