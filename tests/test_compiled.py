@@ -11,6 +11,7 @@ from moespec import LLM, MoespecError
 from moespec.hooks import ForwardHooks
 from moespec.speculate.estimators import ESTIMATOR_FILE, EstimatorPredictor, Estimators
 from moespec.speculate.lookahead import DefaultVectors, LookaheadPredictor
+from moespec.speculate.next_token import NextTokenGuess
 from test_deepseek import save as save_deepseek
 from test_gpt_oss import CASES as GPT_OSS_CASES, random_model as gpt_oss_model
 from test_llama4 import CASES as LLAMA4_CASES, save_llama4
@@ -306,6 +307,32 @@ def test_offloaded_estimator_run_stays_exact_and_runs_its_library(tmp_path, libr
     assert llm.generate([PROMPTS[1]], **kw)[0].token_ids == expected
     got = [r for r in ranked if r is not None]  # None at the last layer: nothing to guess there
     assert len(got) == 11 * (llm.spec.num_layers - 1) and all(len(ids) == 2 for r in got for ids, _ in r.values())
+
+
+def test_compiled_next_token_guess_is_the_eager_guess(tmp_path, library_dir):
+    """With compile=True the next-token guess at the last MoE layer is one compiled call that ranks
+    it: the eager guess's best experts and their probabilities; and the eager guess is what it
+    says, the first MoE layer's norm and router on the embedding of the logit lens's token."""
+    save_model("qwen2_moe", tmp_path, experts=8, top_k=2, num_hidden_layers=3, tie_word_embeddings=True)
+    model = LLM(tmp_path).model
+    fast, eager = NextTokenGuess(model), NextTokenGuess(model)
+    fast.compile(library_dir, 3)
+    runs: list[int] = []
+    library, tables = fast.compiled.layers[fast.last]
+    fast.compiled.layers[fast.last] = (_Counted(library, runs), tables)
+    for seed in range(3):
+        residual = torch.randn(1, model.spec.hidden_size, generator=torch.Generator().manual_seed(seed))
+        with torch.inference_mode():
+            ids, probs = fast.ranked(residual, 3)
+            want = eager.predict(residual)
+            assert fast.ranked(residual, 2) is None and eager.ranked(residual, 3) is None
+            token = model.logits(model.norm(residual)).argmax(dim=-1)
+            direct = model.layers[fast.first].router_logits(model.embed_tokens(token))
+        torch.testing.assert_close(want, direct, rtol=0, atol=1e-5)
+        best = torch.softmax(want[0], dim=-1).topk(3)
+        assert ids == best.indices.tolist()
+        assert max(abs(a - b) for a, b in zip(probs, best.values.tolist())) <= 1e-5
+    assert len(runs) == 3
 
 
 class _Counted:

@@ -203,12 +203,12 @@ def _example(model: Transformer, rows: int, prefill: bool = False) -> tuple[torc
 @cache
 def source_digest() -> str:
     """A digest of the code a library is traced from (this package's modules, spec.py and the
-    lookahead's and estimators' guesses): a library compiled by another version of moespec
+    lookahead's, estimators' and next token's guesses): a library compiled by another version of moespec
     computes that version's layer, so it is never loaded."""
     package = Path(__file__).resolve().parent
     speculate = package.parent / "speculate"
-    files = [*sorted(package.glob("*.py")), package.parent / "spec.py", speculate / "lookahead.py",
-             speculate / "estimators.py"]
+    files = [*sorted(package.glob("*.py")), package.parent / "spec.py",
+             *(speculate / f"{name}.py" for name in ("lookahead", "estimators", "next_token"))]
     return hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest()
 
 

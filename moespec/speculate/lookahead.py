@@ -225,13 +225,14 @@ class FoldedRouters:
     the bias is added by `addcmul` (`torch.addmm` with a broadcast bias is pathologically slow on
     one-token inputs with two CPU threads in torch 2.13)."""
 
-    def __init__(self, model: Transformer):
-        layers = model.layers
+    def __init__(self, model: Transformer, layers: list[int] | None = None):
+        """The routers of `layers` (default: every MoE layer)."""
+        blocks = model.layers
         h = model.spec.hidden_size
-        self.weights = {t: layers[t].mlp.gate.weight.float() * layers[t].post_attention_layernorm.weight.float()[None]
-                        * h ** 0.5 for t in model.spec.moe_layer_ids}
-        self.biases = {t: torch.zeros(len(w), device=w.device) if layers[t].mlp.gate.bias is None
-                       else layers[t].mlp.gate.bias.float() for t, w in self.weights.items()}
+        self.weights = {t: blocks[t].mlp.gate.weight.float() * blocks[t].post_attention_layernorm.weight.float()[None]
+                        * h ** 0.5 for t in (model.spec.moe_layer_ids if layers is None else layers)}
+        self.biases = {t: torch.zeros(len(w), device=w.device) if blocks[t].mlp.gate.bias is None
+                       else blocks[t].mlp.gate.bias.float() for t, w in self.weights.items()}
         self.h_eps = h * model.spec.rms_norm_eps
         self._stacked: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor, list[int]]] = {}
 

@@ -9,15 +9,24 @@ token on tiny-mixtral's held-out text), and a token's embedding through the firs
 norm and router (its attention skipped, as the lookahead skips attention) names most of that
 layer's experts (68% of them at top-2). The copies then overlap the last layer's experts, the LM
 head, sampling and the next token's embedding and first attention. The guess costs one extra LM
-head per decode step, which the speed switch of prefetch="auto" weighs like any other guess.
+head per decode step, which the speed switch of prefetch="auto" weighs like any other guess; with
+compile=True a one-token guess is one compiled call, ranked in it (`compile`).
 """
 
 from __future__ import annotations
 
-import torch
+from pathlib import Path
 
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..model.attention import rms_norm
 from ..model.moe import MoE
+from ..model.routing import most_probable
 from ..model.transformer import Transformer
+from .compiled_guess import GuessLibraries, LayerGuess
+from .lookahead import FoldedRouters
 
 
 class NextTokenGuess:
@@ -27,7 +36,9 @@ class NextTokenGuess:
     def __init__(self, model: Transformer):
         self.model = model
         self.first, self.last = model.spec.moe_layer_ids[0], model.spec.moe_layer_ids[-1]
+        self.router = FoldedRouters(model, [self.first])  # the first MoE layer's norm and router, folded
         self._batch: tuple[list, list] | None = None  # the decode step's rows and valid tokens
+        self.compiled = GuessLibraries()
 
     def same_batch(self, rows: torch.Tensor, valid: torch.Tensor, decoding: bool) -> bool:
         """A forward pass begins: whether it decodes the same rows and valid tokens as the one
@@ -39,7 +50,56 @@ class NextTokenGuess:
         return same
 
     def predict(self, residual: torch.Tensor) -> torch.Tensor:
+        return self._scores(self.tables(), residual)
+
+    def ranked(self, residual: torch.Tensor, width: int) -> tuple[list[int], list[float]] | None:
+        """One token's guess from its residual [1, H], ranked by the compiled library: the
+        `width` best experts, best first, and their probabilities (the softmax of `predict`'s
+        scores); None where no library ranks it (not compiled, another width, several rows)."""
+        guess = self.compiled.ranked(self.last, width, [self.first], [residual]) if len(residual) == 1 else None
+        return None if guess is None else guess[self.first]
+
+    def tables(self) -> dict[str, torch.Tensor]:
+        """The tensors a guess reads: the final norm, the LM head, the embeddings and the first MoE
+        layer's folded router."""
         model = self.model
-        token = model.logits(model.norm(residual)).argmax(dim=-1)  # [N] the logit lens's next token
+        head = model.embed_tokens.weight if model.lm_head is None else model.lm_head.weight
+        return {"norm": model.norm.weight, "head": head, "embed": model.embed_tokens.weight,
+                "router": self.router.weights[self.first], "bias": self.router.biases[self.first]}
+
+    def _scores(self, tables: dict[str, torch.Tensor], residual: torch.Tensor) -> torch.Tensor:
+        """The guess scores [N, E] from `tables` (the model's own, or a compiled guess's inputs)."""
+        model = self.model
+        hidden = rms_norm(residual, tables["norm"], model.norm.eps)
+        token = F.linear(hidden, tables["head"]).argmax(dim=-1)  # [N] the logit lens's next token
+        router = self.router.reading({self.first: tables["router"]}, {self.first: tables["bias"]})
+        (logits,) = router.logits([self.first], F.embedding(token, tables["embed"]))
         first: MoE = model.layers[self.first].mlp
-        return first.router.guess_logits(model.layers[self.first].router_logits(model.embed_tokens(token)))
+        return first.router.guess_logits(logits)
+
+    def compile(self, directory: Path, width: int) -> None:
+        """The one-token guess, ranked (its `width` best experts and their probabilities), as a
+        compiled library loaded from `directory` (compiled there first if missing; see
+        `LookaheadPredictor.compile`). Eager, it is ~9 small ops, 0.43-0.48 ms of a batch-1 step
+        on tiny-mixtral (1 thread). Not where the first router reads a tensor of its own
+        (DeepSeek-V3's correction bias)."""
+        model = self.model
+        if model.layers[self.first].mlp.gate.e_score_correction_bias is not None:
+            return
+        weight = model.embed_tokens.weight
+        residual = torch.zeros(1, model.spec.hidden_size, dtype=weight.dtype, device=weight.device)
+        self.compiled.build(model, directory, width, {self.last: LayerGuess(
+            "next-token guess", ("next-token",), self.tables(), lambda: (_Ranked(self, width), (residual,)))})
+
+
+class _Ranked(nn.Module):
+    """What is exported: `NextTokenGuess`'s scores from its tables (inputs) and the residual,
+    then the `width` most probable experts: (probabilities [1, width], ids [1, width])."""
+
+    def __init__(self, guess: NextTokenGuess, width: int):
+        super().__init__()
+        self._guess, self.width = [guess], width  # a list: nothing of it becomes the library's
+
+    def forward(self, tables: dict[str, torch.Tensor], residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        best = most_probable(self._guess[0]._scores(tables, residual), self.width)
+        return best.values, best.indices

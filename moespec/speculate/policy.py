@@ -27,6 +27,7 @@ import torch
 from ..config import Execution
 from ..experts.base import Prefetcher
 from ..hooks import ForwardHooks
+from ..model.compiled import cache_dir
 from ..model.moe import MoE
 from ..model.routing import most_probable
 from ..model.transformer import Transformer
@@ -140,12 +141,14 @@ class Speculation(ForwardHooks):
         self.switch, self.active = switch, True
         # the running decode step: (start, rows, compute's waits for copies and time guessing so far then)
         self._decode_started: tuple[float, int, float | None, float] | None = None
-        self.next_token = NextTokenGuess(model) if next_token else None
         self.depth = predictor.depth + int(next_token)  # depths scored: the predictor's, then the next token's
         depth = predictor.depth
         self.extra, self.mode = extra, mode
         spec = model.spec
         self.k, self.width = spec.top_k, min(spec.top_k + extra, spec.num_experts)
+        self.next_token = NextTokenGuess(model) if next_token else None
+        if self.next_token is not None and model.compiled is not None:
+            self.next_token.compile(cache_dir(), self.width)
         # at most this many experts prefetched per target layer per step, so a long prefill cannot
         # push out the experts the running layer is about to use
         self.max_prefetch = max(self.width, cache.capacity // (depth + 1))
@@ -281,7 +284,9 @@ class Speculation(ForwardHooks):
         self._guess(layer, self.predictor.predict(layer, residual, x, true_routing) if ranked is None else ranked,
                     running=layer, decoding=decoding)
         if decoding and self.next_token is not None and layer == self.next_token.last:
-            self._guess_target(self.depth, self.next_token.first, self.next_token.predict(residual), layer, decoding)
+            guess = self.next_token.ranked(residual, self.width)
+            self._guess_target(self.depth, self.next_token.first,
+                               self.next_token.predict(residual) if guess is None else guess, layer, decoding)
         self.seconds += time.perf_counter() - t0
         return weights, ids
 
