@@ -40,3 +40,31 @@ class Odds:
 
     def as_dict(self) -> dict[str, float]:
         return {f"{b / self.BINS:.1f}": round(self.happened[b] / self.seen[b], 3) for b in range(self.BINS)}
+
+
+class JointOdds:
+    """`Odds` of an event given two scores in [0, 1], per tenth of each (a resident's predicted use
+    and its decayed use rate). Each cell starts from a few pseudo-observations at the larger of
+    its two centres: until measured, either sign that the event is likely counts."""
+
+    BINS, PRIOR = Odds.BINS, Odds.PRIOR
+
+    def __init__(self) -> None:
+        centre = [(b + 0.5) / self.BINS for b in range(self.BINS)]
+        self.seen = [self.PRIOR] * self.BINS ** 2
+        self.happened = [self.PRIOR * max(a, b) for a in centre for b in centre]
+
+    def _cell(self, a: float, b: float) -> int:
+        i, j = int(a * self.BINS), int(b * self.BINS)  # written out, as Odds._bin
+        i = self.BINS - 1 if i >= self.BINS else (0 if i < 0 else i)
+        return i * self.BINS + (self.BINS - 1 if j >= self.BINS else (0 if j < 0 else j))
+
+    def __call__(self, a: float, b: float) -> float:
+        cell = self._cell(a, b)
+        return self.happened[cell] / self.seen[cell]
+
+    def observe(self, a: float, b: float, happened: bool) -> None:
+        cell = self._cell(a, b)
+        self.seen[cell] += 1
+        self.happened[cell] += happened
+

@@ -210,7 +210,7 @@ class ExpertCache:
         """Whom a copy into `dom` displaces by value (a guess always; a demand miss under the
         "predicted" policy): of the residents of layers with a live prediction and the policy's
         victim among the rest, the one least likely to be used soon (`expected_use`). Only those:
-        a prediction is the best estimate there is, and the policy's victim stands for the rest,
+        a prediction with its use rate is the best estimate there is, and the policy's victim stands for the rest,
         so the choice costs a few lookups, not a pass over every slot."""
         predicted, worth = self.admission.predicted, self.admission.on_prediction
         victim, lowest = None, float("inf")
@@ -218,7 +218,8 @@ class ExpertCache:
             if self.domains[t] is not dom:
                 continue
             for e in self._resident_of[t]:
-                value = worth(uses[e])  # = expected_use((t, e)); busy checked only for a new lowest
+                # = expected_use((t, e)); busy checked only for a new lowest
+                value = worth(uses[e], self._use_rate_now((t, e)))
                 if value < lowest and self._evictable((t, e)):
                     victim, lowest = (t, e), value
         fallback = dom.policy.victim(lambda k: k[0] not in predicted and self._evictable(k))
