@@ -209,6 +209,14 @@ def test_previous_token_follows_each_row_across_passes():
     # row 0 rolled back a token, row 2 starts a new sequence, row 5 was never seen: no predecessors
     ctx.start(torch.tensor([0, 2, 5]), torch.tensor([[3], [0], [0]]), ones(3))
     assert ctx.remembered("k", torch.zeros(3), -1).tolist() == [-1, -1, -1]
+    # one row at a time (batch-1 decoding): row 2 continues; a padded row has no token to remember
+    ctx.start(torch.tensor([2]), torch.tensor([[3]]), ones(1))
+    assert ctx.remembered("k", torch.zeros(1), -1).tolist() == [22]
+    ctx.remember("k", torch.tensor([23.0]))
+    ctx.start(torch.tensor([2]), torch.tensor([[4]]), ~ones(1))
+    ctx.remember("k", torch.tensor([99.0]))
+    ctx.start(torch.tensor([2]), torch.tensor([[4]]), ones(1))
+    assert ctx.remembered("k", torch.zeros(1), -1).tolist() == [23]
 
 
 def test_trace_links_each_token_to_its_predecessor(model_dir):

@@ -37,6 +37,12 @@ class PreviousToken:
         self._one_each = False  # every row has one token (a decode step)
 
     def start(self, rows: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor) -> None:
+        self._one_each = positions.shape[1] == 1
+        if positions.shape[0] == 1 and self._one_each:  # one token: in plain Python (~2 against ~40 us)
+            real = bool(valid[0, 0])
+            self._rows, self._start = (rows.tolist(), positions[0].tolist()) if real else ([], [])
+            self._first, self._end = [0] * real, self._start
+            return
         counts = valid.sum(dim=1)
         keep = counts > 0
         counts = counts[keep]
@@ -45,7 +51,6 @@ class PreviousToken:
         self._rows, self._start = rows[keep].tolist(), positions[keep, 0].tolist()
         self._first = first.tolist()
         self._end = [s + c - 1 for s, c in zip(self._start, counts.tolist())]
-        self._one_each = positions.shape[1] == 1
 
     def _found(self, key: Hashable) -> list[torch.Tensor | None]:
         """Per row of this pass, its predecessor's remembered values, or None."""
