@@ -168,6 +168,8 @@ class Speculation(ForwardHooks):
         self.tail_odds = {d: Odds() for d in range(1, self.depth + 1)}  # one bin (score 0)
         self.seconds = 0.0  # time inside these hooks
         self._moe_layers = set(spec.moe_layer_ids)
+        # layers with an MoE layer after them: the others have nothing to guess
+        self._guessing = {i for i in range(spec.num_layers) if any(t > i for t in spec.moe_layer_ids)}
         # an MoE layer's residual after attention (real tokens) and whether it is a decode step,
         # kept from `after_attention` until its router has chosen
         self._waiting: tuple[torch.Tensor, bool] | None = None
@@ -205,7 +207,7 @@ class Speculation(ForwardHooks):
         residual = x[:, 0] if decoding and (len(x) == 1 or bool(valid.all())) else x[valid]
         if layer in self._moe_layers:
             self._waiting = (residual, decoding)
-        else:
+        elif layer in self._guessing:
             self._guess(layer, self.predictor.predict(layer, residual), running=None, decoding=decoding)
         self.seconds += time.perf_counter() - t0
 
@@ -280,9 +282,10 @@ class Speculation(ForwardHooks):
         self.predictor.routed(layer, x)
         residual, decoding = self._waiting
         self._waiting = None
-        ranked = self.predictor.ranked(layer, residual, x, true_routing, self.width) if decoding else None
-        self._guess(layer, self.predictor.predict(layer, residual, x, true_routing) if ranked is None else ranked,
-                    running=layer, decoding=decoding)
+        if layer in self._guessing:
+            ranked = self.predictor.ranked(layer, residual, x, true_routing, self.width) if decoding else None
+            self._guess(layer, self.predictor.predict(layer, residual, x, true_routing) if ranked is None else ranked,
+                        running=layer, decoding=decoding)
         if decoding and self.next_token is not None and layer == self.next_token.last:
             guess = self.next_token.ranked(residual, self.width)
             self._guess_target(self.depth, self.next_token.first,
