@@ -206,20 +206,27 @@ def test_offloaded_prefetching_run_stays_exact(tmp_path, library_dir):
     expected = [o.token_ids for o in resident.generate(PROMPTS, **kw)]
     llm = LLM(tmp_path, compile=True, expert_cache="25%", prefetch="lookahead", prefetch_extra=1)
     calls = counting(llm)
-    assert [o.token_ids for o in llm.generate(PROMPTS, **kw)] == expected and calls
     predictor, ranked = llm.speculation.predictor, []
     rank = predictor.ranked
     predictor.ranked = lambda *args: ranked.append(rank(*args)) or ranked[-1]
+    assert [o.token_ids for o in llm.generate(PROMPTS, **kw)] == expected and calls
+    # the batch's 15 decode steps: the MoE layer before the last ranks every row's guess in its library
+    assert len(ranked) == 15 and {len(ids) for r in ranked for ids, _ in r.values()} == {3}
+    eager = LLM(tmp_path, expert_cache="25%", prefetch="lookahead", prefetch_extra=1)
+    eager.generate(PROMPTS, **kw)  # ranks and pools the same guesses with tensor ops: scored alike
+    assert llm.stats().speculation.by_depth == eager.stats().speculation.by_depth
+    ranked.clear()
     assert llm.generate([PROMPTS[1]], **kw)[0].token_ids == resident.generate([PROMPTS[1]], **kw)[0].token_ids
-    got = [r for r in ranked if r is not None]  # None at the last layer: nothing to guess there
-    assert len(got) == 15 and all(len(ids) == 3 for r in got for ids, _ in r.values())  # every decode step, width k + 1
+    assert len(ranked) == 15 and all(len(ids) == 1 and len(ids[0]) == 3  # one row, width k + 1
+                                         for r in ranked for ids, _ in r.values())
     assert llm.stats().speculation.by_depth[1].recall_at_k > 0
 
 
 def test_compiled_guesses_are_the_eager_guesses(tmp_path, library_dir):
-    """With compile=True the lookahead's one-token guess at an MoE layer is one compiled call that
-    also ranks it: the eager guess's best experts and their probabilities, one and two layers
-    deep, with and without default vectors; for another width, no ranking (the policy ranks)."""
+    """With compile=True the lookahead's guess at an MoE layer is one compiled call that also
+    ranks it: each row's eager best experts and their probabilities, one and two layers deep,
+    with and without default vectors, for one row and for three; for another width, no ranking
+    (the policy ranks)."""
     save_model("mixtral", tmp_path, experts=8, top_k=2, num_hidden_layers=3)
     llm = LLM(tmp_path, compile=True, expert_cache="50%", prefetch="lookahead")
     assert sorted(llm.speculation.predictor.compiled.layers) == [0, 1]  # the last layer has nothing to guess
@@ -233,16 +240,16 @@ def test_compiled_guesses_are_the_eager_guesses(tmp_path, library_dir):
         for layer in (0, 1):
             library, tables = fast.compiled.layers[layer]
             fast.compiled.layers[layer] = (_Counted(library, runs), tables)
-            x = torch.randn(1, spec.hidden_size)
-            with torch.inference_mode():
-                routing = model.layers[layer].mlp.route(x)
-                got, want = fast.ranked(layer, x, x, routing, 3), eager.predict(layer, x, routing=routing)
-                assert fast.ranked(layer, x, x, routing, 2) is None and eager.ranked(layer, x, x, routing, 3) is None
-            assert list(got) == list(want) == [t for t in (1, 2) if t > layer][:depth]
-            for t, (ids, probs) in got.items():
-                best = torch.softmax(want[t][0], dim=-1).topk(3)
-                assert ids == best.indices.tolist() and max(abs(a - b) for a, b in zip(probs, best.values.tolist())) <= 1e-5
-        assert len(runs) == 2  # both layers' guesses ran compiled
+            for rows in (1, 3):
+                x = torch.randn(rows, spec.hidden_size)
+                with torch.inference_mode():
+                    routing = model.layers[layer].mlp.route(x)
+                    got, want = fast.ranked(layer, x, x, routing, 3), eager.predict(layer, x, routing=routing)
+                    assert fast.ranked(layer, x, x, routing, 2) is None and eager.ranked(layer, x, x, routing, 3) is None
+                assert list(got) == list(want) == [t for t in (1, 2) if t > layer][:depth]
+                for t, ranked in got.items():
+                    assert_ranked(ranked, want[t], 3)
+        assert len(runs) == 4  # both layers' guesses ran compiled, for one row and for three
 
 
 def random_estimators(llm: LLM, depth: int, mlp: int) -> Estimators:
@@ -257,10 +264,10 @@ def random_estimators(llm: LLM, depth: int, mlp: int) -> Estimators:
 
 
 def test_compiled_estimator_guesses_are_the_eager_guesses(tmp_path, library_dir):
-    """With compile=True an estimator's one-token guess at an MoE layer is one compiled call that
-    ranks it too: the eager heads' best experts and their probabilities, one and two layers deep,
-    with and without an MLP, with a remembered predecessor's context and without; for another
-    width, no ranking (the policy ranks)."""
+    """With compile=True an estimator's guess at an MoE layer is one compiled call that ranks it
+    too: each row's eager best experts and their probabilities, one and two layers deep, with and
+    without an MLP, with a remembered predecessor's context and without, for one row and for two;
+    for another width, no ranking (the policy ranks)."""
     save_model("mixtral", tmp_path, experts=8, top_k=2, num_hidden_layers=3)
     llm = LLM(tmp_path)
     spec, model = llm.spec, llm.model
@@ -272,25 +279,25 @@ def test_compiled_estimator_guesses_are_the_eager_guesses(tmp_path, library_dir)
         for layer in (0, 1):
             library, tables = fast.compiled.layers[layer]
             fast.compiled.layers[layer] = (_Counted(library, runs), tables)
-        for position in (0, 1):  # a sequence's first token (no context), then its second
-            h = torch.randn(1, spec.hidden_size)
-            for predictor in (fast, eager):
-                predictor.forward_start(torch.tensor([0]), torch.tensor([[position]]), torch.tensor([[True]]))
-            for layer in (0, 1):
-                x = torch.randn(1, spec.hidden_size)
-                with torch.inference_mode():
-                    routing = model.layers[layer].mlp.route(h)
-                    got, want = fast.ranked(layer, x, h, routing, 3), eager.predict(layer, x, h, routing)
-                    assert fast.ranked(layer, x, h, routing, 2) is None and eager.ranked(layer, x, h, routing, 3) is None
-                assert list(got) == list(want) == [t for t in (1, 2) if t > layer][:depth]
-                for t, (ids, probs) in got.items():
-                    best = torch.softmax(want[t][0], dim=-1).topk(3)
-                    assert ids == best.indices.tolist()
-                    assert max(abs(a - b) for a, b in zip(probs, best.values.tolist())) <= 1e-5
-            for predictor in (fast, eager):  # what the next token's heads take as context
-                for t in (1, 2):
-                    predictor.routed(t, torch.randn(1, spec.hidden_size, generator=torch.Generator().manual_seed(t)))
-        assert len(runs) == 4  # both layers' guesses, at both positions, ran compiled
+        for rows in (1, 2):
+            for position in (0, 1):  # a sequence's first token (no context), then its second
+                h = torch.randn(rows, spec.hidden_size)
+                for predictor in (fast, eager):
+                    predictor.forward_start(torch.arange(rows), torch.full((rows, 1), position),
+                                            torch.ones(rows, 1, dtype=torch.bool))
+                for layer in (0, 1):
+                    x = torch.randn(rows, spec.hidden_size)
+                    with torch.inference_mode():
+                        routing = model.layers[layer].mlp.route(h)
+                        got, want = fast.ranked(layer, x, h, routing, 3), eager.predict(layer, x, h, routing)
+                        assert fast.ranked(layer, x, h, routing, 2) is None and eager.ranked(layer, x, h, routing, 3) is None
+                    assert list(got) == list(want) == [t for t in (1, 2) if t > layer][:depth]
+                    for t, ranked in got.items():
+                        assert_ranked(ranked, want[t], 3)
+                for predictor in (fast, eager):  # what the next token's heads take as context
+                    for t in (1, 2):
+                        predictor.routed(t, torch.randn(rows, spec.hidden_size, generator=torch.Generator().manual_seed(t)))
+        assert len(runs) == 8  # both layers' guesses, at both positions, for one row and two, ran compiled
 
 
 def test_offloaded_estimator_run_stays_exact_and_runs_its_library(tmp_path, library_dir):
@@ -306,12 +313,13 @@ def test_offloaded_estimator_run_stays_exact_and_runs_its_library(tmp_path, libr
     predictor.ranked = lambda *args: ranked.append(rank(*args)) or ranked[-1]
     assert llm.generate([PROMPTS[1]], **kw)[0].token_ids == expected
     got = [r for r in ranked if r is not None]  # None at the last layer: nothing to guess there
-    assert len(got) == 11 * (llm.spec.num_layers - 1) and all(len(ids) == 2 for r in got for ids, _ in r.values())
+    assert len(got) == 11 * (llm.spec.num_layers - 1) and all(len(ids) == 1 and len(ids[0]) == 2
+                                                              for r in got for ids, _ in r.values())
 
 
 def test_compiled_next_token_guess_is_the_eager_guess(tmp_path, library_dir):
     """With compile=True the next-token guess at the last MoE layer is one compiled call that ranks
-    it: the eager guess's best experts and their probabilities; and the eager guess is what it
+    it: each row's eager best experts and their probabilities; and the eager guess is what it
     says, the first MoE layer's norm and router on the embedding of the logit lens's token."""
     save_model("qwen2_moe", tmp_path, experts=8, top_k=2, num_hidden_layers=3, tie_word_embeddings=True)
     model = LLM(tmp_path).model
@@ -320,19 +328,25 @@ def test_compiled_next_token_guess_is_the_eager_guess(tmp_path, library_dir):
     runs: list[int] = []
     library, tables = fast.compiled.layers[fast.last]
     fast.compiled.layers[fast.last] = (_Counted(library, runs), tables)
-    for seed in range(3):
-        residual = torch.randn(1, model.spec.hidden_size, generator=torch.Generator().manual_seed(seed))
+    for rows in (1, 1, 4):
+        residual = torch.randn(rows, model.spec.hidden_size, generator=torch.Generator().manual_seed(rows))
         with torch.inference_mode():
-            ids, probs = fast.ranked(residual, 3)
+            got = fast.ranked(residual, 3)
             want = eager.predict(residual)
             assert fast.ranked(residual, 2) is None and eager.ranked(residual, 3) is None
             token = model.logits(model.norm(residual)).argmax(dim=-1)
             direct = model.layers[fast.first].router_logits(model.embed_tokens(token))
         torch.testing.assert_close(want, direct, rtol=0, atol=1e-5)
-        best = torch.softmax(want[0], dim=-1).topk(3)
-        assert ids == best.indices.tolist()
-        assert max(abs(a - b) for a, b in zip(probs, best.values.tolist())) <= 1e-5
+        assert_ranked(got, want, 3)
     assert len(runs) == 3
+
+
+def assert_ranked(ranked: tuple[list[list[int]], list[list[float]]], scores: torch.Tensor, width: int) -> None:
+    """A compiled guess's ranking (each row's ids and probabilities) is the eager scores' [N, E]."""
+    ids, probs = ranked
+    best = torch.softmax(scores, dim=-1).topk(width)
+    assert ids == best.indices.tolist()
+    assert max(abs(a - b) for got, want in zip(probs, best.values.tolist()) for a, b in zip(got, want)) <= 1e-5
 
 
 class _Counted:

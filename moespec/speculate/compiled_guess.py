@@ -1,10 +1,11 @@
-"""Compiled one-token guesses, ranked in the call: what the lookahead and the estimators share.
+"""Compiled decode-step guesses, ranked in the call: what the lookahead, the estimators and the
+next-token guess share.
 
 With compile=True each predictor exports its guess at an MoE layer (its scores for the next
-layers, then each target's `width` most probable experts) as a library of model/compiled.py. The
-tensors a guess reads are inputs named relative to the layer, so layers with as many targets share
-a library. A predictor describes each layer's guess (`LayerGuess`); `GuessLibraries` compiles or
-loads them and runs one.
+layers, then each target's `width` most probable experts, per row) as a library of
+model/compiled.py, for any number of rows (a decode step's batch). The tensors a guess reads are
+inputs named relative to the layer, so layers with as many targets share a library. A predictor
+describes each layer's guess (`LayerGuess`); `GuessLibraries` compiles or loads them and runs one.
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..model.compiled import Library, compile_program, library_name
+from torch.utils import _pytree as pytree
+
+from ..model.compiled import MAX_ROWS, Library, compile_program, library_name
 from ..model.transformer import Transformer
 
 
@@ -24,7 +27,8 @@ from ..model.transformer import Transformer
 class LayerGuess:
     """One MoE layer's guess as a predictor exports it: `what` it is (for messages), the `key`
     naming its kind of library, the `tables` it reads, and `export()`, giving the module to
-    export and its example inputs after the tables (called only where the library is missing)."""
+    export and its example inputs after the tables, each of two rows (called only where the
+    library is missing). The module returns (probabilities, ids), each [targets, rows, width]."""
 
     what: str
     key: tuple
@@ -48,18 +52,21 @@ class GuessLibraries:
             path = directory / library_name(model, (*guess.key, width), guess.tables)
             if path not in loaded:
                 module, inputs = guess.export()
+                rows = torch.export.Dim("rows", min=1, max=MAX_ROWS)
+                dims = (pytree.tree_map(lambda _: None, guess.tables), *pytree.tree_map(lambda _: {0: rows}, inputs))
                 loaded[path] = compile_program(path, f"{guess.what} (of layer {layer})", module,
-                                               (guess.tables, *inputs), None, 1)
+                                               (guess.tables, *inputs), dims, 1)
             library, names = loaded[path]
             self.layers[layer] = (library, [guess.tables[name] for name in names])
         self.width = width
 
     def ranked(self, layer: int, width: int, targets: list[int], inputs: list[torch.Tensor]
-               ) -> dict[int, tuple[list[int], list[float]]] | None:
-        """The layer's guess from `inputs` (after its tables): per target, the `width` best experts,
-        best first, and their probabilities, read once; None where no library ranks `width`."""
-        if width != self.width or layer not in self.layers:
+               ) -> dict[int, tuple[list[list[int]], list[list[float]]]] | None:
+        """The layer's guess from `inputs` (after its tables; rows first): per target, each row's
+        `width` best experts, best first, and their probabilities, read once; None where no
+        library ranks `width`."""
+        if width != self.width or layer not in self.layers or len(inputs[0]) > MAX_ROWS:
             return None
         library, tables = self.layers[layer]
-        probs, ids = library.run([*tables, *inputs])  # [targets, width] each
+        probs, ids = library.run([*tables, *inputs])  # [targets, rows, width] each
         return dict(zip(targets, zip(ids.tolist(), probs.tolist())))

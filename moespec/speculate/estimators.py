@@ -75,7 +75,7 @@ class FusedHead:
     Weights are [out, in] for `F.linear`: `torch.addmm` with a broadcast bias took 30x longer
     on a one-token input with two CPU threads (torch 2.13).
 
-    `half()` is the same head with float16 weights, for compiled one-token guesses: a head is
+    `half()` is the same head with float16 weights, for compiled guesses: a head is
     read once per guess, from memory a decode step has pushed out of the CPU caches, so its time
     is its bytes. Estimator files hold float16 weights (`Estimators.save`), so a loaded head
     loses nothing. Such weights are widened inside a reduction, which a compiled library runs as
@@ -187,7 +187,7 @@ class Estimators(nn.Module):
 class EstimatorPredictor:
     """Estimators at inference, with fused heads. It remembers, per KV-cache row, the last token's
     router input at every target layer, which is the context the next token's heads take. With
-    compile=True a one-token guess at an MoE layer is one compiled call that also ranks it
+    compile=True a decode step's guess at an MoE layer is one compiled call that also ranks it
     (`compile`, `ranked`), as the lookahead's is."""
 
     def __init__(self, estimators: Estimators):
@@ -232,10 +232,11 @@ class EstimatorPredictor:
         return self.estimators.predict(layer, x, context, h, self.heads)
 
     def ranked(self, layer: int, x: torch.Tensor, router_input: torch.Tensor,
-               routing: tuple[torch.Tensor, torch.Tensor], width: int) -> dict[int, tuple[list[int], list[float]]] | None:
-        """One token's guess at MoE layer `layer` from its router input [1, H], ranked by the
-        layer's compiled library (as `LookaheadPredictor.ranked`); None where no library ranks it."""
-        if len(router_input) != 1 or width != self.compiled.width:
+               routing: tuple[torch.Tensor, torch.Tensor], width: int
+               ) -> dict[int, tuple[list[list[int]], list[list[float]]]] | None:
+        """The guess at MoE layer `layer` from router inputs [N, H], ranked by the layer's compiled
+        library (as `LookaheadPredictor.ranked`); None where no library ranks it."""
+        if width != self.compiled.width:
             return None
         h = router_input.float()
         targets = self._targets(layer)
@@ -253,7 +254,7 @@ class EstimatorPredictor:
         return tables
 
     def compile(self, directory: Path, width: int) -> None:
-        """Each MoE layer's one-token guess, its heads then the ranking of its `width` best experts
+        """Each MoE layer's guess, its heads then the ranking of each row's `width` best experts
         per target, as a compiled library loaded from `directory` (compiled there first if
         missing; see `LookaheadPredictor.compile`). A 512-wide head at batch 1 is ~6 small ops:
         ~62 us eager against ~31 us as one call alone. Inside decode steps (tiny-mixtral, 1
@@ -263,7 +264,7 @@ class EstimatorPredictor:
         Most of what is left is reading the heads, each as large as an expert of these models."""
         model = self.estimators.model[0]
         device = model.embed_tokens.weight.device
-        h, context = (torch.zeros(1, model.spec.hidden_size, device=device) for _ in range(2))
+        h, context = (torch.zeros(2, model.spec.hidden_size, device=device) for _ in range(2))  # rows: any number
 
         def example(targets: int) -> tuple[nn.Module, tuple]:
             # distinct context tensors: the export reads one tensor passed twice as one input
@@ -276,9 +277,9 @@ class EstimatorPredictor:
 
 
 class _Estimate(nn.Module):
-    """What is exported for one-token estimator guesses: each target's fused head (`FusedHead`,
-    read from `tables`) on the router input h [1, H] and its context, then the `width` most
-    probable experts: (probabilities [targets, width], ids [targets, width])."""
+    """What is exported for a decode step's estimator guesses: each target's fused head
+    (`FusedHead`, read from `tables`) on the router inputs h [N, H] and their contexts, then each
+    row's `width` most probable experts: (probabilities, ids), each [targets, N, width]."""
 
     def __init__(self, width: int):
         super().__init__()
@@ -286,7 +287,7 @@ class _Estimate(nn.Module):
 
     def forward(self, tables: dict[str, torch.Tensor], h: torch.Tensor, contexts: list[torch.Tensor]
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        scores = torch.cat([FusedHead(tables[f"w1_{j}"], tables[f"b1_{j}"], tables.get(f"w2_{j}"),
+        scores = torch.stack([FusedHead(tables[f"w1_{j}"], tables[f"b1_{j}"], tables.get(f"w2_{j}"),
                                       tables.get(f"b2_{j}"))(h, context) for j, context in enumerate(contexts)])
         best = most_probable(scores, self.width)
         return best.values, best.indices

@@ -4,7 +4,7 @@ The residual stream changes slowly from layer to layer, so applying layer L+d's 
 router to the residual at layer L (after attention) already names most of L+d's experts. Adding
 an estimate of layer L's own MoE output first ("default vectors": the top-k weights times each
 chosen expert's mean output) moves the guess closer to what layer L+1 will actually see.
-With compile=True a one-token guess at an MoE layer is one compiled call, ranked in the call
+With compile=True a decode step's guess at an MoE layer is one compiled call, ranked in the call
 (`LookaheadPredictor.compile`, `ranked`).
 """
 
@@ -46,7 +46,9 @@ class DefaultVectors:
     def add_estimate(self, layer: int, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """x [N, H] + the MoE output estimate Σ_k weight_k · default_vector[ids_k] of routing [N, k]."""
         table = self.vectors[layer]
-        if len(ids) == 1:  # one token (batch-1 decoding): one gather and one multiply-add
+        # one token, eager (batch-1 decoding): one gather and one multiply-add; a compiled guess
+        # is traced for any number of rows, so it must not branch on theirs
+        if not torch.compiler.is_compiling() and len(ids) == 1:
             return torch.addmm(x, weights.to(table.dtype), table.index_select(0, ids[0]))  # x + [1, k] @ [k, H]
         return x + torch.bmm(weights[:, None].to(table.dtype), table[ids])[:, 0]  # [N, 1, k] @ [N, k, H]
 
@@ -140,13 +142,14 @@ class LookaheadPredictor:
         return {t: self.routers[t].guess_logits(scores) for t, scores in logits.items()}
 
     def ranked(self, layer: int, x: torch.Tensor, router_input: torch.Tensor,
-               routing: tuple[torch.Tensor, torch.Tensor], width: int) -> dict[int, tuple[list[int], list[float]]] | None:
-        """One token's guess x [1, H] at MoE layer `layer` with its routing, ranked by the layer's
-        compiled library: per target layer, the `width` best experts, best first, and their
-        probabilities (the softmax of `predict`'s scores); None where no library ranks it (not
-        compiled, or for another width): the caller then ranks `predict`'s scores itself. The
-        router input is not read: the folded routers apply each target's norm themselves."""
-        return self.compiled.ranked(layer, width, self.targets[layer], [x, *routing]) if len(x) == 1 else None
+               routing: tuple[torch.Tensor, torch.Tensor], width: int
+               ) -> dict[int, tuple[list[list[int]], list[list[float]]]] | None:
+        """The guess from residuals x [N, H] at MoE layer `layer` with their routing, ranked by the
+        layer's compiled library: per target layer, each row's `width` best experts, best first,
+        and their probabilities (the softmax of `predict`'s scores); None where no library ranks
+        it (not compiled, or for another width): the caller then ranks `predict`'s scores itself.
+        The router input is not read: the folded routers apply each target's norm themselves."""
+        return self.compiled.ranked(layer, width, self.targets[layer], [x, *routing])
 
     def tables(self, layer: int) -> dict[str, torch.Tensor]:
         """The tensors a guess at MoE layer `layer` reads, named relative to it (so that layers with
@@ -172,7 +175,7 @@ class LookaheadPredictor:
         return view
 
     def compile(self, directory: Path, width: int) -> None:
-        """Each MoE layer's one-token guess, ranked (its `width` best experts per target and their
+        """Each MoE layer's guess, ranked (each row's `width` best experts per target and their
         probabilities: `ranked`), as a compiled library (model/compiled.py; with compile=True),
         loaded from `directory` (compiled there first if missing). At batch 1 the guess is ~8 small
         ops: ~60 us eager against ~5 us as one call (tiny-mixtral, 1 thread). Ranking it in the
@@ -185,7 +188,7 @@ class LookaheadPredictor:
         if any(model.layers[t].mlp.gate.e_score_correction_bias is not None for t in model.spec.moe_layer_ids):
             return
         weight = model.embed_tokens.weight
-        x = torch.zeros(1, model.spec.hidden_size, dtype=weight.dtype, device=weight.device)
+        x = torch.zeros(2, model.spec.hidden_size, dtype=weight.dtype, device=weight.device)  # rows: any number
 
         def example(layer: int) -> tuple[nn.Module, tuple]:
             with torch.inference_mode():
@@ -199,9 +202,9 @@ class LookaheadPredictor:
 
 
 class _Guess(nn.Module):
-    """What is exported for one-token guesses at an MoE layer: `LookaheadPredictor.predict` with
-    the layer's routing, its tables (`tables`) being inputs, then each target's `width` most
-    probable experts: (probabilities [targets, width], ids [targets, width])."""
+    """What is exported for a decode step's guesses at an MoE layer: `LookaheadPredictor.predict`
+    with the layer's routing, its tables (`tables`) being inputs, then each row's `width` most
+    probable experts per target: (probabilities, ids), each [targets, N, width]."""
 
     def __init__(self, predictor: LookaheadPredictor, layer: int, width: int):
         super().__init__()
@@ -210,7 +213,7 @@ class _Guess(nn.Module):
     def forward(self, tables: dict[str, torch.Tensor], x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         predictor = self._predictor[0].reading(self.layer, tables)
-        scores = torch.cat(list(predictor.predict(self.layer, x, routing=(weights, ids)).values()))  # [targets, E]
+        scores = torch.stack(list(predictor.predict(self.layer, x, routing=(weights, ids)).values()))  # [targets, N, E]
         best = most_probable(scores, self.width)
         return best.values, best.indices
 

@@ -10,7 +10,7 @@ norm and router (its attention skipped, as the lookahead skips attention) names 
 layer's experts (68% of them at top-2). The copies then overlap the last layer's experts, the LM
 head, sampling and the next token's embedding and first attention. The guess costs one extra LM
 head per decode step, which the speed switch of prefetch="auto" weighs like any other guess; with
-compile=True a one-token guess is one compiled call, ranked in it (`compile`).
+compile=True a decode step's guess is one compiled call, ranked in it (`compile`).
 """
 
 from __future__ import annotations
@@ -52,11 +52,11 @@ class NextTokenGuess:
     def predict(self, residual: torch.Tensor) -> torch.Tensor:
         return self._scores(self.tables(), residual)
 
-    def ranked(self, residual: torch.Tensor, width: int) -> tuple[list[int], list[float]] | None:
-        """One token's guess from its residual [1, H], ranked by the compiled library: the
-        `width` best experts, best first, and their probabilities (the softmax of `predict`'s
-        scores); None where no library ranks it (not compiled, another width, several rows)."""
-        guess = self.compiled.ranked(self.last, width, [self.first], [residual]) if len(residual) == 1 else None
+    def ranked(self, residual: torch.Tensor, width: int) -> tuple[list[list[int]], list[list[float]]] | None:
+        """The guess from residuals [N, H], ranked by the compiled library: each row's `width` best
+        experts, best first, and their probabilities (the softmax of `predict`'s scores); None
+        where no library ranks it (not compiled, another width)."""
+        guess = self.compiled.ranked(self.last, width, [self.first], [residual])
         return None if guess is None else guess[self.first]
 
     def tables(self) -> dict[str, torch.Tensor]:
@@ -78,7 +78,7 @@ class NextTokenGuess:
         return first.router.guess_logits(logits)
 
     def compile(self, directory: Path, width: int) -> None:
-        """The one-token guess, ranked (its `width` best experts and their probabilities), as a
+        """The guess, ranked (each row's `width` best experts and their probabilities), as a
         compiled library loaded from `directory` (compiled there first if missing; see
         `LookaheadPredictor.compile`). Eager, it is ~9 small ops, 0.43-0.48 ms of a batch-1 step
         on tiny-mixtral (1 thread). Not where the first router reads a tensor of its own
@@ -87,19 +87,19 @@ class NextTokenGuess:
         if model.layers[self.first].mlp.gate.e_score_correction_bias is not None:
             return
         weight = model.embed_tokens.weight
-        residual = torch.zeros(1, model.spec.hidden_size, dtype=weight.dtype, device=weight.device)
+        residual = torch.zeros(2, model.spec.hidden_size, dtype=weight.dtype, device=weight.device)  # rows: any number
         self.compiled.build(model, directory, width, {self.last: LayerGuess(
             "next-token guess", ("next-token",), self.tables(), lambda: (_Ranked(self, width), (residual,)))})
 
 
 class _Ranked(nn.Module):
     """What is exported: `NextTokenGuess`'s scores from its tables (inputs) and the residual,
-    then the `width` most probable experts: (probabilities [1, width], ids [1, width])."""
+    then each row's `width` most probable experts: (probabilities, ids), each [1, N, width]."""
 
     def __init__(self, guess: NextTokenGuess, width: int):
         super().__init__()
         self._guess, self.width = [guess], width  # a list: nothing of it becomes the library's
 
     def forward(self, tables: dict[str, torch.Tensor], residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        best = most_probable(self._guess[0]._scores(tables, residual), self.width)
+        best = most_probable(self._guess[0]._scores(tables, residual)[None], self.width)
         return best.values, best.indices

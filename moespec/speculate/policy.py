@@ -54,11 +54,12 @@ class Predictor(Protocol):
         ...
 
     def ranked(self, layer: int, x: torch.Tensor, router_input: torch.Tensor,
-               routing: tuple[torch.Tensor, torch.Tensor], width: int) -> dict[int, tuple[list[int], list[float]]] | None:
-        """One token's guess at MoE layer `layer` (its residual x, router input and routing), already ranked where the predictor can do that
-        cheaper than `predict` then a ranking (a compiled library): per target, the `width` most
-        probable experts, best first, and their probabilities (the softmax of `predict`'s
-        scores); None where it cannot."""
+               routing: tuple[torch.Tensor, torch.Tensor], width: int
+               ) -> dict[int, tuple[list[list[int]], list[list[float]]]] | None:
+        """A decode step's guess at MoE layer `layer` (residuals x [N, H], router inputs and
+        routing), already ranked where the predictor can do that cheaper than `predict` then a
+        ranking (a compiled library): per target, each row's `width` most probable experts, best
+        first, and their probabilities (the softmax of `predict`'s scores); None where it cannot."""
         ...
 
 
@@ -124,9 +125,18 @@ class OneGuess:
     scores: list[float]
 
 
-def ranked_ids(guess: torch.Tensor | OneGuess, device: torch.device) -> torch.Tensor:
+@dataclass
+class RowsGuess:
+    """Several tokens' guesses for a layer, ranked by the predictor: each row's `width` best experts."""
+
+    ids: list[list[int]]
+
+
+def ranked_ids(guess: torch.Tensor | OneGuess | RowsGuess, device: torch.device) -> torch.Tensor:
     """A layer's guess as ranked expert ids [N, width]."""
-    return torch.tensor([guess.ids], device=device) if isinstance(guess, OneGuess) else guess
+    if isinstance(guess, torch.Tensor):
+        return guess
+    return torch.tensor([guess.ids] if isinstance(guess, OneGuess) else guess.ids, device=device)
 
 
 class Speculation(ForwardHooks):
@@ -152,8 +162,9 @@ class Speculation(ForwardHooks):
         # at most this many experts prefetched per target layer per step, so a long prefill cannot
         # push out the experts the running layer is about to use
         self.max_prefetch = max(self.width, cache.capacity // (depth + 1))
-        # target layer -> depth -> ranked ids [N, width] (one token's: its `width` ids and their scores)
-        self.guesses: dict[int, dict[int, torch.Tensor | OneGuess]] = {}
+        # target layer -> depth -> ranked ids [N, width] (one token's: its `width` ids and their
+        # scores; ranked by the predictor: each row's ids)
+        self.guesses: dict[int, dict[int, torch.Tensor | OneGuess | RowsGuess]] = {}
         self.prefetched: dict[int, dict[int, list[int]]] = {}
         self.guess_stats = {(t, d): GuessStats() for t in spec.moe_layer_ids for d in range(1, depth + 1)}
         if self.next_token is not None:
@@ -211,7 +222,7 @@ class Speculation(ForwardHooks):
             self._guess(layer, self.predictor.predict(layer, residual), running=None, decoding=decoding)
         self.seconds += time.perf_counter() - t0
 
-    def _guess(self, layer: int, predicted: dict[int, torch.Tensor | tuple[list[int], list[float]]],
+    def _guess(self, layer: int, predicted: dict[int, torch.Tensor | tuple[list[list[int]], list[list[float]]]],
                running: int | None, decoding: bool) -> None:
         """Score the next `depth` MoE layers from the residual at `layer`; prefetch in decode steps.
 
@@ -222,13 +233,14 @@ class Speculation(ForwardHooks):
         for depth, (target, scores) in enumerate(predicted.items(), start=1):
             self._guess_target(depth, target, scores, running, decoding)
 
-    def _guess_target(self, depth: int, target: int, scores: torch.Tensor | tuple[list[int], list[float]],
+    def _guess_target(self, depth: int, target: int, scores: torch.Tensor | tuple[list[list[int]], list[list[float]]],
                       running: int | None, decoding: bool) -> None:
         """Rank the guess scores [N, E] for MoE layer `target`, `depth` MoE layers ahead (or take
-        one token's guess ranked by the predictor: its `width` best ids and their probabilities);
-        keep them for scoring when it routes; prefetch in decode steps."""
+        a decode step's guess ranked by the predictor: each row's `width` best ids and their
+        probabilities); keep them for scoring when it routes; prefetch in decode steps."""
         if isinstance(scores, tuple):
-            ranked, order, use = self._one_guess(*scores, depth)
+            ids, probs = scores
+            ranked, order, use = self._one_guess(ids[0], probs[0], depth) if len(ids) == 1 else self._pool(ids, probs)
         elif len(scores) == 1 and decoding:
             ranked, order, use = self._rank_one(scores[0], depth)
         else:
@@ -256,6 +268,20 @@ class Speculation(ForwardHooks):
         for e, s in zip(ranked, score):
             use[e] = self.odds[depth](s)
         return OneGuess(ranked, score), ranked, use
+
+    def _pool(self, ids: list[list[int]], probs: list[list[float]]) -> tuple[RowsGuess, list[int], list[float]]:
+        """`_rank_pooled` of a guess the predictor ranked (each row's best experts and their
+        probabilities), in plain Python: a batch's few rows times `width` entries cost less so
+        than as tensor ops."""
+        mass: dict[int, float] = {}
+        for row_ids, row_probs in zip(ids, probs):
+            for e, p in zip(row_ids, row_probs):
+                mass[e] = mass.get(e, 0.0) + p
+        use = [0.0] * self.model.spec.num_experts
+        for e, m in mass.items():
+            use[e] = min(m * self.k, 1.0)
+        order = sorted((e for e, m in mass.items() if m > 0), key=mass.__getitem__, reverse=True)
+        return RowsGuess(ids), order[: self.max_prefetch], use
 
     def _rank_pooled(self, scores: torch.Tensor, decoding: bool) -> tuple[torch.Tensor, list[int], list[float]]:
         """Several tokens' guesses [N, width], and the batch's experts ranked by the probability
@@ -293,7 +319,7 @@ class Speculation(ForwardHooks):
         self.seconds += time.perf_counter() - t0
         return weights, ids
 
-    def _score(self, layer: int, ids: torch.Tensor, guesses: dict[int, torch.Tensor | OneGuess],
+    def _score(self, layer: int, ids: torch.Tensor, guesses: dict[int, torch.Tensor | OneGuess | RowsGuess],
                prefetched: dict[int, list[int]]) -> None:
         """Compare the guesses for `layer` with its true routing ids [N, k] (and, for one token's
         guess, count how its scores fared: the odds admission uses)."""
@@ -312,6 +338,14 @@ class Speculation(ForwardHooks):
                 for e, score in zip(ranked.ids, ranked.scores):
                     self.odds[depth].observe(score, e in true)
                 self.tail_odds[depth].observe(0.0, len(true) - found, self.model.spec.num_experts - len(ranked.ids))
+                continue
+            if isinstance(ranked, RowsGuess):  # several tokens' guesses, in plain Python as `_pool`
+                rows = ids.tolist()
+                for row, guess in zip(rows, ranked.ids):
+                    true = set(row)
+                    s.found_in_topk += len(true.intersection(guess[: self.k]))
+                    s.found_in_prefetch += len(true.intersection(guess))
+                s.prefetched_used += len({e for row in rows for e in row}.intersection(prefetched[depth]))
                 continue
             needed = torch.zeros(self.model.spec.num_experts, dtype=torch.bool, device=ids.device)
             needed[ids.flatten()] = True
