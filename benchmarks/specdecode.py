@@ -90,7 +90,7 @@ def measure(llm: LLM, methods: list[str], batches: list[int], prompt_tokens: int
                 runs[method].append(row)
         rows = {}
         for method, rs in runs.items():
-            before = prefill_counters(llm, METHODS[method][0], prompts).bytes_moved  # speculation starts after the prefill
+            before = prefill_counters(llm, METHODS[method][0], prompts).experts.bytes_moved  # speculation starts after the prefill
             row = {k: statistics.median(r[k] for r in rs) for k in rs[0]}
             row["tokens_per_s_min"], row["tokens_per_s_max"] = (f(r["tokens_per_s"] for r in rs) for f in (min, max))
             row["bytes_per_token"] = (row.pop("bytes_moved") - before) / row["decoded_tokens"]

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from moespec import LLM, MoespecError
-from moespec.bench.runner import BenchConfig, bench, format_table
+from moespec.bench.runner import POLICIES, BenchConfig, bench, format_table, one_run, prefill_counters
 from moespec.bench.synthetic import SyntheticCheckpoint, preset_spec, write_checkpoint
 from moespec.cli import main
 from moespec.spec import load_spec
@@ -55,6 +55,19 @@ def test_bench_reports_every_policy_against_on_demand(model_dir):
             assert 0 <= row["decode_stall_share"] < 1
     lines = format_table(result)
     assert len(lines) == 2 * 3 and all(line.startswith("[CPU with an emulated 1 GB/s link]") for line in lines)
+
+
+def test_guessing_time_per_step_is_the_decode_steps_alone(model_dir):
+    """A prefill guesses too (for statistics: it starts no copies); the guessing time a run
+    reports per decode step leaves a prefill-only run's out."""
+    llm = LLM(model_dir, expert_cache="25%")
+    prompts = [list(range(5, 53))]  # a long prefill: most of the run's guessing
+    prefill = prefill_counters(llm, POLICIES["lookahead"], prompts)
+    assert prefill.guess_seconds > 0 and prefill.experts.bytes_moved > 0
+    row = one_run(llm, "lookahead", prompts, 4, prefill)
+    s = llm.stats()
+    steps = s.decode.decode_steps
+    assert steps == 3 and row["guess_ms_per_step"] == pytest.approx(1000 * (s.speculation.seconds - prefill.guess_seconds) / steps)
 
 
 def test_bench_runs_expert_dtype_variants_interleaved(model_dir):

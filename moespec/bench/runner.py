@@ -85,28 +85,39 @@ def compute_step(llm: LLM, engine: Engine, prompts: list[list[int]], new_tokens:
     return engine.stats.decode_seconds_per_step
 
 
-def prefill_counters(llm: LLM, policy: dict, prompts: list[list[int]]) -> LayerStats:
-    """The expert counters (bytes, hits, misses, stall) of a cold-cache prefill under `policy`
-    (LLM.set_policy arguments): a run that stops after the first token. A run's decode phase is
-    the run less these: its prefill is the same work."""
+@dataclass
+class PrefillCost:
+    """What a cold-cache prefill under a policy cost: its expert counters (bytes, hits, misses,
+    stall) and the speculation hooks' time (a prefill guesses too, for statistics)."""
+
+    experts: LayerStats
+    guess_seconds: float
+
+
+def prefill_counters(llm: LLM, policy: dict, prompts: list[list[int]]) -> PrefillCost:
+    """The cost of a cold-cache prefill under `policy` (LLM.set_policy arguments): a run that
+    stops after the first token. A run's decode phase is the run less it: its prefill is the same
+    work."""
     llm.set_policy(**policy)
     llm.reset()
     llm.generate(prompts, max_new_tokens=1, ignore_eos=True)
-    return llm.stats().experts
+    s = llm.stats()
+    return PrefillCost(s.experts, s.speculation.seconds if s.speculation is not None else 0.0)
 
 
-def one_run(llm: LLM, policy: str, prompts: list[list[int]], new_tokens: int, prefill: LayerStats) -> dict:
+def one_run(llm: LLM, policy: str, prompts: list[list[int]], new_tokens: int, prefill: PrefillCost) -> dict:
     """One cold-cache run. Bytes are the decode phase's (`prefill`'s subtracted), and so are the
-    "decode_" hit rate and stall share: a cold prefill copies nearly every expert it can hold, so
-    counted with it, hits and stalls say little about the decode steps."""
+    "decode_" hit rate and stall share, and the guessing time: a cold prefill copies nearly every
+    expert it can hold, so counted with it, hits and stalls say little about the decode steps, and
+    its guesses (statistics only: a prefill starts no copies) are no decode step's cost."""
     llm.set_policy(**POLICIES[policy])
     llm.reset()
     llm.generate(prompts, max_new_tokens=new_tokens, ignore_eos=True)
     _sync(llm)
     s = llm.stats()
-    d, e = s.decode, s.experts
-    decode_bytes = e.bytes_moved - prefill.bytes_moved
-    decode_uses = e.hits + e.misses - prefill.hits - prefill.misses
+    d, e, before = s.decode, s.experts, prefill.experts
+    decode_bytes = e.bytes_moved - before.bytes_moved
+    decode_uses = e.hits + e.misses - before.hits - before.misses
     return {
         "seconds_per_step": d.decode_seconds_per_step,
         "seconds_per_output_token": d.decode_seconds_per_token,
@@ -115,11 +126,12 @@ def one_run(llm: LLM, policy: str, prompts: list[list[int]], new_tokens: int, pr
         "bytes_per_step": decode_bytes / d.decode_steps,
         "hit_rate": s.hit_rate,
         "stall_share": e.stall_seconds / (d.prefill_seconds + d.decode_seconds),
-        "decode_hit_rate": (e.hits - prefill.hits) / decode_uses if decode_uses > 0 else None,
-        "decode_stall_share": max(e.stall_seconds - prefill.stall_seconds, 0.0) / d.decode_seconds,
+        "decode_hit_rate": (e.hits - before.hits) / decode_uses if decode_uses > 0 else None,
+        "decode_stall_share": max(e.stall_seconds - before.stall_seconds, 0.0) / d.decode_seconds,
         "recall_at_k": s.speculation.by_depth[1].recall_at_k if s.speculation is not None else None,
-        # the speculation hooks' own time (guessing, scoring, issuing prefetches), prefill included
-        "guess_ms_per_step": 1000 * s.speculation.seconds / d.decode_steps if s.speculation is not None else None,
+        # the speculation hooks' own time in decode steps (guessing, scoring, issuing prefetches)
+        "guess_ms_per_step": 1000 * max(s.speculation.seconds - prefill.guess_seconds, 0.0) / d.decode_steps
+        if s.speculation is not None else None,
     }
 
 
