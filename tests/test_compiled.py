@@ -222,6 +222,19 @@ def test_offloaded_prefetching_run_stays_exact(tmp_path, library_dir):
     assert llm.stats().speculation.by_depth[1].recall_at_k > 0
 
 
+def test_compiled_speculative_execution_runs_the_eager_runs_guesses(tmp_path, library_dir):
+    """speculative_execution="on" with compile=True runs the guessed experts the eager run does,
+    in a batch (guesses ranked per row by the library) and for one prompt: the same tokens."""
+    save_model("mixtral", tmp_path, experts=8, top_k=2)
+    kw = dict(max_new_tokens=8, temperature=0.0, ignore_eos=True)
+    config = dict(expert_cache="50%", prefetch="lookahead", speculative_execution="on")
+    eager, fast = LLM(tmp_path, **config), LLM(tmp_path, compile=True, **config)
+    for prompts in (PROMPTS, PROMPTS[1:2]):
+        assert [o.token_ids for o in fast.generate(prompts, **kw)] == [o.token_ids for o in eager.generate(prompts, **kw)]
+    exact = LLM(tmp_path).generate(PROMPTS, **kw)
+    assert [o.token_ids for o in exact] != [o.token_ids for o in eager.generate(PROMPTS, **kw)]  # the guesses ran
+
+
 def test_compiled_guesses_are_the_eager_guesses(tmp_path, library_dir):
     """With compile=True the lookahead's guess at an MoE layer is one compiled call that also
     ranks it: each row's eager best experts and their probabilities, one and two layers deep,
