@@ -195,6 +195,10 @@ class EstimatorPredictor:
         self.heads = {key: head.fused() for key, head in estimators.heads.items()}
         self.context = PreviousToken()
         self.compiled = GuessLibraries()
+        # each layer's target layers, looked up once: a guess runs at every layer of every step
+        model = estimators.model[0]
+        self._targets_of = {layer: next_moe_layers(model, layer, estimators.depth)
+                            for layer in range(model.spec.num_layers)}
 
     @classmethod
     def from_config(cls, model: Transformer, model_dir: Path, cfg: SpeculationConfig) -> EstimatorPredictor:
@@ -213,9 +217,6 @@ class EstimatorPredictor:
     def depth(self) -> int:
         return self.estimators.depth
 
-    def _targets(self, layer: int) -> list[int]:
-        return next_moe_layers(self.estimators.model[0], layer, self.depth)
-
     def forward_start(self, rows: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor) -> None:
         self.context.start(rows, positions, valid)
 
@@ -228,7 +229,7 @@ class EstimatorPredictor:
     def predict(self, layer: int, x: torch.Tensor, router_input: torch.Tensor | None = None,
                 routing: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[int, torch.Tensor]:
         h = self.estimators.router_input(layer, x) if router_input is None else router_input.float()
-        context = {t: self.context.remembered(t, h, 0.0) for t in self._targets(layer)}
+        context = {t: self.context.remembered(t, h, 0.0) for t in self._targets_of[layer]}
         return self.estimators.predict(layer, x, context, h, self.heads)
 
     def ranked(self, layer: int, x: torch.Tensor, router_input: torch.Tensor,
@@ -239,7 +240,7 @@ class EstimatorPredictor:
         if width != self.compiled.width:
             return None
         h = router_input.float()
-        targets = self._targets(layer)
+        targets = self._targets_of[layer]
         return self.compiled.ranked(layer, width, targets, [h, *(self.context.remembered(t, h, 0.0) for t in targets)])
 
     def tables(self, layer: int) -> dict[str, torch.Tensor]:
@@ -247,7 +248,7 @@ class EstimatorPredictor:
         (`FusedHead.half`), named by target order ("w1_0" is the first target's), so that layers
         with as many targets share a compiled library."""
         tables = {}
-        for j, target in enumerate(self._targets(layer)):
+        for j, target in enumerate(self._targets_of[layer]):
             head = self.heads[f"{layer}_{target}"].half()
             tables |= {f"{name}_{j}": t for name, t in (("w1", head.w1), ("b1", head.b1), ("w2", head.w2),
                                                         ("b2", head.b2)) if t is not None}
@@ -271,9 +272,9 @@ class EstimatorPredictor:
             return _Estimate(width), (h, [context.clone() for _ in range(targets)])
 
         self.compiled.build(model, directory, width, {
-            layer: LayerGuess("estimator guess", ("estimate", len(self._targets(layer))), self.tables(layer),
-                              partial(example, len(self._targets(layer))))
-            for layer in model.spec.moe_layer_ids if self._targets(layer)})
+            layer: LayerGuess("estimator guess", ("estimate", len(self._targets_of[layer])), self.tables(layer),
+                              partial(example, len(self._targets_of[layer])))
+            for layer in model.spec.moe_layer_ids if self._targets_of[layer]})
 
 
 class _Estimate(nn.Module):

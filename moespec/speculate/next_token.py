@@ -50,7 +50,7 @@ class NextTokenGuess:
         return same
 
     def predict(self, residual: torch.Tensor) -> torch.Tensor:
-        return self._scores(self.tables(), residual)
+        return self._scores(self.tables(), residual, self.router)
 
     def ranked(self, residual: torch.Tensor, width: int) -> tuple[list[list[int]], list[list[float]]] | None:
         """The guess from residuals [N, H], ranked by the compiled library: each row's `width` best
@@ -67,12 +67,12 @@ class NextTokenGuess:
         return {"norm": model.norm.weight, "head": head, "embed": model.embed_tokens.weight,
                 "router": self.router.weights[self.first], "bias": self.router.biases[self.first]}
 
-    def _scores(self, tables: dict[str, torch.Tensor], residual: torch.Tensor) -> torch.Tensor:
-        """The guess scores [N, E] from `tables` (the model's own, or a compiled guess's inputs)."""
+    def _scores(self, tables: dict[str, torch.Tensor], residual: torch.Tensor, router: FoldedRouters) -> torch.Tensor:
+        """The guess scores [N, E] from `tables` (the model's own, or a compiled guess's inputs)
+        and `router`, the first MoE layer's folded router reading the tables' "router" and "bias"."""
         model = self.model
         hidden = rms_norm(residual, tables["norm"], model.norm.eps)
         token = F.linear(hidden, tables["head"]).argmax(dim=-1)  # [N] the logit lens's next token
-        router = self.router.reading({self.first: tables["router"]}, {self.first: tables["bias"]})
         (logits,) = router.logits([self.first], F.embedding(token, tables["embed"]))
         first: MoE = model.layers[self.first].mlp
         return first.router.guess_logits(logits)
@@ -101,5 +101,7 @@ class _Ranked(nn.Module):
         self._guess, self.width = [guess], width  # a list: nothing of it becomes the library's
 
     def forward(self, tables: dict[str, torch.Tensor], residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        best = most_probable(self._guess[0]._scores(tables, residual)[None], self.width)
+        guess = self._guess[0]
+        router = guess.router.reading({guess.first: tables["router"]}, {guess.first: tables["bias"]})
+        best = most_probable(guess._scores(tables, residual, router)[None], self.width)
         return best.values, best.indices
