@@ -9,6 +9,7 @@ import torch
 import moespec.model.compiled as compiled
 from moespec import LLM, MoespecError
 from moespec.hooks import ForwardHooks
+from moespec.speculate.compiled_guess import GuessLibraries
 from moespec.speculate.estimators import ESTIMATOR_FILE, EstimatorPredictor, Estimators
 from moespec.speculate.lookahead import DefaultVectors, LookaheadPredictor
 from moespec.speculate.next_token import NextTokenGuess
@@ -249,10 +250,8 @@ def test_compiled_guesses_are_the_eager_guesses(tmp_path, library_dir):
     for depth, dv in ((1, None), (2, None), (1, vectors), (2, vectors)):
         fast, eager = LookaheadPredictor(model, depth, dv), LookaheadPredictor(model, depth, dv)
         fast.compile(library_dir, 3)
-        runs: list[int] = []
+        runs = count_runs(fast.compiled)
         for layer in (0, 1):
-            library, tables = fast.compiled.layers[layer]
-            fast.compiled.layers[layer] = (_Counted(library, runs), tables)
             for rows in (1, 3):
                 x = torch.randn(rows, spec.hidden_size)
                 with torch.inference_mode():
@@ -288,10 +287,7 @@ def test_compiled_estimator_guesses_are_the_eager_guesses(tmp_path, library_dir)
         est = random_estimators(llm, depth, mlp)
         fast, eager = EstimatorPredictor(est), EstimatorPredictor(est)
         fast.compile(library_dir, 3)
-        runs: list[int] = []
-        for layer in (0, 1):
-            library, tables = fast.compiled.layers[layer]
-            fast.compiled.layers[layer] = (_Counted(library, runs), tables)
+        runs = count_runs(fast.compiled)
         for rows in (1, 2):
             for position in (0, 1):  # a sequence's first token (no context), then its second
                 h = torch.randn(rows, spec.hidden_size)
@@ -338,9 +334,7 @@ def test_compiled_next_token_guess_is_the_eager_guess(tmp_path, library_dir):
     model = LLM(tmp_path).model
     fast, eager = NextTokenGuess(model), NextTokenGuess(model)
     fast.compile(library_dir, 3)
-    runs: list[int] = []
-    library, tables = fast.compiled.layers[fast.last]
-    fast.compiled.layers[fast.last] = (_Counted(library, runs), tables)
+    runs = count_runs(fast.compiled)
     for rows in (1, 1, 4):
         residual = torch.randn(rows, model.spec.hidden_size, generator=torch.Generator().manual_seed(rows))
         with torch.inference_mode():
@@ -371,6 +365,14 @@ class _Counted:
     def run(self, inputs):
         self.runs.append(1)
         return self.library.run(inputs)
+
+
+def count_runs(libraries: GuessLibraries) -> list[int]:
+    """A list that grows by one for each run of any of `libraries`' compiled guesses."""
+    runs: list[int] = []
+    for layer, (library, tables) in libraries.layers.items():
+        libraries.layers[layer] = (_Counted(library, runs), tables)
+    return runs
 
 
 def test_a_compiled_library_is_loaded_not_compiled_again(tmp_path, monkeypatch, capsys):

@@ -16,7 +16,6 @@ from typing import Callable
 
 import torch
 from torch import nn
-
 from torch.utils import _pytree as pytree
 
 from ..model.compiled import MAX_ROWS, Library, compile_program, library_name
