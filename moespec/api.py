@@ -89,7 +89,8 @@ class LLM:
         k + `prefetch_extra` best guesses per token.
     speculative_execution: "off" runs the true experts (exact); "on" runs the guessed ones;
         "fallback" runs true experts that are resident and substitutes guessed ones for the rest.
-    eviction: "lru" | "lfu" | "pinned_hot" | "predicted". cache_scope: "global" (layers share slots) or "layer".
+    eviction: "lfru" (default) | "lru" | "lfu" | "pinned_hot" | "predicted".
+    cache_scope: "global" (layers share slots) or "layer".
     link_bandwidth: on CPU, emulate a host-to-device link of this speed ("25GB/s").
     expert_tier: "ram" (all experts in host memory) or "disk" (read on demand, `host_cache` kept).
     speculative, gamma, draft_*: the default self-speculative decoding of `generate`.

@@ -318,7 +318,7 @@ def cmd_simulate(args: argparse.Namespace) -> None:
                     if measured is None:
                         continue
                     r = sim.simulate(trace, cost, llm.spec.num_layers, result["cache_slots"], policy, int(batch),
-                                     result["config"]["new_tokens"], llm.spec.top_k)
+                                     result["config"]["new_tokens"], llm.spec.top_k, llm.config.offload.eviction)
                     err = r["seconds_per_step"] * 1000 / measured["ms_per_step_median"] - 1
                     report["rows"].append(dict(cache=size, batch=int(batch), policy=policy, error=err,
                                                simulated_ms=1000 * r["seconds_per_step"],
@@ -336,7 +336,8 @@ def cmd_simulate(args: argparse.Namespace) -> None:
     spec = preset_spec(args.shape, args.layers)
     cost = sim.roofline(spec, sim.HARDWARE[args.hardware])
     shares = [float(x.strip().rstrip("%")) / 100 for x in args.cache_sizes.split(",")]
-    out = sim.project(trace, cost, spec, shares, policies, [int(b) for b in args.batch_sizes.split(",")], args.steps)
+    out = sim.project(trace, cost, spec, shares, policies, [int(b) for b in args.batch_sizes.split(",")], args.steps,
+                      args.eviction or OffloadConfig.eviction)
     out.update(hardware=args.hardware, shape=args.shape, routes=args.routes)
     for key, rows in out["results"].items():
         for policy, r in rows.items():

@@ -25,7 +25,7 @@ from typing import Any, Literal, TypeVar, get_args
 from .errors import MoespecError
 
 DType = Literal["float32", "bfloat16", "float16"]
-Eviction = Literal["lru", "lfu", "pinned_hot", "predicted"]
+Eviction = Literal["lru", "lfu", "lfru", "pinned_hot", "predicted"]
 CacheScope = Literal["global", "layer"]
 ExpertTier = Literal["ram", "disk"]
 Quantized = Literal["int8", "int4"]  # formats experts can be quantized to at load (experts/quant.py)
@@ -98,7 +98,7 @@ class OffloadConfig:
 
     expert_cache: str | int = field(default="100%", metadata={
         "help": "device budget for routed experts: a share ('25%%'), a size ('3GiB') or a slot count"})
-    eviction: Eviction = field(default="lru", metadata={"help": "which resident expert a miss evicts"})
+    eviction: Eviction = field(default="lfru", metadata={"help": "which resident expert a miss evicts"})
     cache_scope: CacheScope = field(default="global", metadata={
         "help": "global: all layers share the slots; layer: each layer gets an equal part"})
     expert_tier: ExpertTier = field(default="ram", metadata={

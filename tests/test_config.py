@@ -21,7 +21,7 @@ def model_dir(tmp_path_factory):
 
 
 @pytest.mark.parametrize("options,message", [
-    (dict(eviction="mru"), "eviction must be one of lru, lfu, pinned_hot, predicted, got 'mru'"),
+    (dict(eviction="mru"), "eviction must be one of lru, lfu, lfru, pinned_hot, predicted, got 'mru'"),
     (dict(expert_cache="200%"), "expert_cache must be a share in (0%, 100%]"),
     (dict(expert_cache=0), "got 0"),
     (dict(link_bandwidth="0GB/s"), "link_bandwidth must be a positive rate like '25GB/s', got '0GB/s'"),
@@ -58,7 +58,7 @@ def test_keywords_are_shorthand_for_the_config(model_dir):
 
 
 def test_registries_match_their_literals():
-    assert set(POLICIES) == {"lru", "lfu", "pinned_hot", "predicted"}
+    assert set(POLICIES) == {"lru", "lfu", "lfru", "pinned_hot", "predicted"}
     assert set(PREDICTORS) == {"none", "lookahead", "estimator", "auto"}
     with pytest.raises(TypeError, match="does not match its Literal"):
         registry(Literal["a", "b"], {"a": object})

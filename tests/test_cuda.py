@@ -19,7 +19,7 @@ def model_dir(tmp_path_factory):
     return d
 
 
-@pytest.mark.parametrize("eviction", ["lru", "lfu", "pinned_hot"])
+@pytest.mark.parametrize("eviction", ["lfru", "lru", "lfu", "pinned_hot"])
 def test_cuda_offloading_is_exact(model_dir, eviction):
     exact = LLM(model_dir, device="cuda")
     want = exact.generate(PROMPTS, max_new_tokens=24, ignore_eos=True)

@@ -39,6 +39,7 @@ CONFIGS = [
     dict(expert_cache="25%"),
     dict(expert_cache=2),
     dict(expert_cache="50%", eviction="lfu"),
+    dict(expert_cache="25%", eviction="lru"),
     dict(expert_cache="40%", eviction="pinned_hot"),
     dict(expert_cache=6, cache_scope="layer"),
     dict(expert_cache="25%", expert_tier="disk", host_cache=3),
@@ -188,6 +189,57 @@ def test_lfu_victim_is_the_least_used_then_least_recent_evictable():
         recency = {k: i for i, k in enumerate(lfu.order) if k not in busy}
         want = min(recency, key=lambda k: (lfu.uses[k], recency[k]), default=None)
         assert lfu.victim(lambda k: k not in busy) == want
+
+
+def test_lfru_keeps_the_frequent_expert_until_the_text_leaves_it(model_dir):
+    """Uses count as LFU's do, each worth half as much every 16 runs of its layer: an expert used
+    often stays over ones used once since (LRU would evict it), until its uses are old."""
+    cache = scripted_cache(model_dir, "lfru")
+    for e in (0, 0, 0, 0, 1, 2):
+        use(cache, 0, e)
+    use(cache, 0, 3)  # 0 is the least recent, but its four uses outweigh 1's one
+    assert cache.resident() == {(0, 0), (0, 2), (0, 3)}
+    for _ in range(60):  # the text moves on: 0 is not used for 60 runs of its layer
+        use(cache, 0, 2)
+    use(cache, 0, 3)
+    use(cache, 0, 4)  # 3 has two uses that are recent (LFU would evict it); 0's four are old
+    assert cache.resident() == {(0, 2), (0, 3), (0, 4)}
+
+
+def test_lfru_victim_has_the_least_decayed_uses():
+    """The heap gives the victim a pass over every resident would: the evictable resident with
+    the smallest sum of its uses' weights 2^((use's run - now) / 16), every layer running once per
+    pass (so all layers share one clock); uses are remembered across evictions, and an expert
+    loaded on demand counts as used from its admission until its first use."""
+    random.seed(5)
+    lfru, resident, uses, loaded, now = make_policy("lfru", 16), [], {}, {}, 0
+    for step in range(4000):
+        if random.random() < 0.3:  # a forward pass: every layer runs
+            now += 1
+            for layer in range(3):
+                lfru.layer_runs(layer)
+        key, action = (random.randrange(3), random.randrange(12)), random.random()
+        if key in resident and action < 0.6:
+            lfru.touch(key)
+            uses.setdefault(key, []).append(now)
+            loaded.pop(key, None)
+        elif key in resident and action < 0.8:
+            lfru.forget(key)
+            resident.remove(key)
+            loaded.pop(key, None)
+        elif key not in resident:
+            lfru.admit(key, guess=action < 0.3)
+            if action >= 0.3:
+                loaded[key] = now
+            resident.append(key)
+        busy = set(random.sample(resident, len(resident) // 3))
+        weight = {k: sum(2 ** ((t - now) / 16) for t in uses.get(k, []) + ([loaded[k]] if k in loaded else []))
+                  for k in resident if k not in busy}
+        victim = lfru.victim(lambda k: k not in busy)
+        if not weight:
+            assert victim is None
+            continue
+        assert victim in weight and weight[victim] <= min(weight.values()) * (1 + 1e-9), step
 
 
 def test_pinned_hot_keeps_the_most_used(model_dir):
@@ -474,7 +526,7 @@ def test_an_unmeasured_prediction_and_use_rate_each_count(model_dir):
 def test_predicted_eviction_evicts_what_the_prediction_calls_unneeded(model_dir):
     """A demand miss under "predicted" evicts the resident of the guessed-for layer that the
     prediction calls unneeded, where LRU would evict the least recently used expert; without a
-    prediction it is LRU."""
+    prediction it is LFRU."""
     for policy, evicted in (("lru", (0, 0)), ("predicted", (1, 3))):
         cache = scripted_cache(model_dir, policy, slots=3)
         for _ in range(10):
@@ -489,7 +541,7 @@ def test_predicted_eviction_evicts_what_the_prediction_calls_unneeded(model_dir)
     cache = scripted_cache(model_dir, "predicted", slots=3)
     for e in (0, 1, 2, 0, 3):
         use(cache, 0, e)
-    assert cache.resident() == {(0, 0), (0, 2), (0, 3)}  # as LRU
+    assert cache.resident() == {(0, 0), (0, 2), (0, 3)}  # as LFRU (and LRU)
 
 
 def test_a_guess_enters_at_low_priority_and_is_promoted_when_used(model_dir):

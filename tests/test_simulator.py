@@ -67,3 +67,14 @@ def test_projection_checks_the_shape_and_reports_ratios():
     assert rows["lookahead"]["hit_rate"] > rows["none"]["hit_rate"]
     assert rows["lookahead"]["bytes_per_step"] == rows["none"]["bytes_per_step"]
     assert rows["lookahead"]["speedup_vs_on_demand"] == pytest.approx(1.0, abs=0.02)
+
+
+def test_the_eviction_policy_chooses_the_victim():
+    """Top-1 of one layer, two slots: expert 0 four times, then 1, 2, 0, 1, 2, 0, 1, 2. LRU evicts
+    0 whenever 1 and 2 were used since (3 hits: the first repeats of 0); LFRU keeps 0, whose four
+    uses outweigh one, and evicts the other (5 hits)."""
+    ids = np.array([0, 0, 0, 0, 1, 2, 0, 1, 2, 0, 1, 2], dtype=np.int16)[:, None, None]
+    t = RoutingTrace(ids, np.ones(ids.shape, np.float32), [0], 4, None, None)
+    lru, lfru = (simulate(t, COST, num_layers=1, capacity=2, policy="none", batch=1, steps=12, top_k=1, eviction=e)
+                 for e in ("lru", "lfru"))
+    assert lru["hit_rate"] == pytest.approx(3 / 12) and lfru["hit_rate"] == pytest.approx(5 / 12)

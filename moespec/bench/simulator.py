@@ -3,9 +3,10 @@
 Two resources: a compute stream and a copy link, each doing one thing at a time. A recorded
 routing trace (and a prefetch policy's recorded guesses) says which experts every token needs at
 every layer; hardware constants say how long a layer's dense part, an expert's compute and an
-expert's copy take. The simulator replays decode steps through an LRU expert cache with the same
-rules as moespec's ExpertCache (experts the running layer needs are never evicted) and reports
-time and bytes per token for each policy and cache size:
+expert's copy take. The simulator replays decode steps through an expert cache with the same
+rules as moespec's ExpertCache (experts the running layer needs are never evicted; the victim is
+chosen by the engine's eviction policy, LFRU by default) and reports time and bytes per token for
+each policy and cache size:
 
 - "none": on-demand. When layer L routes, its missing experts are queued on the link; each runs
   as soon as it has landed (resident ones first).
@@ -30,13 +31,13 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections import OrderedDict
 from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 
 from ..errors import MoespecError
+from ..experts.eviction import make_policy
 from ..experts.transfer import CpuTransfers
 from ..model.moe import make_expert_fn
 from ..spec import ModelSpec
@@ -162,33 +163,35 @@ def _tokens_per_expert(trace: RoutingTrace, layer: int, rows: np.ndarray, ids: n
 
 
 def simulate(trace: RoutingTrace, cost: CostModel, num_layers: int, capacity: int, policy: str, batch: int,
-             steps: int, top_k: int) -> dict:
+             steps: int, top_k: int, eviction: str = "lfru") -> dict:
     """Replay `steps` decode steps; return seconds and bytes per step, hit rate, stall share."""
     if policy != "none" and trace.guesses is None:
         raise MoespecError(f"policy {policy!r} needs a trace recorded with its guesses (moespec trace --prefetch lookahead)")
     n_trace = len(trace.moe_layers)
-    cache: OrderedDict[tuple[int, int], float] = OrderedDict()  # key -> time its copy lands; order = LRU
+    cache: dict[tuple[int, int], float] = {}  # key -> time its copy lands
+    order = make_policy(eviction, capacity)
     now = link = 0.0
     copies = hits = misses = 0
     stall = 0.0
 
     def copy(key: tuple[int, int], at: float, protect: set, demand: bool) -> bool:
-        """Queue `key` on the link at time `at`, evicting the least recently used expert that is not
-        protected; a prefetch only evicts landed experts, a demand load waits for one to land."""
+        """Queue `key` on the link at time `at`, evicting the policy's victim among the experts
+        that are not protected; a prefetch only evicts landed experts, a demand load waits for
+        the first to land if none has."""
         nonlocal link, copies
         if len(cache) >= capacity:
-            candidates = [k for k in cache if k not in protect]
-            landed = [k for k in candidates if cache[k] <= at]
-            if landed:
-                victim = landed[0]
-            elif demand and candidates:
+            victim = order.victim(lambda k: k not in protect and cache[k] <= at)
+            candidates = [k for k in cache if k not in protect] if victim is None and demand else []
+            if candidates:
                 victim = min(candidates, key=cache.__getitem__)
                 at = max(at, cache[victim])
-            else:
+            if victim is None:
                 return False
             del cache[victim]
+            order.forget(victim)
         link = max(link, at) + cost.copy_s
         cache[key] = link
+        order.admit(key, guess=not demand)
         copies += 1
         return True
 
@@ -197,6 +200,7 @@ def simulate(trace: RoutingTrace, cost: CostModel, num_layers: int, capacity: in
         for layer in range(num_layers):
             j = layer % n_trace
             now += cost.dense_layer_s
+            order.layer_runs(layer)
             run_ids = trace.guesses[rows, j][:, :top_k] if policy == "speculative" and layer > 0 else None
             work = _tokens_per_expert(trace, j, rows, run_ids)
             keys = [(layer, e) for e in work]
@@ -225,7 +229,7 @@ def simulate(trace: RoutingTrace, cost: CostModel, num_layers: int, capacity: in
                 start = max(now, cache[key])
                 stall += start - now
                 now = start + cost.expert_s(work[key[1]])
-                cache.move_to_end(key)
+                order.touch(key)
                 remaining.pop(0)
                 issue(now)
     return {"seconds_per_step": now / steps, "bytes_per_step": copies * cost.expert_bytes / steps,
@@ -233,7 +237,7 @@ def simulate(trace: RoutingTrace, cost: CostModel, num_layers: int, capacity: in
 
 
 def project(trace: RoutingTrace, cost: CostModel, spec: ModelSpec, cache_shares: list[float], policies: list[str],
-            batch_sizes: list[int], steps: int) -> dict:
+            batch_sizes: list[int], steps: int, eviction: str = "lfru") -> dict:
     """Every (cache share, batch, policy) of a shape; time per token in ms and ratio to on-demand."""
     if trace.num_experts != spec.num_experts or trace.ids.shape[2] != spec.top_k:
         raise MoespecError(f"trace has {trace.num_experts} experts top-{trace.ids.shape[2]}; the shape needs "
@@ -243,7 +247,8 @@ def project(trace: RoutingTrace, cost: CostModel, spec: ModelSpec, cache_shares:
     for share in cache_shares:
         capacity = max(int(total * share), spec.top_k)
         for batch in batch_sizes:
-            rows = {p: simulate(trace, cost, spec.num_layers, capacity, p, batch, steps, spec.top_k) for p in policies}
+            rows = {p: simulate(trace, cost, spec.num_layers, capacity, p, batch, steps, spec.top_k, eviction)
+                    for p in policies}
             base = rows.get("none")
             for r in rows.values():
                 r["ms_per_token"] = 1000 * r["seconds_per_step"]

@@ -297,6 +297,7 @@ class ExpertCache:
         self.admission.layer_runs(layer, ids, self._resident_of[layer], lambda e: self._use_rate_now((layer, e)),
                                   misses, len(hits))
         self._runs[layer] += 1
+        self.domains[layer].policy.layer_runs(layer)
         stats.hits += len(hits)
         stats.misses += len(misses)
         stats.prefetch_hits += sum(k in self.unused_prefetch for k in hits)
