@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from moespec import LLM
-from moespec.bench.corpus import heldout_ids
+from moespec.bench.corpus import bench_prompts, heldout_ids
 from moespec.bench.routes import record_trace
 from moespec.bench.runner import BenchConfig, bench
 from moespec.bench.simulator import CostModel, simulate
@@ -60,12 +60,7 @@ def replay(model: Path, tokens: int) -> dict:
 def decode(model: Path, link: str, cache: str, repeats: int, compile: bool) -> dict:
     llms = {e: LLM(model, expert_cache=cache, link_bandwidth=link, eviction=e, compile=compile, progress=False)
             for e in EVICTIONS}
-    ids = heldout_ids(llms["lru"])
-
-    def prompts(batch: int) -> list[list[int]]:
-        step = len(ids) // batch
-        return [ids[i * step:i * step + 32] for i in range(batch)]
-
+    prompts = bench_prompts(llms["lru"], 32)
     cfg = BenchConfig(policies=["none"], batch_sizes=BATCHES, repeats=1)
     runs: dict[tuple[int, str], list[dict]] = {}
     for rep in range(repeats):

@@ -213,26 +213,6 @@ def cmd_fit_estimator(args: argparse.Namespace) -> None:
               f"estimator {r['estimator']['val']:.3f} (validation)", file=sys.stderr)
 
 
-def _prompts_for(llm, prompt_tokens: int):
-    """B prompts from held-out text (real models), or seeded random ids (synthetic / no tokenizer)."""
-    import torch
-
-    ids = None
-    if llm.tokenizer is not None:
-        from .bench.corpus import heldout_ids
-
-        ids = heldout_ids(llm)
-
-    def prompts(batch: int) -> list[list[int]]:
-        if ids is not None:
-            step = len(ids) // batch
-            return [ids[i * step:i * step + prompt_tokens] for i in range(batch)]
-        gen = torch.Generator().manual_seed(batch)
-        return torch.randint(0, llm.spec.vocab_size, (batch, prompt_tokens), generator=gen).tolist()
-
-    return prompts
-
-
 def _link_speeds(text: str | None) -> list[str | None]:
     """'0.25,1,4,16GB/s' -> ['0.25GB/s', '1GB/s', '4GB/s', '16GB/s'] (the last item's unit for all)."""
     if not text:
@@ -243,6 +223,7 @@ def _link_speeds(text: str | None) -> list[str | None]:
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
+    from .bench.corpus import bench_prompts
     from .bench.plots import plot_cache_sweep, plot_link_sweep, plot_step_timeline
     from .bench.runner import POLICIES, BenchConfig, bench, format_sweep, format_table
 
@@ -266,7 +247,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
             dtypes = args.expert_dtypes.split(",") if args.expert_dtypes else []
             llm = _load(args, **options, **({"expert_dtype": dtypes[0]} if dtypes else {}))
             variants = {dt: _load(args, **options, expert_dtype=dt) for dt in dtypes[1:]}
-            result = bench(llm, _prompts_for(llm, cfg.prompt_tokens), cfg, variants)
+            result = bench(llm, bench_prompts(llm, cfg.prompt_tokens), cfg, variants)
             result.update(model=str(llm.path), expert_cache=size, config=cfg.__dict__)
             for line in format_table(result):
                 print(f"[cache {size}] {line}")
@@ -275,7 +256,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
                 llm.set_policy(**POLICIES[cfg.policies[-1]])
                 llm.reset()
                 tracer = llm.start_trace()
-                llm.generate(_prompts_for(llm, cfg.prompt_tokens)(1), max_new_tokens=4, ignore_eos=True)
+                llm.generate(bench_prompts(llm, cfg.prompt_tokens)(1), max_new_tokens=4, ignore_eos=True)
                 plot_step_timeline(tracer, args.timeline, f"{llm.path.name}, {cfg.policies[-1]}, cache {size}: "
                                                           f"one decode step ({llm.link_note()})")
             llm.close()

@@ -7,6 +7,8 @@ protocol: the first EVAL_N_CHUNKS x EVAL_CHUNK_LENGTH tokens) and, after them, c
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from .. import data
@@ -24,6 +26,21 @@ def _tokenizer(llm: LLM):
 
 def heldout_ids(llm: LLM) -> list[int]:
     return _tokenizer(llm).encode(data.heldout_text(), add_special_tokens=False).ids
+
+
+def bench_prompts(llm: LLM, prompt_tokens: int) -> Callable[[int], list[list[int]]]:
+    """For a batch size B, B prompts of `prompt_tokens` tokens: from held-out text, far apart (real
+    models), or seeded random ids (synthetic models, no tokenizer)."""
+    ids = heldout_ids(llm) if llm.tokenizer is not None else None
+
+    def prompts(batch: int) -> list[list[int]]:
+        if ids is not None:
+            step = len(ids) // batch
+            return [ids[i * step:i * step + prompt_tokens] for i in range(batch)]
+        gen = torch.Generator().manual_seed(batch)
+        return torch.randint(0, llm.spec.vocab_size, (batch, prompt_tokens), generator=gen).tolist()
+
+    return prompts
 
 
 def calibration_ids(llm: LLM, tokens: int) -> list[int]:
