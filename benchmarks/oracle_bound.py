@@ -1,0 +1,196 @@
+"""How much could any guess buy? The engine with perfect, free guesses, against on demand and the real policies.
+
+A predictor that knows the routing bounds what better guessing can win: its guesses are never
+wrong and cost nothing to make, so what is left between it and the link-bound limit is the cache's
+and the link's doing, not the predictor's. This benchmark records the routing of `moespec bench`'s
+own run (held-out prompts, greedy continuation: every run of them routes the same way, prefetching
+being exact), then replays it as the guesses of a `PerfectGuesses` predictor behind the engine's
+own speculation hooks, admission and eviction, `--depth` MoE layers ahead within the token, and
+(`across`) on into the next token's first layers, as a next-token guess would.
+
+Per point (link, cache, batch) the rows are on demand, the real policies of `--policy`, and the
+perfect guesses, interleaved `--repeats` times with the compute reference (all experts resident);
+decode steps only, medians. The link is emulated (CPU); the JSON records it, the torch threads and
+the load average.
+
+    python benchmarks/oracle_bound.py --model models/tiny-mixtral --point 1GB/s,25%,1 --compile
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from moespec import LLM
+from moespec.bench.corpus import bench_prompts
+from moespec.bench.runner import POLICIES, compute_step, link_bandwidth, one_run, prefill_counters, reference_engine
+from moespec.hooks import ForwardHooks
+from moespec.speculate.policy import Speculation
+
+Routes = dict[tuple[int, int], list[list[int]]]  # (forward pass of the run, MoE layer) -> each row's expert ids
+
+
+class RouteRecorder(ForwardHooks):
+    """Records every forward pass's routing; pass 0 is the prefill."""
+
+    def __init__(self) -> None:
+        self.routes: Routes = {}
+        self.step = -1
+
+    def forward_start(self, rows: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor) -> None:
+        self.step = 0 if positions.shape[1] > 1 else self.step + 1
+
+    def route(self, layer, x, weights, ids):
+        self.routes[(self.step, layer)] = ids.tolist()
+        return weights, ids
+
+
+class PerfectGuesses:
+    """A Predictor (speculate/policy.py) that knows the routing of the run it guesses for: at each
+    MoE layer, the experts the next `depth` MoE layers use, each with probability 1/k (score 1),
+    within the token, or with `across` on into the next token's layers."""
+
+    def __init__(self, routes: Routes, moe_layers: list[int], top_k: int, depth: int, across: bool):
+        self.routes, self.depth, self.k = routes, depth, top_k
+        order = [(0, t) for t in moe_layers] + ([(1, t) for t in moe_layers] if across else [])
+        # MoE layer -> its next `depth` MoE layers as (forward passes ahead, layer)
+        self.ahead = {layer: order[i + 1:i + 1 + depth] for i, (_, layer) in enumerate(order[:len(moe_layers)])}
+        self.step = -1
+
+    def forward_start(self, rows: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor) -> None:
+        self.step = 0 if positions.shape[1] > 1 else self.step + 1
+
+    def routed(self, layer: int, router_input: torch.Tensor) -> None:
+        """Nothing to remember: the routing is known."""
+
+    def predict(self, layer, x, router_input=None, routing=None) -> dict:
+        return {}  # a prefill starts no copies
+
+    def ranked(self, layer, x, router_input, routing, width) -> dict[int, tuple[list[list[int]], list[list[float]]]]:
+        out = {}
+        for ahead, target in self.ahead.get(layer, []):
+            ids = self.routes.get((self.step + ahead, target))
+            if ids is None:  # past the recorded run
+                break
+            out[target] = (ids, [[1 / self.k] * len(row) for row in ids])
+        return out
+
+
+@contextmanager
+def hooked(llm: LLM, hook: ForwardHooks | None) -> Iterator[None]:
+    """`hook` attached to the model while the context lasts (no hook: nothing)."""
+    if hook is not None:
+        llm.model.hooks.append(hook)
+    try:
+        yield
+    finally:
+        if hook is not None:
+            llm.model.hooks.remove(hook)
+
+
+def record(llm: LLM, prompts: list[list[int]], new_tokens: int) -> Routes:
+    llm.set_policy()
+    recorder = RouteRecorder()
+    with hooked(llm, recorder):
+        llm.generate(prompts, max_new_tokens=new_tokens, ignore_eos=True)
+    return recorder.routes
+
+
+def point(llm: LLM, batch: int, policies: list[str], depths: list[int], repeats: int, new_tokens: int) -> dict:
+    """One (link, cache, batch) point: every row's decode-step medians, ratios to on demand."""
+    prompts = bench_prompts(llm, 32)(batch)
+    routes = record(llm, prompts, new_tokens)
+    spec = llm.spec
+
+    def perfect(depth: int, across: bool) -> Speculation:
+        guesses = PerfectGuesses(routes, list(spec.moe_layer_ids), spec.top_k, depth, across)
+        return Speculation(llm.model, llm.experts, guesses, 0, "off")
+
+    rows: dict[str, tuple[str, callable]] = {p: (p, lambda: None) for p in ["none", *policies]}
+    for d in depths:
+        rows[f"perfect d{d}"] = ("none", lambda d=d: perfect(d, False))
+        rows[f"perfect d{d} across tokens"] = ("none", lambda d=d: perfect(d, True))
+    prefill = {}
+    for name, (policy, make) in rows.items():
+        with hooked(llm, make()):
+            prefill[name] = prefill_counters(llm, POLICIES[policy], prompts)
+    reference = reference_engine(llm)
+    runs: dict[str, list[dict]] = {name: [] for name in rows}
+    computes = []
+    for rep in range(repeats + 1):  # the first round warms up
+        for name in list(rows) if rep % 2 == 0 else list(rows)[::-1]:
+            policy, make = rows[name]
+            hook = make()
+            with hooked(llm, hook):
+                run = one_run(llm, policy, prompts, new_tokens if rep else 4, prefill[name])
+            if hook is not None:  # the hooks' own time (scoring, admission), the prefill's included
+                run["guess_ms_per_step"] = 1000 * hook.seconds / llm.stats().decode.decode_steps
+            if rep:
+                runs[name].append(run)
+        step = compute_step(llm, reference, prompts, new_tokens if rep else 4)
+        if rep:
+            computes.append(step)
+    llm.set_policy()
+    compute = statistics.median(computes)
+    out = {name: {key: statistics.median(r[key] for r in rs) for key in
+                  ("seconds_per_step", "bytes_per_step", "decode_hit_rate", "decode_stall_share", "guess_ms_per_step")
+                  if rs[0].get(key) is not None}
+           for name, rs in runs.items()}
+    base = out["none"]
+    limit = max(compute, base["bytes_per_step"] / link_bandwidth(llm))
+    for name, r in out.items():
+        r["ms_per_step_runs"] = [1000 * x["seconds_per_step"] for x in runs[name]]
+        r["speedup_vs_on_demand"] = base["seconds_per_step"] / r["seconds_per_step"]
+        r["bytes_vs_on_demand"] = r["bytes_per_step"] / base["bytes_per_step"] if base["bytes_per_step"] else 1.0
+        r["times_link_bound_limit"] = r["seconds_per_step"] / limit
+    return {"compute_ms_per_step": 1000 * compute, "link_bound_limit_ms": 1000 * limit, "rows": out}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--point", action="append", required=True, help="LINK,CACHE,BATCH e.g. 1GB/s,25%%,1")
+    ap.add_argument("--policy", action="append", default=None,
+                    help="real policies beside the perfect guesses (moespec bench names; default lookahead, estimator)")
+    ap.add_argument("--depth", action="append", type=int, default=None, help="default 1 and 3")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--out", default=None, help="default benchmarks/results/oracle-bound-MODEL.json")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    model = Path(args.model)
+    result = {"model": str(model), "torch_threads": torch.get_num_threads(), "repeats": args.repeats,
+              "compile": args.compile, "load_average_before": os.getloadavg(), "points": {}}
+    for spec in args.point:
+        link, cache, batch = spec.split(",")
+        llm = LLM(model, expert_cache=cache, link_bandwidth=link, compile=args.compile, progress=False)
+        p = point(llm, int(batch), args.policy or ["lookahead", "estimator"], args.depth or [1, 3], args.repeats,
+                  args.new_tokens)
+        p["link"], p["eviction"] = llm.link_note(), llm.config.offload.eviction
+        result["points"][spec] = p
+        on_demand = p["rows"]["none"]
+        print(f"[{model.name}, {p['link']}] cache {cache} batch {batch}: on demand "
+              f"{1000 * on_demand['seconds_per_step']:.2f} ms/step, stall {on_demand['decode_stall_share']:.0%}, "
+              f"{on_demand['times_link_bound_limit']:.2f}x the link-bound limit ({p['link_bound_limit_ms']:.2f} ms)")
+        for name, r in p["rows"].items():
+            print(f"    {name:<26} x{r['speedup_vs_on_demand']:.2f} on demand  {r['times_link_bound_limit']:.2f}x limit  "
+                  f"bytes x{r['bytes_vs_on_demand']:.2f}  hit {r['decode_hit_rate']:.2f}  "
+                  f"stall {r['decode_stall_share']:.0%}  guess {r.get('guess_ms_per_step', 0):.2f} ms/step", flush=True)
+        llm.close()
+    result["load_average_after"] = os.getloadavg()
+    out = Path(args.out) if args.out else Path(__file__).parent / "results" / f"oracle-bound-{model.name}.json"
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"written to {out}")
+
+
+if __name__ == "__main__":
+    main()
