@@ -13,9 +13,8 @@ resident the eviction policy would give up next among those its prediction does 
 as likely to be used, if it beats that victim by what a displacement costs at the link's measured
 load; it enters at the lowest priority and is promoted when used. Under the "predicted" eviction
 policy a demand miss evicts the least valuable of the guessed-for layers' residents and the
-policy's victim. The cache owns its
-transfer engine (CPU emulated link or CUDA copy stream), which records every stall; `flush_stats` adds
-them to the statistics, the same way on both.
+policy's victim. The cache owns its transfer engine (CPU emulated link or CUDA copy stream), which
+records every stall; `flush_stats` adds them to the statistics, the same way on both.
 """
 
 from __future__ import annotations

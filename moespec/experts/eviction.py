@@ -223,12 +223,12 @@ class PinnedHot(LFU):
 
 
 class Predicted(LFRU):
-    """Evict the resident least likely to be used soon, by the speculation's predictions: the cache
-    weighs the residents of the layers guessed for (each by the measured odds of its predicted use)
-    against LFRU's victim among the rest (by its measured reuse) and evicts the least valuable, for
-    demand misses as it always does for guesses (ExpertCache._value_victim). A guess landed for
-    the next layer is then not the first victim of a miss just because it has not been used yet.
-    Without speculation nothing is predicted and it is LFRU."""
+    """Evict the resident least likely to be used soon, by the speculation's predictions: on a
+    demand miss the cache weighs the residents of the layers guessed for (each by the measured odds
+    of its predicted use) against LFRU's victim among the rest (by its measured reuse) and evicts
+    the least valuable (ExpertCache._value_victim). A guess landed for the next layer is then not
+    the first victim of a miss just because it has not been used yet. Without speculation nothing
+    is predicted and it is LFRU."""
 
     by_prediction = True
 
