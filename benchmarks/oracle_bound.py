@@ -6,7 +6,9 @@ and the link's doing, not the predictor's. This benchmark records the routing of
 own run (held-out prompts, greedy continuation: every run of them routes the same way, prefetching
 being exact), then replays it as the guesses of a `PerfectGuesses` predictor behind the engine's
 own speculation hooks, admission and eviction, `--depth` MoE layers ahead within the token, and
-(`across`) on into the next token's first layers, as a next-token guess would.
+(`across`) on into the next token's first layers, as a next-token guess would (the hooks ask a
+predictor only at layers with an MoE layer after them, so those are guessed from the token's
+earlier layers, not its last).
 
 Per point (link, cache, batch) the rows are on demand, the real policies of `--policy`, and the
 perfect guesses, interleaved `--repeats` times with the compute reference (all experts resident);
