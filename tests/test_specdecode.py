@@ -324,6 +324,23 @@ def test_auto_counts_the_plain_step_after_drafting_in_a_probes_cost():
     assert len(probes(settle=3.0)) < len(probes(settle=0.0))
 
 
+def test_auto_does_not_take_the_plain_steps_right_after_drafting_for_plain_decoding():
+    """Drafting displaces experts plain steps use, and refilling them takes more than one step:
+    here the two plain steps after a drafting step cost 2.5x a plain step. Drafting does not pay
+    against steady plain steps (α = 0.5: 1.5 tokens for a step of 1.6), but it would against the
+    second of those, so that step must not restart the plain baseline: a single such sample made
+    batch-1 short code draft for several steps and run 0.95x plain (tiny-qwen2moe, 0.25 GB/s)."""
+    chooser, chosen, since_drafting = GammaChooser("auto"), [], 99
+    for _ in range(400):
+        g = chooser.choose(1)
+        since_drafting = 0 if g else since_drafting + 1
+        cost = 1.0 + 0.6 * g if g else (2.5 if since_drafting <= 2 else 1.0)
+        chooser.observe(g, 1, 1 if g else 0, 2 * g, cost, 0.6 * g)
+        chosen.append(g)
+    probes = [i for i, g in enumerate(chosen) if g]
+    assert len(probes) <= 8 and all(b - a > 1 for a, b in zip(probes, probes[1:])), probes
+
+
 def test_auto_does_not_run_a_gamma_that_only_a_prediction_says_pays():
     """Batch 1 on a slow link: each drafted token's verification needs more experts, so t(γ)
     grows faster than the draft passes predict. After γ=1's probe fails, γ=2 (predicted to pay

@@ -38,13 +38,14 @@ class GammaChooser:
 
     def __init__(self, gamma: int | str = "auto", max_gamma: int = AUTO_MAX_GAMMA, start: int = 1,
                  probe_every: int = 8, ema: float = 0.3, decay: float = 0.9, margin: float = 0.05,
-                 probe_budget: float = 0.03, max_wait: int = 512):
+                 probe_budget: float = 0.03, max_wait: int = 512, settle_steps: int = 2):
         if gamma != "auto" and not (isinstance(gamma, int) and not isinstance(gamma, bool) and gamma >= 0):
             raise MoespecError(f"gamma must be a non-negative integer or 'auto', got {gamma!r}")
         self.setting = gamma
         self.fixed = None if gamma == "auto" else gamma
         self.max_gamma, self.start, self.probe_every = max_gamma, min(start, max_gamma), probe_every
         self.ema, self.decay, self.margin, self.probe_budget, self.max_wait = ema, decay, margin, probe_budget, max_wait
+        self.settle_steps = settle_steps  # plain steps after drafting not measured as plain decoding
         self.cost: dict[int, dict[int, float]] = {}  # batch bucket -> γ -> seconds per step (EMA)
         self.spread: dict[int, dict[int, float]] = {}  # batch bucket -> γ -> variance of those seconds (EMA)
         self.samples: dict[int, dict[int, int]] = {}  # batch bucket -> γ -> steps measured
@@ -56,7 +57,8 @@ class GammaChooser:
         self.next_probe: int | None = None  # while off: the step that tries drafting again
         self.failures = 0  # probes in a row that found drafting not paying
         self.previous: int | None = None  # γ of the last step (None: a prefill ran since)
-        self.settling = False  # the last step was plain after drafting (or a prefill): not measured
+        self.settling = False  # the last step was plain right after drafting (or a prefill): not measured
+        self.unsettled = 0  # plain steps after drafting (or a prefill) still to leave unmeasured
 
     @property
     def alpha(self) -> float:
@@ -164,14 +166,19 @@ class GammaChooser:
             self.tried = self.decay * self.tried + tried
         if fill_seconds:
             self.fill_seconds = self._average(self.fill_seconds, fill_seconds, self.ema if self.fill_seconds else 1.0)
-        # the first plain step after drafting or a prefill pays for experts they displaced: a
-        # switch's cost, not a plain step's, so it is not measured (and one more plain step is);
-        # the next one starts t(0) afresh, since plain steps measured in an earlier phase ran on
-        # a colder cache
-        fresh = gamma == 0 and self.settling
-        self.settling = gamma == 0 and self.previous != 0
+        # the first plain step after a prefill, and the first `settle_steps` after drafting, pay
+        # for experts those displaced: a switch's cost, not a plain step's, so they are not
+        # measured (one step after drafting was too few: refilling took two under LFRU eviction,
+        # and the second, taken for t(0), made batch-1 drafting look paying); the next one starts
+        # t(0) afresh, since plain steps measured in an earlier phase ran on a colder cache
+        settled_before = self.settling
+        if gamma == 0 and self.previous != 0:
+            self.unsettled = self.settle_steps if self.previous else 1
+        self.settling = gamma == 0 and self.unsettled > 0
+        self.unsettled -= self.settling
+        fresh = gamma == 0 and settled_before and not self.settling
         bucket = self._bucket(rows)
-        if self.settling and self.previous and seconds is not None and 0 in self.cost[bucket]:
+        if gamma == 0 and self.previous and seconds is not None and 0 in self.cost[bucket]:
             extra = max(0.0, seconds - self.cost[bucket][0])
             self.settle_seconds = self._average(self.settle_seconds, extra, self.ema if self.settle_seconds else 1.0)
         self.previous = gamma
