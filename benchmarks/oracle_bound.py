@@ -26,7 +26,7 @@ import os
 import statistics
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
@@ -35,23 +35,9 @@ from moespec.bench.corpus import bench_prompts
 from moespec.bench.runner import POLICIES, compute_step, link_bandwidth, one_run, prefill_counters, reference_engine
 from moespec.hooks import ForwardHooks
 from moespec.speculate.policy import Speculation
+from moespec.speculate.traces import RouteRecorder
 
 Routes = dict[tuple[int, int], list[list[int]]]  # (forward pass of the run, MoE layer) -> each row's expert ids
-
-
-class RouteRecorder(ForwardHooks):
-    """Records every forward pass's routing; pass 0 is the prefill."""
-
-    def __init__(self) -> None:
-        self.routes: Routes = {}
-        self.step = -1
-
-    def forward_start(self, rows: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor) -> None:
-        self.step = 0 if positions.shape[1] > 1 else self.step + 1
-
-    def route(self, layer, x, weights, ids):
-        self.routes[(self.step, layer)] = ids.tolist()
-        return weights, ids
 
 
 class PerfectGuesses:
@@ -98,11 +84,12 @@ def hooked(llm: LLM, hook: ForwardHooks | None) -> Iterator[None]:
 
 
 def record(llm: LLM, prompts: list[list[int]], new_tokens: int) -> Routes:
+    """The routing of a greedy run of `prompts`, by forward pass (0: the prefill) and MoE layer."""
     llm.set_policy()
-    recorder = RouteRecorder()
+    recorder = RouteRecorder(llm.model, hidden=False)  # one [tokens, k] tensor per forward pass and layer
     with hooked(llm, recorder):
         llm.generate(prompts, max_new_tokens=new_tokens, ignore_eos=True)
-    return recorder.routes
+    return {(step, layer): ids.tolist() for layer, passes in recorder.ids.items() for step, ids in enumerate(passes)}
 
 
 def point(llm: LLM, batch: int, policies: list[str], depths: list[int], repeats: int, new_tokens: int) -> dict:
@@ -115,7 +102,7 @@ def point(llm: LLM, batch: int, policies: list[str], depths: list[int], repeats:
         guesses = PerfectGuesses(routes, list(spec.moe_layer_ids), spec.top_k, depth, across)
         return Speculation(llm.model, llm.experts, guesses, 0, "off")
 
-    rows: dict[str, tuple[str, callable]] = {p: (p, lambda: None) for p in ["none", *policies]}
+    rows: dict[str, tuple[str, Callable[[], Speculation | None]]] = {p: (p, lambda: None) for p in ["none", *policies]}
     for d in depths:
         rows[f"perfect d{d}"] = ("none", lambda d=d: perfect(d, False))
         rows[f"perfect d{d} across tokens"] = ("none", lambda d=d: perfect(d, True))
