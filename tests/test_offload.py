@@ -10,6 +10,7 @@ import torch
 
 from moespec import LLM, MoespecError
 from moespec.checkpoint import Checkpoint
+from moespec.experts.admission import Admission
 from moespec.experts.cache import ExpertCache, budget_slots
 from moespec.experts.eviction import make_policy
 from moespec.experts.stats import ExpertStats
@@ -449,6 +450,45 @@ def test_a_prediction_values_its_layers_residents(model_dir):
     assert cache.resident() == {(1, 2), (1, 4), (0, 0)} and cache.stats[1].prefetches == 1  # nothing worth less
     use(cache, 1, 2, 4)
     assert cache.expected_use((1, 4)) < 0.5  # spent: back to its use rate
+
+
+def test_a_guess_is_priced_by_how_much_of_its_copy_guesses_as_far_ahead_hid(model_dir):
+    """Guesses one layer ahead are used the moment they are made (their copies have just begun);
+    guesses two layers ahead land before they are used. Each depth's measured share prices its own
+    guesses: against the same resident, the same guess pays two layers ahead and not one."""
+    cache = scripted_cache(model_dir, "lru", slots=12, copy_seconds=0.02)  # room for every guess
+    for e in range(6):
+        cache.prefetch(1, [e], depth=1)
+        use(cache, 1, e)  # at once: compute waits for nearly the whole copy
+        cache.prefetch(2, [e], depth=2)
+        time.sleep(0.03)
+        use(cache, 2, e)  # landed
+    assert cache.stats[1].prefetch_hits == cache.stats[2].prefetch_hits == 6
+    one, two = cache.admission.hidden_share(1), cache.admission.hidden_share(2)
+    assert one < two
+    victim = (one + two) / 2
+    assert cache.admission.worth_it(1.0, victim, preempts=True, depth=2)
+    assert not cache.admission.worth_it(1.0, victim, preempts=True, depth=1)
+    cache.transfers.close()
+
+
+def test_a_copys_progress_is_the_share_of_its_wire_time_passed():
+    link = CpuTransfers(link_bandwidth=24 / 0.2)  # 200 ms of wire time
+    handle = link.copy(lambda: {"w": torch.arange(6.0)}, {}, "guess", slot=0, urgent=False)
+    time.sleep(0.05)
+    assert 0.2 < link.progress(handle) < 0.9
+    link.wait(handle, layer=0)
+    assert link.progress(handle) == 1.0
+
+
+def test_until_measured_a_guess_hides_the_links_idle_share_then_what_it_measured():
+    adm = Admission()
+    adm.link_busy = 0.75
+    assert adm.hidden_share(1) == 0.25 and not adm.worth_it(0.9, 0.3, preempts=True, depth=1)
+    for _ in range(30):
+        adm.guess_used(1, 1.0)
+    assert adm.hidden_share(1) > 0.95 and adm.worth_it(0.9, 0.3, preempts=True, depth=1)
+    assert adm.hidden_share(2) == 0.25  # each depth is measured on its own guesses
 
 
 def test_a_guess_displaces_the_policys_next_victim_not_a_resident_kept_for_later(model_dir):

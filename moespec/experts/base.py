@@ -58,12 +58,14 @@ class Prefetcher(Protocol):
     capacity: int  # expert slots on the device
 
     def prefetch(self, target: int, ids: list[int], running: int | None = None,
-                 scores: list[float] | None = None, predicted: list[float] | None = None) -> None:
+                 scores: list[float] | None = None, predicted: list[float] | None = None, depth: int = 1) -> None:
         """Copy experts guessed for MoE layer `target`, best guess first. `running`: the MoE layer
         about to fetch its own experts; the guesses then wait until that fetch has put its missing
         experts on the link and never evict them. None: start the copies now. `scores`: each
         guess's expected use in [0, 1]; a guess evicts only a resident worth less. `predicted`:
-        the expected use of every expert of `target` (values its residents until it runs)."""
+        the expected use of every expert of `target` (values its residents until it runs).
+        `depth`: how far ahead the guess was made (the speculation's depth: guesses of one depth
+        get about as much time to land)."""
         ...
 
     def ready(self, layer: int) -> set[int]:

@@ -10,8 +10,8 @@ without waiting (speculation).
 
 A guess is admitted by measured value (admission.py): it takes a free slot, or displaces the
 resident the eviction policy would give up next among those its prediction does not call at least
-as likely to be used, if it beats that victim by what a displacement costs at the link's measured
-load; it enters at the lowest priority and is promoted when used. Under the "predicted" eviction
+as likely to be used, if it beats that victim by the share of a copy that right guesses of its
+depth were measured to hide; it enters at the lowest priority and is promoted when used. Under the "predicted" eviction
 policy a demand miss evicts the least valuable of the guessed-for layers' residents and the
 policy's victim. The cache owns its transfer engine (CPU emulated link or CUDA copy stream), which
 records every stall; `flush_stats` adds them to the statistics, the same way on both.
@@ -104,7 +104,9 @@ class ExpertCache:
         self.pending: dict[Key, object] = {}  # copies in flight
         self.locked: set[Key] = set()  # needed by the running layer
         self.unused_prefetch: set[Key] = set()
-        self._after_fetch: dict[int, list[tuple[int, list[tuple[int, float]]]]] = {}  # running layer -> guesses
+        self._guess_depth: dict[Key, int] = {}  # a guess not used yet -> how far ahead it was made
+        # running layer -> guesses (target, [(id, score)], depth)
+        self._after_fetch: dict[int, list[tuple[int, list[tuple[int, float]], int]]] = {}
         self._runs = {layer: 0 for layer in layers}  # fetches per layer: the clock of `expected_use`
         self._use_rate: dict[Key, tuple[float, int]] = {}  # key -> (rate, run when last updated)
         self.admission = Admission()
@@ -124,6 +126,7 @@ class ExpertCache:
             for views in self._slot_views:
                 views.clear()
         self.unused_prefetch.clear()
+        self._guess_depth.clear()
         self._use_rate.clear()
         self.admission = Admission()
         for ids in self._resident_of.values():
@@ -177,15 +180,16 @@ class ExpertCache:
     def _record_use(self, key: Key) -> None:
         self._use_rate[key] = (self._use_rate_now(key) + 1 - REUSE_DECAY, self._runs[key[0]])  # this run counts
 
-    def _load(self, key: Key, urgent: bool = True, guess: float | None = None, score: float = 1.0) -> bool:
+    def _load(self, key: Key, urgent: bool = True, guess: float | None = None, score: float = 1.0,
+              depth: int = 1) -> bool:
         """Start copying `key` into a slot (evicting if needed); False if every slot is busy, or,
         for a `guess` (its expected use; `score`: the speculation's, comparable with its
-        predictions), if the victim is worth more than it.
+        predictions; `depth`: how far ahead it was made), if the victim is worth more than it.
 
         Urgent copies (a layer waits for them) go ahead of queued prefetches where the link can."""
         dom = self.domains[key[0]]
         if dom.free:  # a guess still costs its copy: on a busy link only a likely one pays
-            if guess is not None and not self.admission.worth_it(guess, 0.0, self.transfers.preempts):
+            if guess is not None and not self.admission.worth_it(guess, 0.0, self.transfers.preempts, depth):
                 return False
             slot = dom.free.pop()
         else:
@@ -194,7 +198,8 @@ class ExpertCache:
             else:
                 victim = self._value_victim(dom) if dom.policy.by_prediction else dom.policy.victim(self._evictable)
             if victim is None or (guess is not None and
-                                  not self.admission.worth_it(guess, self.expected_use(victim), self.transfers.preempts)):
+                                  not self.admission.worth_it(guess, self.expected_use(victim),
+                                                              self.transfers.preempts, depth)):
                 return False
             self.admission.evicted(victim, by_guess=guess is not None)
             if victim in self.unused_prefetch:
@@ -282,9 +287,9 @@ class ExpertCache:
             self.transfers.wait(handle, key[0])
 
     def prefetch(self, target: int, ids: list[int], running: int | None = None,
-                 scores: list[float] | None = None, predicted: list[float] | None = None) -> None:
-        """Copy experts guessed for `target`, best first, never waiting. `scores`: each guess's
-        expected use in [0, 1] (default 1: admit whenever a slot can be had). With `running`,
+                 scores: list[float] | None = None, predicted: list[float] | None = None, depth: int = 1) -> None:
+        """Copy experts guessed for `target`, `depth` layers ahead, best first, never waiting.
+        `scores`: each guess's expected use in [0, 1] (default 1: admit whenever a slot can be had). With `running`,
         the copies start only once that layer's fetch has put its own missing experts on the link
         (and locked its experts), so a guess never delays or evicts an expert needed now.
         `predicted`: every expert of `target`'s expected use at its next run; until then it values
@@ -294,18 +299,19 @@ class ExpertCache:
             self.admission.predicted[target] = predicted
         guesses = list(zip(ids, scores if scores is not None else [1.0] * len(ids)))
         if running is not None:
-            self._after_fetch.setdefault(running, []).append((target, guesses))
+            self._after_fetch.setdefault(running, []).append((target, guesses, depth))
         else:
-            self._prefetch(target, guesses)
+            self._prefetch(target, guesses, depth)
 
-    def _prefetch(self, layer: int, guesses: list[tuple[int, float]]) -> None:
+    def _prefetch(self, layer: int, guesses: list[tuple[int, float]], depth: int) -> None:
         missing = [(e, score) for e, score in guesses if (layer, e) not in self.slot_of]
         self.admission.guessed(layer, missing)
         for e, score in missing:
             key = (layer, e)
-            if not self._load(key, urgent=False, guess=self.admission.guess_value(score), score=score):
+            if not self._load(key, urgent=False, guess=self.admission.guess_value(score), score=score, depth=depth):
                 break  # ranked best first: a guess that could not displace anything stops the rest
             self.unused_prefetch.add(key)
+            self._guess_depth[key] = depth
             self.stats[layer].prefetches += 1
 
     def fetch(self, layer: int, ids: list[int], tokens: int) -> Iterator[tuple[int, ExpertWeights]]:
@@ -333,8 +339,8 @@ class ExpertCache:
                     self.locked.add(misses[0])
                     in_flight.append(misses.pop(0))
                 if not misses and guesses:  # this layer's copies are all on the link: now the guesses
-                    for target, guessed in guesses:
-                        self._prefetch(target, guessed)
+                    for target, guessed, depth in guesses:
+                        self._prefetch(target, guessed, depth)
                     guesses.clear()
 
             issue()
@@ -385,6 +391,7 @@ class ExpertCache:
         dom = self.domains[key[0]]
         self.pending.pop(key, None)
         self.unused_prefetch.discard(key)
+        self._guess_depth.pop(key, None)
         dom.resident.discard(key)
         self._resident_of[key[0]].discard(key[1])
         dom.policy.forget(key)
@@ -394,6 +401,10 @@ class ExpertCache:
         return slot
 
     def _use(self, key: Key) -> Iterator[tuple[int, ExpertWeights]]:
+        depth = self._guess_depth.pop(key, None)
+        if depth is not None:  # a right guess: how much of its copy did it hide?
+            handle = self.pending.get(key)
+            self.admission.guess_used(depth, 1.0 if handle is None else self.transfers.progress(handle))
         self._wait(key)
         self.domains[key[0]].policy.touch(key)
         self._record_use(key)

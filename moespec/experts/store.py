@@ -145,7 +145,7 @@ class ResidentExperts:
         return {e for (l, e) in self.resident() if l == layer}
 
     def prefetch(self, target: int, ids: list[int], running: int | None = None,
-                 scores: list[float] | None = None, predicted: list[float] | None = None) -> None:
+                 scores: list[float] | None = None, predicted: list[float] | None = None, depth: int = 1) -> None:
         """Nothing to move: every expert is already on the device."""
 
     def stalled_seconds(self) -> float | None:

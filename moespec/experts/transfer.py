@@ -239,6 +239,15 @@ class CpuTransfers:
         self._advance(time.perf_counter())
         return handle.done or handle.error is not None
 
+    def progress(self, handle: _Copy) -> float:
+        """The share of the copy's wire time that has passed (0 while it is read or queued)."""
+        self._advance(time.perf_counter())
+        if handle.done or handle.error is not None:
+            return 1.0
+        if handle.link_left is None or handle.wire <= 0:
+            return 0.0
+        return 1.0 - handle.link_left / handle.wire
+
     def cancel(self, handle: _Copy) -> bool:
         """Drop a copy that is not on the link (a read already made is wasted, and so is the wire
         time of a prefetch that yielded the link part-way); False if it is on the link or done."""
@@ -334,6 +343,10 @@ class CudaTransfers:
                 return False
             return handle.exception() is not None or handle.result().query()
         return handle.query()
+
+    def progress(self, handle: torch.cuda.Event | Future) -> float:
+        """1 if the copy has landed, else 0: how far a copy on the stream has got is not known."""
+        return float(self.done(handle))
 
     def cancel(self, handle: torch.cuda.Event | Future) -> bool:
         """A read not yet begun can be dropped; a copy enqueued on the stream cannot be taken back."""

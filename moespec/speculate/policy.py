@@ -249,7 +249,7 @@ class Speculation(ForwardHooks):
         self.prefetched.setdefault(target, {})[depth] = order
         if decoding:  # guesses ranked best first, so the threshold cuts a tail
             ids = [e for e in order if use[e] >= self.threshold]
-            self.cache.prefetch(target, ids, running, [use[e] for e in ids], use)
+            self.cache.prefetch(target, ids, running, [use[e] for e in ids], use, depth)
 
     def _rank_one(self, scores: torch.Tensor, depth: int) -> tuple[OneGuess, list[int], list[float]]:
         """One token's guess scores [E] (batch-1 decoding) -> `_one_guess` of its `width` best
