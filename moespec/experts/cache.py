@@ -11,9 +11,9 @@ without waiting (speculation).
 A guess is admitted by measured value (admission.py): it takes a free slot, or displaces the
 resident the eviction policy would give up next among those its prediction does not call at least
 as likely to be used, if it beats that victim by the share of a copy that right guesses of its
-depth were measured to hide; it enters at the lowest priority and is promoted when used. Under the "predicted" eviction
-policy a demand miss evicts the least valuable of the guessed-for layers' residents and the
-policy's victim. The cache owns its transfer engine (CPU emulated link or CUDA copy stream), which
+depth were measured to hide; it enters at the lowest priority and is promoted when used. Under
+the "predicted" eviction policy a demand miss evicts the least valuable of the guessed-for
+layers' residents and the policy's victim. The cache owns its transfer engine (CPU emulated link or CUDA copy stream), which
 records every stall; `flush_stats` adds them to the statistics, the same way on both.
 """
 
@@ -103,8 +103,7 @@ class ExpertCache:
         self.slot_of: dict[Key, int] = {}
         self.pending: dict[Key, object] = {}  # copies in flight
         self.locked: set[Key] = set()  # needed by the running layer
-        self.unused_prefetch: set[Key] = set()
-        self._guess_depth: dict[Key, int] = {}  # a guess not used yet -> how far ahead it was made
+        self.unused_prefetch: dict[Key, int] = {}  # a copied guess not used yet -> how far ahead it was made
         # running layer -> guesses (target, [(id, score)], depth)
         self._after_fetch: dict[int, list[tuple[int, list[tuple[int, float]], int]]] = {}
         self._runs = {layer: 0 for layer in layers}  # fetches per layer: the clock of `expected_use`
@@ -126,7 +125,6 @@ class ExpertCache:
             for views in self._slot_views:
                 views.clear()
         self.unused_prefetch.clear()
-        self._guess_depth.clear()
         self._use_rate.clear()
         self.admission = Admission()
         for ids in self._resident_of.values():
@@ -289,9 +287,10 @@ class ExpertCache:
     def prefetch(self, target: int, ids: list[int], running: int | None = None,
                  scores: list[float] | None = None, predicted: list[float] | None = None, depth: int = 1) -> None:
         """Copy experts guessed for `target`, `depth` layers ahead, best first, never waiting.
-        `scores`: each guess's expected use in [0, 1] (default 1: admit whenever a slot can be had). With `running`,
-        the copies start only once that layer's fetch has put its own missing experts on the link
-        (and locked its experts), so a guess never delays or evicts an expert needed now.
+        `scores`: each guess's expected use in [0, 1] (default 1: admit whenever a slot can be
+        had). With `running`, the copies start only once that layer's fetch has put its own
+        missing experts on the link (and locked its experts), so a guess never delays or evicts
+        an expert needed now.
         `predicted`: every expert of `target`'s expected use at its next run; until then it values
         that layer's residents, so a guess displaces the resident it predicts unneeded, never one it
         predicts needed."""
@@ -310,8 +309,7 @@ class ExpertCache:
             key = (layer, e)
             if not self._load(key, urgent=False, guess=self.admission.guess_value(score), score=score, depth=depth):
                 break  # ranked best first: a guess that could not displace anything stops the rest
-            self.unused_prefetch.add(key)
-            self._guess_depth[key] = depth
+            self.unused_prefetch[key] = depth
             self.stats[layer].prefetches += 1
 
     def fetch(self, layer: int, ids: list[int], tokens: int) -> Iterator[tuple[int, ExpertWeights]]:
@@ -328,8 +326,8 @@ class ExpertCache:
         self.domains[layer].policy.layer_runs(layer)
         stats.hits += len(hits)
         stats.misses += len(misses)
-        stats.prefetch_hits += sum(k in self.unused_prefetch for k in hits)
-        self.unused_prefetch.difference_update(hits)
+        right_guesses = {k: self.unused_prefetch.pop(k) for k in hits if k in self.unused_prefetch}  # -> depth
+        stats.prefetch_hits += len(right_guesses)
         self.locked.update(hits)
         in_flight: list[Key] = []
         guesses = self._after_fetch.pop(layer, [])
@@ -345,7 +343,7 @@ class ExpertCache:
 
             issue()
             for key in hits:
-                yield from self._use(key)
+                yield from self._use(key, right_guesses.get(key))
                 issue()
             while in_flight or misses:
                 if not in_flight:  # every slot holds a guess still landing: free one
@@ -390,8 +388,7 @@ class ExpertCache:
         """Forget `key` (evicted, or its copy cancelled); return the slot it held."""
         dom = self.domains[key[0]]
         self.pending.pop(key, None)
-        self.unused_prefetch.discard(key)
-        self._guess_depth.pop(key, None)
+        self.unused_prefetch.pop(key, None)
         dom.resident.discard(key)
         self._resident_of[key[0]].discard(key[1])
         dom.policy.forget(key)
@@ -400,11 +397,12 @@ class ExpertCache:
             self._slot_views[slot].clear()  # let go of the expert's memory (CPU: held by reference)
         return slot
 
-    def _use(self, key: Key) -> Iterator[tuple[int, ExpertWeights]]:
-        depth = self._guess_depth.pop(key, None)
-        if depth is not None:  # a right guess: how much of its copy did it hide?
+    def _use(self, key: Key, guessed: int | None = None) -> Iterator[tuple[int, ExpertWeights]]:
+        """Yield `key`'s weights once its copy has landed; `guessed`: it is a right guess made
+        that many layers ahead, so admission learns how much of its copy it hid."""
+        if guessed is not None:
             handle = self.pending.get(key)
-            self.admission.guess_used(depth, 1.0 if handle is None else self.transfers.progress(handle))
+            self.admission.guess_used(guessed, 1.0 if handle is None else self.transfers.progress(handle))
         self._wait(key)
         self.domains[key[0]].policy.touch(key)
         self._record_use(key)
