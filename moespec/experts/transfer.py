@@ -295,7 +295,8 @@ class CudaTransfers:
         self.stream = torch.cuda.Stream(device=device, priority=-1)
         self._slot_free = [None] * slots  # event recorded on the compute stream when a slot was last used
         # reading time on the disk tier (summed over the readers); the wire itself is not measured on
-        # the GPU (it would need timed events per copy): there, guesses see an idle link
+        # the GPU (it would need timed events per copy): there admission starts from an idle link and
+        # learns from `progress` whether right guesses had landed when used
         self.busy_seconds = 0.0
         self.stalled_seconds: float | None = None  # known only after a sync (collect_stalls)
         self._stalls: list[tuple[int, torch.cuda.Event, torch.cuda.Event]] = []
