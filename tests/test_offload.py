@@ -464,6 +464,7 @@ def test_a_guess_is_priced_by_how_much_of_its_copy_guesses_as_far_ahead_hid(mode
         time.sleep(0.03)
         use(cache, 2, e)  # landed
     assert cache.stats[1].prefetch_hits == cache.stats[2].prefetch_hits == 6
+    assert cache.stats[1].prefetch_landed_share < 0.5 and cache.stats[2].prefetch_landed_share == 1.0
     one, two = cache.admission.hidden_share(1), cache.admission.hidden_share(2)
     assert one < two
     victim = (one + two) / 2

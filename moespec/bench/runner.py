@@ -118,6 +118,7 @@ def one_run(llm: LLM, policy: str, prompts: list[list[int]], new_tokens: int, pr
     d, e, before = s.decode, s.experts, prefill.experts
     decode_bytes = e.bytes_moved - before.bytes_moved
     decode_uses = e.hits + e.misses - before.hits - before.misses
+    right_guesses = e.prefetch_hits - before.prefetch_hits
     return {
         "seconds_per_step": d.decode_seconds_per_step,
         "seconds_per_output_token": d.decode_seconds_per_token,
@@ -129,6 +130,8 @@ def one_run(llm: LLM, policy: str, prompts: list[list[int]], new_tokens: int, pr
         "decode_hit_rate": (e.hits - before.hits) / decode_uses if decode_uses > 0 else None,
         "decode_stall_share": max(e.stall_seconds - before.stall_seconds, 0.0) / d.decode_seconds,
         "recall_at_k": s.speculation.by_depth[1].recall_at_k if s.speculation is not None else None,
+        # how much of a right guess's copy was done when compute needed it
+        "prefetch_landed_share": (e.prefetch_landed - before.prefetch_landed) / right_guesses if right_guesses else None,
         # the speculation hooks' own time in decode steps (guessing, scoring, issuing prefetches)
         "guess_ms_per_step": 1000 * max(s.speculation.seconds - prefill.guess_seconds, 0.0) / d.decode_steps
         if s.speculation is not None else None,

@@ -60,6 +60,7 @@ class EngineStats:
 
     def as_dict(self) -> dict[str, Any]:
         out = {**self.decode.as_dict(), **asdict(self.experts), "hit_rate": self.hit_rate,
+               "prefetch_landed_share": self.experts.prefetch_landed_share,
                "per_layer": {layer: asdict(s) for layer, s in self.per_layer.items()},
                "bytes_wasted": self.bytes_wasted, "cache_slots": self.cache_slots,
                "expert_bytes": self.expert_bytes, "link": self.link, "bytes_per_token": self.bytes_per_token}

@@ -402,7 +402,9 @@ class ExpertCache:
         that many layers ahead, so admission learns how much of its copy it hid."""
         if guessed is not None:
             handle = self.pending.get(key)
-            self.admission.guess_used(guessed, 1.0 if handle is None else self.transfers.progress(handle))
+            done = 1.0 if handle is None else self.transfers.progress(handle)
+            self.admission.guess_used(guessed, done)
+            self.stats[key[0]].prefetch_landed += done
         self._wait(key)
         self.domains[key[0]].policy.touch(key)
         self._record_use(key)

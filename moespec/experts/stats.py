@@ -10,12 +10,19 @@ class LayerStats:
     hits: int = 0  # needed experts that were already on the device (prefetched or cached)
     misses: int = 0  # needed experts that had to be copied while the layer waited
     prefetch_hits: int = 0  # hits on experts brought in by a prefetch and not used before
+    prefetch_landed: float = 0.0  # over prefetch hits, the share of each one's copy done when first used
     wasted_prefetches: int = 0  # prefetched experts evicted without ever being used
     prefetches: int = 0  # prefetch copies issued
     cancelled_prefetches: int = 0  # prefetches taken back before reaching the link (not in bytes_moved)
     bytes_moved: int = 0  # host -> device bytes copied (misses and prefetches)
     stall_seconds: float = 0.0  # time compute waited for expert copies
     tokens: int = 0  # tokens routed through the layer
+
+    @property
+    def prefetch_landed_share(self) -> float | None:
+        """How much of a right guess's copy had been done when compute needed it (1: every right
+        guess hid its whole copy); None before any prefetch hit."""
+        return self.prefetch_landed / self.prefetch_hits if self.prefetch_hits else None
 
     def add(self, other: "LayerStats") -> None:
         for f in fields(self):
