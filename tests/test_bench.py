@@ -53,6 +53,8 @@ def test_bench_reports_every_policy_against_on_demand(model_dir):
             assert row["ms_per_step_min"] <= row["ms_per_step_median"] <= row["ms_per_step_max"]
             assert row["bytes_per_token"] > 0 and 0 <= row["hit_rate"] <= 1 and 0 <= row["decode_hit_rate"] <= 1
             assert 0 <= row["decode_stall_share"] < 1
+        assert "prefetch_landed_share" not in rows["none"]  # no guess, so no right guess: nothing to median
+        assert 0 <= rows["lookahead"].get("prefetch_landed_share", 0) <= 1
     lines = format_table(result)
     assert len(lines) == 2 * 3 and all(line.startswith("[CPU with an emulated 1 GB/s link]") for line in lines)
 
