@@ -10,7 +10,7 @@ import torch
 
 from moespec import LLM, MoespecError
 from moespec.checkpoint import Checkpoint
-from moespec.experts.admission import Admission
+from moespec.experts.admission import STALE_REFUSALS, Admission
 from moespec.experts.cache import ExpertCache, budget_slots
 from moespec.experts.eviction import make_policy
 from moespec.experts.stats import ExpertStats
@@ -490,6 +490,21 @@ def test_until_measured_a_guess_hides_the_links_idle_share_then_what_it_measured
         adm.guess_used(1, 1.0)
     assert adm.hidden_share(1) > 0.95 and adm.worth_it(0.9, 0.3, preempts=True, depth=1)
     assert adm.hidden_share(2) == 0.25  # each depth is measured on its own guesses
+
+
+def test_a_depth_whose_guesses_keep_being_refused_drifts_back_to_the_links_idle_share():
+    """A share measured low (say while the link was congested) keeps that depth's guesses out, and
+    only right guesses that were let in measure it again: after a long run of refusals it drifts
+    back toward the link's idle share until a guess is admitted."""
+    adm = Admission()
+    adm.link_busy = 0.25
+    for _ in range(30):
+        adm.guess_used(1, 0.0)
+    refusals = 0
+    while not adm.worth_it(0.9, 0.3, preempts=True, depth=1):
+        refusals += 1
+        assert refusals < 500
+    assert refusals > STALE_REFUSALS and 0.3 / 0.9 < adm.hidden_share(1) < 0.75
 
 
 def test_a_guess_displaces_the_policys_next_victim_not_a_resident_kept_for_later(model_dir):

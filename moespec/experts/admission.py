@@ -29,6 +29,10 @@ from typing import Callable
 from ..odds import JointOdds, Odds
 from .base import Key
 
+# refusals of a depth's guesses in a row, with none of its right guesses used meanwhile, after which
+# each further refusal moves that depth's hidden share a step back toward the link's idle share
+STALE_REFUSALS = 32
+
 
 class Admission:
     """The cache's admission state: live predictions, measured odds, survival and link load."""
@@ -46,6 +50,7 @@ class Admission:
         self.link_busy = 0.0  # share of recent wall time the link was busy (an average)
         # depth of guess -> share of a used guess's copy done when compute needed it (an average)
         self.hidden: dict[int, float] = {}
+        self._refused: dict[int, int] = {}  # depth -> its guesses refused since one of its right guesses was used
         self._busy_mark = (time.perf_counter(), 0.0)  # (when, the link's busy seconds then)
 
     def expected_use(self, key: Key, rate: float) -> float:
@@ -69,7 +74,13 @@ class Admission:
         copies cannot overtake a guess (`preempts` False: CUDA's in-order stream, a disk read once
         started), a wrong guess's copy delays them as much as the link is busy."""
         wasted = 0.0 if preempts else (1 - guess) * self.link_busy
-        return guess * self.hidden_share(depth) > wasted + victim
+        if guess * self.hidden_share(depth) > wasted + victim:
+            return True
+        refused = self._refused[depth] = self._refused.get(depth, 0) + 1
+        if refused > STALE_REFUSALS and depth in self.hidden:
+            # nothing measures a share that keeps its guesses out: let it drift back to the prior
+            self.hidden[depth] += 0.05 * (1.0 - self.link_busy - self.hidden[depth])
+        return False
 
     def hidden_share(self, depth: int) -> float:
         """The share of a right guess's copy, made `depth` layers ahead, measured to be done when
@@ -84,6 +95,7 @@ class Admission:
     def guess_used(self, depth: int, done: float) -> None:
         """A guess made `depth` layers ahead is used with `done` (0-1) of its copy done."""
         self.hidden[depth] = 0.9 * self.hidden_share(depth) + 0.1 * done
+        self._refused[depth] = 0
 
     def guessed(self, layer: int, missing: list[tuple[int, float]]) -> None:
         """Guesses of non-resident experts for `layer` (copied or not): evidence when it runs."""
