@@ -131,7 +131,8 @@ def one_run(llm: LLM, policy: str, prompts: list[list[int]], new_tokens: int, pr
         "decode_stall_share": max(e.stall_seconds - before.stall_seconds, 0.0) / d.decode_seconds,
         "recall_at_k": s.speculation.by_depth[1].recall_at_k if s.speculation is not None else None,
         # how much of a right guess's copy was done when compute needed it
-        "prefetch_landed_share": (e.prefetch_landed - before.prefetch_landed) / right_guesses if right_guesses else None,
+        "prefetch_landed_share": (e.prefetch_landed - before.prefetch_landed) / right_guesses
+        if right_guesses else None,
         # the speculation hooks' own time in decode steps (guessing, scoring, issuing prefetches)
         "guess_ms_per_step": 1000 * max(s.speculation.seconds - prefill.guess_seconds, 0.0) / d.decode_steps
         if s.speculation is not None else None,

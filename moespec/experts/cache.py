@@ -5,16 +5,17 @@ the CPU, whose host memory is the device's, a slot holds its expert by reference
 their copies land, so compute on the first experts overlaps the copies of the rest. Slots are
 shared by all MoE layers (scope "global") or split evenly between them (scope "layer"). Experts
 in use by the running layer or still being copied are never evicted; among the others the
-eviction policy chooses. `prefetch(target, ids, running, scores, predicted)` starts copies
-without waiting (speculation).
+eviction policy chooses. `prefetch(target, ids, running, scores, predicted, depth)` starts
+copies without waiting (speculation).
 
 A guess is admitted by measured value (admission.py): it takes a free slot, or displaces the
 resident the eviction policy would give up next among those its prediction does not call at least
 as likely to be used, if it beats that victim by the share of a copy that right guesses of its
 depth were measured to hide; it enters at the lowest priority and is promoted when used. Under
 the "predicted" eviction policy a demand miss evicts the least valuable of the guessed-for
-layers' residents and the policy's victim. The cache owns its transfer engine (CPU emulated link or CUDA copy stream), which
-records every stall; `flush_stats` adds them to the statistics, the same way on both.
+layers' residents and the policy's victim. The cache owns its transfer engine (CPU emulated link
+or CUDA copy stream), which records every stall; `flush_stats` adds them to the statistics, the
+same way on both.
 """
 
 from __future__ import annotations
