@@ -179,37 +179,38 @@ class ExpertCache:
     def _record_use(self, key: Key) -> None:
         self._use_rate[key] = (self._use_rate_now(key) + 1 - REUSE_DECAY, self._runs[key[0]])  # this run counts
 
-    def _load(self, key: Key, urgent: bool = True, guess: float | None = None, score: float = 1.0,
-              depth: int = 1) -> bool:
+    def _load(self, key: Key, score: float | None = None, depth: int = 1) -> bool:
         """Start copying `key` into a slot (evicting if needed); False if every slot is busy, or,
-        for a `guess` (its expected use; `score`: the speculation's, comparable with its
-        predictions; `depth`: how far ahead it was made), if the victim is worth more than it.
-
-        Urgent copies (a layer waits for them) go ahead of queued prefetches where the link can."""
+        for a guess (`score`: the speculation's, comparable with its predictions; `depth`: how far
+        ahead it was made), if the victim is worth more than it. Without a score the copy is a
+        demand copy (a layer waits for it): it goes ahead of queued prefetches where the link can."""
         dom = self.domains[key[0]]
+        guessed = score is not None
+        guess = self.admission.guess_value(score) if guessed else 0.0  # its expected use
         if dom.free:  # a guess still costs its copy: on a busy link only a likely one pays
-            if guess is not None and not self.admission.worth_it(guess, 0.0, self.transfers.preempts, depth):
+            if guessed and not self.admission.worth_it(guess, 0.0, self.transfers.preempts, depth):
                 return False
             slot = dom.free.pop()
         else:
-            if guess is not None:
+            if guessed:
                 victim = self._guess_victim(dom, score)
             else:
                 victim = self._value_victim(dom) if dom.policy.by_prediction else dom.policy.victim(self._evictable)
-            if victim is None or (guess is not None and
+            if victim is None or (guessed and
                                   not self.admission.worth_it(guess, self.expected_use(victim),
                                                               self.transfers.preempts, depth)):
                 return False
-            self.admission.evicted(victim, by_guess=guess is not None)
+            self.admission.evicted(victim, by_guess=guessed)
             if victim in self.unused_prefetch:
                 self.stats[victim[0]].wasted_prefetches += 1
             slot = self._release(victim)
         self.slot_of[key] = slot
         dom.resident.add(key)
         self._resident_of[key[0]].add(key[1])
-        dom.policy.admit(key, guess=guess is not None)
+        dom.policy.admit(key, guess=guessed)
         read = partial(self.store.packed, key)  # runs on the transfer side, not here
-        self.pending[key] = self.transfers.copy(read, self._slot(slot), f"L{key[0]} E{key[1]}", slot, urgent)
+        self.pending[key] = self.transfers.copy(read, self._slot(slot), f"L{key[0]} E{key[1]}", slot,
+                                                urgent=not guessed)
         self.stats[key[0]].bytes_moved += self.store.expert_bytes
         return True
 
@@ -308,7 +309,7 @@ class ExpertCache:
         self.admission.guessed(layer, missing)
         for e, score in missing:
             key = (layer, e)
-            if not self._load(key, urgent=False, guess=self.admission.guess_value(score), score=score, depth=depth):
+            if not self._load(key, score, depth):
                 break  # ranked best first: a guess that could not displace anything stops the rest
             self.unused_prefetch[key] = depth
             self.stats[layer].prefetches += 1
