@@ -32,7 +32,9 @@ import torch
 
 from moespec import LLM
 from moespec.bench.corpus import bench_prompts
-from moespec.bench.runner import POLICIES, compute_step, link_bandwidth, one_run, prefill_counters, reference_engine
+from moespec.bench.runner import (POLICIES, PrefillCost, compute_step, link_bandwidth, one_run, prefill_counters,
+                                  reference_engine)
+from moespec.experts.stats import LayerStats
 from moespec.hooks import ForwardHooks
 from moespec.speculate.policy import Speculation
 from moespec.speculate.traces import RouteRecorder
@@ -106,26 +108,27 @@ def point(llm: LLM, batch: int, policies: list[str], depths: list[int], repeats:
     for d in depths:
         rows[f"perfect d{d}"] = ("none", lambda d=d: perfect(d, False))
         rows[f"perfect d{d} across tokens"] = ("none", lambda d=d: perfect(d, True))
-    prefill = {}
+    reference = reference_engine(llm)
+    for policy, make in rows.values():  # a warm-up round: its runs are thrown away, nothing to subtract
+        with hooked(llm, make()):
+            one_run(llm, policy, prompts, 4, PrefillCost(LayerStats(), 0.0))
+    compute_step(llm, reference, prompts, 4)
+    prefill = {}  # measured warm, as the runs are (as `moespec bench` does)
     for name, (policy, make) in rows.items():
         with hooked(llm, make()):
             prefill[name] = prefill_counters(llm, POLICIES[policy], prompts)
-    reference = reference_engine(llm)
     runs: dict[str, list[dict]] = {name: [] for name in rows}
     computes = []
-    for rep in range(repeats + 1):  # the first round warms up
-        for name in list(rows) if rep % 2 == 0 else list(rows)[::-1]:
+    for rep in range(repeats):  # rows in turn, every other round in reverse order
+        for name in list(rows) if rep % 2 else list(rows)[::-1]:
             policy, make = rows[name]
             hook = make()
             with hooked(llm, hook):
-                run = one_run(llm, policy, prompts, new_tokens if rep else 4, prefill[name])
+                run = one_run(llm, policy, prompts, new_tokens, prefill[name])
             if hook is not None:  # the hooks' own time (scoring, admission), the prefill's included
                 run["guess_ms_per_step"] = 1000 * hook.seconds / llm.stats().decode.decode_steps
-            if rep:
-                runs[name].append(run)
-        step = compute_step(llm, reference, prompts, new_tokens if rep else 4)
-        if rep:
-            computes.append(step)
+            runs[name].append(run)
+        computes.append(compute_step(llm, reference, prompts, new_tokens))
     llm.set_policy()
     compute = statistics.median(computes)
     out = {name: {key: statistics.median(r[key] for r in rs) for key in
