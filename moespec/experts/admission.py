@@ -72,7 +72,8 @@ class Admission:
         one copy's time. Gain: a right guess hides the share of its copy that is done when compute
         needs it (`hidden_share`). Cost: an evicted hit becomes a whole miss; and where demand
         copies cannot overtake a guess (`preempts` False: CUDA's in-order stream, a disk read once
-        started), a wrong guess's copy delays them as much as the link is busy."""
+        started), a wrong guess's copy delays them as much as the link is busy. A refusal is
+        counted: past `STALE_REFUSALS` in a row its depth's share drifts back to the prior."""
         wasted = 0.0 if preempts else (1 - guess) * self.link_busy
         if guess * self.hidden_share(depth) > wasted + victim:
             return True
