@@ -197,18 +197,20 @@ def cmd_fit_estimator(args: argparse.Namespace) -> None:
     tokens = args.tokens or TRAINING_TOKENS
     trace = RoutingTrace.load(args.routes) if args.routes else record_trace(llm, training_ids(llm, tokens), True)
     options = {k: getattr(args, k) for k in ("mlp", "steps", "lr", "batch") if getattr(args, k) is not None}
-    est, report = fit(llm.model, trace, depth=args.depth, **options)
+    est, report = fit(llm.model, trace, depth=args.depth, next_token=args.next_token_head, **options)
     out = Path(args.out or llm.path / ESTIMATOR_FILE)
     est.save(out)
     report_path = out.with_suffix(".json")
     source = f"--routes {args.routes}" if args.routes else f"--tokens {tokens}"
     report["command"] = (f"moespec fit-estimator --model {args.model or llm.path} {source} --depth {args.depth} "
-                         f"--mlp {report['mlp']} --steps {report['steps']} --lr {report['lr']} --batch {report['batch']}")
+                         f"--mlp {report['mlp']} --steps {report['steps']} --lr {report['lr']} --batch {report['batch']}"
+                         + (" --next-token-head" if args.next_token_head else ""))
     report_path.write_text(json.dumps(report, indent=2) + "\n")
     print(f"estimators written to {out} (report {report_path}); loss {report['loss_first']:.3f} -> "
           f"{report['loss_last']:.3f}", file=sys.stderr)
     for key, r in report["heads"].items():
-        src, target = key.split("_")
+        src, target = map(int, key.split("_"))
+        target = target if target > src else f"the next token's {target}"
         print(f"layer {src} -> {target}: recall@k lookahead {r['lookahead']['val']:.3f}, "
               f"estimator {r['estimator']['val']:.3f} (validation)", file=sys.stderr)
 
@@ -457,8 +459,10 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--tokens", type=int, default=None,
                    help="training-split tokens to trace if no --routes (default 1048576)")
     f.add_argument("--depth", type=int, default=1)
+    f.add_argument("--next-token-head", action="store_true",
+                   help="also a head from the last MoE layer to the next token's first one (used by next_token=True)")
     # unset: estimators.fit's defaults, the configuration the shipped estimators were trained with
-    f.add_argument("--mlp", type=int, default=None, help="hidden width of the MLP correction (0 = linear; default 512)")
+    f.add_argument("--mlp", type=int, default=None, help="hidden width of the MLP correction (0 = linear; default 64)")
     f.add_argument("--steps", type=int, default=None, help="default 3000")
     f.add_argument("--lr", type=float, default=None, help="Adam learning rate, cosine decay to 5%% of it (default 0.01)")
     f.add_argument("--batch", type=int, default=None, help="tokens per step (default 2048)")

@@ -44,11 +44,22 @@ def test_calibrate_then_lookahead_uses_default_vectors(model_dir):
     assert llm.speculation.predictor.dv is not None
 
 
-def test_fit_estimator_writes_file_and_report(model_dir, capsys):
+def test_fit_estimator_writes_file_and_report(model_dir, capsys, tmp_path):
     assert main(["fit-estimator", "--model", str(model_dir), "--tokens", "2048", "--steps", "60"]) == 0
     report = json.loads((model_dir / "estimators.json").read_text())
     assert report["loss_last"] < report["loss_first"]
     assert "recall@k lookahead" in capsys.readouterr().err
+    out = tmp_path / "next.safetensors"
+    assert main(["fit-estimator", "--model", str(model_dir), "--tokens", "2048", "--steps", "20",
+                 "--next-token-head", "--out", str(out)]) == 0
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert report["next_token"] and report["command"].endswith("--next-token-head")
+    from moespec import LLM
+
+    layers = LLM(model_dir).spec.moe_layer_ids
+    last, first = layers[-1], layers[0]
+    assert f"{last}_{first}" in report["heads"]
+    assert f"layer {last} -> the next token's {first}: recall@k" in capsys.readouterr().err
 
 
 def test_eval_reports_perplexity_and_agreement(model_dir, tmp_path):

@@ -264,10 +264,10 @@ def test_compiled_guesses_are_the_eager_guesses(tmp_path, library_dir):
         assert len(runs) == 4  # both layers' guesses ran compiled, for one row and for three
 
 
-def random_estimators(llm: LLM, depth: int, mlp: int) -> Estimators:
+def random_estimators(llm: LLM, depth: int, mlp: int, next_token: bool = False) -> Estimators:
     """Estimators of `llm`'s model with every weight random (a trained head's MLP output is not
     zero), rounded to float16 as an estimator file holds them (compiled guesses read them so)."""
-    est = Estimators(llm.model, depth, mlp)
+    est = Estimators(llm.model, depth, mlp, next_token)
     torch.manual_seed(1)
     with torch.no_grad():
         for p in est.heads.parameters():
@@ -309,6 +309,28 @@ def test_compiled_estimator_guesses_are_the_eager_guesses(tmp_path, library_dir)
         assert len(runs) == 8  # both layers' guesses, at both positions, for one row and two, ran compiled
 
 
+def test_compiled_next_token_head_is_the_eager_head(tmp_path, library_dir):
+    """The estimators' next-token head, compiled: one call ranks each row's eager best experts for
+    the next token's first MoE layer, from the last one's router inputs and, as context, the
+    router inputs this token had at the first; for another width, no ranking."""
+    save_model("mixtral", tmp_path, experts=8, top_k=2, num_hidden_layers=3)
+    llm = LLM(tmp_path)
+    est = random_estimators(llm, 1, 16, next_token=True)
+    fast, eager = EstimatorPredictor(est), EstimatorPredictor(est)
+    fast.compile(library_dir, 3)
+    runs = count_runs(fast.compiled_next)
+    for rows in (1, 2):
+        h, own = (torch.randn(rows, llm.spec.hidden_size) for _ in range(2))
+        for predictor in (fast, eager):
+            predictor.routed(0, own)
+        with torch.inference_mode():
+            got, want = fast.next_token_ranked(h, 3), eager.next_token_scores(h)
+            assert fast.next_token_ranked(h, 2) is None and eager.next_token_ranked(h, 3) is None
+        torch.testing.assert_close(want, est.heads["2_0"](h, own), rtol=0, atol=1e-4)
+        assert_ranked(got, want, 3)
+    assert len(runs) == 2
+
+
 def test_offloaded_estimator_run_stays_exact_and_runs_its_library(tmp_path, library_dir):
     """Prefetching by estimators with compile=True: one prompt's tokens are the resident eager
     run's, and every decode step's guesses are ranked by the estimators' libraries."""
@@ -337,10 +359,11 @@ def test_compiled_next_token_guess_is_the_eager_guess(tmp_path, library_dir):
     runs = count_runs(fast.compiled)
     for rows in (1, 1, 4):
         residual = torch.randn(rows, model.spec.hidden_size, generator=torch.Generator().manual_seed(rows))
+        router_input = model.layers[fast.last].post_attention_layernorm(residual)  # the lens does not read it
         with torch.inference_mode():
-            got = fast.ranked(residual, 3)
-            want = eager.predict(residual)
-            assert fast.ranked(residual, 2) is None and eager.ranked(residual, 3) is None
+            got = fast.ranked(residual, router_input, 3)
+            want = eager.predict(residual, router_input)
+            assert fast.ranked(residual, router_input, 2) is None and eager.ranked(residual, router_input, 3) is None
             token = model.logits(model.norm(residual)).argmax(dim=-1)
             direct = model.layers[fast.first].router_logits(model.embed_tokens(token))
         torch.testing.assert_close(want, direct, rtol=0, atol=1e-5)

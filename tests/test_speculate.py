@@ -9,7 +9,7 @@ from moespec.model.moe import expert_forward
 from moespec.api import DEFAULT_MODEL
 from moespec.bench.corpus import heldout_ids
 from moespec.speculate.context import PreviousToken
-from moespec.speculate.estimators import ESTIMATOR_FILE, Estimators, fit
+from moespec.speculate.estimators import ESTIMATOR_FILE, Estimators, fit, recall_at_k
 from moespec.speculate.lookahead import DefaultVectorCollector, DefaultVectors, next_moe_layers
 from moespec.speculate.traces import RouteRecorder
 from tiny import save_model
@@ -274,6 +274,58 @@ def test_estimator_heads_start_as_the_lookahead(model_dir):
 
     want = LookaheadPredictor(llm.model, 1, None).predict(0, x)[1]
     assert torch.allclose(est.predict(0, x, {1: torch.randn(5, 32)})[1], want, atol=1e-5)
+
+
+def test_a_next_token_head_learns_the_next_tokens_first_moe_layer(model_dir):
+    """On text where each token fixes the next, the next-token head (last MoE layer -> the next
+    token's first) learns the successor's routing there, not the token's own."""
+    llm = LLM(model_dir)
+    start = torch.randint(0, 32, (16, 1), generator=torch.Generator().manual_seed(7))
+    ids = (start * 5 ** torch.arange(64) % 32 + 3) % 128  # each token's successor is a function of it
+    trace = record(llm, ids, hidden=True)
+    est, report = fit(llm.model, trace, depth=1, steps=300, next_token=True)
+    last, first = est.next_token
+    assert (last, first) == (3, 0) and est.targets() == {1, 3}  # its context is no predecessor's
+    successor = torch.arange(len(trace.ids)) + 1
+    mine = torch.from_numpy(trace.previous)[1:] >= 0  # tokens with a successor: all but each row's last
+    hidden = torch.from_numpy(trace.hidden).float()
+    with torch.no_grad():
+        scores = est.heads[f"{last}_{first}"](hidden[:-1, last], hidden[:-1, first])[mine]
+    routing = torch.from_numpy(trace.ids.astype("int64"))[:, 0]
+    theirs, own = (recall_at_k(scores, routing[i], 2) for i in (successor[:-1][mine], torch.arange(len(trace.ids) - 1)[mine]))
+    head = report["heads"][f"{last}_{first}"]["estimator"]
+    assert theirs > own + 0.2 and abs(theirs - (0.9 * head["train"] + 0.1 * head["val"])) < 0.05, (theirs, own, head)
+    assert head["train"] > report["heads"][f"{last}_{first}"]["lookahead"]["train"] + 0.2
+
+
+def test_the_next_token_head_guesses_from_the_last_router_input_and_this_tokens_first(model_dir, tmp_path):
+    """Decoding with next_token=True and estimators that have a next-token head, the last MoE
+    layer guesses the next token's first one with that head, from its own router input and this
+    token's router input at the first MoE layer; its guesses are scored there one depth deeper."""
+    llm = LLM(model_dir)
+    est = Estimators(llm.model, depth=1, mlp=8, next_token=True)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for p in est.heads.parameters():
+            p.normal_(0, 0.3)
+    est.save(tmp_path / "next.safetensors")
+    llm = LLM(model_dir, expert_cache="50%", prefetch="estimator", estimator=tmp_path / "next.safetensors",
+              next_token=True)
+    predictor = llm.speculation.predictor
+    assert predictor.guesses_next_token and llm.speculation.next_token.learned is predictor
+    seen, scores = [], predictor.next_token_scores
+    predictor.next_token_scores = lambda h: seen.append((h, scores(h))) or seen[-1][1]
+    recorder = RouteRecorder(llm.model, hidden=True)
+    llm.model.hooks.insert(0, recorder)
+    llm.generate([PROMPTS[2]], max_new_tokens=6, ignore_eos=True)
+    hidden = torch.from_numpy(recorder.trace().hidden).float()[-len(seen):]  # the decode steps' tokens
+    head = Estimators.load(tmp_path / "next.safetensors", llm.model).heads["3_0"]
+    assert len(seen) == 5
+    for (h, got), token in zip(seen, hidden):
+        assert torch.allclose(h, token[3][None], atol=1e-2)
+        assert torch.allclose(got, head(token[3][None], token[0][None]), atol=1e-2)
+    guessed = llm.stats().as_dict()["speculation"]["per_layer"]["layer 0 depth 2"]
+    assert guessed["tokens"] == 4  # the decode steps after the first, each guessed at the step before
 
 
 @pytest.mark.parametrize("name", ["tiny-mixtral", "tiny-qwen2moe"])

@@ -11,11 +11,17 @@ layer's experts (68% of them at top-2). The copies then overlap the last layer's
 head, sampling and the next token's embedding and first attention. The guess costs one extra LM
 head per decode step, which the speed switch of prefetch="auto" weighs like any other guess; with
 compile=True a decode step's guess is one compiled call, ranked in it (`compile`).
+
+Estimators trained with a next-token head (`moespec fit-estimator --next-token`) guess instead:
+the head reads the last MoE layer's router input and, as context, this token's router input at
+the first MoE layer, and costs a small head, not an LM head (on tiny-mixtral, compiled, batch 1:
+see the estimators' model card for its recall and `prefetch_extra` for the width).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -28,13 +34,17 @@ from ..model.transformer import Transformer
 from .compiled_guess import GuessLibraries, LayerGuess
 from .lookahead import FoldedRouters
 
+if TYPE_CHECKING:
+    from .estimators import EstimatorPredictor
+
 
 class NextTokenGuess:
     """Scores [N, E] for the first MoE layer of each row's next token, from the residual [N, H]
-    after attention at the last MoE layer."""
+    after attention at the last MoE layer (the logit lens) or, where `learned` estimators have a
+    next-token head, from its router input."""
 
-    def __init__(self, model: Transformer):
-        self.model = model
+    def __init__(self, model: Transformer, learned: EstimatorPredictor | None = None):
+        self.model, self.learned = model, learned
         self.first, self.last = model.spec.moe_layer_ids[0], model.spec.moe_layer_ids[-1]
         self.router = FoldedRouters(model, [self.first])  # the first MoE layer's norm and router, folded
         self._batch: tuple[list, list] | None = None  # the decode step's rows and valid tokens
@@ -49,13 +59,19 @@ class NextTokenGuess:
         self._batch = batch
         return same
 
-    def predict(self, residual: torch.Tensor) -> torch.Tensor:
+    def predict(self, residual: torch.Tensor, router_input: torch.Tensor) -> torch.Tensor:
+        """The guess from the last MoE layer's residuals [N, H] and router inputs [N, H]."""
+        if self.learned is not None:
+            return self.learned.next_token_scores(router_input)
         return self._scores(self.tables(), residual, self.router)
 
-    def ranked(self, residual: torch.Tensor, width: int) -> tuple[list[list[int]], list[list[float]]] | None:
-        """The guess from residuals [N, H], ranked by the compiled library: each row's `width` best
-        experts, best first, and their probabilities (the softmax of `predict`'s scores); None
-        where no library ranks it (not compiled, another width)."""
+    def ranked(self, residual: torch.Tensor, router_input: torch.Tensor, width: int
+               ) -> tuple[list[list[int]], list[list[float]]] | None:
+        """The guess ranked by the compiled library: each row's `width` best experts, best first,
+        and their probabilities (the softmax of `predict`'s scores); None where no library ranks
+        it (not compiled, another width)."""
+        if self.learned is not None:
+            return self.learned.next_token_ranked(router_input, width)
         guess = self.compiled.ranked(self.last, width, [self.first], [residual])
         return None if guess is None else guess[self.first]
 
@@ -84,8 +100,8 @@ class NextTokenGuess:
         on tiny-mixtral (1 thread). Not where the first router reads a tensor of its own
         (DeepSeek-V3's correction bias)."""
         model = self.model
-        if model.layers[self.first].mlp.gate.e_score_correction_bias is not None:
-            return
+        if self.learned is not None or model.layers[self.first].mlp.gate.e_score_correction_bias is not None:
+            return  # learned: the estimators compile their head
         weight = model.embed_tokens.weight
         residual = torch.zeros(2, model.spec.hidden_size, dtype=weight.dtype, device=weight.device)  # rows: any number
         self.compiled.build(model, directory, width, {self.last: LayerGuess(

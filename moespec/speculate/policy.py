@@ -146,7 +146,8 @@ class Speculation(ForwardHooks):
                  threshold: float = 0.0, switch: PrefetchSwitch | None = None, next_token: bool = False):
         """switch: turns guessing on and off per decode step by measured step time (prefetch="auto").
         next_token: in decode steps the last MoE layer also guesses the next token's first one
-        (next_token.py); its guesses count as one depth more than the predictor's deepest."""
+        (next_token.py; with the predictor's next-token head where it has one); its guesses count
+        as one depth more than the predictor's deepest."""
         self.model, self.cache, self.predictor, self.threshold = model, cache, predictor, threshold
         self.switch, self.active = switch, True
         # the running decode step: (start, rows, compute's waits for copies and time guessing so far then)
@@ -156,7 +157,8 @@ class Speculation(ForwardHooks):
         self.extra, self.mode = extra, mode
         spec = model.spec
         self.k, self.width = spec.top_k, min(spec.top_k + extra, spec.num_experts)
-        self.next_token = NextTokenGuess(model) if next_token else None
+        learned = predictor if getattr(predictor, "guesses_next_token", False) else None  # estimators' head
+        self.next_token = NextTokenGuess(model, learned) if next_token else None
         if self.next_token is not None and model.compiled is not None:
             self.next_token.compile(cache_dir(), self.width)
         # at most this many experts prefetched per target layer per step, so a long prefill cannot
@@ -313,9 +315,9 @@ class Speculation(ForwardHooks):
             self._guess(layer, self.predictor.predict(layer, residual, x, true_routing) if ranked is None else ranked,
                         running=layer, decoding=decoding)
         if decoding and self.next_token is not None and layer == self.next_token.last:
-            guess = self.next_token.ranked(residual, self.width)
+            guess = self.next_token.ranked(residual, x, self.width)
             self._guess_target(self.depth, self.next_token.first,
-                               self.next_token.predict(residual) if guess is None else guess, layer, decoding)
+                               self.next_token.predict(residual, x) if guess is None else guess, layer, decoding)
         self.seconds += time.perf_counter() - t0
         return weights, ids
 
