@@ -1,9 +1,10 @@
 """Lightweight learned estimators: router input at layer L -> expert scores of the MoE layers after it.
 
-One small head per (source layer, depth), and optionally one from the last MoE layer to the next
-token's first (the next-token head; see next_token.py). Its input is the token's router input at layer L and,
+One small head per (source layer, depth). Its input is the token's router input at layer L and,
 as context, the previous token's router input at the target layer L+d (see `context.py`; zeros
-where the predecessor is unknown). A head is linear, initialised to exactly what router lookahead
+where the predecessor is unknown). Optionally one more, the next-token head, from the last MoE
+layer to the next token's first (next_token.py): its context is this token's own router input at
+the first MoE layer, which is again the router input there of the token before the one guessed. A head is linear, initialised to exactly what router lookahead
 computes (layer L+d's router applied to layer L's normed residual is linear in layer L's router
 input: W_{L+d} · diag(g_{L+d} / g_L) where g are the RMSNorm weights; the context weights start at
 zero), plus (by default) a 2-layer MLP whose output starts at zero. Training therefore starts from

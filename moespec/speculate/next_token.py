@@ -12,10 +12,11 @@ head, sampling and the next token's embedding and first attention. The guess cos
 head per decode step, which the speed switch of prefetch="auto" weighs like any other guess; with
 compile=True a decode step's guess is one compiled call, ranked in it (`compile`).
 
-Estimators trained with a next-token head (`moespec fit-estimator --next-token`) guess instead:
-the head reads the last MoE layer's router input and, as context, this token's router input at
-the first MoE layer, and costs a small head, not an LM head (on tiny-mixtral, compiled, batch 1:
-see the estimators' model card for its recall and `prefetch_extra` for the width).
+Estimators trained with a next-token head (`moespec fit-estimator --next-token-head`) guess
+instead: the head reads the last MoE layer's router input and, as context, this token's router
+input at the first MoE layer. It costs a small head, not an LM head, and decoding held-out text
+it found more of those experts than the logit lens (tiny-mixtral 69% against 66%, tiny-qwen2moe
+50% against 27%: the README, under `next_token`).
 """
 
 from __future__ import annotations
