@@ -4,8 +4,8 @@ One small head per (source layer, depth). Its input is the token's router input 
 as context, the previous token's router input at the target layer L+d (see `context.py`; zeros
 where the predecessor is unknown). Optionally one more, the next-token head, from the last MoE
 layer to the next token's first (next_token.py): its context is this token's own router input at
-the first MoE layer, which is again the router input there of the token before the one guessed. A head is linear, initialised to exactly what router lookahead
-computes (layer L+d's router applied to layer L's normed residual is linear in layer L's router
+the first MoE layer, which is again the router input there of the token before the one guessed.
+A head is linear, initialised to exactly what router lookahead computes (layer L+d's router applied to layer L's normed residual is linear in layer L's router
 input: W_{L+d} · diag(g_{L+d} / g_L) where g are the RMSNorm weights; the context weights start at
 zero), plus (by default) a 2-layer MLP whose output starts at zero. Training therefore starts from
 the lookahead's answer and only learns the correction. Targets are the router's top-k weights as a
@@ -14,8 +14,8 @@ with a cosine learning-rate decay.
 
 The MLP correction is most of the gain over linear heads (held-out depth-1 recall@k on
 tiny-mixtral: 0.877 linear, 0.935 with a 64-wide MLP, 0.950 with a 512-wide one); the
-previous-token context adds about 3 points on tiny-qwen2moe. Layer L's own router probabilities as extra inputs were tried and moved
-held-out recall by < 0.3 points, so they are not inputs.
+previous-token context adds about 3 points on tiny-qwen2moe. Layer L's own router probabilities
+as extra inputs were tried and moved held-out recall by < 0.3 points, so they are not inputs.
 """
 
 from __future__ import annotations
@@ -399,12 +399,13 @@ def fit(model: Transformer, trace: RoutingTrace, depth: int = 1, mlp: int = MLP_
         context = hidden[previous[idx].clamp(min=0), t].float() * known[:, None]
         return hidden[idx, src].float(), context
 
-    def routed(idx: torch.Tensor, src: int, t: int) -> torch.Tensor:
-        """The routing [n, k] a head guesses: of these tokens at `t`, or their successors'."""
-        return ids[idx if t > src else following[idx], col[t]]
+    def guessed(idx: torch.Tensor, src: int, t: int) -> torch.Tensor:
+        """The tokens whose routing at `t` a head guesses from tokens `idx`: the same ones, or
+        for the next-token head their successors."""
+        return idx if t > src else following[idx]
 
     def target(idx: torch.Tensor, src: int, t: int) -> torch.Tensor:
-        idx = idx if t > src else following[idx]
+        idx = guessed(idx, src, t)
         dist = torch.zeros(len(idx), spec.num_experts).scatter_(1, ids[idx, col[t]], weights[idx, col[t]])
         return dist / dist.sum(dim=1, keepdim=True)
 
@@ -418,8 +419,10 @@ def fit(model: Transformer, trace: RoutingTrace, depth: int = 1, mlp: int = MLP_
                 out[key] = {}
                 for name, split in splits.items():  # in parts: a million tokens' activations take gigabytes
                     parts = [tokens(idx, src, t) for idx in split.split(65536)]
-                    found = sum(len(idx) * recall_at_k(est.heads[key](*inputs(idx, src, t, known_context(idx, src, t))),
-                                                       routed(idx, src, t), spec.top_k) for idx in parts)
+                    found = 0.0
+                    for idx in parts:
+                        scores = est.heads[key](*inputs(idx, src, t, known_context(idx, src, t)))
+                        found += len(idx) * recall_at_k(scores, ids[guessed(idx, src, t), col[t]], spec.top_k)
                     out[key][name] = found / sum(len(idx) for idx in parts)
         return out
 
