@@ -280,8 +280,10 @@ def test_a_next_token_head_learns_the_next_tokens_first_moe_layer(model_dir):
     """On text where each token fixes the next, the next-token head (last MoE layer -> the next
     token's first) learns the successor's routing there, not the token's own."""
     llm = LLM(model_dir)
-    start = torch.randint(0, 32, (16, 1), generator=torch.Generator().manual_seed(7))
-    ids = (start * 5 ** torch.arange(64) % 32 + 3) % 128  # each token's successor is a function of it
+    tokens = [torch.randint(0, 32, (16,), generator=torch.Generator().manual_seed(7))]
+    for _ in range(63):
+        tokens.append(tokens[-1] * 5 % 32)  # each token's successor is a function of it
+    ids = torch.stack(tokens, dim=1) + 3
     trace = record(llm, ids, hidden=True)
     est, report = fit(llm.model, trace, depth=1, steps=300, next_token=True)
     last, first = est.next_token
@@ -292,7 +294,8 @@ def test_a_next_token_head_learns_the_next_tokens_first_moe_layer(model_dir):
     with torch.no_grad():
         scores = est.heads[f"{last}_{first}"](hidden[:-1, last], hidden[:-1, first])[mine]
     routing = torch.from_numpy(trace.ids.astype("int64"))[:, 0]
-    theirs, own = (recall_at_k(scores, routing[i], 2) for i in (successor[:-1][mine], torch.arange(len(trace.ids) - 1)[mine]))
+    theirs, own = (recall_at_k(scores, routing[i], 2)
+                   for i in (successor[:-1][mine], torch.arange(len(trace.ids) - 1)[mine]))
     head = report["heads"][f"{last}_{first}"]["estimator"]
     assert theirs > own + 0.2 and abs(theirs - (0.9 * head["train"] + 0.1 * head["val"])) < 0.05, (theirs, own, head)
     assert head["train"] > report["heads"][f"{last}_{first}"]["lookahead"]["train"] + 0.2
