@@ -393,16 +393,19 @@ def fit(model: Transformer, trace: RoutingTrace, depth: int = 1, mlp: int = MLP_
         with a successor."""
         return idx if t > src else idx[following[idx] >= 0]
 
-    def inputs(idx: torch.Tensor, src: int, t: int, known: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if t <= src:  # the next-token head: the context is this token's own
-            return hidden[idx, src].float(), hidden[idx, t].float() * known[:, None]
-        context = hidden[previous[idx].clamp(min=0), t].float() * known[:, None]
-        return hidden[idx, src].float(), context
-
     def guessed(idx: torch.Tensor, src: int, t: int) -> torch.Tensor:
         """The tokens whose routing at `t` a head guesses from tokens `idx`: the same ones, or
         for the next-token head their successors."""
         return idx if t > src else following[idx]
+
+    def context_token(idx: torch.Tensor, src: int, t: int) -> torch.Tensor:
+        """For tokens `idx`, the token before each guessed one (-1: none), whose router input at
+        `t` is the head's context: the predecessor, or for the next-token head the token itself."""
+        return previous[guessed(idx, src, t)]
+
+    def inputs(idx: torch.Tensor, src: int, t: int, known: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        context = hidden[context_token(idx, src, t).clamp(min=0), t].float() * known[:, None]
+        return hidden[idx, src].float(), context
 
     def target(idx: torch.Tensor, src: int, t: int) -> torch.Tensor:
         idx = guessed(idx, src, t)
@@ -410,7 +413,7 @@ def fit(model: Transformer, trace: RoutingTrace, depth: int = 1, mlp: int = MLP_
         return dist / dist.sum(dim=1, keepdim=True)
 
     def known_context(idx: torch.Tensor, src: int, t: int) -> torch.Tensor:
-        return previous[idx] >= 0 if t > src else torch.ones(len(idx), dtype=torch.bool)
+        return context_token(idx, src, t) >= 0
 
     def evaluate() -> dict[str, dict[str, float]]:
         out = {}
