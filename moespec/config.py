@@ -163,7 +163,8 @@ class SpeculationConfig:
     estimator: str | None = field(default=None, metadata={
         "help": "estimator file (default: MODEL/estimators.safetensors)"})
     next_token: bool = field(default=False, metadata={
-        "help": "in decode steps the last MoE layer also guesses the next token's first one (from the logit lens)"})
+        "help": "in decode steps the last MoE layer also guesses the next token's first one "
+                "(with the estimators' next-token head where they have one, else the logit lens)"})
 
     def __post_init__(self) -> None:
         aliases = {True: "on", False: "off"}

@@ -409,6 +409,18 @@ def test_auto_prefetch_is_exact_and_reports_its_switch(model_dir, exact):
     assert auto["on_steps"] > 0 and auto["off_steps"] > 0 and auto["on_steps"] + auto["off_steps"] == 63
 
 
+def test_auto_prefetch_stays_out_where_every_expert_is_resident(model_dir):
+    """Nothing can be missed, so auto installs no hooks (a hook would keep a compiled model off
+    its one-call step); an explicit policy still guesses (its statistics), and so does auto
+    where the cache holds less."""
+    resident = LLM(model_dir, expert_cache="100%", prefetch="auto")
+    assert resident.speculation is None and resident.model.hooks == []
+    assert resident.generate(PROMPTS[:1], max_new_tokens=4)[0].token_ids
+    assert resident.stats().speculation is None
+    assert LLM(model_dir, expert_cache="100%", prefetch="lookahead").speculation is not None
+    assert LLM(model_dir, expert_cache="50%", prefetch="auto").speculation is not None
+
+
 def test_guess_odds_are_measured_on_the_run_and_reported(model_dir):
     """Batch-1 decoding scores each guess against the true routing: the odds admission uses move
     off their prior and are reported per depth, beside how often unguessed experts were used."""

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from ..config import Prefetch, SpeculationConfig, registry
 from ..experts.base import Prefetcher
+from ..experts.store import ResidentExperts
 from ..model.transformer import Transformer
 from .auto import PrefetchSwitch
 from .estimators import ESTIMATOR_FILE, EstimatorPredictor
@@ -37,9 +38,12 @@ PREDICTORS = registry(Prefetch, {  # name -> Predictor class ("none": on-demand 
 
 def make_speculation(model: Transformer, cache: Prefetcher, model_dir: Path,
                      cfg: SpeculationConfig) -> Speculation | None:
-    """The prefetch policy `cfg` names, ready to append to the model's hooks (None for "none")."""
+    """The prefetch policy `cfg` names, ready to append to the model's hooks (None for "none",
+    and for "auto" where every expert is resident: nothing can be missed, so guessing can only
+    cost, and any hook keeps a compiled model off its one-call decode step, ~2x slower at batch 1)."""
     predictor = PREDICTORS[cfg.prefetch]
-    if predictor is None:
+    if predictor is None or (cfg.prefetch == "auto" and cfg.speculative_execution == "off"
+                             and isinstance(cache, ResidentExperts)):
         return None
     switch = PrefetchSwitch() if cfg.prefetch == "auto" else None
     return Speculation(model, cache, predictor.from_config(model, model_dir, cfg), cfg.prefetch_extra,
