@@ -23,19 +23,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
-from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
-from typing import Callable, Iterator
 
 import torch
 
 from moespec import LLM
 from moespec.bench.corpus import bench_prompts
-from moespec.bench.runner import (POLICIES, PrefillCost, compute_step, link_bandwidth, one_run, prefill_counters,
-                                  reference_engine)
-from moespec.experts.stats import LayerStats
-from moespec.hooks import ForwardHooks
+from moespec.bench.runner import BenchConfig, Row, bench, hooked
 from moespec.speculate.policy import Speculation
 from moespec.speculate.traces import RouteRecorder
 
@@ -73,18 +68,6 @@ class PerfectGuesses:
         return out
 
 
-@contextmanager
-def hooked(llm: LLM, hook: ForwardHooks | None) -> Iterator[None]:
-    """`hook` attached to the model while the context lasts (no hook: nothing)."""
-    if hook is not None:
-        llm.model.hooks.append(hook)
-    try:
-        yield
-    finally:
-        if hook is not None:
-            llm.model.hooks.remove(hook)
-
-
 def record(llm: LLM, prompts: list[list[int]], new_tokens: int) -> Routes:
     """The routing of a greedy run of `prompts`, by forward pass (0: the prefill) and MoE layer."""
     llm.set_policy()
@@ -95,7 +78,8 @@ def record(llm: LLM, prompts: list[list[int]], new_tokens: int) -> Routes:
 
 
 def point(llm: LLM, batch: int, policies: list[str], depths: list[int], repeats: int, new_tokens: int) -> dict:
-    """One (link, cache, batch) point: every row's decode-step medians, ratios to on demand."""
+    """One (link, cache, batch) point: `moespec bench`'s rows for on demand and `policies`, with the
+    perfect guesses as rows of their own (on demand, their hooks attached), interleaved alike."""
     prompts = bench_prompts(llm, 32)(batch)
     routes = record(llm, prompts, new_tokens)
     spec = llm.spec
@@ -104,45 +88,14 @@ def point(llm: LLM, batch: int, policies: list[str], depths: list[int], repeats:
         guesses = PerfectGuesses(routes, list(spec.moe_layer_ids), spec.top_k, depth, across)
         return Speculation(llm.model, llm.experts, guesses, 0, "off")
 
-    rows: dict[str, tuple[str, Callable[[], Speculation | None]]] = {p: (p, lambda: None) for p in ["none", *policies]}
-    for d in depths:
-        rows[f"perfect d{d}"] = ("none", lambda d=d: perfect(d, False))
-        rows[f"perfect d{d} across tokens"] = ("none", lambda d=d: perfect(d, True))
-    reference = reference_engine(llm)
-    for policy, make in rows.values():  # a warm-up round: its runs are thrown away, nothing to subtract
-        with hooked(llm, make()):
-            one_run(llm, policy, prompts, 4, PrefillCost(LayerStats(), 0.0))
-    compute_step(llm, reference, prompts, 4)
-    prefill = {}  # measured warm, as the runs are (as `moespec bench` does)
-    for name, (policy, make) in rows.items():
-        with hooked(llm, make()):
-            prefill[name] = prefill_counters(llm, POLICIES[policy], prompts)
-    runs: dict[str, list[dict]] = {name: [] for name in rows}
-    computes = []
-    for rep in range(repeats):  # rows in turn, every other round in reverse order
-        for name in list(rows) if rep % 2 else list(rows)[::-1]:
-            policy, make = rows[name]
-            hook = make()
-            with hooked(llm, hook):
-                run = one_run(llm, policy, prompts, new_tokens, prefill[name])
-            if hook is not None:  # the hooks' own time (scoring, admission), the prefill's included
-                run["guess_ms_per_step"] = 1000 * hook.seconds / llm.stats().decode.decode_steps
-            runs[name].append(run)
-        computes.append(compute_step(llm, reference, prompts, new_tokens))
-    llm.set_policy()
-    compute = statistics.median(computes)
-    out = {name: {key: statistics.median(r[key] for r in rs) for key in
-                  ("seconds_per_step", "bytes_per_step", "decode_hit_rate", "decode_stall_share", "guess_ms_per_step")
-                  if rs[0].get(key) is not None}
-           for name, rs in runs.items()}
-    base = out["none"]
-    limit = max(compute, base["bytes_per_step"] / link_bandwidth(llm))
-    for name, r in out.items():
-        r["ms_per_step_runs"] = [1000 * x["seconds_per_step"] for x in runs[name]]
-        r["speedup_vs_on_demand"] = base["seconds_per_step"] / r["seconds_per_step"]
+    extra = {f"perfect d{d}{' across tokens' if across else ''}": Row(llm, "none", partial(perfect, d, across))
+             for d in depths for across in (False, True)}
+    cfg = BenchConfig(["none", *policies], [batch], new_tokens=new_tokens, repeats=repeats)
+    result = bench(llm, lambda _: prompts, cfg, extra_rows=lambda _: extra)["batches"][str(batch)]
+    base = result["policies"]["none"]
+    for r in result["policies"].values():
         r["bytes_vs_on_demand"] = r["bytes_per_step"] / base["bytes_per_step"] if base["bytes_per_step"] else 1.0
-        r["times_link_bound_limit"] = r["seconds_per_step"] / limit
-    return {"compute_ms_per_step": 1000 * compute, "link_bound_limit_ms": 1000 * limit, "rows": out}
+    return result
 
 
 def main() -> None:
@@ -169,11 +122,11 @@ def main() -> None:
                   args.new_tokens)
         p["link"], p["eviction"] = llm.link_note(), llm.config.offload.eviction
         result["points"][spec] = p
-        on_demand = p["rows"]["none"]
+        on_demand = p["policies"]["none"]
         print(f"[{model.name}, {p['link']}] cache {cache} batch {batch}: on demand "
-              f"{1000 * on_demand['seconds_per_step']:.2f} ms/step, stall {on_demand['decode_stall_share']:.0%}, "
+              f"{on_demand['ms_per_step_median']:.2f} ms/step, stall {on_demand['decode_stall_share']:.0%}, "
               f"{on_demand['times_link_bound_limit']:.2f}x the link-bound limit ({p['link_bound_limit_ms']:.2f} ms)")
-        for name, r in p["rows"].items():
+        for name, r in p["policies"].items():
             print(f"    {name:<26} x{r['speedup_vs_on_demand']:.2f} on demand  {r['times_link_bound_limit']:.2f}x limit  "
                   f"bytes x{r['bytes_vs_on_demand']:.2f}  hit {r['decode_hit_rate']:.2f}  "
                   f"stall {r['decode_stall_share']:.0%}  guess {r.get('guess_ms_per_step', 0):.2f} ms/step", flush=True)

@@ -29,7 +29,7 @@ from .experts.trace import Tracer
 from .model.compiled import compile_layers
 from .model.load import build_model
 from .spec import ModelSpec
-from .speculate import make_speculation
+from .speculate import make_speculation, with_depth
 from .speculate.policy import Speculation
 
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "tiny-mixtral"
@@ -157,7 +157,8 @@ class LLM:
         unknown = set(options) - {f.name for f in fields(SpeculationConfig)}
         if unknown:
             raise MoespecError(f"set_policy takes speculation options only, got {sorted(unknown)[0]!r}")
-        self.config = replace(self.config, speculation=replace(speculation or SpeculationConfig(), **options))
+        chosen = replace(speculation or SpeculationConfig(), **options)
+        self.config = replace(self.config, speculation=with_depth(chosen, self.path))
         if self.speculation is not None:
             self.model.hooks.remove(self.speculation)
         self.speculation = make_speculation(self.model, self.experts, self.path, self.config.speculation)

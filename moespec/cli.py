@@ -35,7 +35,7 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
         choices = get_args(kind) if get_origin(kind) is Literal else None
         default = f.default if f.default is not None else "unset"
         help = f"{f.metadata['help']} (default: {str(default).replace('%', '%%')})"
-        if kind is bool:  # --direct-io / --no-direct-io
+        if kind in (bool, bool | None):  # --direct-io / --no-direct-io
             p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=None,
                            action=argparse.BooleanOptionalAction, help=help)
         else:

@@ -146,7 +146,8 @@ class SpeculationConfig:
     """Guessing the experts of the next MoE layers while the current one computes.
 
     speculative_execution also accepts True / False for "on" / "off"; default_vectors accepts
-    True / False / None for "on" / "off" / "auto"."""
+    True / False / None for "on" / "off" / "auto". lookahead_depth and next_token left unset
+    (None) are chosen per policy when it is set up (speculate/__init__.py, `with_depth`)."""
 
     prefetch: Prefetch = field(default="none", metadata={
         "help": "none: on-demand loading; lookahead: later layers' routers; estimator: learned estimators; "
@@ -154,7 +155,8 @@ class SpeculationConfig:
     speculative_execution: Execution = field(default="off", metadata={
         "help": "off: run the true experts (exact); on: run the guessed ones; "
                 "fallback: guessed ones only where a true one is missing (changes outputs)"})
-    lookahead_depth: int = field(default=1, metadata={"help": "MoE layers ahead to guess for"})
+    lookahead_depth: int | None = field(default=None, metadata={
+        "help": "MoE layers ahead to guess for (unset: 1; 2 for auto with a next-token head, see next_token)"})
     prefetch_extra: int = field(default=0, metadata={"help": "guesses beyond top-k to prefetch per token"})
     prefetch_threshold: float = field(default=0.0, metadata={
         "help": "prefetch only guesses whose expected use (in [0, 1]) reaches this"})
@@ -162,9 +164,10 @@ class SpeculationConfig:
         "help": "lookahead: add default-vector estimates (auto: if the model directory has them)"})
     estimator: str | None = field(default=None, metadata={
         "help": "estimator file (default: MODEL/estimators.safetensors)"})
-    next_token: bool = field(default=False, metadata={
+    next_token: bool | None = field(default=None, metadata={
         "help": "in decode steps the last MoE layer also guesses the next token's first one "
-                "(with the estimators' next-token head where they have one, else the logit lens)"})
+                "(with the estimators' next-token head where they have one, else the logit lens; "
+                "unset: off, but on for auto where its estimators have that head)"})
 
     def __post_init__(self) -> None:
         aliases = {True: "on", False: "off"}
@@ -177,12 +180,12 @@ class SpeculationConfig:
         _choice("prefetch", self.prefetch, Prefetch)
         _choice("speculative_execution", self.speculative_execution, Execution)
         _choice("default_vectors", self.default_vectors, DefaultVectors)
-        _integer("lookahead_depth", self.lookahead_depth, 1)
+        _integer("lookahead_depth", self.lookahead_depth, 1, allow_none=True)
         _integer("prefetch_extra", self.prefetch_extra, 0)
         if isinstance(self.prefetch_threshold, bool) or not isinstance(self.prefetch_threshold, (int, float)) \
                 or not 0 <= self.prefetch_threshold <= 1:
             raise MoespecError(f"prefetch_threshold must be a number in [0, 1], got {self.prefetch_threshold!r}")
-        if not isinstance(self.next_token, bool):
+        if self.next_token is not None and not isinstance(self.next_token, bool):
             raise MoespecError(f"next_token must be True or False, got {self.next_token!r}")
         if self.speculative_execution != "off" and self.prefetch == "none":
             raise MoespecError(f"speculative_execution={self.speculative_execution!r} needs a speculating "

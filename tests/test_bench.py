@@ -6,9 +6,11 @@ import pytest
 import torch
 
 from moespec import LLM, MoespecError
-from moespec.bench.runner import POLICIES, BenchConfig, bench, format_table, one_run, prefill_counters
+from moespec.bench.runner import POLICIES, BenchConfig, Row, bench, format_table, one_run, prefill_counters
 from moespec.bench.synthetic import SyntheticCheckpoint, preset_spec, write_checkpoint
 from moespec.cli import main
+from moespec.config import SpeculationConfig
+from moespec.speculate import make_speculation
 from moespec.spec import load_spec
 from tiny import save_model
 
@@ -86,6 +88,27 @@ def test_bench_runs_expert_dtype_variants_interleaved(model_dir):
     assert rows["int4/none"]["bytes_per_token"] < 0.2 * rows["none"]["bytes_per_token"]  # int4 of float32 experts
     assert result["variants"]["int4"]["expert_bytes"] == int4.store.expert_bytes
     assert all("speedup_vs_on_demand" in row for row in rows.values())
+
+
+def test_bench_interleaves_rows_with_their_own_hooks(model_dir):
+    """Extra rows (benchmarks/oracle_bound.py's perfect guesses) run on demand with their hooks
+    attached around each of their runs only, every other round in reverse order, and report the
+    hooks' guessing time as a policy's."""
+    llm = LLM(model_dir, expert_cache="25%", link_bandwidth="1GB/s")
+    made = []
+
+    def lookahead(name):
+        made.append(name)
+        assert llm.model.hooks == []  # nothing left attached by another row
+        return make_speculation(llm.model, llm.experts, model_dir, SpeculationConfig(prefetch="lookahead"))
+
+    extra = {name: Row(llm, "none", lambda name=name: lookahead(name)) for name in ("a", "b")}
+    cfg = BenchConfig(policies=["none"], batch_sizes=[1], new_tokens=6, repeats=2, warmup=0)
+    rows = bench(llm, lambda b: [[5, 6, 7, 8]], cfg, extra_rows=lambda prompts: extra)["batches"]["1"]["policies"]
+    assert made == ["a", "b", "a", "b", "b", "a"]  # prefills, then a round forwards and one backwards
+    assert set(rows) == {"none", "a", "b"} and llm.model.hooks == []
+    assert "guess_ms_per_step" not in rows["none"] and rows["a"]["guess_ms_per_step"] > 0
+    assert rows["a"]["speedup_vs_on_demand"] > 0
 
 
 def test_synthetic_model_at_preset_shapes():

@@ -421,6 +421,21 @@ def test_auto_prefetch_stays_out_where_every_expert_is_resident(model_dir):
     assert LLM(model_dir, expert_cache="50%", prefetch="auto").speculation is not None
 
 
+def test_auto_guesses_two_layers_and_the_next_token_where_its_estimators_have_that_head(model_dir):
+    """Unset, the depth and the next-token guess are chosen per policy: auto with a next-token
+    head (the shipped models' estimators) two layers deep and the next token's first, anything
+    else one layer deep without it; what the user sets stays."""
+    auto = LLM(DEFAULT_MODEL, expert_cache="25%", prefetch="auto", progress=False)
+    assert (auto.config.speculation.lookahead_depth, auto.config.speculation.next_token) == (2, True)
+    assert auto.speculation.depth == 3 and auto.speculation.next_token is not None
+    auto.set_policy(prefetch="auto", lookahead_depth=1, next_token=False)
+    assert auto.speculation.depth == 1 and auto.speculation.next_token is None
+    auto.set_policy(prefetch="estimator")
+    assert (auto.config.speculation.lookahead_depth, auto.config.speculation.next_token) == (1, False)
+    no_head = LLM(model_dir, expert_cache="50%", prefetch="auto")  # no estimators: lookahead, one layer
+    assert (no_head.config.speculation.lookahead_depth, no_head.config.speculation.next_token) == (1, False)
+
+
 def test_guess_odds_are_measured_on_the_run_and_reported(model_dir):
     """Batch-1 decoding scores each guess against the true routing: the odds admission uses move
     off their prior and are reported per depth, beside how often unguessed experts were used."""

@@ -1,7 +1,8 @@
 """`moespec bench`: every policy on the same prompts in one process, interleaved, side by side.
 
-For each batch size the policies run in turn (A B C A B C ...) after a warm-up, each run starting
-from a cold expert cache, so slow drift of the machine hits all policies alike. A reference run
+For each batch size the policies run in turn after a warm-up (A B C, then C B A, ...: every other
+round in reverse, so no row always follows the same one), each run starting from a cold expert
+cache, so slow drift of the machine hits all policies alike. A reference run
 with every expert resident on the device gives the compute time per decode step; with the bytes
 that on-demand loading had to move, it gives the link-bound limit of the configuration:
 max(compute time, required bytes / link bandwidth) per decode step.
@@ -12,7 +13,9 @@ from __future__ import annotations
 import os
 import statistics
 import time
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from typing import Callable, Iterator
 
 import torch
 
@@ -22,6 +25,8 @@ from ..decode.generate import generate
 from ..decode.sampling import SamplingParams
 from ..experts.stats import ExpertStats, LayerStats
 from ..experts.store import ResidentExperts
+from ..hooks import ForwardHooks
+from ..speculate.policy import Speculation
 
 # name -> LLM.set_policy arguments
 POLICIES: dict[str, dict] = {
@@ -32,7 +37,9 @@ POLICIES: dict[str, dict] = {
     "estimator": {"prefetch": "estimator"},
     # two MoE layers ahead, and the next token's first layer from this token's last one
     "estimator-d2+next-token": {"prefetch": "estimator", "lookahead_depth": 2, "next_token": True},
-    "auto": {"prefetch": "auto"},
+    "auto": {"prefetch": "auto"},  # two layers deep with the next token where the estimators have its head
+    "auto-d1": {"prefetch": "auto", "lookahead_depth": 1, "next_token": False},
+    "auto-d1+next-token": {"prefetch": "auto", "lookahead_depth": 1, "next_token": True},
     "speculative": {"prefetch": "lookahead", "speculative_execution": "on"},
     "fallback": {"prefetch": "lookahead", "speculative_execution": "fallback"},
 }
@@ -139,6 +146,48 @@ def one_run(llm: LLM, policy: str, prompts: list[list[int]], new_tokens: int, pr
     }
 
 
+@dataclass
+class Row:
+    """A row of a bench: `policy` (a POLICIES name) on `llm`, with the hooks `hook()` makes attached
+    to the model around each of its runs (None: nothing attached; benchmarks/oracle_bound.py
+    attaches perfect guesses). An attached Speculation's time is the row's guessing time."""
+
+    llm: LLM
+    policy: str
+    hook: Callable[[], Speculation | None] = lambda: None
+
+
+@contextmanager
+def hooked(llm: LLM, hook: ForwardHooks | None) -> Iterator[None]:
+    """`hook` attached to the model while the context lasts (no hook: nothing)."""
+    if hook is not None:
+        llm.model.hooks.append(hook)
+    try:
+        yield
+    finally:
+        if hook is not None:
+            llm.model.hooks.remove(hook)
+
+
+def row_prefill(row: Row, prompts: list[list[int]]) -> PrefillCost:
+    """`prefill_counters` of the row, its hook attached."""
+    hook = row.hook()
+    with hooked(row.llm, hook):
+        cost = prefill_counters(row.llm, POLICIES[row.policy], prompts)
+    return cost if hook is None else replace(cost, guess_seconds=hook.seconds)
+
+
+def row_run(row: Row, prompts: list[list[int]], new_tokens: int, prefill: PrefillCost) -> dict:
+    """`one_run` of the row, its hook attached (its decode steps' time counted as the guessing)."""
+    hook = row.hook()
+    with hooked(row.llm, hook):
+        run = one_run(row.llm, row.policy, prompts, new_tokens, prefill)
+    if hook is not None:
+        run["guess_ms_per_step"] = (1000 * max(hook.seconds - prefill.guess_seconds, 0.0)
+                                    / row.llm.stats().decode.decode_steps)
+    return run
+
+
 def _summary(runs: list[dict]) -> dict:
     steps = [r["seconds_per_step"] for r in runs]
     # medians over the runs that have a value (auto may guess in one run and not in another)
@@ -150,12 +199,15 @@ def _summary(runs: list[dict]) -> dict:
     return out
 
 
-def bench(llm: LLM, prompts_for: callable, cfg: BenchConfig, variants: dict[str, LLM] | None = None) -> dict:
+def bench(llm: LLM, prompts_for: Callable[[int], list[list[int]]], cfg: BenchConfig,
+          variants: dict[str, LLM] | None = None,
+          extra_rows: Callable[[list[list[int]]], dict[str, Row]] | None = None) -> dict:
     """Run every policy at every batch size; `prompts_for(B)` gives B prompts of token ids.
 
     `variants`: other loads of the same model (e.g. other expert dtypes) whose policies run
     interleaved with `llm`'s; their rows are named "name/policy", their speed-ups are against
-    `llm`'s on-demand run and their link-bound limit uses their own on-demand bytes."""
+    `llm`'s on-demand run and their link-bound limit uses their own on-demand bytes.
+    `extra_rows(prompts)`: more rows by name for a batch's prompts, interleaved with the others."""
     bandwidth = link_bandwidth(llm)
     results = {"link": llm.link_note(), "link_bandwidth_bytes_per_s": bandwidth, "cache_slots": llm.experts.capacity,
                "total_experts": len(llm.store.keys), "expert_bytes": llm.store.expert_bytes,
@@ -165,22 +217,23 @@ def bench(llm: LLM, prompts_for: callable, cfg: BenchConfig, variants: dict[str,
     if variants:
         results["variants"] = {name: {"cache_slots": v.experts.capacity, "expert_bytes": v.store.expert_bytes,
                                       "engine_config": v.config.as_dict()} for name, v in variants.items()}
-    runs_of = [(f"{name}/{policy}" if name else policy, load, policy)
-               for name, load in loads.items() for policy in cfg.policies]
     for batch in cfg.batch_sizes:
         prompts = prompts_for(batch)
+        rows_of = {f"{name}/{policy}" if name else policy: Row(load, policy)
+                   for name, load in loads.items() for policy in cfg.policies}
+        rows_of.update(extra_rows(prompts) if extra_rows is not None else {})
         reference = reference_engine(llm)
         for _ in range(cfg.warmup):  # its rows are thrown away: nothing to subtract
-            for row, load, policy in runs_of:
-                one_run(load, policy, prompts, 4, PrefillCost(LayerStats(), 0.0))
+            for row in rows_of.values():
+                row_run(row, prompts, 4, PrefillCost(LayerStats(), 0.0))
             compute_step(llm, reference, prompts, 4)
         # measured warm, as the runs are: a policy's first call may set itself up
-        prefill = {row: prefill_counters(load, POLICIES[policy], prompts) for row, load, policy in runs_of}
-        runs: dict[str, list[dict]] = {row: [] for row, _, _ in runs_of}
+        prefill = {name: row_prefill(row, prompts) for name, row in rows_of.items()}
+        runs: dict[str, list[dict]] = {name: [] for name in rows_of}
         computes = []
-        for _ in range(cfg.repeats):  # the compute reference interleaved with the policies
-            for row, load, policy in runs_of:
-                runs[row].append(one_run(load, policy, prompts, cfg.new_tokens, prefill[row]))
+        for rep in range(cfg.repeats):  # the compute reference interleaved with the policies
+            for name in list(rows_of) if rep % 2 == 0 else list(rows_of)[::-1]:
+                runs[name].append(row_run(rows_of[name], prompts, cfg.new_tokens, prefill[name]))
             computes.append(compute_step(llm, reference, prompts, cfg.new_tokens))
         compute = statistics.median(computes)
         rows = {p: _summary(r) for p, r in runs.items()}

@@ -8,6 +8,7 @@ with the on/off switch of `auto.py` for prefetch="auto".
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from ..config import Prefetch, SpeculationConfig, registry
@@ -15,7 +16,7 @@ from ..experts.base import Prefetcher
 from ..experts.store import ResidentExperts
 from ..model.transformer import Transformer
 from .auto import PrefetchSwitch
-from .estimators import ESTIMATOR_FILE, EstimatorPredictor
+from .estimators import ESTIMATOR_FILE, EstimatorPredictor, has_next_token_head
 from .lookahead import LookaheadPredictor
 from .policy import Speculation
 
@@ -36,11 +37,23 @@ PREDICTORS = registry(Prefetch, {  # name -> Predictor class ("none": on-demand 
 })
 
 
+def with_depth(cfg: SpeculationConfig, model_dir: Path) -> SpeculationConfig:
+    """`cfg` with an unset `lookahead_depth` and `next_token` chosen: prefetch="auto" whose
+    estimators have a next-token head guesses two MoE layers ahead and the next token's first
+    layer (measured faster than one layer deep on both shipped models, README; where guessing that
+    deep loses, auto's switch turns it off); any other policy, or auto without that head, one
+    layer ahead and no next-token guess."""
+    deep = cfg.prefetch == "auto" and has_next_token_head(Path(cfg.estimator or model_dir / ESTIMATOR_FILE))
+    return replace(cfg, lookahead_depth=cfg.lookahead_depth or (2 if deep else 1),
+                   next_token=deep if cfg.next_token is None else cfg.next_token)
+
+
 def make_speculation(model: Transformer, cache: Prefetcher, model_dir: Path,
                      cfg: SpeculationConfig) -> Speculation | None:
     """The prefetch policy `cfg` names, ready to append to the model's hooks (None for "none",
     and for "auto" where every expert is resident: nothing can be missed, so guessing can only
     cost, and any hook keeps a compiled model off its one-call decode step, ~2x slower at batch 1)."""
+    cfg = with_depth(cfg, model_dir)
     predictor = PREDICTORS[cfg.prefetch]
     if predictor is None or (cfg.prefetch == "auto" and cfg.speculative_execution == "off"
                              and isinstance(cache, ResidentExperts)):

@@ -197,6 +197,16 @@ class Estimators(nn.Module):
         return est.to(model.embed_tokens.weight.device).eval()
 
 
+def has_next_token_head(path: Path) -> bool:
+    """Whether `path` is an estimator file with heads two MoE layers deep and a next-token head
+    (read from its metadata, nothing loaded)."""
+    if not path.is_file():
+        return False
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    return meta.get("next_token") == "1" and int(meta.get("depth", 0)) >= 2
+
+
 class EstimatorPredictor:
     """Estimators at inference, with fused heads. It remembers, per KV-cache row, the last token's
     router input at every target layer, which is the context the next token's heads take. With
