@@ -186,14 +186,19 @@ class Speculation(ForwardHooks):
         # an MoE layer's residual after attention (real tokens) and whether it is a decode step,
         # kept from `after_attention` until its router has chosen
         self._waiting: tuple[torch.Tensor, bool] | None = None
+        # the running pass, read once in `forward_start` rather than at every layer (a tensor's
+        # shape read inside a step costs microseconds): a decode step, and one whose rows are all real
+        self._decoding = self._plain_decode = False
 
     def forward_start(self, rows: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor) -> None:
         t0 = time.perf_counter()
+        self._decoding = positions.shape[1] == 1
+        self._plain_decode = self._decoding and (len(rows) == 1 or bool(valid.all()))
         if self.switch is not None:
-            self._switch(t0, len(rows), positions.shape[1] == 1)
+            self._switch(t0, len(rows), self._decoding)
         if self.active:
             self.predictor.forward_start(rows, positions, valid)
-        if self.next_token is not None and not self.next_token.same_batch(rows, valid, positions.shape[1] == 1):
+        if self.next_token is not None and not self.next_token.same_batch(rows, valid, self._decoding):
             self.guesses.get(self.next_token.first, {}).pop(self.depth, None)  # made for other tokens
             self.prefetched.get(self.next_token.first, {}).pop(self.depth, None)
         self.seconds += time.perf_counter() - t0
@@ -216,12 +221,11 @@ class Speculation(ForwardHooks):
         if not self.active:
             return
         t0 = time.perf_counter()
-        decoding = x.shape[1] == 1
-        residual = x[:, 0] if decoding and (len(x) == 1 or bool(valid.all())) else x[valid]
+        residual = x[:, 0] if self._plain_decode else x[valid]
         if layer in self._moe_layers:
-            self._waiting = (residual, decoding)
+            self._waiting = (residual, self._decoding)
         elif layer in self._guessing:
-            self._guess(layer, self.predictor.predict(layer, residual), running=None, decoding=decoding)
+            self._guess(layer, self.predictor.predict(layer, residual), running=None, decoding=self._decoding)
         self.seconds += time.perf_counter() - t0
 
     def _guess(self, layer: int, predicted: dict[int, torch.Tensor | tuple[list[list[int]], list[list[float]]]],
