@@ -134,6 +134,17 @@ def test_broken_checkpoint_is_named(model_dir, tmp_path, fault):
         LLM(d)
 
 
+@pytest.mark.parametrize("file, prefetch", [("estimators.safetensors", "estimator"),
+                                             ("estimators.safetensors", "auto"),
+                                             ("default_vectors.safetensors", "lookahead")])
+def test_broken_guess_file_is_named(model_dir, tmp_path, file, prefetch):
+    d = tmp_path / "m"
+    shutil.copytree(model_dir, d)
+    (d / file).write_bytes(b"not safetensors at all")
+    with pytest.raises(MoespecError, match=rf"{re.escape(str(d / file))} is not a valid safetensors file"):
+        LLM(d, expert_cache="50%", prefetch=prefetch)
+
+
 def test_non_finite_expert_on_the_disk_tier_fails_when_first_read(model_dir, tmp_path):
     """The disk tier reads an expert when it is first needed: that read names the tensor."""
     d = tmp_path / "m"

@@ -36,6 +36,7 @@ from ..errors import MoespecError
 from ..model.compiled import cache_dir
 from ..model.routing import most_probable
 from ..model.transformer import Transformer
+from ..validate import check_safetensors
 from .compiled_guess import GuessLibraries, LayerGuess
 from .context import PreviousToken
 from .lookahead import next_moe_layers
@@ -179,6 +180,7 @@ class Estimators(nn.Module):
         path = Path(path)
         if not path.is_file():
             raise MoespecError(f"estimator file not found: {path} (train one with `moespec fit-estimator`)")
+        check_safetensors(path)
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
@@ -202,6 +204,7 @@ def has_next_token_head(path: Path) -> bool:
     (read from its metadata, nothing loaded)."""
     if not path.is_file():
         return False
+    check_safetensors(path)
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
     return meta.get("next_token") == "1" and int(meta.get("depth", 0)) >= 2

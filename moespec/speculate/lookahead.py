@@ -27,6 +27,7 @@ from ..model.compiled import cache_dir
 from ..model.moe import make_expert_fn
 from ..model.routing import most_probable
 from ..model.transformer import Transformer
+from ..validate import check_safetensors
 from .compiled_guess import GuessLibraries, LayerGuess
 
 DEFAULT_VECTORS_FILE = "default_vectors.safetensors"
@@ -57,6 +58,7 @@ class DefaultVectors:
 
     @classmethod
     def load(cls, path: str | Path, model: Transformer, device: torch.device) -> "DefaultVectors":
+        check_safetensors(Path(path))
         tensors = load_file(str(path))
         spec = model.spec
         expected = {f"layer.{i}" for i in spec.moe_layer_ids}
