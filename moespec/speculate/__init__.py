@@ -43,6 +43,8 @@ def with_depth(cfg: SpeculationConfig, model_dir: Path) -> SpeculationConfig:
     layer (measured faster than one layer deep on both shipped models, README; where guessing that
     deep loses, auto's switch turns it off); any other policy, or auto without that head, one
     layer ahead and no next-token guess."""
+    if cfg.lookahead_depth is not None and cfg.next_token is not None:
+        return cfg  # chosen already: the estimator file is not read again
     deep = cfg.prefetch == "auto" and has_next_token_head(Path(cfg.estimator or model_dir / ESTIMATOR_FILE))
     return replace(cfg, lookahead_depth=cfg.lookahead_depth or (2 if deep else 1),
                    next_token=deep if cfg.next_token is None else cfg.next_token)

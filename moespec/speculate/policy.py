@@ -183,9 +183,9 @@ class Speculation(ForwardHooks):
         self._moe_layers = set(spec.moe_layer_ids)
         # layers with an MoE layer after them: the others have nothing to guess
         self._guessing = {i for i in range(spec.num_layers) if any(t > i for t in spec.moe_layer_ids)}
-        # an MoE layer's residual after attention (real tokens) and whether it is a decode step,
-        # kept from `after_attention` until its router has chosen
-        self._waiting: tuple[torch.Tensor, bool] | None = None
+        # an MoE layer's residual after attention (real tokens), kept from `after_attention` until
+        # its router has chosen
+        self._waiting: torch.Tensor | None = None
         # the running pass, read once in `forward_start` rather than at every layer (a tensor's
         # shape read inside a step costs microseconds): a decode step, and one whose rows are all real
         self._decoding = self._plain_decode = False
@@ -223,7 +223,7 @@ class Speculation(ForwardHooks):
         t0 = time.perf_counter()
         residual = x[:, 0] if self._plain_decode else x[valid]
         if layer in self._moe_layers:
-            self._waiting = (residual, self._decoding)
+            self._waiting = residual
         elif layer in self._guessing:
             self._guess(layer, self.predictor.predict(layer, residual), running=None, decoding=self._decoding)
         self.seconds += time.perf_counter() - t0
@@ -312,7 +312,7 @@ class Speculation(ForwardHooks):
             ids = guess[:, : self.k] if self.mode == "on" else self._substitute(layer, ids, guess)
             weights = self._weights_for(layer, x, ids)
         self.predictor.routed(layer, x)
-        residual, decoding = self._waiting
+        residual, decoding = self._waiting, self._decoding
         self._waiting = None
         if layer in self._guessing:
             ranked = self.predictor.ranked(layer, residual, x, true_routing, self.width) if decoding else None
