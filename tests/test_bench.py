@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from moespec import LLM, MoespecError
-from moespec.bench.runner import POLICIES, BenchConfig, Row, bench, format_table, one_run, prefill_counters
+from moespec.bench.runner import (POLICIES, BenchConfig, Row, bench, format_table, one_run, paired_speedup,
+                                  prefill_counters)
 from moespec.bench.synthetic import SyntheticCheckpoint, preset_spec, write_checkpoint
 from moespec.cli import main
 from moespec.config import SpeculationConfig
@@ -50,7 +51,7 @@ def test_bench_reports_every_policy_against_on_demand(model_dir):
         b = result["batches"][batch]
         assert b["link_bound_limit_ms"] >= b["compute_ms_per_step"] > 0
         rows = b["policies"]
-        assert rows["none"]["speedup_vs_on_demand"] == 1.0
+        assert rows["none"]["speedup_vs_on_demand"] == 1.0 and rows["none"]["speedup_range"] == [1.0, 1.0]
         for row in rows.values():
             assert row["ms_per_step_min"] <= row["ms_per_step_median"] <= row["ms_per_step_max"]
             assert row["bytes_per_token"] > 0 and 0 <= row["hit_rate"] <= 1 and 0 <= row["decode_hit_rate"] <= 1
@@ -59,6 +60,17 @@ def test_bench_reports_every_policy_against_on_demand(model_dir):
         assert 0 <= rows["lookahead"].get("prefetch_landed_share", 0) <= 1
     lines = format_table(result)
     assert len(lines) == 2 * 3 and all(line.startswith("[CPU with an emulated 1 GB/s link]") for line in lines)
+
+
+def test_speed_up_pairs_the_runs_of_each_round():
+    """The machine slowed down in the second round: both runs of it took twice as long. Paired by
+    round the policy is faster in two rounds of three; the ratio of the two medians would say
+    slower (10 against 11 ms)."""
+    on_demand = [{"seconds_per_step": s} for s in (0.010, 0.020, 0.010)]
+    policy = [{"seconds_per_step": s} for s in (0.009, 0.019, 0.011)]
+    out = paired_speedup(on_demand, policy)
+    assert out["speedup_vs_on_demand"] == pytest.approx(20 / 19)
+    assert out["speedup_range"] == pytest.approx([10 / 11, 10 / 9])
 
 
 def test_guessing_time_per_step_is_the_decode_steps_alone(model_dir):

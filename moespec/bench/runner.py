@@ -2,7 +2,8 @@
 
 For each batch size the policies run in turn after a warm-up (A B C, then C B A, ...: every other
 round in reverse, so no row always follows the same one), each run starting from a cold expert
-cache, so slow drift of the machine hits all policies alike. A reference run
+cache, so slow drift of the machine hits all policies alike; a speed-up over on demand is the
+median over rounds of the two runs' ratio in each round (`paired_speedup`). A reference run
 with every expert resident on the device gives the compute time per decode step; with the bytes
 that on-demand loading had to move, it gives the link-bound limit of the configuration:
 max(compute time, required bytes / link bandwidth) per decode step.
@@ -199,6 +200,16 @@ def _summary(runs: list[dict]) -> dict:
     return out
 
 
+def paired_speedup(on_demand: list[dict], runs: list[dict]) -> dict:
+    """A row's speed-up over on demand: in each round, on demand's seconds per step over the row's,
+    then the median of those ratios, and their range. Paired within a round, the ratios cancel the
+    machine's slow drift, which a ratio of the two medians does not (two medians may come from
+    different rounds)."""
+    ratios = [a["seconds_per_step"] / b["seconds_per_step"] for a, b in zip(on_demand, runs)]
+    return {"speedup_vs_on_demand": statistics.median(ratios),
+            "speedup_range": [min(ratios), max(ratios)]}
+
+
 def bench(llm: LLM, prompts_for: Callable[[int], list[list[int]]], cfg: BenchConfig,
           variants: dict[str, LLM] | None = None,
           extra_rows: Callable[[list[list[int]]], dict[str, Row]] | None = None) -> dict:
@@ -243,7 +254,7 @@ def bench(llm: LLM, prompts_for: Callable[[int], list[list[int]]], cfg: BenchCon
         for name, row in rows.items():
             own_base = rows.get(name.rsplit("/", 1)[0] + "/none") if "/" in name else base
             if base:
-                row["speedup_vs_on_demand"] = base["ms_per_step_median"] / row["ms_per_step_median"]
+                row.update(paired_speedup(runs["none"], runs[name]))
                 if "guess_ms_per_step" in row:
                     row["guess_share_of_on_demand_step"] = row["guess_ms_per_step"] / base["ms_per_step_median"]
             own_limit = max(compute, own_base["bytes_per_step"] / bandwidth) if own_base else limit
@@ -268,7 +279,8 @@ def format_table(results: dict) -> list[str]:
                 f"[{link}] batch {batch:>3} {name:<13} {r['ms_per_step_median']:8.2f} ms/step "
                 f"({r['ms_per_step_min']:.2f}-{r['ms_per_step_max']:.2f}), {r['ms_per_output_token_median']:.2f} "
                 f"ms/output token  "
-                f"x{r.get('speedup_vs_on_demand', float('nan')):.2f} vs on-demand  "
+                f"x{r.get('speedup_vs_on_demand', float('nan')):.2f} vs on-demand "
+                f"({'-'.join(f'{v:.2f}' for v in r.get('speedup_range', []))})  "
                 f"{r['times_link_bound_limit']:.2f}x limit  prefill {r['prefill_tokens_per_s']:.0f} tok/s  "
                 f"{r['bytes_per_token'] / 1e6:.3f} MB/tok  decode hit {100 * (r['decode_hit_rate'] or 0):.1f}%  "
                 f"decode stall {100 * r['decode_stall_share']:.1f}%"
@@ -282,7 +294,8 @@ def format_sweep(sweep: dict[str, dict[str, dict]]) -> list[str]:
     prefetching policy (on-demand and speculative execution excluded) with its speed-up, bytes per
     token against on-demand's and distance to the limit."""
     lines = ["| link | cache | batch | on-demand decode stall | on-demand × limit | best exact prefetching policy "
-             "| × on-demand | bytes × on-demand | × link-bound limit |", "|---|---|---|---|---|---|---|---|---|"]
+             "| × on-demand (rounds' range) | bytes × on-demand | × link-bound limit |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for speed, sizes in sweep.items():
         for size, result in sizes.items():
             for batch, b in result["batches"].items():
@@ -295,8 +308,9 @@ def format_sweep(sweep: dict[str, dict[str, dict]]) -> list[str]:
                     continue
                 name, best = max(exact.items(), key=lambda item: item[1]["speedup_vs_on_demand"])
                 bytes_ratio = best["bytes_per_token"] / base["bytes_per_token"] if base["bytes_per_token"] else 1.0
+                low, high = best["speedup_range"]
                 lines.append(f"| {speed} | {size} | {batch} | {100 * base['decode_stall_share']:.0f}% | "
                              f"{base['times_link_bound_limit']:.2f} | {name} | "
-                             f"{best['speedup_vs_on_demand']:.2f} | {bytes_ratio:.2f} | "
+                             f"{best['speedup_vs_on_demand']:.2f} ({low:.2f}-{high:.2f}) | {bytes_ratio:.2f} | "
                              f"{best['times_link_bound_limit']:.2f} |")
     return lines
