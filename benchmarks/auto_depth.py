@@ -15,51 +15,29 @@ Writes benchmarks/results/auto-depth-MODEL.json and prints one line per point.
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-from pathlib import Path
-
-import torch
-
 from moespec import LLM
 from moespec.bench.corpus import bench_prompts
 from moespec.bench.runner import BenchConfig, bench
+from points import point_args, run_points
 
 POLICIES = ["none", "auto-d1", "auto", "auto-d1+next-token"]
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", required=True)
-    ap.add_argument("--point", action="append", required=True, help="LINK,CACHE,BATCH e.g. 1GB/s,25%%,1")
-    ap.add_argument("--new-tokens", type=int, default=256)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--compile", action="store_true")
-    ap.add_argument("--out", default=None, help="default benchmarks/results/auto-depth-MODEL.json")
+    ap = point_args(__doc__.splitlines()[0], repeats=3, new_tokens=256)
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    model = Path(args.model)
-    result = {"model": str(model), "policies": POLICIES, "torch_threads": torch.get_num_threads(),
-              "new_tokens": args.new_tokens, "repeats": args.repeats, "compile": args.compile,
-              "load_average_before": os.getloadavg(), "points": {}}
-    for point in args.point:
-        link, cache, batch = point.split(",")
-        llm = LLM(model, expert_cache=cache, link_bandwidth=link, compile=args.compile, progress=False)
-        cfg = BenchConfig(POLICIES, [int(batch)], new_tokens=args.new_tokens, repeats=args.repeats)
-        b = bench(llm, bench_prompts(llm, cfg.prompt_tokens), cfg)["batches"][batch]
-        b["link"] = llm.link_note()
-        result["points"][point] = b
+
+    def measure(llm: LLM, batch: int) -> dict:
+        cfg = BenchConfig(POLICIES, [batch], new_tokens=args.new_tokens, repeats=args.repeats)
+        return bench(llm, bench_prompts(llm, cfg.prompt_tokens), cfg)["batches"][str(batch)]
+
+    def report(llm: LLM, point: str, b: dict) -> None:
         rows = b["policies"]
-        print(f"[{model.name}, {b['link']}] cache {cache} batch {batch}: on demand stall "
+        print(f"[{llm.path.name}, {b['link']}] {point}: on demand stall "
               f"{rows['none']['decode_stall_share']:.0%}; x on demand: "
               + ", ".join(f"{p} {rows[p]['speedup_vs_on_demand']:.2f}" for p in POLICIES[1:]), flush=True)
-        llm.close()
-    result["load_average_after"] = os.getloadavg()
-    out = Path(args.out) if args.out else Path(__file__).parent / "results" / f"auto-depth-{model.name}.json"
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"written to {out}")
+
+    run_points(args, "auto-depth", measure, report, policies=POLICIES)
 
 
 if __name__ == "__main__":

@@ -20,11 +20,7 @@ the load average.
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
 from functools import partial
-from pathlib import Path
 
 import torch
 
@@ -33,6 +29,7 @@ from moespec.bench.corpus import bench_prompts
 from moespec.bench.runner import BenchConfig, Row, bench, hooked
 from moespec.speculate.policy import Speculation
 from moespec.speculate.traces import RouteRecorder
+from points import point_args, run_points
 
 Routes = dict[tuple[int, int], list[list[int]]]  # (forward pass of the run, MoE layer) -> each row's expert ids
 
@@ -99,42 +96,29 @@ def point(llm: LLM, batch: int, policies: list[str], depths: list[int], repeats:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", required=True)
-    ap.add_argument("--point", action="append", required=True, help="LINK,CACHE,BATCH e.g. 1GB/s,25%%,1")
+    ap = point_args(__doc__.splitlines()[0], repeats=5, new_tokens=32)
     ap.add_argument("--policy", action="append", default=None,
                     help="real policies beside the perfect guesses (moespec bench names; default lookahead, estimator)")
     ap.add_argument("--depth", action="append", type=int, default=None, help="default 1 and 3")
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--new-tokens", type=int, default=32)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--compile", action="store_true")
-    ap.add_argument("--out", default=None, help="default benchmarks/results/oracle-bound-MODEL.json")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    model = Path(args.model)
-    result = {"model": str(model), "torch_threads": torch.get_num_threads(), "repeats": args.repeats,
-              "compile": args.compile, "load_average_before": os.getloadavg(), "points": {}}
-    for spec in args.point:
-        link, cache, batch = spec.split(",")
-        llm = LLM(model, expert_cache=cache, link_bandwidth=link, compile=args.compile, progress=False)
-        p = point(llm, int(batch), args.policy or ["lookahead", "estimator"], args.depth or [1, 3], args.repeats,
+
+    def measure(llm: LLM, batch: int) -> dict:
+        p = point(llm, batch, args.policy or ["lookahead", "estimator"], args.depth or [1, 3], args.repeats,
                   args.new_tokens)
-        p["link"], p["eviction"] = llm.link_note(), llm.config.offload.eviction
-        result["points"][spec] = p
+        p["eviction"] = llm.config.offload.eviction
+        return p
+
+    def report(llm: LLM, spec: str, p: dict) -> None:
         on_demand = p["policies"]["none"]
-        print(f"[{model.name}, {p['link']}] cache {cache} batch {batch}: on demand "
+        print(f"[{llm.path.name}, {p['link']}] {spec}: on demand "
               f"{on_demand['ms_per_step_median']:.2f} ms/step, stall {on_demand['decode_stall_share']:.0%}, "
               f"{on_demand['times_link_bound_limit']:.2f}x the link-bound limit ({p['link_bound_limit_ms']:.2f} ms)")
         for name, r in p["policies"].items():
             print(f"    {name:<26} x{r['speedup_vs_on_demand']:.2f} on demand  {r['times_link_bound_limit']:.2f}x limit  "
                   f"bytes x{r['bytes_vs_on_demand']:.2f}  hit {r['decode_hit_rate']:.2f}  "
                   f"stall {r['decode_stall_share']:.0%}  guess {r.get('guess_ms_per_step', 0):.2f} ms/step", flush=True)
-        llm.close()
-    result["load_average_after"] = os.getloadavg()
-    out = Path(args.out) if args.out else Path(__file__).parent / "results" / f"oracle-bound-{model.name}.json"
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"written to {out}")
+
+    run_points(args, "oracle-bound", measure, report)
 
 
 if __name__ == "__main__":

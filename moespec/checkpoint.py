@@ -162,6 +162,18 @@ def dense_tensor_names(spec: ModelSpec) -> list[str]:
     return names
 
 
+def gated_expert(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, gate_shape: tuple[int, ...],
+                 down_shape: tuple[int, ...], dtype: torch.dtype) -> Packed:
+    """A gated expert from its projections as flat tensors of any dtype: gate_up [2I, H] (gate
+    rows first) and down [H, I] in `dtype`, views of one buffer of their own that a single `cat`
+    fills and converts (a disk tier's reader thread runs this beside compute: fewer calls, less
+    stalling of compute; see DirectReader.flat)."""
+    out = torch.empty(gate.numel() + up.numel() + down.numel(), dtype=dtype)
+    torch.cat((gate, up, down), out=out)
+    rows = gate.numel() + up.numel()
+    return {"gate_up": out[:rows].view(2 * gate_shape[0], *gate_shape[1:]), "down": out[rows:].view(down_shape)}
+
+
 class Checkpoint:
     """A checkpoint directory: which file holds which tensor, and typed reads of single tensors."""
 
@@ -172,6 +184,7 @@ class Checkpoint:
         self._handles: dict[Path, object] = {}
         self._handles_lock = threading.Lock()
         self._checked: set[tuple[int, int]] = set()  # experts whose values were checked at a first read
+        self._names: dict[tuple[int, int], list[str]] = {}  # (layer, expert) -> its tensors' names
         self.direct = DirectReader()  # O_DIRECT reads of experts (the disk tier with direct_io)
         quant = self._quantization()
         method = quant.get("quant_method")
@@ -262,6 +275,13 @@ class Checkpoint:
         return files
 
     def _expert_names(self, layer: int, expert: int) -> list[str]:
+        """The checkpoint tensors of one expert, worked out once (the disk tier asks at every read)."""
+        key = (layer, expert)
+        if key not in self._names:
+            self._names[key] = self._names_of(layer, expert)
+        return self._names[key]
+
+    def _names_of(self, layer: int, expert: int) -> list[str]:
         if self.spec.num_encoder_layers:
             return [f"{switch_ff_prefix(self.spec, layer)}mlp.experts.expert_{expert}.{w}.weight" for w in ("wi", "wo")]
         p = f"model.layers.{layer}.{moe_prefix(self.spec)}.experts."
@@ -352,20 +372,22 @@ class Checkpoint:
     def _read_expert(self, names: list[str], expert: int, dtype: torch.dtype, direct: bool) -> Packed:
         index = expert if self._fused and not self.spec.num_encoder_layers else None
         prefix = self.spec.weights_prefix
-        together: dict[str, torch.Tensor] = {}  # direct: the projections read at once, per file
+        # direct: the projections read at once, per file, flat with their shapes
+        together: dict[str, tuple[torch.Tensor, tuple[int, ...]]] = {}
         if direct:
             files: dict[Path, list[str]] = {}
             for name in names:
                 if name in self._file_of:
                     files.setdefault(self._file_of[name], []).append(name)
-            for path, group in files.items():
-                got = self.direct.tensors(path, [prefix + name for name in group], index)
+            for path, group in files.items():  # copied out below: read into the thread's scratch buffer if one file
+                got = self.direct.flat(path, [prefix + name for name in group], index, scratch=len(files) == 1)
                 together.update((name, got[prefix + name]) for name in group)
 
         def read(name: str, to: torch.dtype | None = dtype) -> torch.Tensor:
             """Tensor `name` (this expert's slice of it, if fused) in dtype `to` (None: as stored)."""
             if name in together:  # a view of the buffer shared with the other projections: copied
-                t = together[name]  # out (converted on the way), so an expert holds only its own bytes
+                flat, shape = together[name]  # out (converted on the way), so an expert holds only its own bytes
+                t = flat.view(shape)
                 return t.clone() if to is None else t.to(to, copy=True)
             if direct:
                 t = self.direct.tensor(self._file_of[name], prefix + name, index)
@@ -391,6 +413,10 @@ class Checkpoint:
             if fused_experts_transposed(self.spec):
                 gate_up, down = gate_up.T, down.T
             return {"gate_up": gate_up.contiguous(), "down": down.contiguous()}
+        if all(n in together for n in names):  # read at once: assembled by one call
+            (gate, gate_shape), (up, up_shape), (down, down_shape) = (together[n] for n in names)
+            check_expert_parts(self.spec, names, (gate_shape, up_shape, down_shape))
+            return gated_expert(gate, up, down, gate_shape, down_shape, dtype)
         gate, up, down = (read(n) for n in names)
         check_expert_parts(self.spec, names, (gate.shape, up.shape, down.shape))
         return {"gate_up": torch.cat([gate, up]), "down": down.contiguous()}

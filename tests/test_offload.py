@@ -655,12 +655,28 @@ def test_disk_tier_with_direct_io_is_exact(model_dir, exact, host_cache):
         assert disk["direct_io"] and disk["reads"] >= llm.stats().experts.misses > 0 and disk["gb_per_s"] > 0
         assert llm.store.checkpoint.direct.bytes_read > 0 and "direct I/O" in llm.link_note()
         assert len(llm.store._experts) <= host_cache
-        # read with its projections at once, an expert still owns its memory (no view of the
-        # buffer they shared, which would keep the others' bytes alive with it)
+        # read with its projections at once, an expert is what a buffered read gives and owns
+        # memory holding its own bytes only (not the read buffer, with the file's bytes around them)
         expert = llm.store.checkpoint.expert(0, 1, llm.store.dtype, direct=True)
-        assert torch.equal(expert["down"], llm.store.checkpoint.expert(0, 1, llm.store.dtype)["down"])
-        assert all(t.untyped_storage().resizable() for t in expert.values())
+        buffered = llm.store.checkpoint.expert(0, 1, llm.store.dtype)
+        assert expert.keys() == buffered.keys() and all(torch.equal(expert[k], buffered[k]) for k in expert)
+        own = sum(t.numel() * t.element_size() for t in expert.values())
+        assert all(t.untyped_storage().resizable() and t.untyped_storage().nbytes() == own for t in expert.values())
         llm.close()
+
+
+def test_direct_reads_convert_and_assemble_experts_as_buffered_reads_do(tmp_path):
+    """A bfloat16 Mixtral checkpoint (w1, w2, w3: gate, down, up, in that order in the file) read
+    flat with O_DIRECT and assembled into float32 gate_up and down by one call: the same values
+    as a buffered read, for every expert."""
+    save_model("mixtral", tmp_path, experts=4, top_k=2, num_hidden_layers=2).to(torch.bfloat16).save_pretrained(tmp_path)
+    checkpoint = Checkpoint(tmp_path, load_spec(tmp_path))
+    for layer in checkpoint.spec.moe_layer_ids:
+        for e in range(checkpoint.spec.num_experts):
+            direct = checkpoint.expert(layer, e, torch.float32, direct=True)
+            buffered = checkpoint.expert(layer, e, torch.float32)
+            assert all(direct[k].dtype == torch.float32 and torch.equal(direct[k], buffered[k]) for k in buffered)
+    checkpoint.direct.close()
 
 
 def test_direct_io_needs_the_disk_tier(model_dir):
@@ -704,7 +720,8 @@ def test_direct_reader_reads_tensors_that_lie_together_at_once(tmp_path, monkeyp
     reader = direct_io.DirectReader()
     for names, calls in ((["a.w1", "a.w3", "a.w2"], 1), (["a.w1", "c.small"], 2)):
         reads.clear()
-        got = reader.tensors(path, names)
+        got = reader.flat(path, names)
         assert len(reads) == calls and list(got) == names
-        assert all(torch.equal(got[n], tensors[n]) for n in names)
+        assert all(shape == tensors[n].shape and got[n][0].dim() == 1 and torch.equal(got[n][0].view(shape), tensors[n])
+                   for n, (_, shape) in got.items())
     reader.close()
