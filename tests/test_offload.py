@@ -704,7 +704,8 @@ def test_direct_reader_returns_the_stored_tensors(tmp_path):
 
 def test_direct_reader_reads_tensors_that_lie_together_at_once(tmp_path, monkeypatch):
     """An expert's projections are read with one preadv where they lie together in the file, and
-    one each where a large tensor lies between them; either way each is exactly the stored tensor."""
+    one each where a large tensor lies between them; either way each is exactly the stored tensor,
+    flat, with its shape. Scratch reads reuse their thread's buffer."""
     from safetensors.torch import save_file
 
     from moespec import direct_io
@@ -724,4 +725,19 @@ def test_direct_reader_reads_tensors_that_lie_together_at_once(tmp_path, monkeyp
         assert len(reads) == calls and list(got) == names
         assert all(shape == tensors[n].shape and got[n][0].dim() == 1 and torch.equal(got[n][0].view(shape), tensors[n])
                    for n, (_, shape) in got.items())
+    # into the thread's scratch buffer: the next scratch read reuses it (no new mapping), another
+    # thread has its own, and a larger span maps a larger one
+    maps, mapping = [], direct_io.mmap.mmap
+    monkeypatch.setattr(direct_io.mmap, "mmap", lambda *a: maps.append(a[1]) or mapping(*a))
+    got = reader.flat(path, ["a.w1", "a.w3"], scratch=True)
+    assert torch.equal(got["a.w3"][0], tensors["a.w3"].flatten()) and len(maps) == 1
+    assert torch.equal(reader.flat(path, ["c.small"], scratch=True)["c.small"][0], tensors["c.small"])
+    assert len(maps) == 1
+    other = []
+    worker = threading.Thread(target=lambda: other.append(reader.flat(path, ["c.small"], scratch=True)["c.small"][0]))
+    worker.start()
+    worker.join()
+    assert torch.equal(other[0], tensors["c.small"]) and len(maps) == 2
+    assert torch.equal(reader.flat(path, ["b.big"], scratch=True)["b.big"][0], tensors["b.big"])
+    assert len(maps) == 3 and maps[2] > maps[0]
     reader.close()
