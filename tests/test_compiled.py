@@ -399,21 +399,26 @@ def count_runs(libraries: GuessLibraries) -> list[int]:
 
 
 def test_a_compiled_library_is_loaded_not_compiled_again(tmp_path, monkeypatch, capsys):
-    """The first load compiles (and says so on stderr, with progress on); the next loads the library."""
+    """The first load compiles (and says so on stderr, with progress on); the next finds the
+    library, loaded once per process: another model, or a policy set again, shares it."""
     save_model("mixtral", tmp_path, experts=8, top_k=2, hidden_size=40)  # a shape no other test compiled
     monkeypatch.setenv("MOESPEC_CACHE", str(tmp_path / "libraries"))
-    LLM(tmp_path, compile=True, progress=True)
+    LLM(tmp_path, compile=True, progress=True, prefetch="lookahead")
     err = capsys.readouterr().err
     assert "compiling decode layers, kind 1 of 1" in err and "compiling the one-row decode step" in err
     libraries = tmp_path / "libraries" / "compiled"
     assert any(libraries.glob("layer-*.pt2")) and any(libraries.glob("step-*.pt2"))
-    assert not any(libraries.glob("*.tmp.pt2"))
+    assert any(libraries.glob("guess-*.pt2")) and not any(libraries.glob("*.tmp.pt2"))
 
     def refuse(*args, **kwargs):
         raise AssertionError("compiled again")
     monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", refuse)
-    llm = LLM(tmp_path, compile=True, progress=True)
-    assert "compiling" not in capsys.readouterr().err
+    loads = []
+    load = torch._inductor.aoti_load_package
+    monkeypatch.setattr(torch._inductor, "aoti_load_package", lambda *a, **k: loads.append(a) or load(*a, **k))
+    llm = LLM(tmp_path, compile=True, progress=True, prefetch="lookahead")
+    llm.set_policy(prefetch="lookahead")
+    assert "compiling" not in capsys.readouterr().err and loads == []
     # a library compiled from other model code (another moespec) is not the one looked for
     name = compiled.layer_library(llm.model, 0)
     monkeypatch.setattr(compiled, "source_digest", lambda: "other code")

@@ -236,11 +236,24 @@ def step_library(model: Transformer, stacks: dict[str, torch.Tensor]) -> str:
     return library_name(model, ("step",), step_tensors(model) | stacks)
 
 
+# every library this process loaded, by path: loaded once. A load maps a fresh copy of the
+# library's code (tiny-mixtral's guesses: 36 mappings and ~2 MB a `set_policy`, none freed), and a
+# library takes its tensors as inputs, so one loaded copy serves every model and predictor
+_loaded: dict[Path, tuple[torch._C._aoti.AOTIModelPackageLoader, list[str]]] = {}
+
+
 def compile_program(path: Path, what: str, module: nn.Module, args: tuple, dims: tuple | None, named: int
                     ) -> tuple[torch._C._aoti.AOTIModelPackageLoader, list[str]]:
     """The library at `path` (`module` exported with `args` and dynamic `dims`, then compiled by
-    AOTInductor, first if missing) and the names of the tensors it takes first, in order: the
-    keys of its first `named` arguments (dicts of tensors)."""
+    AOTInductor, first if missing; loaded once per process) and the names of the tensors it
+    takes first, in order: the keys of its first `named` arguments (dicts of tensors)."""
+    if path not in _loaded:
+        _loaded[path] = _compile_and_load(path, what, module, args, dims, named)
+    return _loaded[path]
+
+
+def _compile_and_load(path: Path, what: str, module: nn.Module, args: tuple, dims: tuple | None, named: int
+                      ) -> tuple[torch._C._aoti.AOTIModelPackageLoader, list[str]]:
     with warnings.catch_warnings():  # torch's own deprecation notices about its export and package formats
         warnings.simplefilter("ignore", FutureWarning)
         if not path.is_file():
