@@ -242,21 +242,27 @@ def step_library(model: Transformer, stacks: dict[str, torch.Tensor]) -> str:
 _loaded: dict[Path, tuple[torch._C._aoti.AOTIModelPackageLoader, list[str]]] = {}
 
 
-def compile_program(path: Path, what: str, module: nn.Module, args: tuple, dims: tuple | None, named: int
+Export = Callable[[], tuple[nn.Module, tuple, tuple | None]]  # what to compile: (module, example args, dynamic dims)
+
+
+def compile_program(path: Path, what: str, export: Export, named: int
                     ) -> tuple[torch._C._aoti.AOTIModelPackageLoader, list[str]]:
-    """The library at `path` (`module` exported with `args` and dynamic `dims`, then compiled by
-    AOTInductor, first if missing; loaded once per process) and the names of the tensors it
-    takes first, in order: the keys of its first `named` arguments (dicts of tensors)."""
+    """The library at `path` (the module `export()` gives, exported with its example args and
+    dynamic dims, then compiled by AOTInductor, first if missing; loaded once per process) and the
+    names of the tensors it takes first, in order: the keys of its first `named` arguments (dicts
+    of tensors). `export` is called only to compile: a library already loaded or on disk needs no
+    example built."""
     if path not in _loaded:
-        _loaded[path] = _compile_and_load(path, what, module, args, dims, named)
+        _loaded[path] = _compile_and_load(path, what, export, named)
     return _loaded[path]
 
 
-def _compile_and_load(path: Path, what: str, module: nn.Module, args: tuple, dims: tuple | None, named: int
+def _compile_and_load(path: Path, what: str, export: Export, named: int
                       ) -> tuple[torch._C._aoti.AOTIModelPackageLoader, list[str]]:
     with warnings.catch_warnings():  # torch's own deprecation notices about its export and package formats
         warnings.simplefilter("ignore", FutureWarning)
         if not path.is_file():
+            module, args, dims = export()
             with torch.inference_mode(False), torch.no_grad():
                 program = torch.export.export(module, args, dynamic_shapes=dims)
             if program.constants or program.state_dict:  # would be one layer's, baked into every call
@@ -278,35 +284,42 @@ def compile_layer(model: Transformer, i: int, directory: Path, prefill: bool = F
     """The compiled library of layer i's kind, for decode steps or fresh prefills, loaded from
     `directory` (compiled there first if missing), and the names of the layer tensors it takes
     first, in order."""
-    batch, cache_len, keys = (torch.export.Dim(n, min=lo, max=hi) for n, lo, hi in
-                              (("rows", 1, MAX_ROWS), ("cache_len", 2, None),
-                               ("tokens", 2, None) if prefill else ("keys", 1, None)))
-    tensors = layer_tensors(model.layers[i])
-    cache, positions, key_pos, cos, sin = _example(model, 2, prefill)
-    x = torch.randn(*positions.shape, model.spec.hidden_size, dtype=cos.dtype, device=cos.device)
-    args = (tensors, x, cache.layers[i].k, cache.layers[i].v, positions, key_pos, cos, sin)
-    rows = {0: batch, 1: keys} if prefill else {0: batch}  # each row's tokens are the keys it reads
-    dims = ({name: None for name in tensors}, rows, {0: batch, 1: cache_len}, {0: batch, 1: cache_len},
-            rows, {0: keys}, rows, rows)
+
+    def export() -> tuple[nn.Module, tuple, tuple]:
+        batch, cache_len, keys = (torch.export.Dim(n, min=lo, max=hi) for n, lo, hi in
+                                  (("rows", 1, MAX_ROWS), ("cache_len", 2, None),
+                                   ("tokens", 2, None) if prefill else ("keys", 1, None)))
+        tensors = layer_tensors(model.layers[i])
+        cache, positions, key_pos, cos, sin = _example(model, 2, prefill)
+        x = torch.randn(*positions.shape, model.spec.hidden_size, dtype=cos.dtype, device=cos.device)
+        args = (tensors, x, cache.layers[i].k, cache.layers[i].v, positions, key_pos, cos, sin)
+        rows = {0: batch, 1: keys} if prefill else {0: batch}  # each row's tokens are the keys it reads
+        dims = ({name: None for name in tensors}, rows, {0: batch, 1: cache_len}, {0: batch, 1: cache_len},
+                rows, {0: keys}, rows, rows)
+        return _Layer(model.layers[i], prefill), args, dims
+
     return compile_program(directory / layer_library(model, i, prefill),
-                           f"{'prefill ' if prefill else ''}layer (of layer {i})", _Layer(model.layers[i], prefill),
-                           args, dims, 1)
+                           f"{'prefill ' if prefill else ''}layer (of layer {i})", export, 1)
 
 
 def compile_step(model: Transformer, stacks: dict[str, torch.Tensor], directory: Path
                  ) -> tuple[torch._C._aoti.AOTIModelPackageLoader, list[str]]:
     """The compiled library of the one-row step (`_OneRow`), loaded from `directory` (compiled there
     first if missing), and the names of the model tensors, then stacked experts, it takes first."""
-    cache_len, keys = torch.export.Dim("cache_len", min=2), torch.export.Dim("keys", min=1)
-    tensors = step_tensors(model)
-    cache, positions, key_pos, cos, sin = _example(model, 1)
-    token = torch.zeros(1, 1, dtype=torch.long, device=cos.device)
-    slabs = [{1: cache_len}] * len(model.layers)
-    args = (tensors, stacks, token, [kv.k for kv in cache.layers], [kv.v for kv in cache.layers], positions,
-            key_pos, cos, sin)
-    dims = ({name: None for name in tensors}, {name: None for name in stacks}, None, slabs, slabs, None,
-            {0: keys}, None, None)
-    return compile_program(directory / step_library(model, stacks), "one-row step", _Step(model), args, dims, 2)
+
+    def export() -> tuple[nn.Module, tuple, tuple]:
+        cache_len, keys = torch.export.Dim("cache_len", min=2), torch.export.Dim("keys", min=1)
+        tensors = step_tensors(model)
+        cache, positions, key_pos, cos, sin = _example(model, 1)
+        token = torch.zeros(1, 1, dtype=torch.long, device=cos.device)
+        slabs = [{1: cache_len}] * len(model.layers)
+        args = (tensors, stacks, token, [kv.k for kv in cache.layers], [kv.v for kv in cache.layers], positions,
+                key_pos, cos, sin)
+        dims = ({name: None for name in tensors}, {name: None for name in stacks}, None, slabs, slabs, None,
+                {0: keys}, None, None)
+        return _Step(model), args, dims
+
+    return compile_program(directory / step_library(model, stacks), "one-row step", export, 2)
 
 
 Library = tuple[torch._C._aoti.AOTIModelPackageLoader, list[torch.Tensor]]  # a library and its first inputs

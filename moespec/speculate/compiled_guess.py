@@ -11,6 +11,7 @@ describes each layer's guess (`LayerGuess`); `GuessLibraries` compiles or loads 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -35,6 +36,15 @@ class LayerGuess:
     export: Callable[[], tuple[nn.Module, tuple]]
 
 
+def _exported(guess: LayerGuess) -> tuple[nn.Module, tuple, tuple]:
+    """What compiling `guess` exports: its module, its tables then example inputs, and their
+    dynamic dims (any number of rows)."""
+    module, inputs = guess.export()
+    rows = torch.export.Dim("rows", min=1, max=MAX_ROWS)
+    dims = (pytree.tree_map(lambda _: None, guess.tables), *pytree.tree_map(lambda _: {0: rows}, inputs))
+    return module, (guess.tables, *inputs), dims
+
+
 class GuessLibraries:
     """Per MoE layer, its compiled guess and the tables it takes first; `width`: how many experts per
     target the guesses rank (0: none compiled)."""
@@ -46,16 +56,9 @@ class GuessLibraries:
     def build(self, model: Transformer, directory: Path, width: int, guesses: dict[int, LayerGuess]) -> None:
         """Each layer's guess in `guesses`, ranking `width` experts per target, loaded from
         `directory` (compiled there first if missing)."""
-        loaded: dict[Path, tuple[torch._C._aoti.AOTIModelPackageLoader, list[str]]] = {}
         for layer, guess in guesses.items():
             path = directory / library_name(model, (*guess.key, width), guess.tables)
-            if path not in loaded:
-                module, inputs = guess.export()
-                rows = torch.export.Dim("rows", min=1, max=MAX_ROWS)
-                dims = (pytree.tree_map(lambda _: None, guess.tables), *pytree.tree_map(lambda _: {0: rows}, inputs))
-                loaded[path] = compile_program(path, f"{guess.what} (of layer {layer})", module,
-                                               (guess.tables, *inputs), dims, 1)
-            library, names = loaded[path]
+            library, names = compile_program(path, f"{guess.what} (of layer {layer})", partial(_exported, guess), 1)
             self.layers[layer] = (library, [guess.tables[name] for name in names])
         self.width = width
 
