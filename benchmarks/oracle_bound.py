@@ -12,8 +12,8 @@ earlier layers, not its last).
 
 Per point (link, cache, batch) the rows are on demand, the real policies of `--policy`, and the
 perfect guesses, interleaved `--repeats` times with the compute reference (all experts resident);
-decode steps only, medians. The link is emulated (CPU); the JSON records it, the torch threads and
-the load average.
+decode steps only, medians. The link is emulated (CPU), or the disk (LINK `disk`: a real link);
+the JSON records it, the torch threads and the load average.
 
     python benchmarks/oracle_bound.py --model models/tiny-mixtral --point 1GB/s,25%,1 --compile
 """

@@ -1,5 +1,7 @@
 """What the per-point benchmarks (auto_depth.py, oracle_bound.py) share: their common arguments, and
 the loop that loads the model at each LINK,CACHE,BATCH point, measures there and writes one JSON.
+A LINK is an emulated bandwidth, or "disk": the checkpoint's own files read with direct I/O (the
+disk tier, no host cache), a real link.
 
 Each point loads the model afresh (its own cache size and emulated link) and closes it after, so
 no point inherits another's cache or transfer threads.
@@ -22,7 +24,8 @@ def point_args(description: str, repeats: int, new_tokens: int) -> argparse.Argu
     """A parser with the arguments every per-point benchmark takes; a benchmark adds its own."""
     ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--model", required=True)
-    ap.add_argument("--point", action="append", required=True, help="LINK,CACHE,BATCH e.g. 1GB/s,25%%,1")
+    ap.add_argument("--point", action="append", required=True,
+                    help="LINK,CACHE,BATCH e.g. 1GB/s,25%%,1; LINK 'disk': the disk tier, direct I/O, no host cache")
     ap.add_argument("--repeats", type=int, default=repeats)
     ap.add_argument("--new-tokens", type=int, default=new_tokens)
     ap.add_argument("--threads", type=int, default=1)
@@ -43,7 +46,8 @@ def run_points(args: argparse.Namespace, name: str, measure: Callable[[LLM, int]
               "points": {}}
     for point in args.point:
         link, cache, batch = point.split(",")
-        llm = LLM(model, expert_cache=cache, link_bandwidth=link, compile=args.compile, progress=False)
+        tier = dict(expert_tier="disk", direct_io=True, host_cache=0) if link == "disk" else dict(link_bandwidth=link)
+        llm = LLM(model, expert_cache=cache, compile=args.compile, progress=False, **tier)
         measured = measure(llm, int(batch))
         measured["link"] = llm.link_note()
         result["points"][point] = measured
