@@ -11,9 +11,11 @@ import torch
 
 
 class ForwardHooks:
-    def forward_start(self, rows: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor) -> None:
+    def forward_start(self, rows: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor) -> bool | None:
         """A decoder forward pass begins over cache rows [B] at positions [B, T]; valid [B, T]
-        marks real tokens (a row's come first), in the order `x[valid]` gives them to later hooks."""
+        marks real tokens (a row's come first), in the order `x[valid]` gives them to later hooks.
+        Return False to sit out this pass's layers (no other hook point is called in it): a hook
+        with nothing to do in a pass then costs it nothing per layer."""
 
     def layer_start(self, layer: int) -> None:
         """Layer `layer` is about to run."""

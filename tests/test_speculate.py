@@ -409,6 +409,56 @@ def test_auto_prefetch_is_exact_and_reports_its_switch(model_dir, exact):
     assert auto["on_steps"] > 0 and auto["off_steps"] > 0 and auto["on_steps"] + auto["off_steps"] == 63
 
 
+class Calls(ForwardHooks):
+    """Counts the calls each pass makes to it; sits out the passes `skip` names (0: the prefill)."""
+
+    def __init__(self, skip: set[int]):
+        self.skip, self.passes, self.calls = skip, -1, []
+
+    def forward_start(self, rows, positions, valid):
+        self.passes += 1
+        self.calls.append(0)
+        return False if self.passes in self.skip else None  # None (the base class's habit) watches
+
+    def layer_start(self, layer):
+        self.calls[-1] += 1
+
+    def after_attention(self, layer, x, valid):
+        self.calls[-1] += 1
+
+    def route(self, layer, x, weights, ids):
+        self.calls[-1] += 1
+        return weights, ids
+
+    def layer_end(self, layer):
+        self.calls[-1] += 1
+
+
+def test_a_hook_that_sits_out_a_pass_is_not_called_at_its_layers(model_dir, exact):
+    """forward_start returning False keeps a hook out of that pass's layers, and only that pass's;
+    auto switched off is such a hook (its passes cost no hook calls), and stays exact."""
+    llm = LLM(model_dir, expert_cache="50%")
+    hook = Calls(skip={1, 2})
+    llm.model.hooks.append(hook)
+    llm.generate(PROMPTS[:1], max_new_tokens=4, ignore_eos=True)
+    spec = llm.spec
+    per_pass = 3 * spec.num_layers + len(spec.moe_layer_ids)  # layer_start, after_attention, layer_end; route
+    assert hook.calls == [per_pass, 0, 0, per_pass]
+    llm.model.hooks.remove(hook)
+
+    # a slow link: on-demand steps stall, so guessing is tried (on steps) and dropped (off steps)
+    auto = LLM(model_dir, expert_cache="50%", prefetch="auto", link_bandwidth="0.005GB/s")
+    spec_hooks, watches, layers = auto.speculation, [], []
+    start, after = spec_hooks.forward_start, spec_hooks.after_attention
+    spec_hooks.forward_start = lambda *a: (watches.append(start(*a)), watches[-1])[1]
+    spec_hooks.after_attention = lambda *a: (layers.append(spec_hooks.active), after(*a))[1]
+    got = auto.generate(PROMPTS, max_new_tokens=64, ignore_eos=True)
+    assert [o.token_ids[:16] for o in got] == [o.token_ids for o in exact[0]]
+    switch = auto.stats().as_dict()["speculation"]["auto"]
+    assert switch["on_steps"] > 0 and watches.count(False) >= switch["off_steps"] > 0
+    assert all(layers) and len(layers) == spec.num_layers * watches.count(True)  # only passes it watched
+
+
 def test_auto_prefetch_stays_out_where_every_expert_is_resident(model_dir):
     """Nothing can be missed, so auto installs no hooks (a hook would keep a compiled model off
     its one-call step); an explicit policy still guesses (its statistics), and so does auto

@@ -110,20 +110,20 @@ class Transformer(nn.Module):
         step = StepPositions.of(rows, positions, valid)
         if step.upto > cache.max_len:
             raise ValueError(f"sequence exceeds the KV cache length {cache.max_len}")
-        for hook in self.hooks:
-            hook.forward_start(rows, positions, valid)
+        # the hooks that watch this pass's layers (a hook with nothing to do in it sits out)
+        hooks = [hook for hook in self.hooks if hook.forward_start(rows, positions, valid) is not False]
         x = self.embed_tokens(tokens)
         rope = self.rotary(positions, x.dtype)
         compiled = self.compiled.step(tokens, step) if self.compiled is not None else None  # None: eager
         for i, block in enumerate(self.layers):
-            for hook in self.hooks:
+            for hook in hooks:
                 hook.layer_start(i)
             kv = cache.layers[i]
             state = block.forward(x, kv, step, rope) if compiled is None else compiled(i, x, kv, rope)
-            for hook in self.hooks:
+            for hook in hooks:
                 hook.after_attention(i, state.x, valid)
-            x = block.feed_forward(state, step, experts, self.hooks)
-            for hook in self.hooks:
+            x = block.feed_forward(state, step, experts, hooks)
+            for hook in hooks:
                 hook.layer_end(i)
         cache.lengths[rows] = start + valid.sum(dim=1)
         return self.norm(x)

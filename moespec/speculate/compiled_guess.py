@@ -67,7 +67,7 @@ class GuessLibraries:
         """The layer's guess from `inputs` (after its tables; rows first): per target, each row's
         `width` best experts, best first, and their probabilities, read once; None where no
         library ranks `width`."""
-        if width != self.width or layer not in self.layers or len(inputs[0]) > MAX_ROWS:
+        if width != self.width or layer not in self.layers or inputs[0].shape[0] > MAX_ROWS:
             return None
         library, tables = self.layers[layer]
         probs, ids = library.run([*tables, *inputs])  # [targets, rows, width] each

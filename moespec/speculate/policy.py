@@ -190,18 +190,21 @@ class Speculation(ForwardHooks):
         # shape read inside a step costs microseconds): a decode step, and one whose rows are all real
         self._decoding = self._plain_decode = False
 
-    def forward_start(self, rows: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor) -> None:
+    def forward_start(self, rows: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor) -> bool:
+        """Note the pass; while guessing is off (prefetch="auto" switched it off) sit out its layers."""
         t0 = time.perf_counter()
         self._decoding = positions.shape[1] == 1
-        self._plain_decode = self._decoding and (len(rows) == 1 or bool(valid.all()))
+        batch = rows.shape[0]  # not len(rows): a tensor's __len__ runs Python of torch's own
+        self._plain_decode = self._decoding and (batch == 1 or bool(valid.all()))
         if self.switch is not None:
-            self._switch(t0, len(rows), self._decoding)
+            self._switch(t0, batch, self._decoding)
         if self.active:
             self.predictor.forward_start(rows, positions, valid)
         if self.next_token is not None and not self.next_token.same_batch(rows, valid, self._decoding):
             self.guesses.get(self.next_token.first, {}).pop(self.depth, None)  # made for other tokens
             self.prefetched.get(self.next_token.first, {}).pop(self.depth, None)
         self.seconds += time.perf_counter() - t0
+        return self.active
 
     def _switch(self, now: float, rows: int, decoding: bool) -> None:
         """Time the decode step that just ended (start to start) and choose for the next one."""
@@ -217,11 +220,10 @@ class Speculation(ForwardHooks):
 
     def after_attention(self, layer: int, x: torch.Tensor, valid: torch.Tensor) -> None:
         # An MoE layer guesses once its own router has chosen (in `route`): its experts are then
-        # known, so prefetches can be kept from evicting them. A dense layer guesses now.
-        if not self.active:
-            return
+        # known, so prefetches can be kept from evicting them. A dense layer guesses now. (Called
+        # only in passes whose `forward_start` found guessing on.)
         t0 = time.perf_counter()
-        residual = x[:, 0] if self._plain_decode else x[valid]
+        residual = x.squeeze(1) if self._plain_decode else x[valid]  # [B, 1, H] -> [B, H]: a view
         if layer in self._moe_layers:
             self._waiting = residual
         elif layer in self._guessing:
@@ -300,8 +302,6 @@ class Speculation(ForwardHooks):
         return ranked, order, (mass * self.k).clamp(max=1.0).tolist() if decoding else []
 
     def route(self, layer, x, weights, ids):
-        if not self.active:
-            return weights, ids
         t0 = time.perf_counter()
         guesses, prefetched = self.guesses.pop(layer, {}), self.prefetched.pop(layer, {})
         if guesses:
@@ -329,14 +329,18 @@ class Speculation(ForwardHooks):
                prefetched: dict[int, list[int]]) -> None:
         """Compare the guesses for `layer` with its true routing ids [N, k] (and, for one token's
         guess, count how its scores fared: the odds admission uses)."""
+        rows: list[list[int]] | None = None  # the routing, read once where a guess is scored in Python
+        tokens, choices = ids.shape[0], ids.numel()
         for depth, ranked in guesses.items():
             key = (layer, depth)
             s = self.guess_stats[key]
-            s.tokens += len(ids)
-            s.true_choices += ids.numel()
+            s.tokens += tokens
+            s.true_choices += choices
             s.prefetched += len(prefetched[depth])
+            if isinstance(ranked, (OneGuess, RowsGuess)) and rows is None:
+                rows = ids.tolist()
             if isinstance(ranked, OneGuess):  # one token's guess: its ranked experts are the prefetched set
-                true = set(ids.tolist()[0])
+                true = set(rows[0])
                 s.found_in_topk += len(true.intersection(ranked.ids[: self.k]))
                 found = len(true.intersection(ranked.ids))
                 s.found_in_prefetch += found
@@ -346,7 +350,6 @@ class Speculation(ForwardHooks):
                 self.tail_odds[depth].observe(0.0, len(true) - found, self.model.spec.num_experts - len(ranked.ids))
                 continue
             if isinstance(ranked, RowsGuess):  # several tokens' guesses, in plain Python as `_pool`
-                rows = ids.tolist()
                 for row, guess in zip(rows, ranked.ids):
                     true = set(row)
                     s.found_in_topk += len(true.intersection(guess[: self.k]))
