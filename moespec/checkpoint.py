@@ -163,12 +163,12 @@ def dense_tensor_names(spec: ModelSpec) -> list[str]:
 
 
 def gated_expert(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, gate_shape: tuple[int, ...],
-                 down_shape: tuple[int, ...], dtype: torch.dtype) -> Packed:
+                 down_shape: tuple[int, ...], dtype: torch.dtype, out: torch.Tensor | None = None) -> Packed:
     """A gated expert from its projections as flat tensors of any dtype: gate_up [2I, H] (gate
-    rows first) and down [H, I] in `dtype`, views of one buffer of their own that a single `cat`
-    fills and converts (a disk tier's reader thread runs this beside compute: fewer calls, less
-    stalling of compute; see DirectReader.flat)."""
-    out = torch.empty(gate.numel() + up.numel() + down.numel(), dtype=dtype)
+    rows first) and down [H, I] in `dtype`, views of one buffer that a single `cat` fills and
+    converts: `out` (flat, `dtype`: e.g. the cache slot a reader process fills) or one of their own."""
+    size = gate.numel() + up.numel() + down.numel()
+    out = torch.empty(size, dtype=dtype) if out is None else out[:size]
     torch.cat((gate, up, down), out=out)
     rows = gate.numel() + up.numel()
     return {"gate_up": out[:rows].view(2 * gate_shape[0], *gate_shape[1:]), "down": out[rows:].view(down_shape)}
@@ -353,23 +353,27 @@ class Checkpoint:
         """Tensor `name` of the text model, memory-mapped, unread."""
         return self._handle(self._file_of[name]).get_slice(self.spec.weights_prefix + name)
 
-    def expert(self, layer: int, expert: int, dtype: torch.dtype, direct: bool = False) -> Packed:
+    def expert(self, layer: int, expert: int, dtype: torch.dtype, direct: bool = False,
+               out: torch.Tensor | None = None) -> Packed:
         """One routed expert's tensors in `self.format`, read alone (Dense: gate_up [2I, H], gate
         rows first, and down [H, I] in `dtype`), checked (shapes, finite values) when first read;
         `direct`: around the page cache (O_DIRECT), so repeated reads still come from the disk.
+        `out`: a flat buffer of `dtype` a dense gated expert is assembled in (its tensors views of
+        it, gate_up first); other experts come in memory of their own.
 
         An ungated expert (Switch: wo(relu(wi x))) comes back with gate_up = wi, so every store
         and cache works unchanged.
         """
         names = self._expert_names(layer, expert)
-        packed = self._read_expert(names, expert, dtype, direct)
+        packed = self._read_expert(names, expert, dtype, direct, out)
         if (layer, expert) in self._checked:  # the disk tier reads again: the file has not changed
             return packed
         check_expert(self.spec, names, expert, packed)
         self._checked.add((layer, expert))  # only once it passed: a bad expert fails every read
         return packed
 
-    def _read_expert(self, names: list[str], expert: int, dtype: torch.dtype, direct: bool) -> Packed:
+    def _read_expert(self, names: list[str], expert: int, dtype: torch.dtype, direct: bool,
+                     out: torch.Tensor | None) -> Packed:
         index = expert if self._fused and not self.spec.num_encoder_layers else None
         prefix = self.spec.weights_prefix
         # direct: the projections read at once, per file, flat with their shapes
@@ -416,10 +420,11 @@ class Checkpoint:
         if all(n in together for n in names):  # read at once: assembled by one call
             (gate, gate_shape), (up, up_shape), (down, down_shape) = (together[n] for n in names)
             check_expert_parts(self.spec, names, (gate_shape, up_shape, down_shape))
-            return gated_expert(gate, up, down, gate_shape, down_shape, dtype)
-        gate, up, down = (read(n) for n in names)
+            return gated_expert(gate, up, down, gate_shape, down_shape, dtype, out)
+        gate, up, down = (read(n, None) for n in names)  # as stored: converted by the one `cat`
         check_expert_parts(self.spec, names, (gate.shape, up.shape, down.shape))
-        return {"gate_up": torch.cat([gate, up]), "down": down.contiguous()}
+        return gated_expert(gate.reshape(-1), up.reshape(-1), down.reshape(-1), tuple(gate.shape),
+                            tuple(down.shape), dtype, out)
 
     def _pack_quantized_expert(self, names: list[str], read: Callable[..., torch.Tensor]) -> Packed:
         """An expert whose projections are pack-quantized, repacked into `self.format`'s parts

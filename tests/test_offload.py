@@ -1,6 +1,7 @@
 """Offloading: exactness under any budget and policy, budget enforcement, eviction order, stats, trace."""
 
 import json
+import os
 import random
 import threading
 import time
@@ -364,16 +365,50 @@ def test_disk_tier_reads_on_demand(model_dir, exact):
 
 
 def test_no_store_read_runs_on_the_thread_that_computes(model_dir, exact, monkeypatch):
-    """Disk tier with a tiny host cache and prefetching: every expert read (demand misses and
-    guesses) happens on the transfer side's reader threads, and the output stays exact."""
-    llm = LLM(model_dir, expert_cache="25%", expert_tier="disk", host_cache=2, prefetch="lookahead",
-              link_bandwidth="2GB/s")
+    """Disk tier over experts that are not a checkpoint directory's (quantized at load), with a tiny
+    host cache and prefetching: every expert read (demand misses and guesses) happens on the
+    transfer side's reader threads, and the output stays as the RAM tier's."""
+    kw = dict(expert_cache="25%", expert_dtype="int8", prefetch="lookahead", link_bandwidth="2GB/s")
+    want = LLM(model_dir, **kw).generate(PROMPTS, max_new_tokens=12, ignore_eos=True)
+    llm = LLM(model_dir, expert_tier="disk", host_cache=2, **kw)
+    assert llm.experts.transfers._process is None
     readers, read = [], llm.store._read
-    monkeypatch.setattr(llm.store, "_read", lambda key: readers.append(threading.current_thread().name) or read(key))
+    monkeypatch.setattr(llm.store, "_read", lambda key, out=None: readers.append(threading.current_thread().name)
+                        or read(key, out))
     out = llm.generate(PROMPTS, max_new_tokens=12, ignore_eos=True)
-    assert [o.token_ids for o in out] == [o.token_ids[:12] for o in exact[0]]
+    assert [o.token_ids for o in out] == [o.token_ids for o in want]
     assert len(readers) == llm.store.disk_reads > 0
     assert threading.current_thread().name not in readers and all(n.startswith("moespec-read") for n in readers)
+    llm.close()
+
+
+def test_a_checkpoint_directory_is_read_by_a_process_of_its_own(model_dir, exact, monkeypatch):
+    """On a CPU the disk tier's reads of a checkpoint directory run in a reader process, which
+    writes each expert into its slot: none runs in this process, the store's counters are the
+    process's, the output is exact, and closing the model ends the process."""
+    llm = LLM(model_dir, expert_cache="25%", expert_tier="disk", host_cache=2, prefetch="lookahead",
+              link_bandwidth="2GB/s")
+    reader = llm.experts.transfers._process._process
+    assert reader.pid != os.getpid() and reader.poll() is None
+    here = []
+    monkeypatch.setattr(llm.store, "_read", lambda *a: here.append(a))
+    out = llm.generate(PROMPTS, max_new_tokens=12, ignore_eos=True)
+    assert [o.token_ids for o in out] == [o.token_ids[:12] for o in exact[0]]
+    assert here == [] and llm.store.disk_reads >= llm.stats().experts.misses > 0
+    slots = llm.experts.slots["gate_up"]  # the slots the process writes: what compute reads
+    key = next(iter(llm.experts.slot_of))
+    assert torch.equal(slots[llm.experts.slot_of[key]], llm.store.checkpoint.expert(*key, torch.float32)["gate_up"])
+    llm.close()
+    assert reader.poll() is not None
+
+
+def test_a_reader_process_that_dies_is_a_one_line_error(model_dir):
+    llm = LLM(model_dir, expert_cache="25%", expert_tier="disk")
+    reader = llm.experts.transfers._process._process
+    reader.kill()
+    reader.wait()
+    with pytest.raises(MoespecError, match=r"^the disk tier's reader process exited \(code -9\)"):
+        llm.generate(PROMPTS[:1], max_new_tokens=4, ignore_eos=True)
     llm.close()
 
 

@@ -25,12 +25,14 @@ from typing import Iterator
 
 import torch
 
+from ..checkpoint import Checkpoint
 from ..config import parse_budget
 from ..errors import MoespecError
 from .admission import Admission
 from .base import ExpertWeights, Key
 from .eviction import EvictionPolicy, make_policy
 from .formats import Packed, Unpacker, packed_bytes
+from .reader_process import ReaderProcess
 from .stats import ExpertStats
 from .store import ExpertStore
 from .trace import Tracer
@@ -81,15 +83,20 @@ class ExpertCache:
                 f"{spec.top_k} experts of a layer; raise expert_cache"
             )
         self.store, self.stats = store, stats
-        readers = 2 if store.tier == "disk" else 0  # threads that read the store off the compute thread
-        self.transfers = CpuTransfers(link_bandwidth, tracer, readers) if device.type == "cpu" \
-            else CudaTransfers(device, slots, readers)
         n = per_domain * len(layers) if scope == "layer" else slots
         self._capacity = n
+        readers = 2 if store.tier == "disk" else 0  # threads that read the store off the compute thread
+        # on a CPU, a checkpoint directory's experts are read by a process of their own, straight
+        # into the slots (reader_process.py: reader threads would stall compute on the interpreter lock)
+        process = ReaderProcess(store, n, readers) \
+            if device.type == "cpu" and readers and isinstance(store.checkpoint, Checkpoint) else None
+        self.transfers = CpuTransfers(link_bandwidth, tracer, 0 if process else readers, process) \
+            if device.type == "cpu" else CudaTransfers(device, slots, readers)
         # each slot's packed tensors. On CUDA every slot's are stacked, [n, *shape] per packed tensor,
-        # and copies land in views of them, made once. On the CPU the host's memory is the device's:
-        # an expert lands by reference (CpuTransfers), so slots own no memory and start empty.
-        self.slots = None if device.type == "cpu" else \
+        # and copies land in views of them, made once; so on the CPU where a reader process writes
+        # them (in memory both processes map). Otherwise, on the CPU the host's memory is the
+        # device's: an expert lands by reference (CpuTransfers), so slots own no memory and start empty.
+        self.slots = process.slots if process is not None else None if device.type == "cpu" else \
             {name: torch.empty(n, *shape, dtype=dt, device=device) for name, (shape, dt) in store.packed_layout.items()}
         self._slot_views: list[Packed] = [{} if self.slots is None else {name: t[i] for name, t in self.slots.items()}
                                           for i in range(n)]
@@ -210,7 +217,7 @@ class ExpertCache:
         dom.policy.admit(key, guess=guessed)
         read = partial(self.store.packed, key)  # runs on the transfer side, not here
         self.pending[key] = self.transfers.copy(read, self._slot(slot), f"L{key[0]} E{key[1]}", slot,
-                                                urgent=not guessed)
+                                                urgent=not guessed, key=key)
         self.stats[key[0]].bytes_moved += self.store.expert_bytes
         return True
 

@@ -59,8 +59,10 @@ class ExpertStore:
         self.shapes = {name: tuple(t.shape) for name, t in self.format.unpack(first, dtype).tensors().items()}
         self.dense_bytes = sum(math.prod(shape) for shape in self.shapes.values()) * torch.finfo(dtype).bits // 8
 
-    def _read(self, key: Key) -> Packed:
-        packed = self.checkpoint.expert(*key, self.dtype, direct=self.direct_io)
+    def _read(self, key: Key, out: torch.Tensor | None = None) -> Packed:
+        """`out` is given only for a checkpoint directory's experts (`Checkpoint.expert` takes it)."""
+        extra = {} if out is None else {"out": out}
+        packed = self.checkpoint.expert(*key, self.dtype, direct=self.direct_io, **extra)
         return {name: t.pin_memory() for name, t in packed.items()} if self.pin else packed
 
     def __getitem__(self, key: Key) -> ExpertWeights:
@@ -89,8 +91,9 @@ class ExpertStore:
                 self._experts[key] = {name: t[e] for name, t in stack.items()}
         return stack
 
-    def packed(self, key: Key) -> Packed:
-        """The expert as it is stored and crosses the link."""
+    def packed(self, key: Key, out: torch.Tensor | None = None) -> Packed:
+        """The expert as it is stored and crosses the link. `out`: where a dense gated expert read
+        from disk may be assembled (Checkpoint.expert), unless the host cache keeps it."""
         if self.tier == "ram":
             return self._experts[key]
         with self._lock:
@@ -99,7 +102,7 @@ class ExpertStore:
                 return self._experts[key]
             self.disk_reads += 1
         start = time.perf_counter()
-        w = self._read(key)
+        w = self._read(key, None if self.host_cache else out)
         with self._lock:
             self.disk_seconds += time.perf_counter() - start
             if self.host_cache:

@@ -23,7 +23,10 @@ from typing import Callable
 
 import torch
 
+from ..errors import MoespecError
+from .base import Key
 from .formats import Packed, copy_packed, packed_bytes
+from .reader_process import ReaderProcess
 from .trace import TRANSFER_LANE, Tracer
 
 ReadFn = Callable[[], Packed]  # reads a packed expert from the host store (RAM, or disk)
@@ -33,8 +36,9 @@ class _Copy:
     """One expert on its way: read from the store (by a reader thread on the disk tier), then
     moved over the emulated link, then landed in its slot by compute."""
 
-    def __init__(self, read: ReadFn, dst: Packed, label: str, priority: int):
+    def __init__(self, read: ReadFn, dst: Packed, label: str, priority: int, key: Key, slot: int):
         self.read, self.dst, self.label, self.priority = read, dst, label, priority
+        self.key, self.slot = key, slot  # what a reader process reads, and where it writes it
         self.src: Packed | None = None
         self.read_done = threading.Event()  # the disk tier's read has finished (or failed)
         self.error: BaseException | None = None  # a failed read, raised in `wait` on the compute thread
@@ -73,9 +77,12 @@ class CpuTransfers:
 
     WAITED, DEMAND, PREFETCH = -1, 0, 1  # priorities: lower goes first
 
-    def __init__(self, link_bandwidth: float | None, tracer: Tracer | None = None, readers: int = 0):
+    def __init__(self, link_bandwidth: float | None, tracer: Tracer | None = None, readers: int = 0,
+                 process: ReaderProcess | None = None):
         """readers: threads reading the store ahead of the link (the disk tier); 0: compute reads
-        each expert itself when it lands (RAM: a lookup, not worth a hand-off)."""
+        each expert itself when it lands (RAM: a lookup, not worth a hand-off). process: instead,
+        a reader process (reader_process.py) writes each expert into its slot; compute hands it
+        the reads, most urgent first, and collects its answers whenever it asks the link anything."""
         self.bandwidth = link_bandwidth
         self.tracer = tracer  # one transfer-lane slice per copy, while it records
         self._stalls: dict[int, float] = {}  # layer -> seconds compute waited, since collect_stalls
@@ -89,8 +96,10 @@ class CpuTransfers:
         self._order = itertools.count()
         # a demand copy overtakes prefetches, even one already on the link; but a disk read once
         # started runs to its end, so on the disk tier a wrong guess's read can delay one compute needs
-        self.preempts = readers == 0
+        self.preempts = readers == 0 and process is None
         self._readers = readers
+        self._process = process
+        self._sent: dict[int, _Copy] = {}  # the reader process's reads in flight, by job number
         self._to_read: list[tuple[int, int, _Copy]] = []  # heap of (priority, arrival, copy)
         self._arrived: list[_Copy] = []  # read by a reader, not yet on the link's schedule
         self._lock = threading.Condition()  # guards the two lists above (the readers' side)
@@ -100,11 +109,15 @@ class CpuTransfers:
         for t in self._threads:
             t.start()
 
-    def copy(self, read: ReadFn, dst: Packed, label: str, slot: int, urgent: bool = True) -> _Copy:
+    def copy(self, read: ReadFn, dst: Packed, label: str, slot: int, urgent: bool = True,
+             key: Key = (-1, -1)) -> _Copy:
         now = time.perf_counter()
         self._advance(now)
-        job = _Copy(read, dst, label, self.DEMAND if urgent else self.PREFETCH)
-        if self._readers:
+        job = _Copy(read, dst, label, self.DEMAND if urgent else self.PREFETCH, key, slot)
+        if self._process is not None:
+            heapq.heappush(self._to_read, (job.priority, next(self._order), job))
+            self._dispatch()
+        elif self._readers:
             with self._lock:
                 heapq.heappush(self._to_read, (job.priority, next(self._order), job))
                 self._lock.notify()
@@ -139,11 +152,41 @@ class CpuTransfers:
                     self._arrived.append(job)
             job.read_done.set()
 
+    def _dispatch(self) -> None:
+        """Hand the reader process the most urgent reads, a few per reader thread of it: the rest
+        wait here, where a demand read can still overtake them."""
+        while self._to_read and len(self._sent) < 2 * self._process.threads:
+            _, _, job = heapq.heappop(self._to_read)
+            if not (job.started or job.cancelled):  # a promoted duplicate, or taken back
+                self._send(job)
+
+    def _send(self, job: _Copy) -> None:
+        job.started = True
+        number = next(self._order)
+        self._sent[number] = job
+        self._process.submit(number, job.key, job.slot)
+
+    def _collect(self, block: bool) -> None:
+        """Take in the reader process's finished reads (with `block`, wait for one); hand it more."""
+        for number, error, end, seconds in self._process.results(block):
+            job = self._sent.pop(number)
+            self.busy_seconds += seconds  # the disk is a link too (busy while any reader reads)
+            job.ready_at = end  # the same monotonic clock in both processes
+            if error is None:
+                job.src = job.dst  # written into its slot
+                self._arrived.append(job)
+            else:
+                job.error = MoespecError(error)
+            job.read_done.set()
+        self._dispatch()
+
     def _advance(self, now: float) -> None:
         """Work out the link's schedule up to `now`: copies whose reads have finished join the
         queue at that time; the most urgent queued copy holds the link, a prefetch yielding it to
         a demand copy; a copy whose wire time has passed is done."""
-        if self._readers:
+        if self._process is not None:
+            self._collect(block=False)
+        if self._readers or self._process is not None:
             with self._lock:
                 arrived, self._arrived = self._arrived, []
             for job in sorted(arrived, key=lambda j: j.ready_at):
@@ -196,7 +239,12 @@ class CpuTransfers:
         self._advance(start)
         if not handle.done:
             handle.priority = self.WAITED
-            if self._readers and not handle.read_done.is_set():
+            if self._process is not None and not handle.read_done.is_set():
+                if not handle.started:  # compute waits for it: it goes now, however many are in flight
+                    self._send(handle)
+                while not handle.read_done.is_set():
+                    self._collect(block=True)
+            elif self._readers and not handle.read_done.is_set():
                 with self._lock:
                     if not handle.started:
                         heapq.heappush(self._to_read, (self.WAITED, next(self._order), handle))
@@ -254,6 +302,8 @@ class CpuTransfers:
         self._advance(time.perf_counter())
         if handle.done or handle is self._on_link:
             return False
+        if handle.started and not handle.read_done.is_set() and self._process is not None:
+            return False  # the process is writing it into its slot: the slot is not free yet
         with self._lock:
             handle.cancelled = True
         if handle in self._queued:
@@ -274,6 +324,8 @@ class CpuTransfers:
             self._lock.notify_all()
         for t in self._threads:
             t.join()
+        if self._process is not None:
+            self._process.close()
 
 
 class CudaTransfers:
@@ -304,9 +356,10 @@ class CudaTransfers:
         self._busy_lock = threading.Lock()
 
     def copy(self, read: ReadFn, dst: Packed, label: str, slot: int,
-             urgent: bool = True) -> torch.cuda.Event | Future:
+             urgent: bool = True, key: Key = (-1, -1)) -> torch.cuda.Event | Future:
         """An event recorded after the copy (RAM tier), or a future of it (disk tier: read and
-        enqueued by a reader). Copies on one stream run in issue order: `urgent` cannot reorder them."""
+        enqueued by a reader). Copies on one stream run in issue order: `urgent` cannot reorder them.
+        `key` is not needed here (`read` reads it)."""
         after = self._slot_free[slot]  # the slot's last use before this copy was asked for
         if self._readers is None:
             return self._enqueue(read(), dst, after)
