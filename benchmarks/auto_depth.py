@@ -5,7 +5,8 @@ demand, over runs long enough for its switch to measure both modes.
 auto tries guessing only once a failed try fits its budget (about 35 decode steps in), so
 `moespec bench`'s 32-token runs would show it on demand throughout; this runs `moespec bench`'s
 rows (interleaved, every other round reversed, the compute reference in each round) over 256 new
-tokens per point. The link is emulated (CPU); the JSON records it, the torch threads and the load.
+tokens per point. The link is emulated (CPU), or the disk (LINK `disk`); the JSON records it, the
+torch threads and the load.
 
     python benchmarks/auto_depth.py --model models/tiny-mixtral --compile \\
         --point 0.5GB/s,25%,1 --point 1GB/s,25%,1 --point 1GB/s,50%,4
