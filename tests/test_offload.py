@@ -402,6 +402,16 @@ def test_a_checkpoint_directory_is_read_by_a_process_of_its_own(model_dir, exact
     assert reader.poll() is not None
 
 
+def test_without_shared_anonymous_memory_the_disk_tier_reads_with_threads(model_dir, exact, monkeypatch):
+    """Where the OS has no memfd (not Linux), a checkpoint directory is read by reader threads."""
+    monkeypatch.delattr(os, "memfd_create", raising=False)
+    llm = LLM(model_dir, expert_cache="25%", expert_tier="disk", host_cache=2)
+    assert llm.experts.transfers._process is None and llm.experts.transfers._readers == 2
+    out = llm.generate(PROMPTS, max_new_tokens=12, ignore_eos=True)
+    assert [o.token_ids for o in out] == [o.token_ids[:12] for o in exact[0]]
+    llm.close()
+
+
 def test_a_reader_process_that_dies_is_a_one_line_error(model_dir):
     llm = LLM(model_dir, expert_cache="25%", expert_tier="disk")
     reader = llm.experts.transfers._process._process

@@ -20,6 +20,7 @@ same way on both.
 
 from __future__ import annotations
 
+import os
 from functools import partial
 from typing import Iterator
 
@@ -87,9 +88,10 @@ class ExpertCache:
         self._capacity = n
         readers = 2 if store.tier == "disk" else 0  # threads that read the store off the compute thread
         # on a CPU, a checkpoint directory's experts are read by a process of their own, straight
-        # into the slots (reader_process.py: reader threads would stall compute on the interpreter lock)
-        process = ReaderProcess(store, n, readers) \
-            if device.type == "cpu" and readers and isinstance(store.checkpoint, Checkpoint) else None
+        # into the slots (reader_process.py: reader threads would stall compute on the interpreter
+        # lock), where the OS has shared anonymous memory to pass it (Linux's memfd)
+        process = ReaderProcess(store, n, readers) if device.type == "cpu" and readers \
+            and isinstance(store.checkpoint, Checkpoint) and hasattr(os, "memfd_create") else None
         self.transfers = CpuTransfers(link_bandwidth, tracer, 0 if process else readers, process) \
             if device.type == "cpu" else CudaTransfers(device, slots, readers)
         # each slot's packed tensors. On CUDA every slot's are stacked, [n, *shape] per packed tensor,
