@@ -107,7 +107,8 @@ class ReaderProcess:
         requests_in, self._requests = os.pipe()
         self._results, results_out = os.pipe()
         args = {"model": str(store.checkpoint.dir), "dtype": str(store.dtype).removeprefix("torch."),
-                "direct_io": store.direct_io, "host_cache": store.host_cache, "threads": threads, "slots": slots, "fd": fd,
+                "direct_io": store.direct_io, "host_cache": store.host_cache, "threads": threads,
+                "slots": slots, "fd": fd,
                 "layout": [[name, list(shape), str(dt).removeprefix("torch.")] for name, (shape, dt) in layout.items()],
                 "requests": requests_in, "results": results_out}
         serve = f"import json, sys; from {__name__} import serve; serve(json.loads(sys.argv[1]))"
@@ -141,7 +142,7 @@ class ReaderProcess:
                 job, length, end, seconds, reads, read_seconds = RESULT.unpack_from(self._pending)
                 if len(self._pending) < RESULT.size + length:  # an error's text still on its way
                     self._pending += _read_exactly(self._results, RESULT.size + length - len(self._pending))
-                error = self._pending[RESULT.size:RESULT.size + length].decode() if length else None
+                error = self._pending[RESULT.size:RESULT.size + length].decode(errors="replace") if length else None
                 self._pending = self._pending[RESULT.size + length:]
                 self.store.disk_reads, self.store.disk_seconds = reads, read_seconds
                 out.append((job, error, end, seconds))
@@ -206,10 +207,13 @@ def serve(args: dict) -> None:
             except Exception as e:  # noqa: BLE001 -- any failure is the parent's to raise, on its compute thread
                 error = f"reading expert {expert} of layer {layer} failed ({type(e).__name__}: {e})"
             end = time.perf_counter()
-            text = b"" if error is None else error[:2000].encode()
-            with answer:
-                os.write(results, RESULT.pack(job, len(text), end, end - start, store.disk_reads, store.disk_seconds)
-                         + text)
+            text = b"" if error is None else error.encode()[:2000]  # a message goes whole (under 4 KiB)
+            try:
+                with answer:
+                    os.write(results, RESULT.pack(job, len(text), end, end - start, store.disk_reads,
+                                                  store.disk_seconds) + text)
+            except OSError:  # the parent is gone
+                return
 
     readers = [threading.Thread(target=read) for _ in range(args["threads"])]
     for t in readers:

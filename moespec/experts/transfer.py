@@ -2,14 +2,15 @@
 
 On CUDA, copies run on a dedicated high-priority stream from pinned host memory (on the disk tier,
 reader threads read the experts and enqueue their copies); compute waits for a copy's event only
-where it needs that expert, never with a device-wide sync. On the CPU there is
-no link to measure, so each copy spends its time on an emulated link of a given bandwidth (bytes /
-bandwidth seconds), a schedule kept against the wall clock, which lets the overlap of copies and
-compute be measured on machines without a GPU; on the disk tier reader threads read the store;
-the expert lands in its slot, by reference (the host's memory is the device's), when compute
-first waits for it. Both take a read function rather than weights, so the store is read on the
-transfer side, and both move the expert packed (experts/formats.py): the emulated link costs the
-packed bytes.
+where it needs that expert, never with a device-wide sync. On the CPU there is no link to
+measure, so each copy spends its time on an emulated link of a given bandwidth (bytes / bandwidth
+seconds), a schedule kept against the wall clock, which lets the overlap of copies and compute be
+measured on machines without a GPU; the expert lands in its slot, by reference (the host's memory
+is the device's), when compute first waits for it. On the CPU's disk tier a reader process
+(reader_process.py) reads a checkpoint directory's experts straight into their slots (reader
+threads where it cannot: experts quantized at load, an OS without memfd). Both take a read
+function rather than weights, so the store is read on the transfer side, and both move the expert
+packed (experts/formats.py): the emulated link costs the packed bytes.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ class _Copy:
     """One expert on its way: read from the store (by a reader thread on the disk tier), then
     moved over the emulated link, then landed in its slot by compute."""
 
-    def __init__(self, read: ReadFn, dst: Packed, label: str, priority: int, key: Key, slot: int):
+    def __init__(self, read: ReadFn, dst: Packed, label: str, priority: int, key: Key | None, slot: int):
         self.read, self.dst, self.label, self.priority = read, dst, label, priority
         self.key, self.slot = key, slot  # what a reader process reads, and where it writes it
         self.src: Packed | None = None
@@ -57,8 +58,8 @@ class CpuTransfers:
     the wall clock whenever it asks the link anything (copy, done, wait, cancel). A copy's wire time
     (bytes / bandwidth) passes while compute runs; `wait` spins only for what is left of it; compute
     lands an expert in its slot when it first waits for it (`_land`). On the disk tier,
-    reader threads read the store (disk reads, host-cache fills), so no store read ever runs on the
-    thread that computes; a copy enters the link when its read has finished.
+    a reader process or reader threads read the store (disk reads, host-cache fills), so no store
+    read ever runs on the thread that computes; a copy enters the link when its read has finished.
 
     Emulated in time rather than by a link thread: a thread woken for every copy took the
     interpreter lock from compute each time, and those hand-offs cost compute about 1 ms per decode
@@ -110,7 +111,9 @@ class CpuTransfers:
             t.start()
 
     def copy(self, read: ReadFn, dst: Packed, label: str, slot: int, urgent: bool = True,
-             key: Key = (-1, -1)) -> _Copy:
+             key: Key | None = None) -> _Copy:
+        """Copy the expert `read` reads (`key`: the expert, which a reader process reads itself)
+        into `dst`, slot `slot`; `urgent`: a layer waits for it."""
         now = time.perf_counter()
         self._advance(now)
         job = _Copy(read, dst, label, self.DEMAND if urgent else self.PREFETCH, key, slot)
@@ -356,7 +359,7 @@ class CudaTransfers:
         self._busy_lock = threading.Lock()
 
     def copy(self, read: ReadFn, dst: Packed, label: str, slot: int,
-             urgent: bool = True, key: Key = (-1, -1)) -> torch.cuda.Event | Future:
+             urgent: bool = True, key: Key | None = None) -> torch.cuda.Event | Future:
         """An event recorded after the copy (RAM tier), or a future of it (disk tier: read and
         enqueued by a reader). Copies on one stream run in issue order: `urgent` cannot reorder them.
         `key` is not needed here (`read` reads it)."""
