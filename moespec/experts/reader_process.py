@@ -16,8 +16,8 @@ checkpoint directory, the reads run here:
       _advance / wait: poll results <---- pipe <---- (job, error, end time, seconds, disk counters)
       the expert is in its slot already: nothing to land
 
-Against reader threads, on the disk tier with direct I/O (compiled, batch 1, 25% cache, 10
-alternating rounds): tiny-mixtral's on demand 4.75-4.90 ms a step against 4.97-5.22, the
+Against reader threads, on the disk tier with direct I/O (compiled, batch 1, 25% cache, processes
+of either version alternating, 10 rounds in each): tiny-mixtral's on demand 4.75-4.90 ms a step against 4.97-5.22, the
 estimators 0.95-0.97x of on demand before, 1.00-1.03x after; perfect guesses three layers ahead on
 into the next token (benchmarks/oracle_bound.py) 1.08x before, 1.55x after.
 
