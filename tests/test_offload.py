@@ -1,5 +1,6 @@
 """Offloading: exactness under any budget and policy, budget enforcement, eviction order, stats, trace."""
 
+import gc
 import json
 import os
 import random
@@ -410,6 +411,15 @@ def test_without_shared_anonymous_memory_the_disk_tier_reads_with_threads(model_
     out = llm.generate(PROMPTS, max_new_tokens=12, ignore_eos=True)
     assert [o.token_ids for o in out] == [o.token_ids[:12] for o in exact[0]]
     llm.close()
+
+
+def test_a_model_dropped_without_close_ends_its_reader_process(model_dir):
+    llm = LLM(model_dir, expert_cache="25%", expert_tier="disk")
+    reader = llm.experts.transfers._process._process
+    llm.generate(PROMPTS[:1], max_new_tokens=2, ignore_eos=True)
+    del llm
+    gc.collect()
+    reader.wait(timeout=10)  # raises if it is still running
 
 
 def test_a_reader_process_that_dies_is_a_one_line_error(model_dir):

@@ -38,6 +38,7 @@ import subprocess
 import sys
 import threading
 import time
+import weakref
 
 import torch
 
@@ -117,6 +118,9 @@ class ReaderProcess:
         for child_end in (fd, requests_in, results_out):
             os.close(child_end)
         self._pending = b""  # answers read off the pipe, not yet whole
+        # a model dropped without close() still ends its process: its pipes close, and the process,
+        # reading the end of its requests, stops
+        self._close_pipes = weakref.finalize(self, _close_fds, self._requests, self._results)
 
     def submit(self, job: int, key: Key, slot: int) -> None:
         """Read expert `key` into `slot`; `job` names it in the result."""
@@ -160,8 +164,12 @@ class ReaderProcess:
         except subprocess.TimeoutExpired:
             self._process.kill()
             self._process.wait()
-        os.close(self._requests)
-        os.close(self._results)
+        self._close_pipes()
+
+
+def _close_fds(*fds: int) -> None:
+    for fd in fds:
+        os.close(fd)
 
 
 def serve(args: dict) -> None:
