@@ -187,7 +187,7 @@ class CpuTransfers:
         """Work out the link's schedule up to `now`: copies whose reads have finished join the
         queue at that time; the most urgent queued copy holds the link, a prefetch yielding it to
         a demand copy; a copy whose wire time has passed is done."""
-        if self._process is not None:
+        if self._sent:  # the reader process has reads in flight: any answers? (a syscall: only then)
             self._collect(block=False)
         if self._readers or self._process is not None:
             with self._lock:
