@@ -232,23 +232,52 @@ def test_estimators_see_at_inference_the_context_they_train_on(model_dir, calibr
     """Decoding, each token's context is its predecessor's router input at the target layer:
     what `fit` builds from a trace's `hidden` and `previous`."""
     llm = LLM(model_dir, expert_cache="50%", prefetch="estimator")
-    est = llm.speculation.predictor.estimators
-    seen, predict = [], est.predict
-    est.predict = lambda layer, x, context, *rest: seen.append((layer, context)) or predict(layer, x, context, *rest)
+    heads = llm.speculation.predictor.heads
+    seen = []  # (source layer, target layer, context) of every head called, in order
+
+    def watched(key, head):
+        return lambda h, context: seen.append((*map(int, key.split("_")), context)) or head(h, context)
+
+    heads.update({key: watched(key, head) for key, head in heads.items()})
     recorder = RouteRecorder(llm.model, hidden=True)
     llm.model.hooks.insert(0, recorder)
     llm.engine.teacher_forced(IDS[:, :6])
     trace = recorder.trace()
     hidden, previous = torch.from_numpy(trace.hidden).float(), torch.from_numpy(trace.previous)
     layers = llm.spec.num_layers - 1  # every layer but the last MoE layer guesses (it has nothing to)
-    assert len(seen) == 6 * layers
+    assert len(seen) == 6 * layers  # depth 1: one head per guessing layer
     for step in range(6):
         tokens = previous[2 * step:2 * step + 2]
-        for layer, context in seen[step * layers:(step + 1) * layers]:
-            for t, c in context.items():
-                want = torch.zeros_like(c) if step == 0 else hidden[tokens, t]
-                assert torch.allclose(c, want, atol=1e-2), (step, layer, t)
-    assert any(c.abs().sum() > 0 for _, ctx in seen for c in ctx.values())
+        for layer, t, c in seen[step * layers:(step + 1) * layers]:
+            want = torch.zeros_like(c) if step == 0 else hidden[tokens, t]
+            assert torch.allclose(c, want, atol=1e-2), (step, layer, t)
+    assert any(c.abs().sum() > 0 for _, _, c in seen)
+
+
+def test_switching_policies_reuses_loaded_estimators_until_their_file_changes(model_dir, tmp_path):
+    """A policy switch (a benchmark makes one before every run) builds no heads again; a file
+    written anew is read anew."""
+    import os
+
+    llm = LLM(model_dir, expert_cache="50%")
+    path = tmp_path / "est.safetensors"
+    est = Estimators(llm.model, depth=1)
+    est.init_from_lookahead()
+    est.save(path)
+    llm.set_policy(prefetch="estimator", estimator=str(path))
+    first = llm.speculation.predictor.estimators
+    llm.set_policy(prefetch="estimator", estimator=str(path))
+    assert llm.speculation.predictor.estimators is first
+    key = next(iter(est.heads))
+    with torch.no_grad():
+        est.heads[key].linear.bias.fill_(1.0)
+    est.save(path)  # as large as before; its modification time may fall in the same clock tick
+    mtime = path.stat().st_mtime_ns + 1_000_000
+    os.utime(path, ns=(mtime, mtime))
+    llm.set_policy(prefetch="estimator", estimator=str(path))
+    now = llm.speculation.predictor.estimators
+    assert now is not first and bool((now.heads[key].linear.bias == 1.0).all())
+    assert [k[-2] for k in llm.model.kept] == [mtime]  # the file as it was is forgotten
 
 
 @pytest.mark.parametrize("tokens", [1, 5])

@@ -6,7 +6,7 @@ state-dict assignment. Routed experts are not parameters: MoE blocks ask an Expe
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -87,6 +87,9 @@ class Transformer(nn.Module):
         self.rotary = Rotary(spec.rope, spec.head_dim)
         self.hooks: list[ForwardHooks] = []
         self.compiled: CompiledLayers | None = None  # decode steps' Block.forward, compiled (model/compiled.py)
+        # what other parts derive from files for this model and keep as long as it lives, by a key
+        # of theirs (estimator heads: speculate/estimators.py)
+        self.kept: dict[tuple, Any] = {}
 
     def forward(self, tokens: torch.Tensor, cache: KVCache, experts: ExpertProvider,
                 rows: torch.Tensor | None = None, valid: torch.Tensor | None = None) -> torch.Tensor:

@@ -153,14 +153,12 @@ class Estimators(nn.Module):
 
     @torch.no_grad()
     def predict(self, layer: int, x: torch.Tensor, context: dict[int, torch.Tensor],
-                router_input: torch.Tensor | None = None, heads=None) -> dict[int, torch.Tensor]:
+                router_input: torch.Tensor | None = None) -> dict[int, torch.Tensor]:
         """Expert logits [N, E] of the next `depth` MoE layers from the residual x [N, H] at `layer` (or
         its router input, where the router already computed it) and, per target layer, the
-        context [N, H] (the previous tokens' router inputs there, or zeros). `heads`: the same
-        heads in another form (default: the modules)."""
+        context [N, H] (the previous tokens' router inputs there, or zeros)."""
         h = self.router_input(layer, x) if router_input is None else router_input.float()
-        heads = self.heads if heads is None else heads
-        return {t: heads[f"{layer}_{t}"](h, context[t])
+        return {t: self.heads[f"{layer}_{t}"](h, context[t])
                 for t in next_moe_layers(self.model[0], layer, self.depth)}
 
     def metadata(self) -> dict[str, str]:
@@ -199,6 +197,24 @@ class Estimators(nn.Module):
         return est.to(model.embed_tokens.weight.device).eval()
 
 
+def load_kept(path: Path, model: Transformer) -> Estimators:
+    """`Estimators.load`, kept in `model.kept` while the file keeps its modification time and
+    size: switching policies (a benchmark switches before every run) then builds no heads again.
+    Building them took 7-9 ms on the shipped models, and a run that starts that much later after
+    the one before decodes ~2% slower (its first steps find less of the model in the CPU's caches)."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return Estimators.load(path, model)  # says what is wrong with the path
+    name = ("estimators", str(path.resolve()))
+    key = (*name, stat.st_mtime_ns, stat.st_size)
+    if key not in model.kept:
+        for old in [k for k in model.kept if k[:2] == name]:  # the same file as it was before
+            del model.kept[old]
+        model.kept[key] = Estimators.load(path, model)
+    return model.kept[key]
+
+
 def has_next_token_head(path: Path) -> bool:
     """Whether `path` is an estimator file with heads two MoE layers deep and a next-token head
     (read from its metadata, nothing loaded)."""
@@ -216,14 +232,16 @@ class EstimatorPredictor:
     compile=True a decode step's guess at an MoE layer is one compiled call that also ranks it
     (`compile`, `ranked`), as the lookahead's is."""
 
-    def __init__(self, estimators: Estimators):
+    def __init__(self, estimators: Estimators, depth: int | None = None):
+        """depth: guess this many MoE layers ahead (default: as deep as the heads go)."""
         self.estimators, self.targets = estimators, estimators.targets()
+        self.depth = estimators.depth if depth is None else depth
         self.heads = {key: head.fused() for key, head in estimators.heads.items()}
         self.context = PreviousToken()
         self.compiled = GuessLibraries()
         # each layer's target layers, looked up once: a guess runs at every layer of every step
         model = estimators.model[0]
-        self._targets_of = {layer: next_moe_layers(model, layer, estimators.depth)
+        self._targets_of = {layer: next_moe_layers(model, layer, self.depth)
                             for layer in range(model.spec.num_layers)}
         # the next-token head, if trained: (last MoE layer, first MoE layer), its compiled guess,
         # and this token's router input at the first MoE layer (the head's context)
@@ -234,19 +252,14 @@ class EstimatorPredictor:
     @classmethod
     def from_config(cls, model: Transformer, model_dir: Path, cfg: SpeculationConfig) -> EstimatorPredictor:
         """The estimators of `cfg.estimator` (default: the model directory's), cut to `lookahead_depth`."""
-        est = Estimators.load(cfg.estimator or model_dir / ESTIMATOR_FILE, model)
+        est = load_kept(Path(cfg.estimator or model_dir / ESTIMATOR_FILE), model)
         if cfg.lookahead_depth > est.depth:
             raise MoespecError(f"lookahead_depth={cfg.lookahead_depth} but the estimators were trained for "
                                f"depth {est.depth}")
-        est.depth = cfg.lookahead_depth
-        predictor = cls(est)
+        predictor = cls(est, cfg.lookahead_depth)
         if model.compiled is not None:  # compile=True: ranked as the policy ranks its guesses (k + extra)
             predictor.compile(cache_dir(), min(model.spec.top_k + cfg.prefetch_extra, model.spec.num_experts))
         return predictor
-
-    @property
-    def depth(self) -> int:
-        return self.estimators.depth
 
     def forward_start(self, rows: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor) -> None:
         self.context.start(rows, positions, valid)
@@ -281,8 +294,7 @@ class EstimatorPredictor:
     def predict(self, layer: int, x: torch.Tensor, router_input: torch.Tensor | None = None,
                 routing: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[int, torch.Tensor]:
         h = self.estimators.router_input(layer, x) if router_input is None else router_input.float()
-        context = {t: self.context.remembered(t, h, 0.0) for t in self._targets_of[layer]}
-        return self.estimators.predict(layer, x, context, h, self.heads)
+        return {t: self.heads[f"{layer}_{t}"](h, self.context.remembered(t, h, 0.0)) for t in self._targets_of[layer]}
 
     def ranked(self, layer: int, x: torch.Tensor, router_input: torch.Tensor,
                routing: tuple[torch.Tensor, torch.Tensor], width: int
