@@ -285,6 +285,7 @@ class LLM:
             return None
         moved = store.disk_reads * store.expert_bytes
         return {"reads": store.disk_reads, "seconds": store.disk_seconds, "direct_io": store.direct_io,
+                "direct_bytes": store.direct_bytes, "host_cached": store.host_cached,
                 "gb_per_s": moved / store.disk_seconds / 1e9 if store.disk_seconds else None}
 
     def start_trace(self) -> Tracer:

@@ -43,7 +43,7 @@ class EngineStats:
     link: str  # how copies were timed: a real link, or an emulated one
     speculation: Any = None  # SpeculationStats while a prefetch policy runs
     speculative_decoding: Any = None  # SpecDecodeStats once self-speculative decoding ran
-    disk: dict | None = None  # the disk tier: reads, seconds, measured GB/s (real disk I/O)
+    disk: dict | None = None  # the disk tier: reads, seconds, bytes read with direct I/O, host-cached experts, GB/s
 
     @property
     def hit_rate(self) -> float:

@@ -79,7 +79,9 @@ def slot_tensors(blocks: torch.Tensor, layout: Layout) -> dict[str, torch.Tensor
 
 # the messages, fixed-size (one write, one read each; a pipe delivers up to 4 KiB writes whole):
 REQUEST = struct.Struct("<qiii")  # job (-1: stop), layer, expert, slot
-RESULT = struct.Struct("<qiddqd")  # job, error length (its UTF-8 follows), end, seconds, disk reads, disk seconds
+# job, error length (its UTF-8 follows), end, seconds; then the process's store: disk reads, their
+# seconds, bytes read around the page cache, experts in its host cache
+RESULT = struct.Struct("<qiddqdqq")
 
 
 def _read_exactly(fd: int, n: int) -> bytes:
@@ -95,7 +97,8 @@ def _read_exactly(fd: int, n: int) -> bytes:
 class ReaderProcess:
     """A process that reads the experts of `store` (an ExpertStore of the disk tier over a checkpoint
     directory) as it would, `threads` at once, into `slots` shared slots of its packed layout; it
-    keeps the store's disk counters (`disk_reads`, `disk_seconds`) as the process reports them."""
+    keeps the store's disk counters (`disk_reads`, `disk_seconds`, `reported`) as the process
+    reports them."""
 
     def __init__(self, store: ExpertStore, slots: int, threads: int = 2):
         self.store, layout = store, store.packed_layout
@@ -143,12 +146,13 @@ class ReaderProcess:
                 self._pending += chunk
             out = []
             while len(self._pending) >= RESULT.size:
-                job, length, end, seconds, reads, read_seconds = RESULT.unpack_from(self._pending)
+                job, length, end, seconds, reads, read_seconds, direct, cached = RESULT.unpack_from(self._pending)
                 if len(self._pending) < RESULT.size + length:  # an error's text still on its way
                     self._pending += _read_exactly(self._results, RESULT.size + length - len(self._pending))
                 error = self._pending[RESULT.size:RESULT.size + length].decode(errors="replace") if length else None
                 self._pending = self._pending[RESULT.size + length:]
                 self.store.disk_reads, self.store.disk_seconds = reads, read_seconds
+                self.store.reported = (direct, cached)
                 out.append((job, error, end, seconds))
         except (EOFError, OSError):
             raise self._gone() from None
@@ -219,7 +223,7 @@ def serve(args: dict) -> None:
             try:
                 with answer:
                     os.write(results, RESULT.pack(job, len(text), end, end - start, store.disk_reads,
-                                                  store.disk_seconds) + text)
+                                                  store.disk_seconds, store.direct_bytes, store.host_cached) + text)
             except OSError:  # the parent is gone
                 return
 

@@ -45,6 +45,9 @@ class ExpertStore:
         self.keys = [(layer, e) for layer in spec.moe_layer_ids for e in range(spec.num_experts)]
         self._experts: OrderedDict[Key, Packed] = OrderedDict()
         self.disk_reads = 0
+        # where a reader process reads for this store (reader_process.py): what it last reported of
+        # its own, (bytes read around the page cache, experts in its host cache); None: none does
+        self.reported: tuple[int, int] | None = None
         self._lock = threading.Lock()
         self.transposed = transposed and isinstance(self.format, Dense)
         if tier == "ram":
@@ -90,6 +93,21 @@ class ExpertStore:
             for e, key in enumerate(keys):
                 self._experts[key] = {name: t[e] for name, t in stack.items()}
         return stack
+
+    @property
+    def direct_bytes(self) -> int:
+        """Bytes the disk tier's reads took around the page cache (direct I/O)."""
+        if self.reported is not None:
+            return self.reported[0]
+        direct = getattr(self.checkpoint, "direct", None)
+        return direct.bytes_read if direct is not None else 0
+
+    @property
+    def host_cached(self) -> int:
+        """Experts the disk tier keeps in host memory now."""
+        if self.reported is not None:
+            return self.reported[1]
+        return len(self._experts) if self.tier == "disk" else 0
 
     def packed(self, key: Key, out: torch.Tensor | None = None) -> Packed:
         """The expert as it is stored and crosses the link. `out`: where a dense gated expert read
