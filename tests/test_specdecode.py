@@ -355,6 +355,23 @@ def test_auto_does_not_run_a_gamma_that_only_a_prediction_says_pays():
     assert all(b - a > 1 for a, b in zip(probes, probes[1:])), probes  # each probe waits for its turn
 
 
+def test_a_probe_waits_for_what_its_failure_would_cost_not_for_what_acceptance_promises():
+    """Batch 1 on a slow link, as measured on tiny-qwen2moe (short code, 0.25 GB/s): γ=1's probe
+    costs 1.7 plain steps and its draft is accepted, so acceptance looks high and γ=2 (predicted
+    from γ=1's time plus a draft pass) promises to nearly pay; it costs 3 plain steps, its draft
+    rejected. That failure fits the 3% budget only after ~40 more plain steps: within 64 steps
+    γ=2 is not tried (counting the tokens acceptance promised, it came 4 steps after γ=1's probe
+    and the run was 0.96x plain)."""
+    chooser, chosen, since_drafting = GammaChooser("auto"), [], 99
+    for _ in range(64):
+        g = chooser.choose(1)
+        since_drafting = 0 if g else since_drafting + 1
+        cost = {0: 1.3 if since_drafting == 1 else 1.0, 1: 1.7}.get(g, 3.0)
+        chooser.observe(g, 1, 1 if g == 1 else 0, g, cost, 0.3 * g)
+        chosen.append(g)
+    assert [g for g in chosen if g] == [1], chosen
+
+
 def test_auto_does_not_take_noise_for_a_gain():
     """Batch-1 step times swing with the experts each token needs. Here plain steps take 0.6-1.4
     (uniform) and a γ step 1 + 0.75γ times as long, with acceptance 0.8: drafting gains at most

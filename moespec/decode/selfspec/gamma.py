@@ -28,9 +28,10 @@ class GammaChooser:
     It starts plain (to know t(0)). Every probe of drafting, the first included, waits for enough
     plain steps that its failure would cost at most `probe_budget` of the time spent plain: its
     excess time t(γ) + the refill's time + the extra cost of the plain step after it (drafting
-    displaced experts plain steps use) − E(γ)·t(0), and before anything is measured one plain
-    step's time. So a short run never pays for a probe (auto is never much slower than plain
-    decoding), and a long one tries drafting after about 1/`probe_budget` steps; each failure in
+    displaced experts plain steps use) − t(0) (a failed probe, its drafts all rejected, still
+    yields one token), and before anything is measured one plain step's time. So a short run
+    never pays for a probe (auto is never much slower than plain decoding), and a long one tries
+    drafting after about 1/`probe_budget` steps; each failure in
     a row doubles the wait. While on, every `probe_every` steps it re-measures plain, γ−1 or γ+1 in
     turn, since the best γ moves with the text and the cache state; plain first, since the first
     plain steps ran on the cache the prefill left and may have cost more than plain steps do later.
@@ -140,8 +141,11 @@ class GammaChooser:
                 return gamma
             turn = (self.steps // self.probe_every) % 3
             return (min(gamma + 1, self.max_gamma), 0, max(gamma - 1, 0))[turn]
-        excess = self.predicted_cost(bucket, gamma) + self.fill_seconds + self.settle_seconds \
-            - self.expected_tokens(gamma) * costs[0]
+        # what the probe costs if it fails, all its drafts rejected: its time, the refill and the
+        # plain step after it, less the one token even such a step yields (counting the tokens
+        # acceptance promises instead let a batch-1 probe of γ=2, whose cost γ=1's time predicted
+        # at half what it was, come 2-3x too soon: 0.96x plain over 64 tokens of short code)
+        excess = self.predicted_cost(bucket, gamma) + self.fill_seconds + self.settle_seconds - costs[0]
         return self._probe(gamma, excess, costs[0])
 
     def _probe(self, gamma: int, excess: float, t0: float) -> int:
