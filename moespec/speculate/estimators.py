@@ -201,7 +201,8 @@ def load_kept(path: Path, model: Transformer) -> Estimators:
     """`Estimators.load`, kept in `model.kept` while the file keeps its modification time and
     size: switching policies (a benchmark switches before every run) then builds no heads again.
     Building them took 7-9 ms on the shipped models, and a run that starts that much later after
-    the one before decodes ~2% slower (its first steps find less of the model in the CPU's caches)."""
+    the one before decodes ~2% slower (measured; its first steps pay, most likely for the model's
+    weights having left the CPU's caches)."""
     try:
         stat = path.stat()
     except OSError:
@@ -294,7 +295,8 @@ class EstimatorPredictor:
     def predict(self, layer: int, x: torch.Tensor, router_input: torch.Tensor | None = None,
                 routing: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[int, torch.Tensor]:
         h = self.estimators.router_input(layer, x) if router_input is None else router_input.float()
-        return {t: self.heads[f"{layer}_{t}"](h, self.context.remembered(t, h, 0.0)) for t in self._targets_of[layer]}
+        return {t: self.heads[f"{layer}_{t}"](h, self.context.remembered(t, h, 0.0))
+                for t in self._targets_of[layer]}
 
     def ranked(self, layer: int, x: torch.Tensor, router_input: torch.Tensor,
                routing: tuple[torch.Tensor, torch.Tensor], width: int

@@ -31,8 +31,7 @@ class GammaChooser:
     displaced experts plain steps use) − t(0) (a failed probe, its drafts all rejected, still
     yields one token), and before anything is measured one plain step's time. So a short run
     never pays for a probe (auto is never much slower than plain decoding), and a long one tries
-    drafting after about 1/`probe_budget` steps; each failure in
-    a row doubles the wait. While on, every `probe_every` steps it re-measures plain, γ−1 or γ+1 in
+    drafting after about 1/`probe_budget` steps; each failure in a row doubles the wait. While on, every `probe_every` steps it re-measures plain, γ−1 or γ+1 in
     turn, since the best γ moves with the text and the cache state; plain first, since the first
     plain steps ran on the cache the prefill left and may have cost more than plain steps do later.
     """
@@ -143,8 +142,8 @@ class GammaChooser:
             return (min(gamma + 1, self.max_gamma), 0, max(gamma - 1, 0))[turn]
         # what the probe costs if it fails, all its drafts rejected: its time, the refill and the
         # plain step after it, less the one token even such a step yields (counting the tokens
-        # acceptance promises instead let a batch-1 probe of γ=2, whose cost γ=1's time predicted
-        # at half what it was, come 2-3x too soon: 0.96x plain over 64 tokens of short code)
+        # acceptance promised instead, a batch-1 probe of γ=2, whose cost γ=1's time predicted at
+        # about half what it was, came 11-21 steps after γ=1's: 0.96x plain over 64 tokens)
         excess = self.predicted_cost(bucket, gamma) + self.fill_seconds + self.settle_seconds - costs[0]
         return self._probe(gamma, excess, costs[0])
 
