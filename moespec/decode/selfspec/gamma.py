@@ -31,9 +31,10 @@ class GammaChooser:
     displaced experts plain steps use) − t(0) (a failed probe, its drafts all rejected, still
     yields one token), and before anything is measured one plain step's time. So a short run
     never pays for a probe (auto is never much slower than plain decoding), and a long one tries
-    drafting after about 1/`probe_budget` steps; each failure in a row doubles the wait. While on, every `probe_every` steps it re-measures plain, γ−1 or γ+1 in
-    turn, since the best γ moves with the text and the cache state; plain first, since the first
-    plain steps ran on the cache the prefill left and may have cost more than plain steps do later.
+    drafting after about 1/`probe_budget` steps; each failure in a row doubles the wait. While on,
+    every `probe_every` steps it re-measures plain, γ−1 or γ+1 in turn, since the best γ moves
+    with the text and the cache state; plain first, since the first plain steps ran on the cache
+    the prefill left and may have cost more than plain steps do later.
     """
 
     def __init__(self, gamma: int | str = "auto", max_gamma: int = AUTO_MAX_GAMMA, start: int = 1,
