@@ -28,7 +28,7 @@ import torch
 from moespec import LLM
 from moespec.bench.corpus import heldout_ids
 from moespec.bench.routes import record_trace
-from moespec.bench.runner import prefill_counters
+from moespec.bench.runner import generate_marked
 from moespec.bench.simulator import HARDWARE, roofline, simulate
 from moespec.bench.synthetic import preset_spec
 
@@ -62,13 +62,14 @@ def run(llm: LLM, method: str, prompts: list[list[int]], new_tokens: int) -> tup
     policy, spec = METHODS[method]
     llm.set_policy(**policy)
     llm.reset()
-    out = llm.generate(prompts, max_new_tokens=new_tokens, ignore_eos=True, **spec)
+    out, at_decode = generate_marked(llm, prompts, new_tokens, **spec)  # speculation starts after the prefill
     _sync(llm)
     s = llm.stats().as_dict()
     decoded = s["decoded_tokens"]
     row = {"tokens_per_s": decoded / s["decode_seconds"],
            "ms_per_token_per_row": 1000 * s["decode_seconds"] * len(prompts) / decoded,
-           "bytes_moved": s["bytes_moved"], "decoded_tokens": decoded, "hit_rate": s["hit_rate"],
+           "decode_bytes": s["bytes_moved"] - at_decode.experts.bytes_moved, "decoded_tokens": decoded,
+           "hit_rate": s["hit_rate"],
            "stall_share": s["stall_seconds"] / (s["prefill_seconds"] + s["decode_seconds"])}
     if spec:
         row.update({k: s["speculative_decoding"][k] for k in SPEC_KEYS})
@@ -90,10 +91,9 @@ def measure(llm: LLM, methods: list[str], batches: list[int], prompt_tokens: int
                 runs[method].append(row)
         rows = {}
         for method, rs in runs.items():
-            before = prefill_counters(llm, METHODS[method][0], prompts).experts.bytes_moved  # speculation starts after the prefill
             row = {k: statistics.median(r[k] for r in rs) for k in rs[0]}
             row["tokens_per_s_min"], row["tokens_per_s_max"] = (f(r["tokens_per_s"] for r in rs) for f in (min, max))
-            row["bytes_per_token"] = (row.pop("bytes_moved") - before) / row["decoded_tokens"]
+            row["bytes_per_token"] = row.pop("decode_bytes") / row["decoded_tokens"]
             row["same_tokens_as_on_demand"] = tokens[method] == tokens["on-demand"]
             rows[method] = row
         base = rows["on-demand"]

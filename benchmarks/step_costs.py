@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from moespec import LLM
-from moespec.bench.runner import POLICIES, one_run, prefill_counters
+from moespec.bench.runner import POLICIES, one_run
 from moespec.experts.base import ExpertWeights
 from moespec.experts.quant import make_quantizer, nibbles
 from moespec.model.moe import make_expert_fn
@@ -36,11 +36,10 @@ VARIANTS = {"none": POLICIES["none"], "guess-only": {"prefetch": "lookahead", "p
 def guess_cost(llm: LLM, repeats: int, new: int) -> dict:
     prompt = [[(7 * i + 3) % 500 + 3 for i in range(32)]]
     POLICIES.update(VARIANTS)
-    prefill = {name: prefill_counters(llm, VARIANTS[name], prompt) for name in VARIANTS}
     runs: dict[str, list[dict]] = {name: [] for name in VARIANTS}
     for _ in range(repeats):
         for name in VARIANTS:
-            runs[name].append(one_run(llm, name, prompt, new, prefill[name]))
+            runs[name].append(one_run(llm, name, prompt, new))
     out = {name: {key: statistics.median(r[key] for r in rs) for key in ("seconds_per_step", "stall_share",
                                                                        "bytes_per_token", "hit_rate")}
            for name, rs in runs.items()}

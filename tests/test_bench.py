@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from moespec import LLM, MoespecError
-from moespec.bench.runner import (POLICIES, BenchConfig, Row, bench, format_table, one_run, paired_speedup,
-                                  prefill_counters)
+from moespec.bench.runner import (POLICIES, BenchConfig, Row, bench, format_table, generate_marked, one_run,
+                                  paired_speedup)
 from moespec.bench.synthetic import SyntheticCheckpoint, preset_spec, write_checkpoint
 from moespec.cli import main
 from moespec.config import SpeculationConfig
@@ -73,21 +73,30 @@ def test_speed_up_pairs_the_runs_of_each_round():
     assert out["speedup_range"] == pytest.approx([10 / 11, 10 / 9])
 
 
-def test_guessing_time_per_step_is_the_decode_steps_alone(model_dir):
-    """A prefill guesses too (for statistics: it starts no copies); the guessing time a run
-    reports per decode step leaves a prefill-only run's out."""
+def test_decode_counters_leave_out_the_runs_own_prefill(model_dir):
+    """A prefill guesses too (for statistics: it starts no copies) and copies nearly every expert
+    it can hold; a run's decode figures leave out what its own prefill did, counted where its
+    decode steps began (the same as a prefill-only run's, where the counts are deterministic)."""
     llm = LLM(model_dir, expert_cache="25%")
     prompts = [list(range(5, 53))]  # a long prefill: most of the run's guessing
-    prefill = prefill_counters(llm, POLICIES["lookahead"], prompts)
-    assert prefill.guess_seconds > 0 and prefill.experts.bytes_moved > 0
-    row = one_run(llm, "lookahead", prompts, 4, prefill)
+    llm.set_policy(**POLICIES["lookahead"])
+    llm.reset()
+    _, at = generate_marked(llm, prompts, 4)
+    whole = llm.stats()
+    llm.reset()
+    llm.generate(prompts, max_new_tokens=1, ignore_eos=True)
+    prefill = llm.stats()
+    assert at.experts.bytes_moved == prefill.experts.bytes_moved > 0
+    assert (at.experts.hits, at.experts.misses) == (prefill.experts.hits, prefill.experts.misses)
+    assert 0 < at.guess_seconds < whole.speculation.seconds
+    assert whole.experts.bytes_moved > at.experts.bytes_moved  # the decode steps copied too
+
+    row = one_run(llm, "lookahead", prompts, 4)
     s = llm.stats()
     steps = s.decode.decode_steps
-    whole_run = 1000 * s.speculation.seconds / steps
-    # the two runs' prefills differ by noise, so the difference is floored at zero
-    decode_only = max(whole_run - 1000 * prefill.guess_seconds / steps, 0)
-    assert steps == 3 and row["guess_ms_per_step"] == pytest.approx(decode_only)
-    assert row["guess_ms_per_step"] < whole_run
+    assert steps == 3
+    assert row["bytes_per_step"] == pytest.approx((s.experts.bytes_moved - prefill.experts.bytes_moved) / steps)
+    assert 0 < row["guess_ms_per_step"] < 1000 * s.speculation.seconds / steps
 
 
 def test_bench_runs_expert_dtype_variants_interleaved(model_dir):
@@ -117,7 +126,7 @@ def test_bench_interleaves_rows_with_their_own_hooks(model_dir):
     extra = {name: Row(llm, "none", lambda name=name: lookahead(name)) for name in ("a", "b")}
     cfg = BenchConfig(policies=["none"], batch_sizes=[1], new_tokens=6, repeats=2, warmup=0)
     rows = bench(llm, lambda b: [[5, 6, 7, 8]], cfg, extra_rows=lambda prompts: extra)["batches"]["1"]["policies"]
-    assert made == ["a", "b", "a", "b", "b", "a"]  # prefills, then a round forwards and one backwards
+    assert made == ["a", "b", "b", "a"]  # a round forwards, then one backwards
     assert set(rows) == {"none", "a", "b"} and llm.model.hooks == []
     assert "guess_ms_per_step" not in rows["none"] and rows["a"]["guess_ms_per_step"] > 0
     assert rows["a"]["speedup_vs_on_demand"] > 0

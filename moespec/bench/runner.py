@@ -15,14 +15,14 @@ import os
 import statistics
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
 
 from ..api import LLM
-from ..decode.engine import Engine
-from ..decode.generate import generate
+from ..decode.engine import Engine, StepKind
+from ..decode.generate import Completion, generate
 from ..decode.sampling import SamplingParams
 from ..experts.stats import ExpertStats, LayerStats
 from ..experts.store import ResidentExperts
@@ -94,39 +94,71 @@ def compute_step(llm: LLM, engine: Engine, prompts: list[list[int]], new_tokens:
 
 
 @dataclass
-class PrefillCost:
-    """What a cold-cache prefill under a policy cost: its expert counters (bytes, hits, misses,
-    stall) and the speculation hooks' time (a prefill guesses too, for statistics)."""
+class AtDecode:
+    """A run's counters where its prefill ended and its decode steps began: the expert counters
+    (bytes, hits, misses, stall) and the guessing hooks' time so far (a prefill guesses too, for
+    statistics; it starts no copies). The run's decode phase is the run less these."""
 
     experts: LayerStats
     guess_seconds: float
 
 
-def prefill_counters(llm: LLM, policy: dict, prompts: list[list[int]]) -> PrefillCost:
-    """The cost of a cold-cache prefill under `policy` (LLM.set_policy arguments): a run that
-    stops after the first token. A run's decode phase is the run less it: its prefill is the same
-    work."""
-    llm.set_policy(**policy)
-    llm.reset()
-    llm.generate(prompts, max_new_tokens=1, ignore_eos=True)
-    s = llm.stats()
-    return PrefillCost(s.experts, s.speculation.seconds if s.speculation is not None else 0.0)
+class _MarkDecode:
+    """A step kind: `kind`'s steps, with `take()` called once its prefill has run (between the
+    prefill and the first decode step, so the decode steps' timing leaves it out)."""
+
+    def __init__(self, kind: StepKind, take: Callable[[], AtDecode]):
+        self.kind, self.take = kind, take
+        self.at: AtDecode | None = None
+
+    def __call__(self, *args) -> list[list[int]]:
+        return self.kind(*args)
+
+    def after_prefill(self) -> None:
+        self.kind.after_prefill()
+        if self.at is None:
+            self.at = self.take()
 
 
-def one_run(llm: LLM, policy: str, prompts: list[list[int]], new_tokens: int, prefill: PrefillCost) -> dict:
-    """One cold-cache run. Bytes are the decode phase's (`prefill`'s subtracted), and so are the
-    "decode_" hit rate and stall share, and the guessing time: a cold prefill copies nearly every
-    expert it can hold, so counted with it, hits and stalls say little about the decode steps, and
-    its guesses (statistics only: a prefill starts no copies) are no decode step's cost."""
+def generate_marked(llm: LLM, prompts: list[list[int]], new_tokens: int,
+                    guessing: Callable[[], float] | None = None, **options) -> tuple[list[Completion], AtDecode]:
+    """Greedy `llm.generate` of token-id prompts, each running `new_tokens` (`options`: its
+    self-speculative decoding), with the counters where its decode steps began. `guessing()`
+    reads the guessing time (default: the LLM's prefetch policy's hooks).
+
+    Taken inside the run, not from a separate prefill-only run: a cold prefill's stall varies from
+    run to run (a disk's reads most), and subtracting another run's left tiny-qwen2moe's decode
+    stall on the disk tier at 0% when its own decode steps stalled."""
+    def take() -> AtDecode:
+        s = llm.stats()
+        seconds = guessing() if guessing is not None else \
+            s.speculation.seconds if s.speculation is not None else 0.0
+        return AtDecode(s.experts, seconds)
+
+    params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
+    with llm.step_kind(**options) as kind:
+        marked = _MarkDecode(kind, take)
+        out = generate(llm.engine, prompts, params, kind=marked)
+    return out, marked.at
+
+
+def one_run(llm: LLM, policy: str, prompts: list[list[int]], new_tokens: int,
+            guessing: Callable[[], float] | None = None) -> dict:
+    """One cold-cache run. Bytes, the "decode_" hit rate and stall share and the guessing time
+    are the decode steps' (`AtDecode`'s subtracted): a cold prefill copies nearly every expert it
+    can hold, so counted with it, hits and stalls say little about the decode steps, and its
+    guesses (statistics only: a prefill starts no copies) are no decode step's cost.
+    `guessing()`: reads the guessing time (default: the policy's hooks)."""
     llm.set_policy(**POLICIES[policy])
     llm.reset()
-    llm.generate(prompts, max_new_tokens=new_tokens, ignore_eos=True)
+    _, before = generate_marked(llm, prompts, new_tokens, guessing)
     _sync(llm)
     s = llm.stats()
-    d, e, before = s.decode, s.experts, prefill.experts
-    decode_bytes = e.bytes_moved - before.bytes_moved
-    decode_uses = e.hits + e.misses - before.hits - before.misses
-    right_guesses = e.prefetch_hits - before.prefetch_hits
+    d, e, at = s.decode, s.experts, before.experts
+    guessed = guessing() if guessing is not None else s.speculation.seconds if s.speculation is not None else None
+    decode_bytes = e.bytes_moved - at.bytes_moved
+    decode_uses = e.hits + e.misses - at.hits - at.misses
+    right_guesses = e.prefetch_hits - at.prefetch_hits
     return {
         "seconds_per_step": d.decode_seconds_per_step,
         "seconds_per_output_token": d.decode_seconds_per_token,
@@ -135,15 +167,15 @@ def one_run(llm: LLM, policy: str, prompts: list[list[int]], new_tokens: int, pr
         "bytes_per_step": decode_bytes / d.decode_steps,
         "hit_rate": s.hit_rate,
         "stall_share": e.stall_seconds / (d.prefill_seconds + d.decode_seconds),
-        "decode_hit_rate": (e.hits - before.hits) / decode_uses if decode_uses > 0 else None,
-        "decode_stall_share": max(e.stall_seconds - before.stall_seconds, 0.0) / d.decode_seconds,
+        "decode_hit_rate": (e.hits - at.hits) / decode_uses if decode_uses > 0 else None,
+        "decode_stall_share": (e.stall_seconds - at.stall_seconds) / d.decode_seconds,
         "recall_at_k": s.speculation.by_depth[1].recall_at_k if s.speculation is not None else None,
         # how much of a right guess's copy was done when compute needed it
-        "prefetch_landed_share": (e.prefetch_landed - before.prefetch_landed) / right_guesses
+        "prefetch_landed_share": (e.prefetch_landed - at.prefetch_landed) / right_guesses
         if right_guesses else None,
         # the speculation hooks' own time in decode steps (guessing, scoring, issuing prefetches)
-        "guess_ms_per_step": 1000 * max(s.speculation.seconds - prefill.guess_seconds, 0.0) / d.decode_steps
-        if s.speculation is not None else None,
+        "guess_ms_per_step": 1000 * (guessed - before.guess_seconds) / d.decode_steps
+        if guessed is not None else None,
     }
 
 
@@ -170,23 +202,11 @@ def hooked(llm: LLM, hook: ForwardHooks | None) -> Iterator[None]:
             llm.model.hooks.remove(hook)
 
 
-def row_prefill(row: Row, prompts: list[list[int]]) -> PrefillCost:
-    """`prefill_counters` of the row, its hook attached."""
+def row_run(row: Row, prompts: list[list[int]], new_tokens: int) -> dict:
+    """`one_run` of the row, its hook attached (its time counted as the guessing)."""
     hook = row.hook()
     with hooked(row.llm, hook):
-        cost = prefill_counters(row.llm, POLICIES[row.policy], prompts)
-    return cost if hook is None else replace(cost, guess_seconds=hook.seconds)
-
-
-def row_run(row: Row, prompts: list[list[int]], new_tokens: int, prefill: PrefillCost) -> dict:
-    """`one_run` of the row, its hook attached (its decode steps' time counted as the guessing)."""
-    hook = row.hook()
-    with hooked(row.llm, hook):
-        run = one_run(row.llm, row.policy, prompts, new_tokens, prefill)
-    if hook is not None:
-        run["guess_ms_per_step"] = (1000 * max(hook.seconds - prefill.guess_seconds, 0.0)
-                                    / row.llm.stats().decode.decode_steps)
-    return run
+        return one_run(row.llm, row.policy, prompts, new_tokens, None if hook is None else lambda: hook.seconds)
 
 
 def _summary(runs: list[dict]) -> dict:
@@ -236,15 +256,13 @@ def bench(llm: LLM, prompts_for: Callable[[int], list[list[int]]], cfg: BenchCon
         reference = reference_engine(llm)
         for _ in range(cfg.warmup):  # its rows are thrown away: nothing to subtract
             for row in rows_of.values():
-                row_run(row, prompts, 4, PrefillCost(LayerStats(), 0.0))
+                row_run(row, prompts, 4)
             compute_step(llm, reference, prompts, 4)
-        # measured warm, as the runs are: a policy's first call may set itself up
-        prefill = {name: row_prefill(row, prompts) for name, row in rows_of.items()}
         runs: dict[str, list[dict]] = {name: [] for name in rows_of}
         computes = []
         for rep in range(cfg.repeats):  # the compute reference interleaved with the policies
             for name in list(rows_of) if rep % 2 == 0 else list(rows_of)[::-1]:
-                runs[name].append(row_run(rows_of[name], prompts, cfg.new_tokens, prefill[name]))
+                runs[name].append(row_run(rows_of[name], prompts, cfg.new_tokens))
             computes.append(compute_step(llm, reference, prompts, cfg.new_tokens))
         compute = statistics.median(computes)
         rows = {p: _summary(r) for p, r in runs.items()}
