@@ -135,12 +135,12 @@ class ReaderProcess:
     def _gone(self) -> MoespecError:
         return MoespecError(f"the disk tier's reader process exited (code {self._process.poll()})")
 
-    def results(self, block: bool) -> list[tuple[int, str | None, float, float]]:
+    def results(self) -> list[tuple[int, str | None, float, float]]:
         """The reads finished since the last call, each (job, error or None, its end on the
-        perf_counter clock, its seconds); with `block`, at least one (waiting for it)."""
+        perf_counter clock, its seconds); none if none has finished (it never waits)."""
         try:
-            if block or select.select([self._results], [], [], 0)[0]:
-                chunk = os.read(self._results, 1 << 16)  # blocks only while nothing came
+            if select.select([self._results], [], [], 0)[0]:
+                chunk = os.read(self._results, 1 << 16)
                 if not chunk:
                     raise EOFError
                 self._pending += chunk
@@ -156,7 +156,7 @@ class ReaderProcess:
                 out.append((job, error, end, seconds))
         except (EOFError, OSError):
             raise self._gone() from None
-        return out if out or not block else self.results(block)
+        return out
 
     def close(self) -> None:
         try:
