@@ -24,6 +24,7 @@ from ..api import LLM
 from ..decode.engine import Engine, StepKind
 from ..decode.generate import Completion, generate
 from ..decode.sampling import SamplingParams
+from ..decode.stats import EngineStats
 from ..experts.stats import ExpertStats, LayerStats
 from ..experts.store import ResidentExperts
 from ..hooks import ForwardHooks
@@ -120,6 +121,13 @@ class _MarkDecode:
             self.at = self.take()
 
 
+def _guessed(s: EngineStats, guessing: Callable[[], float] | None) -> float | None:
+    """The guessing time so far: `guessing()`, else the prefetch policy's hooks' (None: no policy)."""
+    if guessing is not None:
+        return guessing()
+    return s.speculation.seconds if s.speculation is not None else None
+
+
 def generate_marked(llm: LLM, prompts: list[list[int]], new_tokens: int,
                     guessing: Callable[[], float] | None = None, **options) -> tuple[list[Completion], AtDecode]:
     """Greedy `llm.generate` of token-id prompts, each running `new_tokens` (`options`: its
@@ -131,9 +139,7 @@ def generate_marked(llm: LLM, prompts: list[list[int]], new_tokens: int,
     stall on the disk tier at 0% when its own decode steps stalled."""
     def take() -> AtDecode:
         s = llm.stats()
-        seconds = guessing() if guessing is not None else \
-            s.speculation.seconds if s.speculation is not None else 0.0
-        return AtDecode(s.experts, seconds)
+        return AtDecode(s.experts, _guessed(s, guessing) or 0.0)
 
     params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
     with llm.step_kind(**options) as kind:
@@ -155,7 +161,7 @@ def one_run(llm: LLM, policy: str, prompts: list[list[int]], new_tokens: int,
     _sync(llm)
     s = llm.stats()
     d, e, at = s.decode, s.experts, before.experts
-    guessed = guessing() if guessing is not None else s.speculation.seconds if s.speculation is not None else None
+    guessed = _guessed(s, guessing)
     decode_bytes = e.bytes_moved - at.bytes_moved
     decode_uses = e.hits + e.misses - at.hits - at.misses
     right_guesses = e.prefetch_hits - at.prefetch_hits
